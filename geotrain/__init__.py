@@ -1,0 +1,1 @@
+"""geotrain: multi-datacenter DiLoCo training."""

@@ -1,0 +1,125 @@
+"""The `geotrain` command.
+
+    geotrain launch TOPOLOGY [--set path=value ...] [--run-dir DIR] [--script -- CMD ...]
+    geotrain validate TOPOLOGY [--set path=value ...]
+    geotrain coordinator TOPOLOGY ...      (one part on its own host; see docs/architecture.md)
+    geotrain link ...                       (one WAN link emulator process)
+
+Exit codes: 0 success; 1 a run failed (the reason is printed); 2 bad input (topology, flags);
+130 interrupted. A mistake by the user never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from geotrain.errors import GeotrainError, RunFailed, TopologyError
+
+
+def _add_topology_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("topology", type=Path, help="the topology file (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a field, e.g. --set training.inner_steps=50 --set sites[0].workers=4")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geotrain", description="Train one model across several datacenters (DiLoCo over emulated WAN links).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lp = sub.add_parser("launch", help="run a topology end to end on this machine")
+    _add_topology_args(lp)
+    lp.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<name>-<time>)")
+    lp.add_argument("--runs-root", type=Path, default=Path("runs"), help="where default run directories go")
+    lp.add_argument("--script", nargs=argparse.REMAINDER, default=None,
+                    help="run this command as every worker's entrypoint instead of the built-in trainer "
+                         "(site, rank and coordinator come through GEOTRAIN_* variables); must be last")
+    lp.add_argument("--quiet", action="store_true", help="no live progress")
+
+    vp = sub.add_parser("validate", help="check a topology file and print what it resolves to")
+    _add_topology_args(vp)
+    vp.add_argument("--json", action="store_true", help="print the validated topology as JSON")
+
+    sub.add_parser("coordinator", help="run the coordinator on this host", add_help=False)
+    sub.add_parser("link", help="run one WAN link emulator", add_help=False)
+    return p
+
+
+def cmd_validate(args) -> int:
+    from geotrain.topology import load_topology
+
+    topo = load_topology(args.topology, args.overrides)
+    if args.json:
+        print(json.dumps(topo.model_dump(mode="json"), indent=2))
+        return 0
+    tr = topo.training
+    print(f"{args.topology}: ok — run {topo.name!r}, {len(topo.sites)} sites "
+          f"({', '.join(f'{s.name}×{s.workers}' for s in topo.sites)}), coordinator at {topo.coordinator.at}, "
+          f"{tr.algorithm} H={tr.inner_steps} rounds={tr.rounds}")
+    for s in topo.sites:
+        link = topo.link(s.name, topo.coordinator.at)
+        if link:
+            print(f"  link {s.name} <-> {topo.coordinator.at}: {link.bandwidth_mbps:g} Mbit/s, {link.latency_ms:g} ms one-way, "
+                  f"jitter {link.jitter_ms:g} ms, loss {link.loss:g}")
+        else:
+            print(f"  {s.name}: same datacenter as the coordinator (no WAN link)")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from geotrain.launch import LaunchPlan, launch, make_run_dir
+    from geotrain.progress import make_progress
+    from geotrain.topology import load_topology
+
+    topo = load_topology(args.topology, args.overrides)
+    if args.script is not None and not args.script:
+        raise TopologyError("--script: give the command to run, e.g. --script python train.py")
+    run_dir = args.run_dir or make_run_dir(args.runs_root, topo.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = LaunchPlan(topo=topo, run_dir=run_dir.resolve(), script=args.script, quiet=args.quiet)
+    try:
+        summary = launch(plan, progress_factory=None if args.quiet else make_progress)
+    except RunFailed as exc:
+        print(f"geotrain launch: run failed: {exc}", file=sys.stderr)
+        print(run_dir)
+        return 130 if "interrupted" in str(exc) else 1
+    print(f"geotrain launch: {summary['rounds_completed']} rounds, eval loss {summary['initial_eval_loss']} -> "
+          f"{summary['final_eval_loss']}, WAN {summary['wan_bytes']:,} bytes, {summary['wall_seconds']:.1f}s", file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Parts that run on their own host have their own argument parsers.
+    if argv and argv[0] == "coordinator":
+        from geotrain.orchestrator.main import main as coordinator_main
+
+        return coordinator_main(argv[1:])
+    if argv and argv[0] == "link":
+        from geotrain.link import main as link_main
+
+        return link_main(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "validate":
+            return cmd_validate(args)
+        if args.command == "launch":
+            return cmd_launch(args)
+    except GeotrainError as exc:
+        print(f"geotrain {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"geotrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""One exception tree for everything geotrain raises on purpose.
+
+    GeotrainError
+    ├── TopologyError          a topology file or --set override is wrong (file, YAML path, value)
+    ├── ControlPlaneError      etcd unreachable or a control-plane operation failed
+    ├── CoordinatorUnavailable the coordinator could not be reached within the deadline
+    ├── QuorumLost             too few sites reported within the round deadline
+    ├── StaleRound             a pseudo-gradient for a round that is already committed
+    ├── TransferCorrupt        a tensor stream failed its checksum or was incomplete
+    ├── CheckpointCorrupt      a checkpoint failed verification
+    ├── LinkError              the WAN link emulator could not start or forward
+    └── RunFailed              a process of the run died; names the process and its exit status
+
+gRPC and etcd errors are converted at the boundary with ``raise X(...) from exc`` and carry
+the site, round and address they concern. The CLI turns a GeotrainError into one line on
+stderr and a non-zero exit code; it never shows a traceback for one.
+"""
+
+from __future__ import annotations
+
+
+class GeotrainError(Exception):
+    """Base class of every error geotrain raises on purpose."""
+
+    exit_code = 1
+
+
+class TopologyError(GeotrainError):
+    """A topology file or override is invalid. The message names the file, the YAML path and the value."""
+
+    exit_code = 2
+
+
+class ControlPlaneError(GeotrainError):
+    """etcd could not be reached or an etcd operation failed."""
+
+
+class CoordinatorUnavailable(GeotrainError):
+    """The coordinator did not answer within the deadline."""
+
+
+class QuorumLost(GeotrainError):
+    """Fewer than the required number of sites reported within the round deadline."""
+
+
+class StaleRound(GeotrainError):
+    """An update for a round that was already committed (it is refused, never applied twice)."""
+
+
+class TransferCorrupt(GeotrainError):
+    """A streamed tensor failed its checksum, or chunks were missing."""
+
+
+class CheckpointCorrupt(GeotrainError):
+    """A checkpoint failed verification (size or sha256 mismatch, missing file)."""
+
+
+class LinkError(GeotrainError):
+    """The WAN link emulator could not start or forward traffic."""
+
+
+class RunFailed(GeotrainError):
+    """A process of the run died or the run was interrupted; the message names it."""

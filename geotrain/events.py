@@ -1,0 +1,56 @@
+"""Structured events of a run, one JSON object per line in ``<run_dir>/metrics.jsonl``.
+
+Every process of a run appends to the same file. Each event is written with a single
+``os.write`` on a descriptor opened with ``O_APPEND``, so lines from different processes never
+interleave (Linux appends each such write atomically on a local file system). Stable keys:
+
+- ``t``: Unix time (float seconds) the event happened;
+- ``event``: its kind (``inner_step``, ``merge``, ``eval``, ``commit``, ``site_joined``, ...);
+- ``proc``: who wrote it (``coordinator``, ``us-east/0``, ``launcher``).
+
+Writing never blocks training for long: one small write per event, no fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class EventLog:
+    """Appends events to a JSONL file; safe to share between processes."""
+
+    def __init__(self, path: str | Path | None, proc: str):
+        self.proc = proc
+        self.path = Path(path) if path else None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if self.path else None
+
+    def emit(self, event: str, **fields: Any) -> dict:
+        record = {"t": fields.pop("t", time.time()), "event": event, "proc": self.proc, **fields}
+        if self._fd is not None:
+            os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+        return record
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """All complete events of a metrics.jsonl file (a torn last line is ignored)."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n"):
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+    except FileNotFoundError:
+        pass
+    return out

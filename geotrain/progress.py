@@ -1,0 +1,114 @@
+"""Live progress of a run in the terminal (rich): per site round, step, loss, tokens/s; WAN bytes.
+
+It tails the run's metrics.jsonl (never blocks training: it only reads what was written) and
+the link counters. When stderr is not a terminal it prints one plain line per committed round.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class Progress:
+    def __init__(self, launcher, console: Console | None = None):
+        self.launcher = launcher
+        self.topo = launcher.topo
+        self.console = console or Console(stderr=True)
+        self.path = launcher.run_dir / "metrics.jsonl"
+        self._offset = 0
+        self._partial = ""
+        self.sites = {s.name: {"round": 0, "step": 0, "loss": None, "t0": None, "tokens": 0} for s in self.topo.sites}
+        self.eval_loss = None
+        self.commits = 0
+        self.t0 = time.time()
+        self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False) \
+            if self.console.is_terminal else None
+        if self.live:
+            self.live.start()
+
+    def _read(self) -> list[dict]:
+        try:
+            with open(self.path) as f:
+                f.seek(self._offset)
+                data = f.read()
+                self._offset = f.tell()
+        except FileNotFoundError:
+            return []
+        data = self._partial + data
+        lines = data.split("\n")
+        self._partial = lines.pop()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+    def _wan_bytes(self) -> int:
+        total = 0
+        for path in self.launcher.link_stats.values():
+            try:
+                st = json.loads(path.read_text())
+                total += st.get("bytes_forward", 0) + st.get("bytes_backward", 0)
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+        return total
+
+    def update(self) -> None:
+        tr = self.topo.training
+        for e in self._read():
+            kind = e.get("event")
+            if kind == "inner_step" and e.get("site") in self.sites:
+                s = self.sites[e["site"]]
+                s.update(step=e["step"], round=e["round"], loss=e.get("loss"))
+                s["t0"] = s["t0"] or e["t"]
+                s["tokens"] = e["step"] * self.topo.site(e["site"]).workers * tr.batch_size * self.topo.model.block_size
+                s["t"] = e["t"]
+            elif kind == "eval":
+                self.eval_loss = e["loss"]
+                if not self.live:
+                    self.console.print(f"eval  round {e['round']:>4}  step {e['step']:>6}  loss {e['loss']:.4f}  "
+                                       f"WAN {_fmt_bytes(self._wan_bytes())}", highlight=False)
+            elif kind == "commit":
+                self.commits += 1
+        if self.live:
+            self.live.update(self._table())
+
+    def _table(self) -> Table:
+        tr = self.topo.training
+        total = tr.rounds * tr.inner_steps
+        t = Table(title=f"geotrain {self.topo.name}: {tr.algorithm}, H={tr.inner_steps}, "
+                        f"eval loss {self.eval_loss if self.eval_loss is None else round(self.eval_loss, 4)}, "
+                        f"WAN {_fmt_bytes(self._wan_bytes())}, {time.time() - self.t0:.0f}s", title_justify="left")
+        for col in ("site", "round", "step", "loss", "tokens/s"):
+            t.add_column(col, justify="right" if col != "site" else "left")
+        for name, s in self.sites.items():
+            elapsed = (s.get("t") or 0) - (s["t0"] or 0)
+            tps = f"{s['tokens'] / elapsed:,.0f}" if elapsed > 0 else "-"
+            t.add_row(name, f"{s['round']}/{tr.rounds}", f"{s['step']}/{total}",
+                      "-" if s["loss"] is None else f"{s['loss']:.3f}", tps)
+        return t
+
+    def close(self) -> None:
+        self.update()
+        if self.live:
+            self.live.stop()
+
+
+def make_progress(launcher):
+    return Progress(launcher)

@@ -1,0 +1,1 @@
+"""The coordinator: rounds, merges and the outer optimizer (geotrain.orchestrator)."""

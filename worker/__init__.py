@@ -1,0 +1,1 @@
+"""Per-site worker groups: inner training and the site leader (geotrain.worker)."""

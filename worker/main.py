@@ -1,0 +1,95 @@
+"""The built-in trainer: a byte-level GPT on real text, written on the public SDK.
+
+``geotrain launch`` runs this as every worker's entrypoint unless the topology names a script.
+It is an ordinary SDK user: it builds the model, the inner optimizer and the data sampler, wraps
+them in :class:`geotrain.DiLoCo`, and loops. The first site's leader evaluates the global model
+on held-out text before training and after every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import torch
+
+from geotrain.errors import GeotrainError
+from geotrain.events import EventLog
+from geotrain.sdk import DiLoCo, SiteContext, init
+from geotrain.topology import Topology
+from geotrain.worker.data import BatchSampler, DataSpec, TextCorpus, eval_batches, evaluate
+from geotrain.worker.model import GPTConfig, build_model
+
+
+def worker_seed(seed: int, site: str, rank: int) -> int:
+    """A data-order seed distinct for every worker, stable across runs."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{site}/{rank}".encode()).digest()[:4], "little")
+
+
+def build_inner_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(ctx: SiteContext, topo: Topology) -> None:
+    torch.set_num_threads(1)
+    tr = topo.training
+    site_cfg = topo.site(ctx.site)
+    device = torch.device("cuda", torch.cuda.current_device()) if site_cfg.device == "cuda" else torch.device("cpu")
+    events = EventLog(ctx.run_dir / "metrics.jsonl" if ctx.run_dir else None, ctx.proc)
+
+    corpus = TextCorpus.load(DataSpec(source=topo.data.source, paths=tuple(topo.data.paths),
+                                      max_bytes=topo.data.max_bytes, eval_fraction=topo.data.eval_fraction))
+    m = topo.model
+    model = build_model(GPTConfig(block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd),
+                        seed=topo.seed).to(device)
+    opt = build_inner_optimizer(model.parameters(), tr.inner_optimizer)
+    sampler = BatchSampler(corpus.train, tr.batch_size, m.block_size, seed=worker_seed(topo.seed, ctx.site, ctx.rank))
+    evaluator = ctx.is_leader and ctx.site == topo.sites[0].name
+    held_out = eval_batches(corpus.eval, tr.batch_size, m.block_size, tr.eval_batches) if evaluator else []
+
+    def run_eval(rnd: int, step: int) -> None:
+        t0 = time.perf_counter()
+        loss = evaluate(model, held_out, device=device)
+        events.emit("eval", round=rnd, step=step, loss=loss, seconds=round(time.perf_counter() - t0, 6))
+
+    with DiLoCo(model, opt, inner_steps=tr.inner_steps, algorithm=tr.algorithm, context=ctx, events=events) as diloco:
+        if evaluator and diloco.round == 0:
+            run_eval(0, 0)
+        total_steps = tr.rounds * tr.inner_steps
+        while diloco.local_step < total_steps:
+            t0 = time.perf_counter()
+            x, y = sampler.next_batch()
+            _, loss = model(x.to(device), y.to(device))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if site_cfg.slowdown > 1.0:  # emulate a slower site: stretch compute by the factor
+                time.sleep((time.perf_counter() - t0) * (site_cfg.slowdown - 1.0))
+            if diloco.step(loss=loss.item()) or (tr.algorithm == "ddp" and diloco.local_step % tr.inner_steps == 0):
+                if evaluator:
+                    run_eval(diloco.round, diloco.local_step)
+        if ctx.is_leader:
+            events.emit("site_done", site=ctx.site, steps=diloco.local_step, rounds=diloco.round,
+                        compute_s=round(diloco.compute_s, 6), wan_wait_s=round(diloco.wan_wait_s, 6))
+
+
+def main() -> int:
+    try:
+        ctx = init()
+        if not ctx.topology_path:
+            raise GeotrainError("the built-in trainer needs GEOTRAIN_TOPOLOGY (set by `geotrain launch`)")
+        with open(ctx.topology_path) as f:
+            topo = Topology.model_validate(json.load(f))
+        train(ctx, topo)
+    except GeotrainError as exc:
+        print(f"geotrain worker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,49 @@
-"""geotrain: multi-datacenter DiLoCo training."""
+"""geotrain: train one model across several datacenters.
+
+DiLoCo-style training (arXiv 2311.08105) over emulated WAN links, with a process per worker,
+a real etcd, a gRPC coordinator and failure injection. The public API is small:
+
+- :func:`init` and :class:`SiteContext`: who this process is in a run;
+- :class:`DiLoCo`: wraps a model and its inner optimizer; merges every H steps;
+- :func:`load_topology` and :class:`Topology`: the typed topology file;
+- :class:`GeotrainError` and its subclasses: everything geotrain raises on purpose.
+
+Everything else (the coordinator, the link emulator, the launcher) lives in submodules and is
+reached through the ``geotrain`` command.
+"""
+
+from geotrain.errors import (
+    CheckpointCorrupt,
+    ControlPlaneError,
+    CoordinatorUnavailable,
+    GeotrainError,
+    LinkError,
+    QuorumLost,
+    RunFailed,
+    StaleRound,
+    TopologyError,
+    TransferCorrupt,
+)
+from geotrain.sdk import DiLoCo, SiteContext, init
+from geotrain.topology import Topology, load_topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointCorrupt",
+    "ControlPlaneError",
+    "CoordinatorUnavailable",
+    "DiLoCo",
+    "GeotrainError",
+    "LinkError",
+    "QuorumLost",
+    "RunFailed",
+    "SiteContext",
+    "StaleRound",
+    "Topology",
+    "TopologyError",
+    "TransferCorrupt",
+    "__version__",
+    "init",
+    "load_topology",
+]

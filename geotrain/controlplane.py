@@ -619,6 +619,8 @@ class _PrefixWatch:
                         break
                     if resp.created and resp.header.revision + 1 < self._next_rev:
                         # etcd's revision went backwards: it came back without its data.
+                        # Best effort only: if the new etcd has already passed the old
+                        # revision when the watch reconnects, the events in between are missed.
                         log.warning("watch %s: etcd is at revision %d, before %d (data lost?);"
                                     " watching from there", self._prefix, resp.header.revision,
                                     self._next_rev)

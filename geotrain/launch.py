@@ -184,6 +184,8 @@ class Launcher:
                 GEOTRAIN_SITE_RANK=str(rank), GEOTRAIN_SITE_WORKERS=str(site.workers),
                 GEOTRAIN_COORDINATOR=coordinator_address, GEOTRAIN_ETCD=self.etcd_endpoint,
                 GEOTRAIN_TOPOLOGY=str(topo_json), GEOTRAIN_DEVICE=site.device,
+                GEOTRAIN_ALGORITHM=self.topo.training.algorithm, GEOTRAIN_INNER_STEPS=str(self.topo.training.inner_steps),
+                GEOTRAIN_ROUNDS=str(self.topo.training.rounds),
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(site.workers),
                 LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
             )

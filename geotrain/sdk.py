@@ -5,7 +5,7 @@
     ctx = geotrain.init()                      # site, rank, coordinator: from the environment
     model = MyModel().to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with geotrain.DiLoCo(model, opt, inner_steps=50, context=ctx) as diloco:
+    with geotrain.DiLoCo(model, opt, context=ctx) as diloco:   # H and algorithm from the topology
         for x, y in batches:
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -57,6 +57,9 @@ ENV_VARS = {
     "GEOTRAIN_ETCD": "etcd endpoint host:port (membership); optional",
     "GEOTRAIN_TOPOLOGY": "path of the run's validated topology (JSON); optional",
     "GEOTRAIN_DEVICE": "cpu or cuda",
+    "GEOTRAIN_ALGORITHM": "diloco or ddp (the topology's training.algorithm)",
+    "GEOTRAIN_INNER_STEPS": "H, the topology's training.inner_steps",
+    "GEOTRAIN_ROUNDS": "the topology's training.rounds",
 }
 
 
@@ -75,6 +78,9 @@ class SiteContext:
     device: str = "cpu"
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    algorithm: str = "diloco"
+    inner_steps: int = 10
+    rounds: int = 1
 
     @property
     def is_leader(self) -> bool:
@@ -103,6 +109,9 @@ class SiteContext:
             device=env.get("GEOTRAIN_DEVICE", "cpu"),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", "29500")),
+            algorithm=env.get("GEOTRAIN_ALGORITHM", "diloco"),
+            inner_steps=int(env.get("GEOTRAIN_INNER_STEPS", "10")),
+            rounds=int(env.get("GEOTRAIN_ROUNDS", "1")),
         )
 
 
@@ -130,13 +139,15 @@ def init(context: SiteContext | None = None) -> SiteContext:
 class DiLoCo:
     """DiLoCo (or the DDP baseline) around a model and its inner optimizer. See the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, inner_steps: int,
-                 algorithm: str = "diloco", context: SiteContext | None = None, events: EventLog | None = None):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, inner_steps: int | None = None,
+                 algorithm: str | None = None, context: SiteContext | None = None, events: EventLog | None = None):
+        self.ctx = context or init()
+        inner_steps = self.ctx.inner_steps if inner_steps is None else inner_steps
+        algorithm = self.ctx.algorithm if algorithm is None else algorithm
         if algorithm not in ("diloco", "ddp"):
             raise GeotrainError(f"DiLoCo(algorithm={algorithm!r}): expected 'diloco' or 'ddp'")
         if inner_steps < 1:
             raise GeotrainError(f"DiLoCo(inner_steps={inner_steps}): must be at least 1")
-        self.ctx = context or init()
         self.model = model
         self.optimizer = optimizer
         self.H = inner_steps

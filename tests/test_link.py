@@ -219,7 +219,7 @@ def test_rtt_100mbit_50ms(servers):
         rtts = ping_rtts(s, 20)
         s.close()
     assert statistics.median(rtts) == pytest.approx(0.100, rel=0.05), rtts
-    assert min(rtts) >= 0.100
+    assert min(rtts) >= 0.0995      # never faster than the configured latency (within the 50 us send slack)
 
 
 def test_asymmetric_latency(servers):
@@ -238,7 +238,7 @@ def test_jitter_varies_rtt_but_keeps_order(servers):
         s = connect(p.port)
         rtts = ping_rtts(s, 20)
         assert statistics.stdev(rtts) > 0.001, rtts
-        assert min(rtts) >= 0.010
+        assert min(rtts) >= 0.0099
         # A numbered stream (many chunks, each with its own jitter) must come back identical.
         stream = b"".join(struct.pack(">I", i) for i in range(250_000))   # 1 MB
         got: list[bytes] = []
@@ -307,35 +307,40 @@ def test_blackhole_one_direction_and_mid_stream(servers):
         reader = threading.Thread(target=lambda: got.append(recv_exact(s, len(stream))))
         reader.start()
         sender = threading.Thread(target=s.sendall, args=(stream,))
+        t0 = time.monotonic()
         sender.start()
         time.sleep(0.05)
         with p.partitioned("forward"):
-            time.sleep(0.2)
+            time.sleep(0.3)
+            held = p.stats()["bytes_forward"]
+            time.sleep(0.1)
+            assert p.stats()["bytes_forward"] == held          # nothing moves while partitioned
         sender.join(10)
         reader.join(10)
         s.close()
     assert got and got[0] == stream
+    assert time.monotonic() - t0 >= 0.45                       # 2 MB take 0.16 s at 100 Mbit/s unpartitioned
 
 
 def test_degrade_and_restore_change_rtt(servers):
     echo = servers(EchoServer)
-    with LinkProxy("deg", ("127.0.0.1", echo.port), LinkParams(100, latency_ms=10)) as p:
+    with LinkProxy("deg", ("127.0.0.1", echo.port), LinkParams(100, latency_ms=20)) as p:
         s = connect(p.port)
         base = statistics.median(ping_rtts(s, 5))
-        with p.degraded(latency_ms=40):
-            assert p.stats()["forward"]["latency_ms"] == 40
+        with p.degraded(latency_ms=60):                  # live, on the open connection
+            assert p.stats()["forward"]["latency_ms"] == 60
             slow = statistics.median(ping_rtts(s, 5))
         after = statistics.median(ping_rtts(s, 5))
-        p.degrade("forward", latency_ms="30ms")
+        p.degrade("forward", latency_ms="60ms")
         half = statistics.median(ping_rtts(s, 5))
         p.restore()
         restored = statistics.median(ping_rtts(s, 5))
         s.close()
-    assert base == pytest.approx(0.020, rel=0.1)
-    assert slow == pytest.approx(0.080, rel=0.05)
-    assert after == pytest.approx(0.020, rel=0.1)
-    assert half == pytest.approx(0.040, rel=0.1)
-    assert restored == pytest.approx(0.020, rel=0.1)
+    assert base == pytest.approx(0.040, rel=0.1)
+    assert slow == pytest.approx(0.120, rel=0.1)
+    assert after == pytest.approx(0.040, rel=0.1)
+    assert half == pytest.approx(0.080, rel=0.1)
+    assert restored == pytest.approx(0.040, rel=0.1)
     with pytest.raises(ValueError):
         p.degrade(latency=5)
     with pytest.raises(ValueError):
@@ -459,7 +464,7 @@ def test_main_control_file_blackhole(servers, tmp_path):
         assert sink.done.wait(3)
         s.close()
         assert sink.nbytes == 50_000 and sink.sha.hexdigest() == sha
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(5) == 0
     finally:
         if proc.poll() is None:

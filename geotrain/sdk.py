@@ -229,6 +229,7 @@ class DiLoCo:
             sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
             payload = self.client.merge(pseudo_grad, round=self.round, kind="pseudo_grad", version=self.round)
             new = payload.tensor()
+            crc = payload.crc32
         new = self._site_broadcast(new, like=self.params)
         unflatten_into(new, self.params)
         self.global_flat = new.clone()
@@ -237,7 +238,7 @@ class DiLoCo:
         if self.ctx.is_leader:
             self.events.emit("merge", site=self.ctx.site, round=self.round, version=self.round + 1,
                              bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
-                             seconds=round(seconds, 6), step=self.local_step)
+                             seconds=round(seconds, 6), step=self.local_step, crc32=crc)
         self.round += 1
 
     def _pre_step(self, optimizer, args, kwargs) -> None:

@@ -30,6 +30,7 @@ class Payload:
     kind: str
     version: int
     data: np.ndarray  # float32, 1-D
+    crc32: int = 0  # CRC32 of the payload bytes (verified on receipt): a cheap fingerprint of the weights
 
     def tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.data)
@@ -85,12 +86,19 @@ def decode(messages: Iterable[pb.TensorChunk], *, where: str = "") -> Payload:
     if zlib.crc32(out) != h.crc32:
         raise TransferCorrupt(f"{where}: payload failed its CRC32 (site {h.site!r}, round {h.round})")
     data = np.frombuffer(out, dtype=np.float32)
-    return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data)
+    return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data, crc32=h.crc32)
 
 
 def _chain(first, rest):
     yield first
     yield from rest
+
+
+def fingerprint(flat: torch.Tensor | np.ndarray) -> int:
+    """CRC32 of a flat float32 buffer, as carried in stream headers (weights fingerprints in events)."""
+    if isinstance(flat, torch.Tensor):
+        flat = flat.detach().to("cpu", torch.float32).contiguous().numpy()
+    return zlib.crc32(memoryview(np.ascontiguousarray(flat, dtype=np.float32)).cast("B"))
 
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -146,6 +146,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.results.pop(rnd - 2, None)
         self.updates = {}
         self.events.emit("commit", round=rnd, version=self.state.version, sites=sorted(arrived),
+                         crc32=transport.fingerprint(result),
                          wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(time.time() - t0, 6))
         if self.on_commit is not None:
             self.on_commit(rnd, self.state.version)

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("coordinator", help="run the coordinator on this host", add_help=False)
     sub.add_parser("link", help="run one WAN link emulator", add_help=False)
+    sub.add_parser("report", help="write report.md and plots for one or more runs", add_help=False)
+    sub.add_parser("check", help="check a run's recorded history against its invariants", add_help=False)
     return p
 
 
@@ -104,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         from geotrain.link import main as link_main
 
         return link_main(argv[1:])
+    if argv and argv[0] == "report":
+        from geotrain.report import main as report_main
+
+        return report_main(argv[1:])
+    if argv and argv[0] == "check":
+        from geotrain.check import main as check_main
+
+        return check_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -233,11 +233,12 @@ class EtcdServer:
         self.client_port = int(client_port)
         self.peer_port = int(peer_port)
         self.log_path = Path(log_path) if log_path is not None else None
-        self._auto_ports = self.client_port == 0 or self.peer_port == 0
+        self._auto_client_port = self.client_port == 0
+        self._auto_peer_port = self.peer_port == 0
+        self._started_once = False
         self._proc: subprocess.Popen | None = None
         self._log_file = None
         self._log_offset = 0
-        self._tmp_log: Path | None = None
 
     # -- properties
 
@@ -285,47 +286,59 @@ class EtcdServer:
         ]
 
     def start(self, timeout_s: float = 15.0) -> str:
-        """Start etcd and wait until ``/health`` says true; returns the client endpoint URL."""
+        """Start etcd and wait until ``/health`` says true; returns the client endpoint URL.
+
+        If a port is taken ("address already in use"), ports picked here are picked again
+        before the first successful start; afterwards (a restart, which keeps its ports) and for
+        ports given explicitly the same ports are retried until ``timeout_s``.
+        """
         if self.running():
             return self.endpoint
-        attempts = 3 if self._auto_ports and not (self.client_port and self.peer_port) else 1
-        for attempt in range(attempts):
+        deadline = time.monotonic() + timeout_s
+        while True:
             if not self.client_port or not self.peer_port:
                 client, peer = _free_ports(self.host, 2)
                 self.client_port = self.client_port or client
                 self.peer_port = self.peer_port or peer
             try:
-                return self._start_once(timeout_s)
+                endpoint = self._start_once(max(3.0, deadline - time.monotonic()))
             except ControlPlaneError as exc:
-                if attempt + 1 < attempts and "address already in use" in str(exc):
-                    log.info("etcd ports were taken meanwhile; picking others")
-                    self.client_port = self.peer_port = 0
-                    continue
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                if "address already in use" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                log.info("etcd ports %d/%d: one is busy; retrying", self.client_port,
+                         self.peer_port)
+                if not self._started_once:
+                    self.client_port = 0 if self._auto_client_port else self.client_port
+                    self.peer_port = 0 if self._auto_peer_port else self.peer_port
+                time.sleep(0.1)
+                continue
+            self._started_once = True
+            return endpoint
 
     def _open_log(self):
+        # Opened readable too, so the tail can be read back through the same descriptor. Without
+        # a log_path the log is an already-unlinked temporary file: nothing is left behind.
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.log_path, "ab")
+            f = open(self.log_path, "a+b")
         else:
             fd, name = tempfile.mkstemp(prefix="geotrain-etcd-", suffix=".log")
-            self._tmp_log = Path(name)
-            f = os.fdopen(fd, "ab")
+            os.unlink(name)
+            f = os.fdopen(fd, "a+b")
         self._log_offset = f.tell()
         return f
 
     def _log_tail(self, lines: int = 12) -> str:
-        path = self.log_path if self.log_path is not None else self._tmp_log
-        if path is None:
+        if self._log_file is None:
             return "(no log)"
         try:
-            with open(path, "rb") as f:
-                f.seek(self._log_offset)
-                data = f.read()
-        except OSError as exc:
-            return f"(log {path} unreadable: {exc})"
-        text = data[-64_000:].decode("utf-8", "replace")
+            fd = self._log_file.fileno()
+            size = os.fstat(fd).st_size
+            start = max(self._log_offset, size - 64_000)
+            data = os.pread(fd, max(0, size - start), start)
+        except (OSError, ValueError) as exc:
+            return f"(log unreadable: {exc})"
+        text = data.decode("utf-8", "replace")
         tail = [_format_log_line(ln) for ln in text.splitlines() if ln.strip()][-lines:]
         return "\n".join(tail) if tail else "(log is empty)"
 
@@ -375,12 +388,6 @@ class EtcdServer:
             except OSError:
                 pass
             self._log_file = None
-        if self._tmp_log is not None:
-            try:
-                self._tmp_log.unlink()
-            except OSError:
-                pass
-            self._tmp_log = None
 
     def stop(self) -> None:
         """SIGTERM, up to 5 s grace, then SIGKILL. Idempotent."""
@@ -744,6 +751,18 @@ class ControlPlane:
 
     def get_state(self) -> dict | None:
         return self.get_json("state")
+
+    def put_state_fenced(self, state: dict, epoch: int) -> bool:
+        """Put the run state only if ``epoch`` is still the newest coordinator epoch (the fencing token).
+
+        Returns False when a newer coordinator has taken over: the caller must stop committing.
+        """
+        state_key, epoch_key = self._key("state"), self._key("coordinator_epoch")
+        tx = self._client.transactions
+        ok, _ = self._call(f"fenced put {state_key}", self._client.transaction,
+                           compare=[tx.value(epoch_key) == str(int(epoch))],
+                           success=[tx.put(state_key, _encode(state))], failure=[])
+        return bool(ok)
 
     def ping(self) -> None:
         """Raise ControlPlaneError unless etcd answers within the timeout."""

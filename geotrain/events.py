@@ -54,3 +54,30 @@ def read_events(path: str | Path) -> list[dict]:
     except FileNotFoundError:
         pass
     return out
+
+
+class EventTail:
+    """Reads the events appended to a metrics.jsonl since the last call (for live consumers)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = ""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path) as f:
+                f.seek(self._offset)
+                data = f.read()
+                self._offset = f.tell()
+        except FileNotFoundError:
+            return []
+        lines = (self._partial + data).split("\n")
+        self._partial = lines.pop()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out

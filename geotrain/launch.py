@@ -5,11 +5,15 @@ per site whose datacenter differs from the coordinator's → each site's worker 
 child is started with :func:`geotrain.procs.spawn`, so it dies with the launcher, and its output
 goes to ``<run_dir>/logs/<name>.log``.
 
-The launcher watches every child. The run succeeds when every worker exits 0. If any process
-dies first (a worker, the coordinator, a link, etcd), or on Ctrl-C / SIGTERM, everything is
-stopped (SIGTERM, then SIGKILL), and launch fails with an error naming the process, its pid
-and how it died. Recovering from failures is the job of a later layer; here a failure is clean
-and explained. Finally ``summary.json`` is written from the recorded events and link counters.
+The launcher watches every child and applies the topology's recovery policy
+(:mod:`geotrain.supervise`): a dead worker restarts its whole site, which rejoins at the next
+round; a dead coordinator restarts on the same port from the state it persisted at its last
+commit; a frozen coordinator (its etcd lease expired while the process lives) is killed and
+restarted; etcd and link emulators restart on the same ports. Every failure and recovery is
+recorded in metrics.jsonl. The run succeeds when every worker exits 0. When the policy says
+fail, or on Ctrl-C / SIGTERM, everything is stopped (SIGTERM, then SIGKILL) and launch fails
+with an error naming the process, its pid and how it died. Finally ``summary.json`` is written
+from the recorded events and link counters.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from geotrain import procs
 from geotrain.errors import GeotrainError, RunFailed
-from geotrain.events import EventLog
+from geotrain.events import EventLog, EventTail
 from geotrain.summary import write_summary
 from geotrain.topology import Topology
 
@@ -40,6 +44,9 @@ class Child:
     role: str  # worker | coordinator | link | etcd
     proc: subprocess.Popen
     log_path: Path | None = None
+    group: str = ""  # restarts happen per group: "site:us-east", "coordinator", "link:us-east", "etcd"
+    retired: bool = False  # stopped on purpose (replaced by a restart): its exit means nothing
+    done: bool = False
 
 
 @dataclass
@@ -48,6 +55,7 @@ class LaunchPlan:
     run_dir: Path
     script: list[str] | None = None  # a user's entrypoint instead of the built-in trainer
     quiet: bool = False
+    resume_round: int | None = None  # geotrain resume: start every part from this checkpoint round
     children: list[Child] = field(default_factory=list)
 
 
@@ -120,100 +128,224 @@ class Launcher:
         self.run_dir = plan.run_dir
         self.children: list[Child] = []
         self.events = EventLog(self.run_dir / "metrics.jsonl", "launcher")
+        self.tail = EventTail(self.run_dir / "metrics.jsonl")
         self.etcd = None
+        self.control = None
         self.link_stats: dict[str, Path] = {}
+        self.link_ports: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}
+        self.pending: dict[str, dict] = {}  # group -> failure waiting for its recovery event
+        self.coord_port = 0
+        self.coord_seen: float | None = None
+        self.last_merge_version: dict[str, int] = {}
 
     # ---- starting ----
-    def _spawn(self, name: str, role: str, argv: list[str], env: dict | None = None, ready: bool = False) -> Child:
+    def _spawn(self, name: str, role: str, argv: list[str], env: dict | None = None, ready: bool = False,
+               group: str = "") -> Child:
         log_path = self.run_dir / "logs" / (name.replace(" ", "-").replace("/", "-").replace("<->", "--") + ".log")
         log_f = open(log_path, "ab")
         proc = procs.spawn(argv, env=env or procs.env_with(), stdout=subprocess.PIPE if ready else log_f, stderr=log_f)
         log_f.close()
-        child = Child(name, role, proc, log_path)
+        child = Child(name, role, proc, log_path, group=group or role)
         self.children.append(child)
         self.events.emit("process_started", name=name, role=role, pid=proc.pid)
         return child
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.topo.checkpoint.path) if self.topo.checkpoint.path else self.run_dir / "checkpoints"
+
     def start(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        topo_json = self.run_dir / "topology.json"
-        topo_json.write_text(json.dumps(self.topo.model_dump(mode="json"), indent=2))
+        self.topo_json = self.run_dir / "topology.json"
+        self.topo_json.write_text(json.dumps(self.topo.model_dump(mode="json"), indent=2))
         self.events.emit("run_started", run=self.topo.name, topology_sha256=self.topo.digest(),
-                         sites=self.topo.site_names, algorithm=self.topo.training.algorithm)
+                         sites=self.topo.site_names, algorithm=self.topo.training.algorithm,
+                         resume_round=self.plan.resume_round)
 
         etcd_endpoint = self.topo.etcd.endpoint
         if etcd_endpoint is None:
             from geotrain.controlplane import EtcdServer
 
             self.etcd = EtcdServer(self.run_dir / "etcd", log_path=self.run_dir / "logs" / "etcd.log")
-            etcd_endpoint = self.etcd.start()
-            self.children.append(Child("etcd", "etcd", self.etcd.process, self.run_dir / "logs" / "etcd.log"))
-            self.events.emit("process_started", name="etcd", role="etcd", pid=self.etcd.pid, endpoint=etcd_endpoint)
+            etcd_endpoint = self._start_etcd()
         self.etcd_endpoint = etcd_endpoint.replace("http://", "")
+        from geotrain.controlplane import ControlPlane
 
-        coord = self._spawn("coordinator", "coordinator",
-                            [_python(), "-m", "geotrain.orchestrator.main", str(topo_json), "--run-dir", str(self.run_dir),
-                             "--etcd", self.etcd_endpoint, "--bind", f"{self.topo.coordinator.host}:0"], ready=True)
-        coord_port = _read_ready(coord, 60)
-        coord_addr = f"{self.topo.coordinator.host}:{coord_port}"
-
+        self.control = ControlPlane(self.etcd_endpoint, self.topo.name, timeout_s=1.0)
+        self._start_coordinator(resume_round=self.plan.resume_round)
         for site in self.topo.sites:
-            spec = self.topo.link(site.name, self.topo.coordinator.at)
-            address = coord_addr
-            if spec is not None:
-                name = f"link {site.name}<->{self.topo.coordinator.at}"
-                stats = self.run_dir / "links" / f"{site.name}--{self.topo.coordinator.at}.json"
-                stats.parent.mkdir(exist_ok=True)
-                self.link_stats[name] = stats
-                link = self._spawn(name, "link", [
-                    _python(), "-m", "geotrain.cli", "link", "--name", f"{site.name}<->{self.topo.coordinator.at}",
-                    "--listen", "127.0.0.1:0", "--target", coord_addr,
-                    "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
-                    "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss),
-                    "--seed", str(self.topo.seed), "--stats-file", str(stats),
-                    "--control-file", str(stats.with_suffix(".control.json"))], ready=True)
-                address = f"127.0.0.1:{_read_ready(link, 30)}"
-            self._start_site(site, address, topo_json)
+            self._start_site(site, resume_round=self.plan.resume_round)
 
-    def _start_site(self, site, coordinator_address: str, topo_json: Path) -> None:
+    def _start_etcd(self) -> str:
+        endpoint = self.etcd.start()
+        self.children.append(Child("etcd", "etcd", self.etcd.process, self.run_dir / "logs" / "etcd.log", group="etcd"))
+        self.events.emit("process_started", name="etcd", role="etcd", pid=self.etcd.pid, endpoint=endpoint)
+        return endpoint
+
+    def _start_coordinator(self, resume_round: int | None = None) -> None:
+        argv = [_python(), "-m", "geotrain.orchestrator.main", str(self.topo_json), "--run-dir", str(self.run_dir),
+                "--etcd", self.etcd_endpoint, "--bind", f"{self.topo.coordinator.host}:{self.coord_port}"]
+        if resume_round is not None:
+            argv += ["--resume-round", str(resume_round)]
+        coord = self._spawn("coordinator", "coordinator", argv, ready=True)
+        self.coord_port = _read_ready(coord, 60)
+        self.coord_seen = time.time()
+
+    def _coordinator_address(self, site) -> str:
+        """The coordinator as seen from ``site``: through its WAN link emulator, or directly if co-located."""
+        spec = self.topo.link(site.name, self.topo.coordinator.at)
+        coord_addr = f"{self.topo.coordinator.host}:{self.coord_port}"
+        if spec is None:
+            return coord_addr
+        if site.name not in self.link_ports or not self._link_alive(site.name):
+            self._start_link(site, spec, coord_addr)
+        return f"127.0.0.1:{self.link_ports[site.name]}"
+
+    def _link_alive(self, site_name: str) -> bool:
+        return any(c.group == f"link:{site_name}" and not c.retired and c.proc.poll() is None for c in self.children)
+
+    def _start_link(self, site, spec, coord_addr: str) -> None:
+        name = f"link {site.name}<->{self.topo.coordinator.at}"
+        stats = self.run_dir / "links" / f"{site.name}--{self.topo.coordinator.at}.json"
+        stats.parent.mkdir(exist_ok=True)
+        self.link_stats[name] = stats
+        link = self._spawn(name, "link", [
+            _python(), "-m", "geotrain.cli", "link", "--name", f"{site.name}<->{self.topo.coordinator.at}",
+            "--listen", f"127.0.0.1:{self.link_ports.get(site.name, 0)}", "--target", coord_addr,
+            "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
+            "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss),
+            "--seed", str(self.topo.seed), "--stats-file", str(stats),
+            "--control-file", str(stats.with_suffix(".control.json"))], ready=True, group=f"link:{site.name}")
+        self.link_ports[site.name] = _read_ready(link, 30)
+
+    def _start_site(self, site, resume_round: int | None = None) -> None:
+        address = self._coordinator_address(site)
         master_port = free_port()
         entry = self.plan.script or [_python(), "-m", "geotrain.worker.main"]
+        tr, ck, rec = self.topo.training, self.topo.checkpoint, self.topo.recovery
         for rank in range(site.workers):
             env = procs.env_with(
                 GEOTRAIN_RUN=self.topo.name, GEOTRAIN_RUN_DIR=str(self.run_dir), GEOTRAIN_SITE=site.name,
                 GEOTRAIN_SITE_RANK=str(rank), GEOTRAIN_SITE_WORKERS=str(site.workers),
-                GEOTRAIN_COORDINATOR=coordinator_address, GEOTRAIN_ETCD=self.etcd_endpoint,
-                GEOTRAIN_TOPOLOGY=str(topo_json), GEOTRAIN_DEVICE=site.device,
-                GEOTRAIN_ALGORITHM=self.topo.training.algorithm, GEOTRAIN_INNER_STEPS=str(self.topo.training.inner_steps),
-                GEOTRAIN_ROUNDS=str(self.topo.training.rounds),
+                GEOTRAIN_COORDINATOR=address, GEOTRAIN_ETCD=self.etcd_endpoint,
+                GEOTRAIN_TOPOLOGY=str(self.topo_json), GEOTRAIN_DEVICE=site.device,
+                GEOTRAIN_ALGORITHM=tr.algorithm, GEOTRAIN_INNER_STEPS=str(tr.inner_steps), GEOTRAIN_ROUNDS=str(tr.rounds),
+                GEOTRAIN_CHECKPOINT_DIR=str(self.checkpoint_dir), GEOTRAIN_CHECKPOINT_EVERY=str(ck.every_rounds),
+                GEOTRAIN_CHECKPOINT_KEEP=str(ck.keep), GEOTRAIN_TOPOLOGY_SHA256=self.topo.digest(),
+                GEOTRAIN_RETRY_DEADLINE_S=str(rec.retry_deadline_s),
+                GEOTRAIN_RPC_TIMEOUT_S=str(max(300.0, tr.round_timeout_s * 2)),
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(site.workers),
                 LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
             )
-            self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env)
+            if resume_round is not None:
+                env["GEOTRAIN_RESUME_ROUND"] = str(resume_round)
+            self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env, group=f"site:{site.name}")
 
-    # ---- watching ----
+    # ---- watching and recovering ----
     def watch(self, progress=None) -> None:
-        """Block until every worker exits 0; raise RunFailed as soon as any process dies otherwise."""
+        """Block until every worker exits 0, recovering from failures as the policy says; raise RunFailed otherwise."""
+        from geotrain.supervise import on_exit
+
         while True:
-            workers_done = True
-            for child in self.children:
+            for child in list(self.children):
+                if child.retired or child.done:
+                    continue
                 rc = child.proc.poll()
-                if child.role == "worker":
-                    if rc is None:
-                        workers_done = False
-                    elif rc != 0:
-                        raise RunFailed(f"{child.name} (pid {child.proc.pid}) died with {_how(rc)}{_log_tail(child)}")
-                elif rc is not None:
-                    raise RunFailed(f"{child.name} (pid {child.proc.pid}) died with {_how(rc)}{_log_tail(child)}")
+                if rc is None:
+                    continue
+                action = on_exit(child.role, child.name, rc, _how(rc), self.restarts.get(child.group, 0),
+                                 self.topo.recovery)
+                if action.action == "done":
+                    child.done = True
+                elif action.action == "fail":
+                    raise RunFailed(f"{child.name} (pid {child.proc.pid}) died with {_how(rc)}"
+                                    f"{'' if 'restarted' not in action.reason else ' (' + action.reason.split(', and ')[1] + ')'}"
+                                    f"{_log_tail(child)}")
+                else:
+                    self._restart(child, action.reason)
+            self._check_heartbeats()
+            self._observe_events()
             if progress is not None:
                 progress()
-            if workers_done:
+            workers = [c for c in self.children if c.role == "worker" and not c.retired]
+            if workers and all(c.done for c in workers):
                 return
             time.sleep(0.2)
+
+    def _restart(self, child: Child, reason: str) -> None:
+        now = time.time()
+        group = child.group
+        self.restarts[group] = self.restarts.get(group, 0) + 1
+        what = {"worker": "worker", "coordinator": "coordinator", "etcd": "etcd", "link": "link"}[child.role]
+        self.events.emit("failure", what=what, target=child.name, happened_t=now, detected_t=now, reason=reason,
+                         pid=child.proc.pid)
+        for c in self.children:  # stop the rest of the group (a site's surviving workers)
+            if c.group == group and not c.retired:
+                c.retired = True
+        procs.terminate_all([c.proc for c in self.children if c.group == group], grace_s=3.0)
+        self.pending[group] = {"what": what, "target": child.name, "failure_t": now}
+        if child.role == "worker":
+            site = self.topo.site(group.split(":", 1)[1])
+            self.pending[group]["last_version"] = self.last_merge_version.get(site.name, 0)
+            self._start_site(site)
+        elif child.role == "coordinator":
+            self._start_coordinator()
+        elif child.role == "etcd":
+            self._start_etcd()
+            self._recovered(group, time.time())
+        elif child.role == "link":
+            site = self.topo.site(group.split(":", 1)[1])
+            self._start_link(site, self.topo.link(site.name, self.topo.coordinator.at),
+                             f"{self.topo.coordinator.host}:{self.coord_port}")
+            self._recovered(group, time.time())
+
+    def _recovered(self, group: str, t: float, rounds_lost: int = 0) -> None:
+        f = self.pending.pop(group, None)
+        if f is not None:
+            self.events.emit("recovery", what=f["what"], target=f["target"], failure_t=f["failure_t"], recovered_t=t,
+                             seconds=round(t - f["failure_t"], 3), rounds_lost=rounds_lost)
+
+    def _observe_events(self) -> None:
+        for e in self.tail.read():
+            kind = e.get("event")
+            if kind == "merge":
+                self.last_merge_version[e["site"]] = e.get("version", 0)
+            elif kind == "site_ready" and f"site:{e['site']}" in self.pending:
+                group = f"site:{e['site']}"
+                lost = max(0, e.get("version", 0) - self.pending[group].get("last_version", 0))
+                self._recovered(group, e["t"], rounds_lost=lost)
+            elif kind == "coordinator_started" and "coordinator" in self.pending:
+                self._recovered("coordinator", e["t"])
+
+    def _check_heartbeats(self) -> None:
+        """A coordinator whose etcd lease lapsed while its process lives is frozen: kill it (then it restarts)."""
+        from geotrain.errors import ControlPlaneError
+        from geotrain.supervise import heartbeat_lost
+
+        coord = next((c for c in self.children if c.role == "coordinator" and not c.retired and not c.done), None)
+        if coord is None or self.control is None:
+            return
+        now = time.time()
+        if self.coord_seen is not None and now - self.coord_seen < 1.0:
+            return
+        try:
+            info = self.control.coordinator()
+        except ControlPlaneError:
+            return  # etcd unreachable: no verdict (membership changes wait for etcd)
+        if info and info.get("pid") == coord.proc.pid:
+            self.coord_seen = now
+            return
+        verdict = heartbeat_lost(now, self.coord_seen, coord.proc.poll() is None, self.topo.recovery.heartbeat_ttl_s)
+        if verdict is not None:
+            self.events.emit("heartbeat_lost", target="coordinator", pid=coord.proc.pid, reason=verdict.reason)
+            coord.proc.kill()  # the next poll sees it dead and restarts it
 
     # ---- stopping ----
     def stop(self) -> None:
         """Stop everything: workers first, then links and the coordinator (they flush stats), etcd last."""
+        if self.control is not None:
+            self.control.close()
         order = {"worker": 0, "link": 1, "coordinator": 1, "etcd": 2}
         for level in (0, 1, 2):
             procs.terminate_all([c.proc for c in self.children if order[c.role] == level], grace_s=5.0)

@@ -494,6 +494,9 @@ class LinkProxy:
         return self._select(direction)[0].initial
 
     def stats(self) -> dict:
+        """Payload bytes delivered per direction (WAN bytes), connections accepted in total
+        (``connections``) and open now (``active_connections``), failed target connects, and the
+        current params of each direction as dicts."""
         fwd, bwd = self._dirs["forward"], self._dirs["backward"]
         with self._lock:
             conns, active, errors = self._n_conns, len(self._conns), self._connect_errors
@@ -621,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     """``geotrain link``: run one link until SIGTERM/SIGINT. Prints ``READY <port>`` once listening."""
     ap = argparse.ArgumentParser(prog="geotrain link", description="Emulate one WAN link as a TCP proxy.")
     ap.add_argument("--name", default="link")
-    ap.add_argument("--listen", default="127.0.0.1:0", type=lambda v: _hostport(v, True), help="HOST:PORT, port 0 = any")
+    ap.add_argument("--listen", default="127.0.0.1:0", type=lambda v: _hostport(v, True),
+                    help="HOST:PORT, port 0 = any")
     ap.add_argument("--target", required=True, type=lambda v: _hostport(v, False), help="HOST:PORT")
     ap.add_argument("--bandwidth", required=True, help='e.g. "100mbit" (forward, and backward unless --down-*)')
     ap.add_argument("--latency", default="0ms", help='one-way, e.g. "50ms"')
@@ -633,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--down-loss", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stats-file")
-    ap.add_argument("--control-file")
+    ap.add_argument("--control-file", help='JSON {"forward": {fields}|null, "backward": ...}, polled every 0.2 s')
     ap.add_argument("--log-level", default=os.environ.get("GEOTRAIN_LOG_LEVEL", "WARNING"))
     args = ap.parse_args(argv)
     try:

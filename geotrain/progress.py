@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from geotrain.events import EventTail
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -28,9 +30,7 @@ class Progress:
         self.launcher = launcher
         self.topo = launcher.topo
         self.console = console or Console(stderr=True)
-        self.path = launcher.run_dir / "metrics.jsonl"
-        self._offset = 0
-        self._partial = ""
+        self._tail = EventTail(launcher.run_dir / "metrics.jsonl")
         self.sites = {s.name: {"round": 0, "step": 0, "loss": None, "t0": None, "tokens": 0} for s in self.topo.sites}
         self.eval_loss = None
         self.commits = 0
@@ -41,23 +41,7 @@ class Progress:
             self.live.start()
 
     def _read(self) -> list[dict]:
-        try:
-            with open(self.path) as f:
-                f.seek(self._offset)
-                data = f.read()
-                self._offset = f.tell()
-        except FileNotFoundError:
-            return []
-        data = self._partial + data
-        lines = data.split("\n")
-        self._partial = lines.pop()
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return out
+        return self._tail.read()
 
     def _wan_bytes(self) -> int:
         total = 0

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from geotrain.errors import GeotrainError
+from geotrain.errors import CoordinatorUnavailable, GeotrainError, StaleRound
 from geotrain.events import EventLog
 from geotrain.transport import flatten, unflatten_into
 
@@ -60,6 +60,13 @@ ENV_VARS = {
     "GEOTRAIN_ALGORITHM": "diloco or ddp (the topology's training.algorithm)",
     "GEOTRAIN_INNER_STEPS": "H, the topology's training.inner_steps",
     "GEOTRAIN_ROUNDS": "the topology's training.rounds",
+    "GEOTRAIN_CHECKPOINT_DIR": "where this worker writes its checkpoint parts; unset = no worker checkpoints",
+    "GEOTRAIN_CHECKPOINT_EVERY": "checkpoint every N rounds (0 = never)",
+    "GEOTRAIN_CHECKPOINT_KEEP": "checkpoint parts each worker keeps",
+    "GEOTRAIN_TOPOLOGY_SHA256": "the topology's digest, written into checkpoint manifests",
+    "GEOTRAIN_RESUME_ROUND": "resume exactly from this checkpoint round (geotrain resume)",
+    "GEOTRAIN_RETRY_DEADLINE_S": "how long the leader retries an unreachable coordinator",
+    "GEOTRAIN_RPC_TIMEOUT_S": "deadline of one Merge/GetModel call",
 }
 
 
@@ -81,6 +88,18 @@ class SiteContext:
     algorithm: str = "diloco"
     inner_steps: int = 10
     rounds: int = 1
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 0
+    checkpoint_keep: int = 2
+    topology_sha256: str = ""
+    resume_round: int | None = None
+    retry_deadline_s: float = 120.0
+    rpc_timeout_s: float = 300.0
+
+    @property
+    def part(self) -> str:
+        """This worker's checkpoint part name."""
+        return f"{self.site}.{self.rank}"
 
     @property
     def is_leader(self) -> bool:
@@ -112,6 +131,13 @@ class SiteContext:
             algorithm=env.get("GEOTRAIN_ALGORITHM", "diloco"),
             inner_steps=int(env.get("GEOTRAIN_INNER_STEPS", "10")),
             rounds=int(env.get("GEOTRAIN_ROUNDS", "1")),
+            checkpoint_dir=Path(env["GEOTRAIN_CHECKPOINT_DIR"]) if env.get("GEOTRAIN_CHECKPOINT_DIR") else None,
+            checkpoint_every=int(env.get("GEOTRAIN_CHECKPOINT_EVERY", "0")),
+            checkpoint_keep=int(env.get("GEOTRAIN_CHECKPOINT_KEEP", "2")),
+            topology_sha256=env.get("GEOTRAIN_TOPOLOGY_SHA256", ""),
+            resume_round=int(env["GEOTRAIN_RESUME_ROUND"]) if env.get("GEOTRAIN_RESUME_ROUND") else None,
+            retry_deadline_s=float(env.get("GEOTRAIN_RETRY_DEADLINE_S", "120")),
+            rpc_timeout_s=float(env.get("GEOTRAIN_RPC_TIMEOUT_S", "300")),
         )
 
 
@@ -137,10 +163,15 @@ def init(context: SiteContext | None = None) -> SiteContext:
 
 
 class DiLoCo:
-    """DiLoCo (or the DDP baseline) around a model and its inner optimizer. See the module docstring."""
+    """DiLoCo (or the DDP baseline) around a model and its inner optimizer. See the module docstring.
+
+    ``stateful`` names extra objects with ``state_dict()``/``load_state_dict()`` (a data sampler, say)
+    that go into this worker's checkpoints with the inner optimizer, so a resumed run continues exactly.
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, inner_steps: int | None = None,
-                 algorithm: str | None = None, context: SiteContext | None = None, events: EventLog | None = None):
+                 algorithm: str | None = None, context: SiteContext | None = None, events: EventLog | None = None,
+                 stateful: dict | None = None):
         self.ctx = context or init()
         inner_steps = self.ctx.inner_steps if inner_steps is None else inner_steps
         algorithm = self.ctx.algorithm if algorithm is None else algorithm
@@ -152,6 +183,7 @@ class DiLoCo:
         self.optimizer = optimizer
         self.H = inner_steps
         self.algorithm = algorithm
+        self.stateful = dict(stateful or {})
         self.events = events or EventLog(self.ctx.run_dir / "metrics.jsonl" if self.ctx.run_dir else None, self.ctx.proc)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -160,11 +192,18 @@ class DiLoCo:
         self.local_step = 0
         self.wan_wait_s = 0.0
         self.compute_s = 0.0
+        self.checkpoint_stall_s = 0.0
         self._step_wan_s = 0.0
+        self._writer = None
+        if self.ctx.checkpoint_every and self.ctx.checkpoint_dir:
+            from geotrain.checkpoint import BackgroundWriter
+
+            self._writer = BackgroundWriter(self.ctx.checkpoint_dir, self.ctx.part, self.ctx.topology_sha256,
+                                            keep=self.ctx.checkpoint_keep)
         if self.ctx.is_leader:
             from geotrain.worker.client import CoordinatorClient
 
-            self.client = CoordinatorClient(self.ctx.coordinator, self.ctx.site)
+            self.client = CoordinatorClient(self.ctx.coordinator, self.ctx.site, timeout_s=self.ctx.rpc_timeout_s)
         self._join()
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last = time.perf_counter()
@@ -180,11 +219,13 @@ class DiLoCo:
         if self.ctx.is_leader:
             self.events.emit("inner_step", site=self.ctx.site, step=self.local_step, round=self.round,
                              loss=loss, compute_s=round(compute, 6), wan_s=round(self._step_wan_s, 6))
-        if self.algorithm == "diloco" and self.local_step % self.H == 0:
-            self._merge()
-            merged = True
-        elif self.algorithm == "ddp" and self.local_step % self.H == 0:
-            self.round += 1
+        if self.local_step % self.H == 0:
+            if self.algorithm == "diloco":
+                self._merge()
+                merged = True
+            else:
+                self.round += 1
+            self._maybe_checkpoint()
         self._step_wan_s = 0.0
         self._last = time.perf_counter()
         return merged
@@ -193,6 +234,10 @@ class DiLoCo:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -205,41 +250,127 @@ class DiLoCo:
 
     # ---- the protocol ----
     def _join(self) -> None:
-        """Start from the global model: the leader fetches it (providing it if there is none yet)."""
+        """Start from the global model: the leader fetches it (providing it if there is none yet).
+
+        Three ways in: a fresh start (round 0), a resume from checkpoint round r (GEOTRAIN_RESUME_ROUND:
+        this worker's own part is loaded, exactly), or a rejoin after a failure (the coordinator says
+        from which version; this worker's newest checkpoint part, if any, restores optimizer and data).
+        """
         flat = None
         header = torch.zeros(1, dtype=torch.int64)
         if self.ctx.is_leader:
             resp = self.client.join(self.ctx.workers)
             if not resp.has_model:
                 self.client.init_model(flatten(self.params))
-            payload = self.client.get_model(min_version=resp.version)
+            payload = self.client.get_model(min_version=resp.start_version)
             flat = payload.tensor()
             header[0] = payload.version
-            self.events.emit("site_ready", site=self.ctx.site, version=payload.version, round=resp.round)
+            self.events.emit("site_ready", site=self.ctx.site, version=payload.version, round=resp.round,
+                             epoch=resp.epoch)
         self.round = int(self._site_broadcast(header)[0])
         self.global_flat = self._site_broadcast(flat, like=self.params).clone()
         unflatten_into(self.global_flat, self.params)
+        self._restore_own_state()
+        self.local_step = self.round * self.H
+
+    def _restore_own_state(self) -> None:
+        if not self.ctx.checkpoint_dir:
+            return
+        from geotrain.checkpoint import list_rounds, load_part
+
+        wanted = self.ctx.resume_round
+        candidates = [r for r in reversed(list_rounds(self.ctx.checkpoint_dir, [self.ctx.part]))
+                      if r.complete and (r.round == wanted if wanted is not None else r.round <= self.round)]
+        if not candidates:
+            if wanted is not None:
+                raise GeotrainError(f"{self.ctx.proc}: no verified checkpoint part {self.ctx.part} for round {wanted} "
+                                    f"under {self.ctx.checkpoint_dir}")
+            return
+        from geotrain.worker.state import optimizer_from_parts, set_rng_state
+
+        tensors, state = load_part(self.ctx.checkpoint_dir, candidates[0].round, self.ctx.part)
+        optimizer_from_parts(self.optimizer, tensors.get("inner", {}), state["optimizer"])
+        for name, obj in self.stateful.items():
+            if name in state.get("stateful", {}):
+                obj.load_state_dict(state["stateful"][name])
+        set_rng_state(state.get("rng", {}))
+        self.events.emit("worker_state_restored", site=self.ctx.site, rank=self.ctx.rank, round=candidates[0].round,
+                         joined_at=self.round)
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.ctx.checkpoint_every
+        if self._writer is None or not every or self.round % every:
+            return
+        from geotrain.worker.state import optimizer_to_parts, rng_state
+
+        tensors, meta = optimizer_to_parts(self.optimizer)
+        state = {"round": self.round, "step": self.local_step, "optimizer": meta, "rng": rng_state(),
+                 "stateful": {name: obj.state_dict() for name, obj in self.stateful.items()}}
+        self.checkpoint_stall_s += self._writer.submit(self.round, {"inner": tensors}, state)
 
     def _merge(self) -> None:
         """Pseudo-gradient out, new global parameters in (DiLoCo, Algorithm 1, lines 8-12)."""
         t0 = time.perf_counter()
         new = None
+        header = torch.zeros(1, dtype=torch.int64)
         if self.ctx.is_leader:
             pseudo_grad = self.global_flat - flatten(self.params)
             sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
-            payload = self.client.merge(pseudo_grad, round=self.round, kind="pseudo_grad", version=self.round)
-            new = payload.tensor()
-            crc = payload.crc32
+            new, version, crc = self._exchange(pseudo_grad)
+            header[0] = version
+        version = int(self._site_broadcast(header)[0])
         new = self._site_broadcast(new, like=self.params)
         unflatten_into(new, self.params)
         self.global_flat = new.clone()
         seconds = time.perf_counter() - t0
         self.wan_wait_s += seconds
         if self.ctx.is_leader:
-            self.events.emit("merge", site=self.ctx.site, round=self.round, version=self.round + 1,
+            self.events.emit("merge", site=self.ctx.site, round=self.round, version=version,
                              bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
                              seconds=round(seconds, 6), step=self.local_step, crc32=crc)
-        self.round += 1
+        if version != self.round + 1:  # caught up: the rounds in between were committed without us
+            self.local_step = version * self.H
+        self.round = version
+
+    def _exchange(self, pseudo_grad: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Send this round's update and get the committed global model, surviving a coordinator restart.
+
+        - coordinator unreachable: retry the same update with backoff (until recovery.retry_deadline_s);
+          if the round was committed meanwhile, the retry is refused as stale and we fetch the result;
+        - our update is refused (stale, or we were dropped from the round): rejoin and fetch the current
+          global model; the local progress of this round is discarded, never applied late;
+        - duplicate (the coordinator has our update, the reply was lost): wait for the commit.
+        """
+        deadline = time.monotonic() + self.ctx.retry_deadline_s
+        delay, failed_at = 0.2, None
+        while True:
+            try:
+                p = self.client.merge(pseudo_grad, round=self.round, kind="pseudo_grad", version=self.round)
+                result = (p.tensor(), self.round + 1, p.crc32)
+            except CoordinatorUnavailable as exc:
+                if failed_at is None:
+                    failed_at = time.time()
+                    self.events.emit("failure", what="coordinator", target="coordinator", happened_t=failed_at,
+                                     detected_t=failed_at, reason=str(exc), site=self.ctx.site)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            except StaleRound as exc:
+                if "duplicate" in str(exc):
+                    p = self.client.get_model(min_version=self.round + 1)
+                else:
+                    self.events.emit("merge_discarded", site=self.ctx.site, round=self.round, reason=str(exc))
+                    resp = self.client.join(self.ctx.workers)
+                    p = self.client.get_model(min_version=resp.start_version)
+                result = (p.tensor(), p.version, p.crc32)
+            if failed_at is not None:
+                now = time.time()
+                self.events.emit("recovery", what="coordinator", target="coordinator", failure_t=failed_at,
+                                 recovered_t=now, seconds=round(now - failed_at, 3), site=self.ctx.site,
+                                 rounds_lost=0)
+            return result
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         """Average gradients inside the site (and, for ddp, across sites) before the inner step."""

@@ -136,6 +136,32 @@ class TrainingConfig(_Node):
     """How long the coordinator waits for all sites' updates before the round fails."""
 
 
+class CheckpointConfig(_Node):
+    every_rounds: int = Field(default=1, ge=0)
+    """Checkpoint every N rounds (0 = never). Written in the background; training does not wait."""
+    keep: int = Field(default=2, ge=1)
+    """How many checkpoints each writer keeps."""
+    path: str | None = None
+    """Where checkpoints go (default: <run_dir>/checkpoints)."""
+
+
+class RecoveryConfig(_Node):
+    """How a run reacts to failures (docs/assumptions.md relates the timeouts to each other)."""
+
+    min_sites: int = Field(default=1, ge=1)
+    """A round commits after its deadline with the sites that reported, if at least this many did."""
+    worker_failure: Literal["restart_site", "fail"] = "restart_site"
+    """A dead worker: restart its whole site (which rejoins at the next round), or fail the run."""
+    coordinator_failure: Literal["restart", "fail"] = "restart"
+    """A dead or frozen coordinator: restart it from its persisted state, or fail the run."""
+    max_restarts: int = Field(default=10, ge=0)
+    """Restarts allowed per process group before the run fails."""
+    heartbeat_ttl_s: float = Field(default=3.0, gt=0.0)
+    """etcd lease TTL of every member; a frozen process disappears from membership after this."""
+    retry_deadline_s: float = Field(default=120.0, gt=0.0)
+    """How long a site keeps retrying an unreachable coordinator (with backoff) before it gives up."""
+
+
 class EtcdConfig(_Node):
     endpoint: str | None = None
     """An existing etcd cluster, "host:port". Absent: the launcher starts a local etcd server and stops it at the end."""
@@ -153,6 +179,8 @@ class Topology(_Node):
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     etcd: EtcdConfig = EtcdConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
 
     # ---- derived views (no state of their own) ----
     @property
@@ -368,5 +396,8 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
         raise TopologyError(f"{source}: model.n_embd: must be a multiple of model.n_head ({m.n_head}), got {m.n_embd}")
     if topo.data.source == "files" and not topo.data.paths:
         raise TopologyError(f"{source}: data.paths: `source: files` needs at least one path")
+    if topo.recovery.min_sites > len(topo.sites):
+        raise TopologyError(f"{source}: recovery.min_sites: {topo.recovery.min_sites} is more than the "
+                            f"{len(topo.sites)} sites of this topology")
     if topo.etcd.endpoint is not None and not re.fullmatch(r"(https?://)?[\w.\-]+:\d+", topo.etcd.endpoint):
         raise TopologyError(f"{source}: etcd.endpoint: expected host:port, got {topo.etcd.endpoint!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
+from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
 from geotrain.topology import Topology, load_topology
 
@@ -34,39 +35,83 @@ def load_any(path: str) -> Topology:
     return load_topology(path)
 
 
-def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, ready=print) -> int:
+def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None) -> CoordinatorState | None:
+    """Where this incarnation starts: a checkpoint (``geotrain resume``), the state persisted at the last
+    commit (a restart inside a run), or nothing (a fresh run)."""
+    if resume_round is not None and run_dir is not None:
+        from geotrain.checkpoint import COORDINATOR_PART, load_part
+
+        tensors, state = load_part(checkpoint_root(topo, run_dir), resume_round, COORDINATOR_PART)
+        return CoordinatorState(round=state["round"], params=tensors["model"]["params"],
+                                momentum=tensors.get("outer", {}).get("momentum"))
+    if run_dir is not None:
+        return StateStore(run_dir / "coordinator").load()
+    return None
+
+
+def checkpoint_root(topo: Topology, run_dir: Path) -> Path:
+    return Path(topo.checkpoint.path) if topo.checkpoint.path else run_dir / "checkpoints"
+
+
+def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, ready=print,
+          resume_round: int | None = None) -> int:
     events = EventLog(run_dir / "metrics.jsonl" if run_dir else None, "coordinator")
     control = None
+    registration = None
+    epoch = 0
+    host = bind.rsplit(":", 1)[0]
     if etcd:
         from geotrain.controlplane import ControlPlane
 
         control = ControlPlane(etcd, topo.name)
+    resume = initial_state(topo, run_dir, resume_round)
 
-    def on_commit(rnd: int, version: int) -> None:
-        if control is not None:
-            try:
-                control.put_state({"round": rnd + 1, "version": version, "algorithm": topo.training.algorithm})
-            except GeotrainError as exc:  # etcd briefly away: training goes on, state catches up next commit
-                log.warning("could not publish run state: %s", exc)
+    def on_commit(rnd: int, version: int) -> bool:
+        """Publish the run state, fenced by our epoch: False means a newer coordinator exists."""
+        if control is None:
+            return True
+        try:
+            return control.put_state_fenced({"round": rnd + 1, "version": version, "epoch": epoch,
+                                             "algorithm": topo.training.algorithm}, epoch)
+        except GeotrainError as exc:  # etcd briefly away: training goes on (our lease still holds the key)
+            log.warning("could not publish run state: %s", exc)
+            return True
 
+    store = StateStore(run_dir / "coordinator") if run_dir else None
+    writer = None
+    if run_dir is not None and topo.checkpoint.every_rounds:
+        from geotrain.checkpoint import COORDINATOR_PART, BackgroundWriter
+
+        writer = BackgroundWriter(checkpoint_root(topo, run_dir), COORDINATOR_PART, topo.digest(), keep=topo.checkpoint.keep,
+                                  on_saved=lambda r, p, sec, size: events.emit("checkpoint_saved", round=r, path=str(p),
+                                                                               seconds=round(sec, 6), bytes=size))
     cfg = CoordinatorConfig(sites=tuple(topo.site_names), algorithm=topo.training.algorithm,
-                            outer=topo.training.outer_optimizer, round_timeout_s=topo.training.round_timeout_s)
-    service = CoordinatorService(cfg, events=events, on_commit=on_commit)
+                            outer=topo.training.outer_optimizer, round_timeout_s=topo.training.round_timeout_s,
+                            min_sites=topo.recovery.min_sites, checkpoint_every=topo.checkpoint.every_rounds)
+    service = CoordinatorService(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
     server, port = create_server(service, bind)
-    host = bind.rsplit(":", 1)[0]
-    registration = None
     if control is not None:
-        registration = control.set_coordinator(f"{host}:{port}", {"pid": os.getpid()})
-    events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names))
+        registration = control.set_coordinator(f"{host}:{port}", {"pid": os.getpid()}, ttl_s=topo.recovery.heartbeat_ttl_s)
+        epoch = int(registration.info["epoch"])
+        cfg.epoch = epoch
+    events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names),
+                epoch=epoch, round=service.state.round, resumed=resume is not None)
     ready(f"READY {port}")
     sys.stdout.flush()
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):
+        if service.fenced:
+            events.emit("coordinator_stopped", round=service.state.round, reason="fenced", epoch=epoch)
+            server.stop(grace=0)
+            return 3
     events.emit("coordinator_stopped", round=service.state.round, bytes_in=service.bytes_in, bytes_out=service.bytes_out)
     server.stop(grace=2.0).wait()
+    if writer is not None:
+        writer.flush()
+        writer.close()
     if registration is not None:
         registration.close()
     if control is not None:
@@ -80,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None, help="where to append metrics.jsonl")
     p.add_argument("--etcd", default=None, help="etcd endpoint host:port (default: the topology's, if any)")
     p.add_argument("--bind", default=None, help="host:port to serve on (default: coordinator.host, port 0)")
+    p.add_argument("--resume-round", type=int, default=None, help="start from this checkpoint round (geotrain resume)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s coordinator %(levelname)s %(message)s")
     try:
         topo = load_any(args.topology)
         bind = args.bind or f"{topo.coordinator.host}:0"
-        return serve(topo, args.run_dir, args.etcd or topo.etcd.endpoint, bind)
+        return serve(topo, args.run_dir, args.etcd or topo.etcd.endpoint, bind, resume_round=args.resume_round)
     except GeotrainError as exc:
         print(f"geotrain coordinator: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -6,7 +6,10 @@ person can read, and tests assert on decisions and reasons without sockets or sl
 
 The round protocol (synchronous DiLoCo): round r collects one update from every expected site,
 each based on global version r. When all have arrived the round is committed: version r+1 is
-the outer step applied to the mean update, and round r+1 starts.
+the outer step applied to the mean update, and round r+1 starts. If the round's deadline passes
+(counted from its first arrival) and at least ``min_sites`` sites reported, it commits with
+those, and the silent sites leave the membership; a site that (re)joins while a round is being
+collected becomes a member from the next round on and starts from the version that round commits.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class RoundState:
     """Site -> time its update for this round arrived."""
     started_at: float | None = None
     """When the first update of this round arrived (the round deadline counts from there)."""
+    joining: frozenset[str] = frozenset()
+    """Sites that joined during this round; members from the next round on."""
 
     @property
     def version(self) -> int:
@@ -35,11 +40,12 @@ class RoundState:
 @dataclass(frozen=True)
 class Decision:
     action: str
-    """accept | stale | future | unknown_site | duplicate | commit | wait | timeout"""
+    """accept | stale | future | unknown_site | duplicate | commit | commit_partial | wait | timeout |
+    member | join_now | join_next"""
     reason: str
 
     def __bool__(self) -> bool:
-        return self.action in ("accept", "commit")
+        return self.action in ("accept", "commit", "commit_partial")
 
 
 def admit(state: RoundState, site: str, round: int) -> Decision:
@@ -64,17 +70,33 @@ def record_arrival(state: RoundState, site: str, now: float) -> RoundState:
     return replace(state, arrived=arrived, started_at=state.started_at if state.started_at is not None else now)
 
 
-def round_ready(now: float, state: RoundState, timeout_s: float) -> Decision:
-    """Is the round complete, still waiting, or past its deadline?"""
+def round_ready(now: float, state: RoundState, timeout_s: float, min_sites: int | None = None) -> Decision:
+    """Is the round complete, still waiting, or past its deadline (and then: enough sites or not)?"""
     missing = sorted(state.expected - set(state.arrived))
-    if not missing:
+    if not missing and state.arrived:
         return Decision("commit", f"all {len(state.expected)} sites reported for round {state.round}")
     if state.started_at is not None and now - state.started_at > timeout_s:
+        need = len(state.expected) if min_sites is None else min_sites
+        if len(state.arrived) >= need:
+            return Decision("commit_partial", f"round {state.round}: deadline of {timeout_s:.1f}s passed; committing with "
+                                              f"{', '.join(sorted(state.arrived))}; dropping {', '.join(missing)}")
         return Decision("timeout", f"round {state.round}: no update from {', '.join(missing)} within "
-                                   f"{timeout_s:.1f}s of the first arrival")
+                                   f"{timeout_s:.1f}s of the first arrival, and {len(state.arrived)} sites "
+                                   f"are fewer than the {need} required")
     return Decision("wait", f"round {state.round}: waiting for {', '.join(missing)}")
 
 
-def next_round(state: RoundState) -> RoundState:
-    """The state after committing the current round."""
-    return RoundState(round=state.round + 1, expected=state.expected)
+def join(state: RoundState, site: str) -> tuple[RoundState, int, Decision]:
+    """A site (re)joins. Returns the new state, the global version it must start from, and why."""
+    if site in state.expected:
+        return state, state.round, Decision("member", f"{site!r} is a member of round {state.round}")
+    if not state.arrived:
+        return replace(state, expected=state.expected | {site}), state.round, \
+            Decision("join_now", f"{site!r} joins round {state.round}, which has no update yet")
+    return replace(state, joining=state.joining | {site}), state.round + 1, \
+        Decision("join_next", f"{site!r} joins at round {state.round + 1}; round {state.round} is already being collected")
+
+
+def next_round(state: RoundState, dropped: frozenset[str] = frozenset()) -> RoundState:
+    """The state after committing the current round: silent sites dropped, joiners added."""
+    return RoundState(round=state.round + 1, expected=(state.expected - dropped) | state.joining)

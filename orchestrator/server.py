@@ -24,7 +24,8 @@ from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import TransferCorrupt
 from geotrain.events import EventLog
 from geotrain.orchestrator.outer import OuterOptimizer, mean_of
-from geotrain.orchestrator.rounds import RoundState, admit, next_round, record_arrival, round_ready
+from geotrain.orchestrator.persist import CoordinatorState, StateStore
+from geotrain.orchestrator.rounds import RoundState, admit, join, next_round, record_arrival, round_ready
 from geotrain.topology import OuterOptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,32 @@ class CoordinatorConfig:
     algorithm: str = "diloco"
     outer: OuterOptimizerConfig = OuterOptimizerConfig()
     round_timeout_s: float = 120.0
+    min_sites: int | None = None  # None: every member must report (no partial commits)
+    epoch: int = 0
+    checkpoint_every: int = 0
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, cfg: CoordinatorConfig, events: EventLog | None = None, on_commit=None):
+    """Holds the global model; commits rounds. ``store`` persists state at every commit (restart safety),
+    ``checkpoints`` (a BackgroundWriter) writes the coordinator's checkpoint part every N rounds, and
+    ``on_commit(round, version) -> bool`` publishes the run state (returning False means: fenced)."""
+
+    def __init__(self, cfg: CoordinatorConfig, events: EventLog | None = None, on_commit=None,
+                 store: StateStore | None = None, checkpoints=None, resume: CoordinatorState | None = None):
         self.cfg = cfg
         self.events = events or EventLog(None, "coordinator")
-        self.on_commit = on_commit  # callback(round, version) after each commit (etcd state)
+        self.on_commit = on_commit
+        self.store = store
+        self.checkpoints = checkpoints
         self.params: torch.Tensor | None = None
         self.outer = OuterOptimizer(cfg.outer)
         self.state = RoundState(expected=frozenset(cfg.sites))
+        if resume is not None:
+            self.params = resume.params
+            self.outer.buf = resume.momentum
+            self.state = RoundState(round=resume.round, expected=frozenset(cfg.sites))
+        self.fenced = False
+        self.dropped: dict[str, tuple[float, int]] = {}  # site -> (when dropped, round dropped at)
         self.updates: dict[str, torch.Tensor] = {}
         self.results: dict[int, tuple[int, torch.Tensor]] = {}  # round -> (version, payload)
         self.failed: dict[int, str] = {}  # round -> reason it failed
@@ -61,10 +78,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # ---- RPCs ----
     def Join(self, request, context):
         with self._cond:
+            if request.site not in self.cfg.sites:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {request.site!r} is not in the topology "
+                                                                 f"({', '.join(self.cfg.sites)})")
+            self.state, start_version, decision = join(self.state, request.site)
             self.events.emit("site_joined", site=request.site, workers=request.workers, pid=request.pid,
-                             round=self.state.round)
-            return pb.JoinResponse(round=self.state.round, version=self.state.version,
-                                   has_model=self.params is not None, algorithm=self.cfg.algorithm)
+                             round=self.state.round, start_version=start_version, decision=decision.action)
+            if request.site in self.dropped:
+                failed_t, failed_round = self.dropped.pop(request.site)
+                now = time.time()
+                self.events.emit("recovery", what="site", target=request.site, failure_t=failed_t, recovered_t=now,
+                                 seconds=round(now - failed_t, 3), rounds_lost=start_version - failed_round)
+            return pb.JoinResponse(round=self.state.round, version=self.state.version, start_version=start_version,
+                                   has_model=self.params is not None, algorithm=self.cfg.algorithm, epoch=self.cfg.epoch)
 
     def InitModel(self, request_iterator, context):
         payload = self._receive(request_iterator, context, "InitModel")
@@ -92,6 +118,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         payload = self._receive(request_iterator, context, "Merge")
         site, rnd = payload.site, payload.round
         with self._cond:
+            if self.fenced:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator was fenced off by a newer one")
             decision = admit(self.state, site, rnd)
             if not decision:
                 self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason)
@@ -120,7 +148,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ---- internals (called with the lock held) ----
     def _maybe_commit(self) -> None:
-        decision = round_ready(time.time(), self.state, self.cfg.round_timeout_s)
+        decision = round_ready(time.time(), self.state, self.cfg.round_timeout_s, self.cfg.min_sites)
         if decision.action == "wait":
             return
         rnd = self.state.round
@@ -141,15 +169,35 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         else:
             result = mean
         arrived = self.state.arrived
-        self.state = next_round(self.state)
+        dropped = frozenset(self.state.expected - set(arrived))
+        self.state = next_round(self.state, dropped)
+        now = time.time()
+        for site in sorted(dropped):
+            self.dropped[site] = (now, rnd)
+            self.events.emit("failure", what="site", target=site, happened_t=min(arrived.values()), detected_t=now,
+                             reason=decision.reason)
+        if self.store is not None:  # durable before anyone sees the result: a restart never loses it
+            self.store.save(CoordinatorState(round=self.state.round, params=self.params, momentum=self.outer.buf,
+                                             epoch=self.cfg.epoch, members=tuple(sorted(self.state.expected))))
+        if self.on_commit is not None and self.on_commit(rnd, self.state.version) is False:
+            self.fenced = True
+            self.failed[rnd] = f"coordinator epoch {self.cfg.epoch} was fenced off by a newer coordinator"
+            self.events.emit("fenced", round=rnd, epoch=self.cfg.epoch)
+            self._cond.notify_all()
+            return
         self.results[rnd] = (self.state.version, result)
         self.results.pop(rnd - 2, None)
         self.updates = {}
         self.events.emit("commit", round=rnd, version=self.state.version, sites=sorted(arrived),
-                         crc32=transport.fingerprint(result),
+                         crc32=transport.fingerprint(result), epoch=self.cfg.epoch,
                          wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(time.time() - t0, 6))
-        if self.on_commit is not None:
-            self.on_commit(rnd, self.state.version)
+        every = self.cfg.checkpoint_every
+        if self.checkpoints is not None and every and self.state.version % every == 0 and self.params is not None:
+            tensors = {"model": {"params": self.params}}
+            if self.outer.buf is not None:
+                tensors["outer"] = {"momentum": self.outer.buf}
+            self.checkpoints.submit(self.state.version, tensors, {"round": self.state.version, "epoch": self.cfg.epoch,
+                                                                  "members": sorted(self.state.expected)})
         self._cond.notify_all()
 
     def _receive(self, request_iterator, context, what: str):

@@ -115,6 +115,19 @@ def test_server_start_failure_reports_log_tail(tmp_path):
     assert server.process is not None and server.process.poll() is not None
 
 
+def test_server_start_on_busy_port_fails_with_reason(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        server = EtcdServer(tmp_path / "data", client_port=port)
+        t0 = time.monotonic()
+        with pytest.raises(ControlPlaneError, match="address already in use"):
+            server.start(timeout_s=1.0)
+    assert time.monotonic() - t0 < 5.0
+    assert server.client_port == port  # an explicit port is never replaced
+
+
 def test_parse_endpoint():
     assert parse_endpoint("http://10.0.0.1:2400") == ("10.0.0.1", 2400)
     assert parse_endpoint("etcd:2401") == ("etcd", 2401)

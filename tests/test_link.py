@@ -229,7 +229,9 @@ def test_asymmetric_latency(servers):
         s = connect(p.port)
         rtts = ping_rtts(s, 8)
         s.close()
-    assert statistics.median(rtts) == pytest.approx(0.050, rel=0.05), rtts
+    # min: the emulator never delivers early, so the least perturbed sample shows the configured delay
+    # even when the machine is busy (the test above checks the median on the canonical setting).
+    assert 0.0495 <= min(rtts) <= 0.0525, rtts
 
 
 def test_jitter_varies_rtt_but_keeps_order(servers):
@@ -287,6 +289,23 @@ def test_blackhole_holds_bytes_then_delivers(servers):
         assert p.stats()["bytes_forward"] == total
 
 
+def test_blackhole_holds_bytes_already_in_flight(servers):
+    sink = servers(SinkServer)
+    with LinkProxy("bhf", ("127.0.0.1", sink.port), LinkParams(100, latency_ms=100)) as p:
+        s = connect(p.port)
+        _, sha = push(s, 10_000)
+        time.sleep(0.02)                     # the bytes are "on the wire" (due at ~100 ms)
+        p.blackhole("forward")
+        time.sleep(0.3)
+        assert sink.nbytes == 0
+        healed = time.monotonic()
+        p.unblackhole("forward")
+        assert sink.done.wait(5)
+        s.close()
+    assert sink.last_byte_at - healed >= 0.099   # re-sent after the partition: the latency again
+    assert sink.nbytes == 10_000 and sink.sha.hexdigest() == sha
+
+
 def test_blackhole_one_direction_and_mid_stream(servers):
     echo = servers(EchoServer)
     with LinkProxy("bh1", ("127.0.0.1", echo.port), LinkParams(100, latency_ms=5)) as p:
@@ -326,21 +345,20 @@ def test_degrade_and_restore_change_rtt(servers):
     echo = servers(EchoServer)
     with LinkProxy("deg", ("127.0.0.1", echo.port), LinkParams(100, latency_ms=20)) as p:
         s = connect(p.port)
-        base = statistics.median(ping_rtts(s, 5))
+        base = min(ping_rtts(s, 5))
         with p.degraded(latency_ms=60):                  # live, on the open connection
             assert p.stats()["forward"]["latency_ms"] == 60
-            slow = statistics.median(ping_rtts(s, 5))
-        after = statistics.median(ping_rtts(s, 5))
+            slow = min(ping_rtts(s, 5))
+        after = min(ping_rtts(s, 5))
         p.degrade("forward", latency_ms="60ms")
-        half = statistics.median(ping_rtts(s, 5))
+        half = min(ping_rtts(s, 5))
         p.restore()
-        restored = statistics.median(ping_rtts(s, 5))
+        restored = min(ping_rtts(s, 5))
         s.close()
-    assert base == pytest.approx(0.040, rel=0.1)
-    assert slow == pytest.approx(0.120, rel=0.1)
-    assert after == pytest.approx(0.040, rel=0.1)
-    assert half == pytest.approx(0.080, rel=0.1)
-    assert restored == pytest.approx(0.040, rel=0.1)
+    # min of 5 pings: robust when other processes load the machine (the emulator is never early)
+    rtts = dict(base=base, slow=slow, after=after, half=half, restored=restored)
+    for key, want in dict(base=0.040, slow=0.120, after=0.040, half=0.080, restored=0.040).items():
+        assert want * 0.99 <= rtts[key] <= want * 1.08, rtts
     with pytest.raises(ValueError):
         p.degrade(latency=5)
     with pytest.raises(ValueError):

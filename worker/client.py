@@ -101,7 +101,8 @@ def _convert(exc: grpc.RpcError, what: str, site: str, address: str, round: int 
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     where = f"site {site}" + (f", round {round}" if round is not None else "") + f": {what} to coordinator at {address}"
-    if code == grpc.StatusCode.FAILED_PRECONDITION and detail.startswith("stale"):
+    if (code == grpc.StatusCode.FAILED_PRECONDITION and detail.startswith(("stale", "future", "duplicate"))) or \
+            (code == grpc.StatusCode.PERMISSION_DENIED and detail.startswith("unknown_site")):
         return StaleRound(f"{where}: {detail}")
     if code == grpc.StatusCode.DATA_LOSS:
         return TransferCorrupt(f"{where}: {detail}")

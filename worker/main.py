@@ -56,11 +56,11 @@ def train(ctx: SiteContext, topo: Topology) -> None:
         loss = evaluate(model, held_out, device=device)
         events.emit("eval", round=rnd, step=step, loss=loss, seconds=round(time.perf_counter() - t0, 6))
 
-    with DiLoCo(model, opt, inner_steps=tr.inner_steps, algorithm=tr.algorithm, context=ctx, events=events) as diloco:
+    with DiLoCo(model, opt, inner_steps=tr.inner_steps, algorithm=tr.algorithm, context=ctx, events=events,
+                stateful={"sampler": sampler}) as diloco:
         if evaluator and diloco.round == 0:
             run_eval(0, 0)
-        total_steps = tr.rounds * tr.inner_steps
-        while diloco.local_step < total_steps:
+        while diloco.round < tr.rounds:
             t0 = time.perf_counter()
             x, y = sampler.next_batch()
             _, loss = model(x.to(device), y.to(device))
@@ -74,7 +74,8 @@ def train(ctx: SiteContext, topo: Topology) -> None:
                     run_eval(diloco.round, diloco.local_step)
         if ctx.is_leader:
             events.emit("site_done", site=ctx.site, steps=diloco.local_step, rounds=diloco.round,
-                        compute_s=round(diloco.compute_s, 6), wan_wait_s=round(diloco.wan_wait_s, 6))
+                        compute_s=round(diloco.compute_s, 6), wan_wait_s=round(diloco.wan_wait_s, 6),
+                        checkpoint_stall_s=round(diloco.checkpoint_stall_s, 6))
 
 
 def main() -> int:

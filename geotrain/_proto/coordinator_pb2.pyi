@@ -47,16 +47,20 @@ class JoinRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., workers: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("round", "version", "has_model", "algorithm")
+    __slots__ = ("round", "version", "has_model", "algorithm", "start_version", "epoch")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    START_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     has_model: bool
     algorithm: str
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., has_model: _Optional[bool] = ..., algorithm: _Optional[str] = ...) -> None: ...
+    start_version: int
+    epoch: int
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., has_model: _Optional[bool] = ..., algorithm: _Optional[str] = ..., start_version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class InitModelResponse(_message.Message):
     __slots__ = ("accepted", "version")

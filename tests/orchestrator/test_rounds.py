@@ -42,3 +42,41 @@ def test_round_times_out_from_first_arrival_and_names_missing_sites():
 
 def test_no_timeout_before_anyone_arrives():
     assert round_ready(1e9, RoundState(expected=SITES), timeout_s=1).action == "wait"
+
+
+def test_deadline_commits_with_quorum_and_drops_the_silent_site():
+    s = RoundState(expected=SITES)
+    s = record_arrival(record_arrival(s, "us", 0.0), "eu", 1.0)
+    assert round_ready(9.0, s, timeout_s=10, min_sites=2).action == "wait"
+    d = round_ready(10.5, s, timeout_s=10, min_sites=2)
+    assert d.action == "commit_partial" and "dropping asia" in d.reason
+    s2 = next_round(s, dropped=frozenset({"asia"}))
+    assert s2.expected == {"us", "eu"} and s2.round == 1
+
+
+def test_deadline_without_quorum_times_out():
+    s = record_arrival(RoundState(expected=SITES), "us", 0.0)
+    d = round_ready(11.0, s, timeout_s=10, min_sites=2)
+    assert d.action == "timeout" and "fewer than the 2 required" in d.reason
+
+
+def test_rejoin_waits_for_the_next_round_when_one_is_in_flight():
+    from geotrain.orchestrator.rounds import join
+
+    s = RoundState(round=4, expected=frozenset({"us", "eu"}))
+    s = record_arrival(s, "us", 0.0)
+    s, start_version, d = join(s, "asia")
+    assert d.action == "join_next" and start_version == 5 and "asia" not in s.expected
+    assert admit(s, "asia", 4).action == "unknown_site"      # it may not sneak into round 4
+    s = next_round(record_arrival(s, "eu", 1.0))
+    assert "asia" in s.expected and admit(s, "asia", 5).action == "accept"
+
+
+def test_join_before_any_arrival_joins_now_and_members_stay():
+    from geotrain.orchestrator.rounds import join
+
+    s = RoundState(round=2, expected=frozenset({"us"}))
+    s, v, d = join(s, "eu")
+    assert d.action == "join_now" and v == 2 and "eu" in s.expected
+    s2, v, d = join(s, "eu")
+    assert d.action == "member" and s2 == s

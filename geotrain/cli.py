@@ -2,7 +2,12 @@
 
     geotrain launch TOPOLOGY [--set path=value ...] [--run-dir DIR] [--script -- CMD ...]
     geotrain validate TOPOLOGY [--set path=value ...]
+    geotrain resume RUN_DIR
+    geotrain checkpoint ls RUN_DIR | verify PATH
+    geotrain report RUN_DIR [RUN_DIR ...] [--out DIR]
+    geotrain check RUN_DIR [--twin RUN_DIR]
     geotrain coordinator TOPOLOGY ...      (one part on its own host; see docs/architecture.md)
+    geotrain site NAME TOPOLOGY ...         (one site's workers on its own host)
     geotrain link ...                       (one WAN link emulator process)
 
 Exit codes: 0 success; 1 a run failed (the reason is printed); 2 bad input (topology, flags);
@@ -46,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("coordinator", help="run the coordinator on this host", add_help=False)
     sub.add_parser("link", help="run one WAN link emulator", add_help=False)
+    sub.add_parser("site", help="run one site's worker group on this host", add_help=False)
+    rp = sub.add_parser("resume", help="continue a stopped run from its latest good checkpoint")
+    rp.add_argument("run_dir", type=Path, help="the run directory of the stopped run")
+    rp.add_argument("--quiet", action="store_true", help="no live progress")
+    cp = sub.add_parser("checkpoint", help="list or verify checkpoints")
+    csub = cp.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
+    cl = csub.add_parser("ls", help="list the checkpoints of a run")
+    cl.add_argument("run_dir", type=Path)
+    cv = csub.add_parser("verify", help="verify a checkpoint (a round folder, one part, or every round of a run)")
+    cv.add_argument("path", type=Path)
     sub.add_parser("report", help="write report.md and plots for one or more runs", add_help=False)
     sub.add_parser("check", help="check a run's recorded history against its invariants", add_help=False)
     return p
@@ -95,6 +110,83 @@ def cmd_launch(args) -> int:
     return 0
 
 
+def _expected_parts(topo) -> list[str]:
+    from geotrain.checkpoint import COORDINATOR_PART
+
+    return [COORDINATOR_PART] + [f"{s.name}.{r}" for s in topo.sites for r in range(s.workers)]
+
+
+def _run_topology(run_dir: Path):
+    from geotrain.orchestrator.main import load_any
+
+    path = run_dir / "topology.json"
+    if not path.exists():
+        raise TopologyError(f"{run_dir}: not a geotrain run directory (no topology.json)")
+    return load_any(str(path))
+
+
+def cmd_resume(args) -> int:
+    from geotrain.checkpoint import latest_complete, verify_checkpoint
+    from geotrain.launch import LaunchPlan, launch
+    from geotrain.progress import make_progress
+    from geotrain.site import checkpoint_dir
+
+    run_dir = args.run_dir.resolve()
+    topo = _run_topology(run_dir)
+    info = latest_complete(checkpoint_dir(topo, run_dir), _expected_parts(topo))
+    if info is None:
+        raise RunFailed(f"{run_dir}: no complete, verified checkpoint to resume from (see `geotrain checkpoint ls {args.run_dir}`)")
+    manifest = verify_checkpoint(info.path / "coordinator")
+    if manifest["topology_sha256"] != topo.digest():
+        raise RunFailed(f"{info.path}: written for another topology (sha256 {manifest['topology_sha256'][:12]}, "
+                        f"this run's is {topo.digest()[:12]})")
+    print(f"geotrain resume: continuing {topo.name} from round {info.round} ({info.path})", file=sys.stderr)
+    plan = LaunchPlan(topo=topo, run_dir=run_dir, quiet=args.quiet, resume_round=info.round)
+    try:
+        summary = launch(plan, progress_factory=None if args.quiet else make_progress)
+    except RunFailed as exc:
+        print(f"geotrain resume: run failed: {exc}", file=sys.stderr)
+        print(run_dir)
+        return 130 if "interrupted" in str(exc) else 1
+    print(f"geotrain resume: {summary['rounds_completed']} rounds, final eval loss {summary['final_eval_loss']}", file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    from geotrain.checkpoint import ROUND_RE, list_rounds, verify_checkpoint
+    from geotrain.errors import CheckpointCorrupt
+    from geotrain.site import checkpoint_dir
+
+    if args.checkpoint_command == "ls":
+        run_dir = args.run_dir.resolve()
+        topo = _run_topology(run_dir)
+        rounds = list_rounds(checkpoint_dir(topo, run_dir), _expected_parts(topo))
+        if not rounds:
+            print(f"{run_dir}: no checkpoints")
+            return 0
+        print(f"{'round':>6}  {'status':10}  {'parts':>5}  path")
+        for r in rounds:
+            status = "ok" if r.complete else "BAD"
+            print(f"{r.round:>6}  {status:10}  {len(r.parts):>5}  {r.path}" + ("" if r.complete else f"\n        {r.problem}"))
+        return 0
+    path = args.path.resolve()
+    if not path.exists():
+        raise TopologyError(f"{path}: no such checkpoint")
+    targets = [path]
+    if (path / "checkpoints").is_dir():  # a run directory: every round
+        targets = sorted(d for d in (path / "checkpoints").iterdir() if ROUND_RE.match(d.name))
+    bad = 0
+    for t in targets:
+        try:
+            verify_checkpoint(t)
+            print(f"ok   {t}")
+        except CheckpointCorrupt as exc:
+            bad += 1
+            print(f"BAD  {exc}")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Parts that run on their own host have their own argument parsers.
@@ -106,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         from geotrain.link import main as link_main
 
         return link_main(argv[1:])
+    if argv and argv[0] == "site":
+        from geotrain.site import main as site_main
+
+        return site_main(argv[1:])
     if argv and argv[0] == "report":
         from geotrain.report import main as report_main
 
@@ -122,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "launch":
             return cmd_launch(args)
+        if args.command == "resume":
+            return cmd_resume(args)
+        if args.command == "checkpoint":
+            return cmd_checkpoint(args)
     except GeotrainError as exc:
         print(f"geotrain {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code

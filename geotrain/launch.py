@@ -32,6 +32,7 @@ from pathlib import Path
 from geotrain import procs
 from geotrain.errors import GeotrainError, RunFailed
 from geotrain.events import EventLog, EventTail
+from geotrain.site import checkpoint_dir, free_port, worker_env
 from geotrain.summary import write_summary
 from geotrain.topology import Topology
 
@@ -57,12 +58,6 @@ class LaunchPlan:
     quiet: bool = False
     resume_round: int | None = None  # geotrain resume: start every part from this checkpoint round
     children: list[Child] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_run_dir(base: Path, name: str) -> Path:
@@ -153,7 +148,7 @@ class Launcher:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.topo.checkpoint.path) if self.topo.checkpoint.path else self.run_dir / "checkpoints"
+        return checkpoint_dir(self.topo, self.run_dir)
 
     def start(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -223,23 +218,10 @@ class Launcher:
         address = self._coordinator_address(site)
         master_port = free_port()
         entry = self.plan.script or [_python(), "-m", "geotrain.worker.main"]
-        tr, ck, rec = self.topo.training, self.topo.checkpoint, self.topo.recovery
         for rank in range(site.workers):
-            env = procs.env_with(
-                GEOTRAIN_RUN=self.topo.name, GEOTRAIN_RUN_DIR=str(self.run_dir), GEOTRAIN_SITE=site.name,
-                GEOTRAIN_SITE_RANK=str(rank), GEOTRAIN_SITE_WORKERS=str(site.workers),
-                GEOTRAIN_COORDINATOR=address, GEOTRAIN_ETCD=self.etcd_endpoint,
-                GEOTRAIN_TOPOLOGY=str(self.topo_json), GEOTRAIN_DEVICE=site.device,
-                GEOTRAIN_ALGORITHM=tr.algorithm, GEOTRAIN_INNER_STEPS=str(tr.inner_steps), GEOTRAIN_ROUNDS=str(tr.rounds),
-                GEOTRAIN_CHECKPOINT_DIR=str(self.checkpoint_dir), GEOTRAIN_CHECKPOINT_EVERY=str(ck.every_rounds),
-                GEOTRAIN_CHECKPOINT_KEEP=str(ck.keep), GEOTRAIN_TOPOLOGY_SHA256=self.topo.digest(),
-                GEOTRAIN_RETRY_DEADLINE_S=str(rec.retry_deadline_s),
-                GEOTRAIN_RPC_TIMEOUT_S=str(max(300.0, tr.round_timeout_s * 2)),
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(site.workers),
-                LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-            )
-            if resume_round is not None:
-                env["GEOTRAIN_RESUME_ROUND"] = str(resume_round)
+            env = worker_env(self.topo, site, rank, run_dir=self.run_dir, topology_json=self.topo_json,
+                             coordinator=address, etcd=self.etcd_endpoint, checkpoint_dir=self.checkpoint_dir,
+                             master_port=master_port, resume_round=resume_round)
             self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env, group=f"site:{site.name}")
 
     # ---- watching and recovering ----

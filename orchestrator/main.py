@@ -20,6 +20,7 @@ from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+from geotrain.site import checkpoint_dir
 from geotrain.topology import Topology, load_topology
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,12 @@ def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None
     if resume_round is not None and run_dir is not None:
         from geotrain.checkpoint import COORDINATOR_PART, load_part
 
-        tensors, state = load_part(checkpoint_root(topo, run_dir), resume_round, COORDINATOR_PART)
+        tensors, state = load_part(checkpoint_dir(topo, run_dir), resume_round, COORDINATOR_PART)
         return CoordinatorState(round=state["round"], params=tensors["model"]["params"],
                                 momentum=tensors.get("outer", {}).get("momentum"))
     if run_dir is not None:
         return StateStore(run_dir / "coordinator").load()
     return None
-
-
-def checkpoint_root(topo: Topology, run_dir: Path) -> Path:
-    return Path(topo.checkpoint.path) if topo.checkpoint.path else run_dir / "checkpoints"
 
 
 def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, ready=print,
@@ -82,7 +79,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
     if run_dir is not None and topo.checkpoint.every_rounds:
         from geotrain.checkpoint import COORDINATOR_PART, BackgroundWriter
 
-        writer = BackgroundWriter(checkpoint_root(topo, run_dir), COORDINATOR_PART, topo.digest(), keep=topo.checkpoint.keep,
+        writer = BackgroundWriter(checkpoint_dir(topo, run_dir), COORDINATOR_PART, topo.digest(), keep=topo.checkpoint.keep,
                                   on_saved=lambda r, p, sec, size: events.emit("checkpoint_saved", round=r, path=str(p),
                                                                                seconds=round(sec, 6), bytes=size))
     cfg = CoordinatorConfig(sites=tuple(topo.site_names), algorithm=topo.training.algorithm,

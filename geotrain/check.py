@@ -18,6 +18,9 @@ Invariants (stable ids):
 ``version_never_backwards``
     commit versions strictly increase; each site's ``merge`` versions never decrease; a
     ``site_ready`` version is at least the last version committed before that site (re)joined.
+``only_committed_versions_served``
+    a site only ever holds (``site_ready``, ``merge``) a version the history committed before, or
+    one a coordinator said it restored: never weights no commit produced.
 ``sites_agree_after_merge``
     every ``merge`` event's ``crc32`` equals the ``crc32`` of its round's ``commit``: every live
     site holds the same weights after a merge.
@@ -34,6 +37,11 @@ Invariants (stable ids):
 ``no_stale_update_applied``
     no commit lists a site twice or a site that was never part of the run, and no commit is for a
     round older than an earlier commit's.
+
+A launch (``run_started``) whose coordinator says it starts at round R (``geotrain resume`` from a
+checkpoint, ``coordinator_started.round``) rebases the timeline: rounds from R on are redone on
+purpose, so they may be committed again and versions start again from R. A coordinator restart
+inside a launch does not: it must continue where the last one stopped.
 
 ``check_history`` is pure (it reads nothing but the checkpoint directories it is given);
 ``check_run`` reads a run directory; ``main`` is the command.
@@ -59,6 +67,7 @@ HELD, VIOLATED, UNKNOWN = "held", "violated", "unknown"
 INVARIANTS = (
     "rounds_committed_once_in_order",
     "version_never_backwards",
+    "only_committed_versions_served",
     "sites_agree_after_merge",
     "checkpoints_verify",
     "no_committed_round_lost",
@@ -117,6 +126,66 @@ def _line(i: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the shape of a history: launches (run_started, possibly `geotrain resume`) and coordinator
+# incarnations (coordinator_started) inside them
+
+
+@dataclass(frozen=True)
+class _Rebase:
+    """A launch's first coordinator: the round (== version) the run (re)starts from."""
+
+    line: int
+    round: int | None  # None: not declared (an old history): carry on from what came before
+    how: str           # "start" | "resume from checkpoint round R" | "relaunch at round R"
+    asked: int | None  # the checkpoint round `geotrain resume` asked for (run_started.resume_round)
+    declared: int | None  # the round the coordinator said it starts at (coordinator_started.round)
+
+
+@dataclass(frozen=True)
+class _Restart:
+    """A coordinator incarnation after the first of its launch."""
+
+    line: int
+    event: dict
+    round: int | None  # the round it declared it starts collecting (== committed rounds), if it says
+
+
+def _shape(events: Sequence[dict]) -> tuple[dict[int, _Rebase], dict[int, _Restart]]:
+    """(line -> rebase, line -> restart). A history without run_started is one launch."""
+    rebases: dict[int, _Rebase] = {}
+    restarts: dict[int, _Restart] = {}
+    launches = 0
+    resume_round: int | None = None
+    coordinators_in_launch = 0
+    for i, e in enumerate(events):
+        kind = e.get("event")
+        if kind == "run_started":
+            launches += 1
+            resume_round = _int(e.get("resume_round"))
+            coordinators_in_launch = 0
+        elif kind == "coordinator_started":
+            declared = _int(e.get("round"))
+            if coordinators_in_launch == 0:
+                first = launches <= 1
+                rnd = declared if declared is not None else resume_round if resume_round is not None else (0 if first else None)
+                if resume_round is not None:
+                    how = f"resume from checkpoint round {resume_round}"
+                elif first and not rnd:
+                    how = "start"
+                else:
+                    how = f"relaunch at round {rnd}" if rnd is not None else "relaunch"
+                rebases[i] = _Rebase(i, rnd, how, resume_round, declared)
+            else:
+                restarts[i] = _Restart(i, e, declared)
+            coordinators_in_launch += 1
+    return rebases, restarts
+
+
+def _more(problems: list[str]) -> str:
+    return f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+
+
+# ---------------------------------------------------------------------------------------------
 # 1. rounds_committed_once_in_order
 
 
@@ -125,18 +194,39 @@ def _check_rounds_once_in_order(events: Sequence[dict]) -> Verdict:
     commits = _kind(events, "commit")
     if not commits:
         return Verdict(name, UNKNOWN, "no commit events")
-    seen: dict[int, int] = {}  # round -> line of its first commit
+    rebases, restarts = _shape(events)
+    seen: dict[int, int] = {}  # round -> line of its commit (in the current timeline)
     expected = 0
     problems: list[str] = []
-    for i, e in commits:
+    notes: list[str] = []
+    for i, e in enumerate(events):
+        if i in rebases:
+            rb = rebases[i]
+            if rb.round is not None:
+                # rounds from the rebase on are redone (resume from a checkpoint): forget them
+                seen = {r: line for r, line in seen.items() if r < rb.round}
+                expected = rb.round
+            if rb.how != "start":
+                notes.append(rb.how)
+            continue
+        if i in restarts:
+            rs = restarts[i]
+            if rs.round is not None and rs.round == expected + 1 and expected not in seen:
+                # the previous incarnation made round `expected` durable and died before recording its
+                # commit; the new one says so by starting at the round after it
+                seen[expected] = i
+                notes.append(f"round {expected} committed without a commit event (restart at {_line(i)} started at round {rs.round})")
+                expected = rs.round
+            continue
+        if e.get("event") != "commit":
+            continue
         rnd = _int(e.get("round"))
         if rnd is None:
             problems.append(f"commit at {_line(i)} has no integer round ({e.get('round')!r})")
             continue
         if rnd in seen:
-            where = f"{_line(seen[rnd])} and {_line(i)}"
             epoch = f" (epoch {e['epoch']})" if "epoch" in e else ""
-            problems.append(f"round {rnd} committed twice ({where}){epoch}")
+            problems.append(f"round {rnd} committed twice ({_line(seen[rnd])} and {_line(i)}){epoch}")
             expected = max(expected, rnd + 1)
             continue
         if rnd > expected:
@@ -147,9 +237,9 @@ def _check_rounds_once_in_order(events: Sequence[dict]) -> Verdict:
         seen[rnd] = i
         expected = max(expected, rnd + 1)
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        return Verdict(name, VIOLATED, f"{len(commits)} commits; first: {problems[0]}{more}")
-    return Verdict(name, HELD, f"{len(commits)} commits, {_rounds_span(sorted(seen))}, each once, in order, no gap")
+        return Verdict(name, VIOLATED, f"{len(commits)} commits; first: {problems[0]}{_more(problems)}")
+    note = f"; {'; '.join(notes)}" if notes else ""
+    return Verdict(name, HELD, f"{len(commits)} commits, {_rounds_span(sorted(seen))}, each once, in order, no gap{note}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,65 +248,102 @@ def _check_rounds_once_in_order(events: Sequence[dict]) -> Verdict:
 
 def _check_versions(events: Sequence[dict]) -> Verdict:
     name = "version_never_backwards"
+    rebases, _ = _shape(events)
     problems: list[str] = []
     n_commits = n_merges = n_ready = 0
-
-    # commit versions strictly increasing, in file order
-    last_v: int | None = None
-    last_line = -1
-    for i, e in _kind(events, "commit"):
-        v = _int(e.get("version"))
-        if v is None:
-            continue
-        n_commits += 1
-        if last_v is not None and v <= last_v:
-            problems.append(f"commit at {_line(i)} has version {v} after version {last_v} ({_line(last_line)})")
-        if last_v is None or v > last_v:
-            last_v, last_line = v, i
-
-    # each site's merge versions never decrease
-    per_site: dict[str, tuple[int, int]] = {}
-    for i, e in _kind(events, "merge"):
-        v, site = _int(e.get("version")), e.get("site")
-        if v is None or site is None:
-            continue
-        n_merges += 1
-        prev = per_site.get(site)
-        if prev is not None and v < prev[0]:
-            problems.append(f"site {site} merged version {v} at {_line(i)} after version {prev[0]} ({_line(prev[1])})")
-        if prev is None or v > prev[0]:
-            per_site[site] = (v, i)
-
-    # site_ready.version >= the last version committed before that site (re)joined. The
-    # coordinator writes site_joined and commit under one lock and the site asks for a model of at
-    # least the version it was told at join, so the join is the sound anchor (a commit written
-    # between the join and site_ready is not a counter-example). Without a site_joined, the
-    # site_ready line itself is the anchor.
-    committed_so_far: int | None = None
-    at_join: dict[str, int | None] = {}
+    last_commit: tuple[int, int] | None = None      # (version, line) of the newest commit
+    per_site: dict[str, tuple[int, int]] = {}       # site -> (newest merge version, line)
+    committed: int | None = None                    # the newest committed version (file order)
+    at_join: dict[str, int | None] = {}             # site -> the floor its next site_ready must reach
     for i, e in enumerate(events):
-        kind = e.get("event") if isinstance(e, dict) else None
+        kind = e.get("event")
+        if i in rebases:
+            rb = rebases[i]
+            if rb.round is not None:  # a resume goes back to its checkpoint on purpose
+                last_commit, per_site, committed, at_join = (rb.round, i), {}, rb.round, {}
+            continue
         if kind == "commit":
             v = _int(e.get("version"))
-            if v is not None:
-                committed_so_far = v if committed_so_far is None else max(committed_so_far, v)
+            if v is None:
+                continue
+            n_commits += 1
+            if last_commit is not None and v <= last_commit[0]:
+                problems.append(f"commit at {_line(i)} has version {v} after version {last_commit[0]} ({_line(last_commit[1])})")
+            if last_commit is None or v > last_commit[0]:
+                last_commit = (v, i)
+            committed = v if committed is None else max(committed, v)
+        elif kind == "merge":
+            v, site = _int(e.get("version")), e.get("site")
+            if v is None or site is None:
+                continue
+            n_merges += 1
+            prev = per_site.get(site)
+            if prev is not None and v < prev[0]:
+                problems.append(f"site {site} merged version {v} at {_line(i)} after version {prev[0]} ({_line(prev[1])})")
+            if prev is None or v > prev[0]:
+                per_site[site] = (v, i)
         elif kind == "site_joined" and e.get("site") is not None:
-            at_join[e["site"]] = committed_so_far
+            # The coordinator writes site_joined and commit under one lock and the site asks for a
+            # model of at least the version it was told at join: the join is the sound anchor (a
+            # commit recorded between the join and site_ready is not a counter-example).
+            floors = [f for f in (committed, _int(e.get("start_version"))) if f is not None]
+            at_join[e["site"]] = max(floors) if floors else None
         elif kind == "site_ready":
             v, site = _int(e.get("version")), e.get("site")
             if v is None:
                 continue
             n_ready += 1
-            floor = at_join.pop(site, committed_so_far) if site in at_join else committed_so_far
+            floor = at_join.pop(site) if site in at_join else committed
             if floor is not None and v < floor:
                 problems.append(f"site {site} ready at version {v} ({_line(i)}) but version {floor} was already committed")
     checked = f"{n_commits} commit versions, {n_merges} merges over {len(per_site)} sites, {n_ready} site_ready"
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        return Verdict(name, VIOLATED, f"{checked}; first: {problems[0]}{more}")
+        return Verdict(name, VIOLATED, f"{checked}; first: {problems[0]}{_more(problems)}")
     if n_commits == 0 and n_merges == 0 and n_ready == 0:
         return Verdict(name, UNKNOWN, "no commit, merge or site_ready event carries a version")
     return Verdict(name, HELD, f"{checked}; no version went backwards")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. only_committed_versions_served
+
+
+def _check_only_committed_served(events: Sequence[dict]) -> Verdict:
+    """A site only ever holds a version the history committed (or a coordinator declared it
+    restored): the coordinator records a commit before anyone can receive its result, so a
+    ``site_ready`` or ``merge`` version above every commit so far is weights no commit produced."""
+    name = "only_committed_versions_served"
+    rebases, restarts = _shape(events)
+    ceiling = 0
+    n = 0
+    problems: list[str] = []
+    for i, e in enumerate(events):
+        kind = e.get("event")
+        if i in rebases:
+            if rebases[i].round is not None:
+                ceiling = rebases[i].round
+            continue
+        if i in restarts:
+            if restarts[i].round is not None:
+                ceiling = max(ceiling, restarts[i].round)
+            continue
+        if kind == "commit":
+            v = _int(e.get("version"))
+            if v is not None:
+                ceiling = max(ceiling, v)
+        elif kind in ("site_ready", "merge"):
+            v = _int(e.get("version"))
+            if v is None:
+                continue
+            n += 1
+            if v > ceiling:
+                problems.append(f"site {e.get('site')} {'ready at' if kind == 'site_ready' else 'merged'} version {v} "
+                                f"({_line(i)}) but the newest committed version was {ceiling}")
+    if problems:
+        return Verdict(name, VIOLATED, f"{n} versions held by sites; first: {problems[0]}{_more(problems)}")
+    if n == 0:
+        return Verdict(name, UNKNOWN, "no site_ready or merge event carries a version")
+    return Verdict(name, HELD, f"{n} versions held by sites (site_ready, merge), each one committed before")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +406,18 @@ def _sha256(path: Path) -> str:
 
 
 def verify_manifest(path: str | Path) -> dict:
-    """Verify a checkpoint directory against its ``manifest.json``; return the manifest.
+    """Verify a checkpoint against its ``manifest.json``; return the manifest.
 
-    The format: ``{"round": int, "topology_sha256": str, "files": [{"path", "size", "sha256"}]}``
-    with paths relative to the directory. Raises CheckpointCorrupt naming the first problem.
-    (Used when geotrain.checkpoint.verify_checkpoint is not available.)
+    ``path`` is one part (a folder with ``manifest.json`` = ``{"round", "topology_sha256",
+    "files": [{"path", "size", "sha256"}]}``, paths relative to it) or a round folder holding
+    parts (``round-000004/coordinator``, ``round-000004/us-east.0``, ...). Raises
+    CheckpointCorrupt naming the first problem. (Used when geotrain.checkpoint is not available.)
     """
     path = Path(path)
+    if not (path / "manifest.json").exists() and path.is_dir():
+        parts = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if parts:
+            return {"parts": {p.name: verify_manifest(p) for p in parts}}
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError:
@@ -301,7 +433,7 @@ def verify_manifest(path: str | Path) -> dict:
             rel, size, digest = entry["path"], int(entry["size"]), str(entry["sha256"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointCorrupt(f"{path}/manifest.json: malformed file entry {entry!r}") from None
-        target = (path / rel)
+        target = path / rel
         if not target.resolve().is_relative_to(root):
             raise CheckpointCorrupt(f"{path}: manifest names {rel!r}, outside the checkpoint")
         if not target.is_file():
@@ -353,39 +485,67 @@ def _check_no_round_lost(events: Sequence[dict]) -> Verdict:
     commits = _kind(events, "commit")
     if not commits:
         return Verdict(name, UNKNOWN, "no commit events")
-    starts = _kind(events, "coordinator_started")
-    restarts = starts[1:]
-    if not restarts:
-        return Verdict(name, HELD, f"no coordinator restart; {len(commits)} commits")
+    rebases, restarts = _shape(events)
     problems: list[str] = []
+    notes: list[str] = []
     checked = unchecked = 0
-    for i, s in restarts:
-        before = [e for j, e in commits if j < i]
-        after = [(j, e) for j, e in commits if j > i]
-        if not after:
-            unchecked += 1
+    last_round, last_version = -1, None   # newest committed round / version of the current timeline
+    pending: _Restart | None = None       # a restart whose first commit is still to come
+    for i, e in enumerate(events):
+        if i in rebases:
+            rb = rebases[i]
+            if pending is not None:
+                unchecked += 1
+                pending = None
+            if rb.asked is not None and rb.declared is not None and rb.declared != rb.asked:
+                problems.append(f"resume from checkpoint round {rb.asked} but the coordinator started at round "
+                                f"{rb.declared} ({_line(i)})")
+            if rb.asked is not None:
+                notes.append(rb.how)
+            if rb.round is not None:
+                last_round, last_version = rb.round - 1, (rb.round if rb.round > 0 else None)
             continue
-        checked += 1
-        last_round = max((r for r in (_int(e.get("round")) for e in before) if r is not None), default=-1)
-        last_version = max((v for v in (_int(e.get("version")) for e in before) if v is not None), default=None)
-        j, first = after[0]
-        rnd, ver = _int(first.get("round")), _int(first.get("version"))
-        epoch = f" (epoch {s['epoch']})" if "epoch" in s else ""
-        if rnd is not None and rnd != last_round + 1:
-            what = "lost" if rnd <= last_round else "skipped"
-            problems.append(f"coordinator restart at {_line(i)}{epoch}: first commit is round {rnd} ({_line(j)}), "
-                            f"expected {last_round + 1}; committed round {what}")
-        elif ver is not None and last_version is not None and ver <= last_version:
-            problems.append(f"coordinator restart at {_line(i)}{epoch}: first commit has version {ver} ({_line(j)}) "
-                            f"but version {last_version} was committed before the restart")
+        if i in restarts:
+            rs = restarts[i]
+            if pending is not None:
+                unchecked += 1
+            pending = rs
+            epoch = f" (epoch {rs.event['epoch']})" if "epoch" in rs.event else ""
+            if rs.round is not None and rs.round < last_round + 1:
+                problems.append(f"coordinator restart at {_line(i)}{epoch} started at round {rs.round} but round "
+                                f"{last_round} was committed; committed round lost")
+            continue
+        if e.get("event") != "commit":
+            continue
+        rnd, ver = _int(e.get("round")), _int(e.get("version"))
+        if pending is not None:
+            checked += 1
+            rs, pending = pending, None
+            epoch = f" (epoch {rs.event['epoch']})" if "epoch" in rs.event else ""
+            if rnd is not None and rnd < last_round + 1:
+                problems.append(f"coordinator restart at {_line(rs.line)}{epoch}: first commit after it is round {rnd} "
+                                f"({_line(i)}) but round {last_round} was committed before; committed round lost")
+            elif ver is not None and last_version is not None and ver <= last_version:
+                problems.append(f"coordinator restart at {_line(rs.line)}{epoch}: first commit after it has version {ver} "
+                                f"({_line(i)}) but version {last_version} was committed before")
+        if rnd is not None:
+            last_round = max(last_round, rnd)
+        if ver is not None:
+            last_version = ver if last_version is None else max(last_version, ver)
+    if pending is not None:
+        unchecked += 1
+    n_restarts = len(restarts)
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        return Verdict(name, VIOLATED, f"{len(restarts)} coordinator restarts; first: {problems[0]}{more}")
+        return Verdict(name, VIOLATED, f"{n_restarts} coordinator restarts, {len(commits)} commits; "
+                                       f"first: {problems[0]}{_more(problems)}")
+    note = f"; {'; '.join(notes)}" if notes else ""
+    if n_restarts == 0:
+        return Verdict(name, HELD, f"no coordinator restart; {len(commits)} commits{note}")
     if checked == 0:
-        return Verdict(name, UNKNOWN, f"{len(restarts)} coordinator restarts, but no commit after any of them")
+        return Verdict(name, UNKNOWN, f"{n_restarts} coordinator restarts, but no commit after any of them{note}")
     extra = f" ({unchecked} with no commit after it)" if unchecked else ""
-    return Verdict(name, HELD, f"{len(restarts)} coordinator restarts{extra}; after each, the next round was committed "
-                               f"with a larger version; {len(commits)} commits")
+    return Verdict(name, HELD, f"{n_restarts} coordinator restarts{extra}; after each, the next commit continued from "
+                               f"the last committed round and version; {len(commits)} commits{note}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,8 +620,11 @@ def _check_no_stale_applied(events: Sequence[dict]) -> Verdict:
     problems: list[str] = []
     max_round: tuple[int, int] | None = None  # (round, line)
     contributions = 0
+    rebases, _ = _shape(events)
     for i, e in enumerate(events):
-        kind = e.get("event") if isinstance(e, dict) else None
+        kind = e.get("event")
+        if i in rebases and rebases[i].round is not None:
+            max_round = None  # rounds from the rebase on are redone on purpose
         if kind in ("run_started", "coordinator_started") and isinstance(e.get("sites"), list):
             known.update(str(s) for s in e["sites"])
             declared = True
@@ -509,6 +672,7 @@ def check_history(events: list[dict], *, checkpoints: Sequence[Path] = (), twin_
     return [
         _check_rounds_once_in_order(events),
         _check_versions(events),
+        _check_only_committed_served(events),
         _check_sites_agree(events),
         _check_checkpoints(checkpoints),
         _check_no_round_lost(events),
@@ -519,9 +683,16 @@ def check_history(events: list[dict], *, checkpoints: Sequence[Path] = (), twin_
 
 
 def find_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run: ``run_dir/checkpoints/*`` (not hidden or ``*.tmp`` ones,
-    which are saves in progress, never published)."""
+    """Checkpoint folders of a run: ``<checkpoints>/*`` where ``<checkpoints>`` is the topology's
+    ``checkpoint.path`` (from the run's topology.json) or ``run_dir/checkpoints``. Hidden folders
+    and ``*.tmp`` ones are saves in progress, never published, and are left out."""
     root = Path(run_dir) / "checkpoints"
+    try:
+        configured = json.loads((Path(run_dir) / "topology.json").read_text()).get("checkpoint", {}).get("path")
+        if configured:
+            root = Path(configured)  # as the run resolved it (absolute, or relative to where it ran)
+    except (OSError, ValueError, AttributeError):
+        pass
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir()

@@ -2,14 +2,20 @@
 
 Every process geotrain starts (workers, coordinator, links, etcd) is started through
 :func:`spawn`, which asks the Linux kernel to SIGKILL the child when its parent dies
-(``prctl(PR_SET_PDEATHSIG)``), so even a SIGKILLed launcher leaves no orphan behind.
-:func:`terminate_all` stops a set of children: SIGTERM, a grace period, then SIGKILL.
+(``PR_SET_PDEATHSIG``), so even a SIGKILLed launcher leaves no orphan behind. The signal is set
+by exec'ing through util-linux's ``setpriv --pdeathsig KILL`` rather than in a ``preexec_fn``:
+the launcher talks gRPC to etcd, and forking a process that runs gRPC threads and then running
+Python code before exec trips gRPC's fork handlers (the child aborts with "epoll_wait error:
+Bad file descriptor"). Children start in their own session, so a Ctrl-C at the terminal reaches
+only the launcher, which decides how they stop. :func:`terminate_all` stops a set of children:
+SIGTERM, a grace period, then SIGKILL.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -30,13 +36,17 @@ def die_with_parent() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_SETPRIV = shutil.which("setpriv")
+
+
 def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
           stdout=None, stderr=None) -> subprocess.Popen:
-    """Start ``argv`` as a child that dies with this process."""
-    return subprocess.Popen(
-        list(argv), env=env, cwd=cwd, stdout=stdout, stderr=stderr,
-        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
-    )
+    """Start ``argv`` as a child that dies with this process (its pid is the program's own)."""
+    if _SETPRIV:
+        return subprocess.Popen([_SETPRIV, "--pdeathsig", "KILL", "--", *argv], env=env, cwd=cwd, stdout=stdout,
+                                stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=stdout, stderr=stderr,
+                            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
 def terminate_all(procs: Iterable[subprocess.Popen], grace_s: float = 5.0) -> None:

@@ -203,7 +203,8 @@ class DiLoCo:
         if self.ctx.is_leader:
             from geotrain.worker.client import CoordinatorClient
 
-            self.client = CoordinatorClient(self.ctx.coordinator, self.ctx.site, timeout_s=self.ctx.rpc_timeout_s)
+            self.client = CoordinatorClient(self.ctx.coordinator, self.ctx.site, timeout_s=self.ctx.rpc_timeout_s,
+                                            retry_deadline_s=self.ctx.retry_deadline_s)
         self._join()
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last = time.perf_counter()

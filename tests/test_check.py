@@ -49,12 +49,19 @@ def merge(site: str, rnd: int, crc32: int | None = None, version: int | None = N
               crc32=crc(rnd) if crc32 is None else crc32)
 
 
-def coordinator_started(epoch: int = 1) -> dict:
-    return ev("coordinator_started", address="127.0.0.1:1", pid=1, sites=list(SITES), epoch=epoch)
+def coordinator_started(epoch: int = 1, rnd: int | None = None) -> dict:
+    fields = {} if rnd is None else {"round": rnd, "resumed": rnd > 0}
+    return ev("coordinator_started", address="127.0.0.1:1", pid=1, sites=list(SITES), epoch=epoch, **fields)
 
 
-def site_joined(site: str, rnd: int = 0) -> dict:
-    return ev("site_joined", site=site, workers=2, pid=2, round=rnd)
+def run_started(resume_round: int | None = None) -> dict:
+    return ev("run_started", "launcher", run="t", topology_sha256="x", sites=list(SITES), algorithm="diloco",
+              resume_round=resume_round)
+
+
+def site_joined(site: str, rnd: int = 0, start_version: int | None = None) -> dict:
+    extra = {} if start_version is None else {"start_version": start_version}
+    return ev("site_joined", site=site, workers=2, pid=2, round=rnd, **extra)
 
 
 def site_ready(site: str, version: int, rnd: int = 0) -> dict:
@@ -74,8 +81,7 @@ def round_events(rnd: int, **commit_kw) -> list[dict]:
 
 
 def good_history(rounds: int = 4) -> list[dict]:
-    h = [ev("run_started", "launcher", run="t", topology_sha256="x", sites=list(SITES), algorithm="diloco"),
-         coordinator_started(1)]
+    h = [run_started(), coordinator_started(1)]
     for s in SITES:
         h += [site_joined(s), site_ready(s, 0)]
     h.append(eval_(5.0, 0))
@@ -186,6 +192,33 @@ def test_site_ready_is_judged_from_the_version_at_join_not_a_later_commit():
     assert status(h, "version_never_backwards") == "held"
 
 
+def test_site_ready_below_the_start_version_it_was_given_is_violated():
+    h = good_history(3) + [site_joined("eu-west", 3, start_version=4), commit(3), site_ready("eu-west", 3, 3)]
+    assert status(h, "version_never_backwards") == "violated"
+
+
+# ---- only_committed_versions_served -------------------------------------------------------------
+
+
+def test_site_holding_a_version_never_committed_is_violated():
+    # the coordinator advanced its state but never recorded the commit (seen in a real run whose
+    # coordinator failed between advancing and recording): the site runs on weights no commit made
+    h = good_history(2) + [site_joined("eu-west", 2), site_ready("eu-west", 3, 3)]
+    v = verdicts(h)["only_committed_versions_served"]
+    assert v.status == "violated" and "site eu-west ready at version 3" in v.evidence
+    assert "newest committed version was 2" in v.evidence
+    h = good_history(2) + [merge("us-east", 2)]  # round 2's result, but round 2 was never committed
+    assert status(h, "only_committed_versions_served") == "violated"
+
+
+def test_versions_restored_by_a_coordinator_count_as_committed():
+    h = [run_started(resume_round=4), coordinator_started(1, rnd=4), site_joined("eu-west", 4),
+         site_ready("eu-west", 4, 4), *round_events(4)]
+    v = verdicts(h)["only_committed_versions_served"]
+    assert v.status == "held", v
+    assert status([commit(0)], "only_committed_versions_served") == "unknown"
+
+
 # ---- 3. sites_agree_after_merge ----------------------------------------------------------------
 
 
@@ -266,6 +299,47 @@ def test_corrupt_checkpoint_is_violated(tmp_path, builtin_verifier, damage, word
     assert "1 of 2 checkpoints corrupt" in v.evidence and words in v.evidence and "round-000002" in v.evidence
 
 
+def write_part(round_dir: Path, part: str, files: dict[str, bytes]) -> Path:
+    d = round_dir / part
+    d.mkdir(parents=True)
+    entries = []
+    for rel, data in files.items():
+        (d / rel).write_bytes(data)
+        entries.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    (d / "manifest.json").write_text(json.dumps({"round": 4, "part": part, "topology_sha256": "ab" * 32, "files": entries}))
+    return d
+
+
+def test_round_folder_of_parts_verifies_every_part(tmp_path, builtin_verifier):
+    rd = tmp_path / "round-000004"
+    write_part(rd, "coordinator", {"model.safetensors": b"m" * 300, "state.json": b"{}"})
+    worker = write_part(rd, "us-east.0", {"inner.safetensors": b"i" * 300})
+    assert status([], "checkpoints_verify", checkpoints=[rd]) == "held"
+    flip_byte(worker / "inner.safetensors")
+    v = verdicts([], checkpoints=[rd])["checkpoints_verify"]
+    assert v.status == "violated" and "us-east.0" in v.evidence
+
+
+def test_checkpoints_written_by_geotrain_checkpoint_verify(tmp_path):
+    ckpt = pytest.importorskip("geotrain.checkpoint")
+    if not hasattr(ckpt, "write_part"):
+        pytest.skip("geotrain.checkpoint has no write_part")
+    torch = pytest.importorskip("torch")
+    part = ckpt.write_part(tmp_path, 4, "coordinator", {"model": {"params": torch.arange(64.0)}}, {"round": 4}, "ab" * 32)
+    rd = part.parent
+    for verifier in ("theirs", "ours"):
+        with pytest.MonkeyPatch.context() as mp:
+            if verifier == "ours":
+                mp.setitem(sys.modules, "geotrain.checkpoint", None)
+            assert status([], "checkpoints_verify", checkpoints=[rd]) == "held", verifier
+    flip_byte(part / "model.safetensors", at=-5)
+    for verifier in ("theirs", "ours"):
+        with pytest.MonkeyPatch.context() as mp:
+            if verifier == "ours":
+                mp.setitem(sys.modules, "geotrain.checkpoint", None)
+            assert status([], "checkpoints_verify", checkpoints=[rd]) == "violated", verifier
+
+
 def test_manifest_may_not_point_outside_the_checkpoint(tmp_path):
     d = write_checkpoint(tmp_path / "cps", 1)
     (tmp_path / "secret").write_bytes(b"x")
@@ -312,7 +386,8 @@ def test_committed_round_lost_across_a_coordinator_restart_is_violated():
     # rounds 0-2 committed; the new coordinator starts over from round 1 (round 2's commit was lost)
     h = good_history(3) + [coordinator_started(2), commit(1, version=2, epoch=2)]
     v = verdicts(h)["no_committed_round_lost"]
-    assert v.status == "violated" and "first commit is round 1" in v.evidence and "expected 3" in v.evidence
+    assert v.status == "violated" and "first commit after it is round 1" in v.evidence
+    assert "round 2 was committed before; committed round lost" in v.evidence
 
 
 def test_committed_version_dropping_across_a_restart_is_violated():
@@ -328,6 +403,50 @@ def test_restart_with_no_commit_after_it_is_unknown():
 
 def test_no_commits_at_all_is_unknown():
     assert status([coordinator_started(1)], "no_committed_round_lost") == "unknown"
+
+
+def test_restarted_coordinator_starting_behind_the_committed_round_is_violated():
+    # even before it commits anything: it declared a round that forgets a committed one
+    h = good_history(3) + [coordinator_started(2, rnd=2)]
+    v = verdicts(h)["no_committed_round_lost"]
+    assert v.status == "violated" and "started at round 2 but round 2 was committed" in v.evidence
+
+
+def test_round_made_durable_but_not_recorded_before_a_crash_is_not_a_gap():
+    # rounds 0-2 recorded; the coordinator made round 3 durable and died before writing its
+    # commit; the new incarnation starts at round 4
+    h = good_history(3) + [coordinator_started(2, rnd=4), *round_events(4, version=5)]
+    v = verdicts(h)["rounds_committed_once_in_order"]
+    assert v.status == "held" and "round 3 committed without a commit event" in v.evidence
+    assert status(h, "no_committed_round_lost") == "held"
+    # but a restart may not skip more than the one round it could have been committing
+    h = good_history(3) + [coordinator_started(2, rnd=5), *round_events(5)]
+    assert status(h, "rounds_committed_once_in_order") == "violated"
+
+
+def test_resume_from_a_checkpoint_redoes_rounds_on_purpose():
+    # rounds 0-4 committed, the run stopped; `geotrain resume` from checkpoint round 3 redoes 3, 4, 5
+    h = good_history(5) + [run_started(resume_round=3), coordinator_started(2, rnd=3)]
+    h += [site_joined("eu-west", 3), site_ready("eu-west", 3, 3), site_joined("us-east", 3), site_ready("us-east", 3, 3)]
+    for r in (3, 4, 5):
+        h += round_events(r, crc32=7_000 + r)
+    for e in h[-9:]:
+        if e["event"] == "merge":
+            e["crc32"] = 7_000 + e["round"]
+    vs = verdicts(h)
+    for name in ("rounds_committed_once_in_order", "version_never_backwards", "only_committed_versions_served",
+                 "sites_agree_after_merge", "no_committed_round_lost", "no_stale_update_applied"):
+        assert vs[name].status == "held", vs[name]
+    assert "resume from checkpoint round 3" in vs["rounds_committed_once_in_order"].evidence
+    # without the resume the same commits are double commits
+    plain = [e for e in h if e["event"] not in ("run_started", "coordinator_started")]
+    assert status(plain, "rounds_committed_once_in_order") == "violated"
+
+
+def test_resume_that_starts_from_another_round_than_asked_is_violated():
+    h = good_history(5) + [run_started(resume_round=3), coordinator_started(2, rnd=1), *round_events(1)]
+    v = verdicts(h)["no_committed_round_lost"]
+    assert v.status == "violated" and "resume from checkpoint round 3" in v.evidence
 
 
 # ---- 6. final_loss_matches_twin ----------------------------------------------------------------
@@ -429,7 +548,7 @@ def test_main_exit_codes(tmp_path, capsys):
     good = write_run(tmp_path / "good", good_history())
     assert main([str(good)]) == 0
     out = capsys.readouterr().out
-    assert "rounds_committed_once_in_order" in out and out.strip().endswith("6 held, 0 violated, 2 unknown")
+    assert "rounds_committed_once_in_order" in out and out.strip().endswith("8 held, 0 violated, 2 unknown")
 
     bad = write_run(tmp_path / "bad", good_history(3) + [commit(1, version=9)])
     assert main([str(bad)]) == 1

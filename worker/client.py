@@ -24,15 +24,25 @@ from geotrain.orchestrator.server import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
+# Reconnect fast after a coordinator restart (gRPC's default backoff grows to two minutes), and
+# never through an HTTP proxy from the environment.
+CLIENT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_http_proxy", 0),
+]
+
 
 class CoordinatorClient:
-    def __init__(self, address: str, site: str, timeout_s: float = 120.0, connect_timeout_s: float = 30.0):
+    def __init__(self, address: str, site: str, timeout_s: float = 120.0, connect_timeout_s: float = 30.0,
+                 retry_deadline_s: float = 120.0):
         self.address = address
         self.site = site
         self.timeout_s = timeout_s
+        self.retry_deadline_s = retry_deadline_s
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS + CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
@@ -85,16 +95,18 @@ class CoordinatorClient:
         except grpc.RpcError as exc:
             raise _convert(exc, what, self.site, self.address, round) from exc
 
-    def _retry(self, what: str, fn, attempts: int = 5):
+    def _retry(self, what: str, fn):
+        """Retry an idempotent call with exponential backoff until ``retry_deadline_s`` has passed."""
+        deadline = time.monotonic() + self.retry_deadline_s
         delay = 0.2
-        for i in range(attempts):
+        while True:
             try:
                 return self._call(what, fn)
             except (CoordinatorUnavailable, TransferCorrupt):
-                if i == attempts - 1:
+                if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
 
 
 def _convert(exc: grpc.RpcError, what: str, site: str, address: str, round: int | None) -> GeotrainError:

@@ -38,10 +38,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert not processes_mentioning(str(run_dir))
 
 
-@pytest.mark.parametrize("victim", ["worker eu-west/1", "worker us-east/0", "coordinator", "etcd"])
+@pytest.mark.parametrize("victim", ["worker eu-west/1", "worker us-east/0", "coordinator", "etcd", "link eu-west<->hub"])
 def test_killing_any_process_stops_the_run_cleanly(tmp_path, victim):
+    """With no restarts allowed (recovery.max_restarts=0), any death fails the run, cleanly and explained."""
     run_dir = tmp_path / "run"
-    launcher = start_launch(DEMO, run_dir, "--set", "training.rounds=50")
+    launcher = start_launch(DEMO, run_dir, "--set", "training.rounds=50", "--set", "recovery.max_restarts=0")
     try:
         wait_for_event(run_dir, lambda e: e["event"] == "inner_step" and e["step"] >= 3)
         pid = started_pids(run_dir)[victim]

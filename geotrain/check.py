@@ -19,8 +19,9 @@ Invariants (stable ids):
     commit versions strictly increase; each site's ``merge`` versions never decrease; a
     ``site_ready`` version is at least the last version committed before that site (re)joined.
 ``only_committed_versions_served``
-    a site only ever holds (``site_ready``, ``merge``) a version the history committed before, or
-    one a coordinator said it restored: never weights no commit produced.
+    a site only ever holds (``site_ready``, ``merge``), and a checkpoint only ever saves
+    (``checkpoint_saved``), a version the history committed before, or one a coordinator said it
+    restored: never weights no commit produced.
 ``sites_agree_after_merge``
     every ``merge`` event's ``crc32`` equals the ``crc32`` of its round's ``commit``: every live
     site holds the same weights after a merge.
@@ -255,6 +256,7 @@ def _check_versions(events: Sequence[dict]) -> Verdict:
     per_site: dict[str, tuple[int, int]] = {}       # site -> (newest merge version, line)
     committed: int | None = None                    # the newest committed version (file order)
     at_join: dict[str, int | None] = {}             # site -> the floor its next site_ready must reach
+    merging_sites: set[str] = set()
     for i, e in enumerate(events):
         kind = e.get("event")
         if i in rebases:
@@ -277,6 +279,7 @@ def _check_versions(events: Sequence[dict]) -> Verdict:
             if v is None or site is None:
                 continue
             n_merges += 1
+            merging_sites.add(site)
             prev = per_site.get(site)
             if prev is not None and v < prev[0]:
                 problems.append(f"site {site} merged version {v} at {_line(i)} after version {prev[0]} ({_line(prev[1])})")
@@ -296,7 +299,7 @@ def _check_versions(events: Sequence[dict]) -> Verdict:
             floor = at_join.pop(site) if site in at_join else committed
             if floor is not None and v < floor:
                 problems.append(f"site {site} ready at version {v} ({_line(i)}) but version {floor} was already committed")
-    checked = f"{n_commits} commit versions, {n_merges} merges over {len(per_site)} sites, {n_ready} site_ready"
+    checked = f"{n_commits} commit versions, {n_merges} merges over {len(merging_sites)} sites, {n_ready} site_ready"
     if problems:
         return Verdict(name, VIOLATED, f"{checked}; first: {problems[0]}{_more(problems)}")
     if n_commits == 0 and n_merges == 0 and n_ready == 0:
@@ -315,7 +318,7 @@ def _check_only_committed_served(events: Sequence[dict]) -> Verdict:
     name = "only_committed_versions_served"
     rebases, restarts = _shape(events)
     ceiling = 0
-    n = 0
+    n = n_ckpt = 0
     problems: list[str] = []
     for i, e in enumerate(events):
         kind = e.get("event")
@@ -331,19 +334,22 @@ def _check_only_committed_served(events: Sequence[dict]) -> Verdict:
             v = _int(e.get("version"))
             if v is not None:
                 ceiling = max(ceiling, v)
-        elif kind in ("site_ready", "merge"):
-            v = _int(e.get("version"))
+        elif kind in ("site_ready", "merge", "checkpoint_saved"):
+            # a checkpoint's round is the version it saved (the number of rounds committed)
+            v = _int(e.get("round" if kind == "checkpoint_saved" else "version"))
             if v is None:
                 continue
             n += 1
+            n_ckpt += kind == "checkpoint_saved"
             if v > ceiling:
-                problems.append(f"site {e.get('site')} {'ready at' if kind == 'site_ready' else 'merged'} version {v} "
-                                f"({_line(i)}) but the newest committed version was {ceiling}")
+                who = {"site_ready": f"site {e.get('site')} ready at", "merge": f"site {e.get('site')} merged",
+                       "checkpoint_saved": "checkpoint saved of"}[kind]
+                problems.append(f"{who} version {v} ({_line(i)}) but the newest committed version was {ceiling}")
     if problems:
-        return Verdict(name, VIOLATED, f"{n} versions held by sites; first: {problems[0]}{_more(problems)}")
+        return Verdict(name, VIOLATED, f"{n} versions held by sites or checkpoints; first: {problems[0]}{_more(problems)}")
     if n == 0:
-        return Verdict(name, UNKNOWN, "no site_ready or merge event carries a version")
-    return Verdict(name, HELD, f"{n} versions held by sites (site_ready, merge), each one committed before")
+        return Verdict(name, UNKNOWN, "no site_ready, merge or checkpoint_saved event carries a version")
+    return Verdict(name, HELD, f"{n} versions held ({n - n_ckpt} by sites, {n_ckpt} in checkpoints), each one committed before")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ Fields (stable): ``status`` (completed | failed), ``reason``, ``rounds_completed
 ``initial_eval_loss``, ``final_eval_loss``, ``eval_losses`` ([round, inner step, loss] per eval),
 ``wan_bytes`` (every byte that crossed an emulated link, both directions), ``links`` (bytes per
 link and direction), ``wall_seconds``, ``inner_steps`` (per site), ``tokens_per_second`` and
-``sites`` with, per site, ``compute_seconds``, ``wan_wait_seconds``, ``merges`` and ``bytes_sent``.
+``sites`` with, per site, ``compute_seconds``, ``wan_wait_seconds``, ``merges`` and ``bytes_sent``;
+``failures``, ``recoveries``, ``rounds_lost`` (rounds a recovering part missed), ``recovery_seconds``
+(one per recovery, failure to recovered) and ``checkpoint_stall_seconds`` (training time spent
+snapshotting state for background checkpoint writes, summed over site leaders).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
         }
     tokens = sum(len([e for e in steps if e.get("site") == s.name]) * s.workers for s in topo.sites) \
         * tr.batch_size * topo.model.block_size
+    failures = [e for e in events if e["event"] == "failure"]
+    recoveries = [e for e in events if e["event"] == "recovery"]
+    done = [e for e in events if e["event"] == "site_done"]
     links = {name: {"bytes_forward": st.get("bytes_forward", 0), "bytes_backward": st.get("bytes_backward", 0)}
              for name, st in link_stats.items()}
     return {
@@ -56,6 +62,13 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
         "tokens": tokens,
         "tokens_per_second": round(tokens / wall_seconds, 1) if wall_seconds > 0 else None,
         "sites": sites,
+        "failures": len(failures),
+        "recoveries": len(recoveries),
+        "rounds_lost": sum(e.get("rounds_lost", 0) for e in recoveries),
+        "recovery_seconds": [round(e["seconds"], 3) for e in recoveries],
+        "failure_log": [{"what": e.get("what"), "target": e.get("target"), "t": e["t"], "reason": e.get("reason")}
+                        for e in failures],
+        "checkpoint_stall_seconds": round(sum(e.get("checkpoint_stall_s", 0.0) for e in done), 6),
     }
 
 

@@ -209,6 +209,10 @@ def test_site_holding_a_version_never_committed_is_violated():
     assert "newest committed version was 2" in v.evidence
     h = good_history(2) + [merge("us-east", 2)]  # round 2's result, but round 2 was never committed
     assert status(h, "only_committed_versions_served") == "violated"
+    saved = lambda v: ev("checkpoint_saved", round=v, path=f"/x/round-{v:06d}/coordinator", seconds=0.1, bytes=10)  # noqa: E731
+    assert status(good_history(2) + [saved(2)], "only_committed_versions_served") == "held"
+    v = verdicts(good_history(2) + [saved(3)])["only_committed_versions_served"]
+    assert v.status == "violated" and "checkpoint saved of version 3" in v.evidence
 
 
 def test_versions_restored_by_a_coordinator_count_as_committed():
@@ -548,7 +552,7 @@ def test_main_exit_codes(tmp_path, capsys):
     good = write_run(tmp_path / "good", good_history())
     assert main([str(good)]) == 0
     out = capsys.readouterr().out
-    assert "rounds_committed_once_in_order" in out and out.strip().endswith("8 held, 0 violated, 2 unknown")
+    assert "rounds_committed_once_in_order" in out and out.strip().endswith("7 held, 0 violated, 2 unknown")
 
     bad = write_run(tmp_path / "bad", good_history(3) + [commit(1, version=9)])
     assert main([str(bad)]) == 1
@@ -602,7 +606,7 @@ def real_run(tmp_path_factory) -> Path:
 
 
 def run_check_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "geotrain.check", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "geotrain.cli", "check", *args], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
 
 

@@ -506,7 +506,12 @@ def _check_no_round_lost(events: Sequence[dict]) -> Verdict:
             if rb.asked is not None and rb.declared is not None and rb.declared != rb.asked:
                 problems.append(f"resume from checkpoint round {rb.asked} but the coordinator started at round "
                                 f"{rb.declared} ({_line(i)})")
-            if rb.asked is not None:
+            if rb.asked is None and rb.declared is not None and 0 < rb.declared <= last_round:
+                # a relaunch (not `geotrain resume`) starts from the coordinator's persisted state,
+                # which is saved before a commit is recorded: it can never be behind the history
+                problems.append(f"relaunch at {_line(i)}: the coordinator started at round {rb.declared} but round "
+                                f"{last_round} was committed; committed round lost")
+            if rb.how != "start":
                 notes.append(rb.how)
             if rb.round is not None:
                 last_round, last_version = rb.round - 1, (rb.round if rb.round > 0 else None)

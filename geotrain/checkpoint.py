@@ -73,6 +73,9 @@ _crash_hook: Callable[[str], None] | None = None
 def write_part(root: Path, rnd: int, part: str, tensors: dict[str, dict[str, torch.Tensor]],
                state: dict, topology_sha256: str) -> Path:
     """Atomically write one part of round ``rnd``. ``tensors`` maps file stem -> {name: tensor}."""
+    from geotrain.faults import raise_if_disk_full
+
+    raise_if_disk_full(root)
     final = round_dir(root, rnd) / part
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{part}-{os.getpid()}-{time.monotonic_ns()}"

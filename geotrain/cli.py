@@ -4,6 +4,7 @@
     geotrain validate TOPOLOGY [--set path=value ...]
     geotrain resume RUN_DIR
     geotrain checkpoint ls RUN_DIR | verify PATH
+    geotrain chaos RUN_DIR KIND [TARGET] [--duration 10s ...]
     geotrain report RUN_DIR [RUN_DIR ...] [--out DIR]
     geotrain check RUN_DIR [--twin RUN_DIR]
     geotrain coordinator TOPOLOGY ...      (one part on its own host; see docs/architecture.md)
@@ -61,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("run_dir", type=Path)
     cv = csub.add_parser("verify", help="verify a checkpoint (a round folder, one part, or every round of a run)")
     cv.add_argument("path", type=Path)
+    xp = sub.add_parser("chaos", help="inject a fault into a running launch, live",
+                        description="Inject one fault into the run that `geotrain launch` is running in RUN_DIR. "
+                                    "Examples: geotrain chaos RUN kill 'worker us-east/1'; "
+                                    "geotrain chaos RUN partition 'link eu-west' --duration 10s; "
+                                    "geotrain chaos RUN degrade 'link eu-west' --latency 200ms --duration 20s")
+    xp.add_argument("run_dir", type=Path)
+    xp.add_argument("kind", choices=["kill", "freeze", "partition", "degrade", "flap", "slow", "disk_full", "corrupt_checkpoint"])
+    xp.add_argument("target", nargs="?", default="", help="'worker SITE/RANK', 'site SITE', coordinator, etcd, 'link SITE'")
+    for opt in ("duration", "direction", "bandwidth", "latency", "jitter", "loss", "period", "factor"):
+        xp.add_argument(f"--{opt}", default=None)
     sub.add_parser("report", help="write report.md and plots for one or more runs", add_help=False)
     sub.add_parser("check", help="check a run's recorded history against its invariants", add_help=False)
     return p
@@ -187,6 +198,28 @@ def cmd_checkpoint(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_chaos(args) -> int:
+    from geotrain.faults import request_live_fault
+    from geotrain.topology import FaultSpec, fault_problem
+
+    run_dir = args.run_dir.resolve()
+    topo = _run_topology(run_dir)
+    raw = {"kind": args.kind, "target": args.target, "at": "0s"}
+    for opt in ("duration", "direction", "bandwidth", "latency", "jitter", "loss", "period", "factor"):
+        if getattr(args, opt) is not None:
+            raw[opt] = getattr(args, opt)
+    try:
+        spec = FaultSpec.model_validate(raw)
+    except ValueError as exc:
+        raise TopologyError(f"geotrain chaos: {str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+    problem = fault_problem(topo, spec)
+    if problem:
+        raise TopologyError(f"fault {problem.lstrip('.: ')}")
+    path = request_live_fault(run_dir, raw)
+    print(f"requested {args.kind} {args.target} ({path.name}); see fault_injected in {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Parts that run on their own host have their own argument parsers.
@@ -222,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_resume(args)
         if args.command == "checkpoint":
             return cmd_checkpoint(args)
+        if args.command == "chaos":
+            return cmd_chaos(args)
     except GeotrainError as exc:
         print(f"geotrain {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -133,6 +133,7 @@ class Launcher:
         self.coord_port = 0
         self.coord_seen: float | None = None
         self.last_merge_version: dict[str, int] = {}
+        self.faults = None
 
     # ---- starting ----
     def _spawn(self, name: str, role: str, argv: list[str], env: dict | None = None, ready: bool = False,
@@ -149,6 +150,19 @@ class Launcher:
     @property
     def checkpoint_dir(self) -> Path:
         return checkpoint_dir(self.topo, self.run_dir)
+
+    # ---- what failpoints act on (geotrain.faults.FaultEnv) ----
+    def pids(self, target: str) -> list[int]:
+        kind, _, name = target.partition(" ")
+        live = [c for c in self.children if not c.retired and not c.done and c.proc.poll() is None]
+        if kind == "worker":
+            return [c.proc.pid for c in live if c.name == target]
+        if kind == "site":
+            return [c.proc.pid for c in live if c.group == f"site:{name}"]
+        return [c.proc.pid for c in live if c.role == kind]
+
+    def link_control_file(self, site: str) -> Path:
+        return self.run_dir / "links" / f"{site}--{self.topo.coordinator.at}.control.json"
 
     def start(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -171,6 +185,9 @@ class Launcher:
         self._start_coordinator(resume_round=self.plan.resume_round)
         for site in self.topo.sites:
             self._start_site(site, resume_round=self.plan.resume_round)
+        from geotrain.faults import FaultScheduler
+
+        self.faults = FaultScheduler(self, self.topo, self.events, started_at=time.time())
 
     def _start_etcd(self) -> str:
         endpoint = self.etcd.start()
@@ -248,6 +265,7 @@ class Launcher:
                     self._restart(child, action.reason)
             self._check_heartbeats()
             self._observe_events()
+            self.faults.tick()
             if progress is not None:
                 progress()
             workers = [c for c in self.children if c.role == "worker" and not c.retired]
@@ -265,7 +283,7 @@ class Launcher:
         for c in self.children:  # stop the rest of the group (a site's surviving workers)
             if c.group == group and not c.retired:
                 c.retired = True
-        procs.terminate_all([c.proc for c in self.children if c.group == group], grace_s=3.0)
+        procs.terminate_all([c.proc for c in self.children if c.group == group], grace_s=0.5)
         self.pending[group] = {"what": what, "target": child.name, "failure_t": now}
         if child.role == "worker":
             site = self.topo.site(group.split(":", 1)[1])
@@ -291,6 +309,7 @@ class Launcher:
     def _observe_events(self) -> None:
         for e in self.tail.read():
             kind = e.get("event")
+            self.faults.observe(e)
             if kind == "merge":
                 self.last_merge_version[e["site"]] = e.get("version", 0)
             elif kind == "site_ready" and f"site:{e['site']}" in self.pending:
@@ -326,6 +345,8 @@ class Launcher:
     # ---- stopping ----
     def stop(self) -> None:
         """Stop everything: workers first, then links and the coordinator (they flush stats), etcd last."""
+        if self.faults is not None:
+            self.faults.heal_all()  # never leave a process stopped or a link cut behind
         if self.control is not None:
             self.control.close()
         order = {"worker": 0, "link": 1, "coordinator": 1, "etcd": 2}

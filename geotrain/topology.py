@@ -162,6 +162,37 @@ class RecoveryConfig(_Node):
     """How long a site keeps retrying an unreachable coordinator (with backoff) before it gives up."""
 
 
+FAULT_KINDS = ("kill", "freeze", "partition", "degrade", "flap", "slow", "disk_full", "corrupt_checkpoint")
+
+
+class FaultSpec(_Node):
+    """One scheduled fault (docs/chaos.md). Exactly one of at_round, at_step, at_s says when."""
+
+    kind: Literal["kill", "freeze", "partition", "degrade", "flap", "slow", "disk_full", "corrupt_checkpoint"]
+    """What to do: kill (SIGKILL), freeze (SIGSTOP for `duration`), partition / degrade / flap a link,
+    slow a site's compute by `factor`, make checkpoint writes fail as on a full disk, corrupt the newest checkpoint."""
+    target: str = ""
+    """`worker SITE/RANK`, `site SITE`, `coordinator`, `etcd`, `link SITE` (the SITE<->coordinator link), or `checkpoints`."""
+    at_round: int | None = Field(default=None, ge=0)
+    """Inject once this many rounds are committed."""
+    at_step: int | None = Field(default=None, ge=0)
+    """Inject once the first site reaches this inner step."""
+    at_s: Duration | None = Field(default=None, alias="at")
+    """Inject this long after the run started, e.g. "20s"."""
+    duration_ms: Duration | None = Field(default=None, alias="duration")
+    """How long it lasts before it is undone (freeze, partition, degrade, flap, slow, disk_full)."""
+    direction: Literal["both", "up", "down"] = "both"
+    """Link faults: `up` = site to coordinator, `down` = coordinator to site."""
+    bandwidth_mbps: Bandwidth | None = Field(default=None, alias="bandwidth")
+    latency_ms: Duration | None = Field(default=None, alias="latency")
+    jitter_ms: Duration | None = Field(default=None, alias="jitter")
+    loss: float | None = Field(default=None, ge=0.0, lt=1.0)
+    period_ms: Duration = Field(default=2000.0, alias="period")
+    """Flap: the link goes down and up every `period`."""
+    factor: float = Field(default=3.0, ge=1.0, le=100.0)
+    """Slow: compute takes `factor` times as long."""
+
+
 class EtcdConfig(_Node):
     endpoint: str | None = None
     """An existing etcd cluster, "host:port". Absent: the launcher starts a local etcd server and stops it at the end."""
@@ -181,6 +212,8 @@ class Topology(_Node):
     etcd: EtcdConfig = EtcdConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     recovery: RecoveryConfig = RecoveryConfig()
+    faults: tuple[FaultSpec, ...] = ()
+    """Faults injected on a schedule while the run goes on (docs/chaos.md)."""
 
     # ---- derived views (no state of their own) ----
     @property
@@ -399,5 +432,42 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     if topo.recovery.min_sites > len(topo.sites):
         raise TopologyError(f"{source}: recovery.min_sites: {topo.recovery.min_sites} is more than the "
                             f"{len(topo.sites)} sites of this topology")
+    for i, fault in enumerate(topo.faults):
+        problem = fault_problem(topo, fault)
+        if problem:
+            raise TopologyError(f"{source}: faults[{i}]{problem}")
     if topo.etcd.endpoint is not None and not re.fullmatch(r"(https?://)?[\w.\-]+:\d+", topo.etcd.endpoint):
         raise TopologyError(f"{source}: etcd.endpoint: expected host:port, got {topo.etcd.endpoint!r}")
+
+
+_FAULT_TARGETS = {
+    "kill": ("worker", "site", "coordinator", "etcd"),
+    "freeze": ("worker", "site", "coordinator", "etcd"),
+    "partition": ("link",), "degrade": ("link",), "flap": ("link",),
+    "slow": ("site",), "disk_full": ("checkpoints",), "corrupt_checkpoint": ("checkpoints",),
+}
+
+
+def fault_problem(topo: Topology, fault: FaultSpec) -> str | None:
+    """Why a fault cannot apply to this topology (as ``.field: message``), or None."""
+    triggers = [t for t in ("at_round", "at_step", "at_s") if getattr(fault, t) is not None]
+    if len(triggers) != 1:
+        return f": give exactly one of at_round, at_step, at (got {len(triggers)})"
+    target = fault.target or ("checkpoints" if fault.kind in ("disk_full", "corrupt_checkpoint") else "")
+    kind, _, name = target.partition(" ")
+    allowed = _FAULT_TARGETS[fault.kind]
+    if kind not in allowed:
+        return f".target: a {fault.kind} fault targets {' or '.join(repr(a) for a in allowed)}, got {fault.target!r}"
+    if kind in ("site", "link") and name not in topo.site_names:
+        return f".target: unknown site {name!r} (sites: {', '.join(topo.site_names)})"
+    if kind == "link" and topo.link(name, topo.coordinator.at) is None:
+        return f".target: site {name!r} shares the coordinator's datacenter: it has no WAN link"
+    if kind == "worker":
+        site, _, rank = name.partition("/")
+        if site not in topo.site_names or not rank.isdigit() or int(rank) >= topo.site(site).workers:
+            return f".target: no worker {name!r} (give SITE/RANK of an existing worker)"
+    if fault.kind in ("freeze", "partition", "degrade", "flap", "slow", "disk_full") and fault.duration_ms is None:
+        return f".duration: a {fault.kind} fault needs a duration, e.g. \"10s\""
+    if fault.kind == "degrade" and all(getattr(fault, f) is None for f in ("bandwidth_mbps", "latency_ms", "jitter_ms", "loss")):
+        return ": a degrade fault needs at least one of bandwidth, latency, jitter, loss"
+    return None

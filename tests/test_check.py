@@ -447,6 +447,15 @@ def test_resume_from_a_checkpoint_redoes_rounds_on_purpose():
     assert status(plain, "rounds_committed_once_in_order") == "violated"
 
 
+def test_relaunch_from_persisted_state_behind_the_history_is_violated():
+    h = good_history(5) + [run_started(), coordinator_started(2, rnd=3), *round_events(3)]
+    v = verdicts(h)["no_committed_round_lost"]
+    assert v.status == "violated" and "relaunch" in v.evidence and "round 4 was committed" in v.evidence
+    h = good_history(5) + [run_started(), coordinator_started(2, rnd=5), *round_events(5)]
+    assert status(h, "no_committed_round_lost") == "held"
+    assert status(h, "rounds_committed_once_in_order") == "held"
+
+
 def test_resume_that_starts_from_another_round_than_asked_is_violated():
     h = good_history(5) + [run_started(resume_round=3), coordinator_started(2, rnd=1), *round_events(1)]
     v = verdicts(h)["no_committed_round_lost"]

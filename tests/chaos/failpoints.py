@@ -1,0 +1,200 @@
+"""Named failpoints of the chaos suite (after etcd's tests/robustness/failpoint/).
+
+Each failpoint has a ``name``, ``targets(topo)`` (what it can hit in this topology; empty means
+not available) and ``inject(deployment, target, hold_s)``: it applies the fault, holds it for
+``hold_s`` seconds, and undoes it in a ``finally`` (every fault has its undo, even when the
+harness is interrupted), recording ``fault_injected`` / ``fault_healed`` in the run's
+metrics.jsonl (docs/events.md) so that ``geotrain check`` sees when it happened. It returns a
+:class:`FaultRecord` of what it did and when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from geotrain.compose import link_files, link_service, remote_sites, site_service
+from geotrain.topology import Topology
+
+
+@dataclass
+class FaultRecord:
+    fault: str
+    target: str
+    params: dict
+    injected_t: float
+    healed_t: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        held = f" {self.healed_t - self.injected_t:.1f}s" if self.healed_t else ""
+        return f"{self.fault}({self.target}){held}"
+
+
+class Failpoint:
+    name = "?"
+    kind = "site"  # what it hits: site | coordinator | etcd | link
+
+    def targets(self, topo: Topology) -> list[str]:
+        raise NotImplementedError
+
+    def apply(self, dep, target: str, record: FaultRecord) -> None:
+        raise NotImplementedError
+
+    def undo(self, dep, target: str, record: FaultRecord) -> None:
+        raise NotImplementedError
+
+    def params(self, dep, target: str, hold_s: float) -> dict:
+        return {"hold_s": hold_s}
+
+    def inject(self, dep, target: str, hold_s: float) -> FaultRecord:
+        if target not in self.targets(dep.topo):
+            raise ValueError(f"failpoint {self.name}: {target!r} is not a target in this topology "
+                             f"({', '.join(self.targets(dep.topo)) or 'none'})")
+        params = self.params(dep, target, hold_s)
+        record = FaultRecord(self.name, target, params, time.time())
+        dep.chaos.emit("fault_injected", fault=self.name, target=target, params=params, duration_s=hold_s)
+        try:
+            self.apply(dep, target, record)
+            time.sleep(hold_s)
+        finally:
+            try:
+                self.undo(dep, target, record)
+            finally:
+                record.healed_t = time.time()
+                dep.chaos.emit("fault_healed", fault=self.name, target=target, notes=record.notes)
+        return record
+
+
+class KillSite(Failpoint):
+    """SIGKILL every process of a site's container (``container.kill()``), then start it again."""
+
+    name, kind = "kill_site", "site"
+
+    def targets(self, topo):
+        return list(topo.site_names)
+
+    def apply(self, dep, target, record):
+        dep.container(site_service(target)).kill()
+
+    def undo(self, dep, target, record):
+        c = dep.container(site_service(target))
+        c.reload()
+        if c.status != "running":
+            c.start()
+
+
+class PauseSite(Failpoint):
+    """Freeze a site's container (cgroup freezer: ``container.pause()``), then thaw it."""
+
+    name, kind = "pause_site", "site"
+
+    def targets(self, topo):
+        return list(topo.site_names)
+
+    def apply(self, dep, target, record):
+        dep.container(site_service(target)).pause()
+
+    def undo(self, dep, target, record):
+        c = dep.container(site_service(target))
+        c.reload()
+        if c.status == "paused":
+            c.unpause()
+
+
+class DisconnectSite(Failpoint):
+    """Cut a site's container off the network (``network.disconnect``), then connect it again
+    under its service name (its DNS alias)."""
+
+    name, kind = "disconnect_site", "site"
+
+    def targets(self, topo):
+        return list(topo.site_names)
+
+    def apply(self, dep, target, record):
+        dep.network().disconnect(dep.container(site_service(target)), force=True)
+
+    def undo(self, dep, target, record):
+        c = dep.container(site_service(target))
+        c.reload()
+        if dep.network().name not in c.attrs["NetworkSettings"]["Networks"]:
+            dep.network().connect(c, aliases=[site_service(target)])
+
+
+class KillCoordinator(Failpoint):
+    """SIGKILL the coordinator's container. The restart policy (``on-failure``) may bring it back;
+    the engine does not apply it to a container killed through its API, so the harness starts it
+    again when it is not running after ``hold_s`` (the record says which happened)."""
+
+    name, kind = "kill_coordinator", "coordinator"
+
+    def targets(self, topo):
+        return ["coordinator"]
+
+    def apply(self, dep, target, record):
+        dep.container("coordinator").kill()
+
+    def undo(self, dep, target, record):
+        c = dep.container("coordinator")
+        c.reload()
+        if c.status == "running":
+            record.notes.append("restarted by the restart policy")
+        else:
+            c.start()
+            record.notes.append("started again by the harness")
+
+
+class KillEtcd(Failpoint):
+    """SIGKILL etcd's container, then start it again (its data volume survives)."""
+
+    name, kind = "kill_etcd", "etcd"
+
+    def targets(self, topo):
+        return ["etcd"]
+
+    def apply(self, dep, target, record):
+        dep.container("etcd").kill()
+
+    def undo(self, dep, target, record):
+        c = dep.container("etcd")
+        c.reload()
+        if c.status != "running":
+            c.start()
+
+
+class DelayLink(Failpoint):
+    """Degrade a site's WAN link through its control file on the shared run directory:
+    ``{"forward": {"latency_ms": L}, "backward": {"latency_ms": L}}``; removing the file restores it."""
+
+    name, kind = "delay_link", "link"
+    latency_ms = 200.0
+
+    def targets(self, topo):
+        return remote_sites(topo)
+
+    def params(self, dep, target, hold_s):
+        return {"hold_s": hold_s, "latency_ms": self.latency_ms, "service": link_service(target)}
+
+    def _control(self, dep, target):
+        _, control = link_files(dep.topo, target, run_dir=str(dep.run_dir))
+        return control
+
+    def apply(self, dep, target, record):
+        path = self._control(dep, target)
+        doc = {"forward": {"latency_ms": self.latency_ms}, "backward": {"latency_ms": self.latency_ms}}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)  # the link polls the file every 0.2 s: never let it read half a document
+
+    def undo(self, dep, target, record):
+        try:
+            os.remove(self._control(dep, target))
+        except FileNotFoundError:
+            pass
+
+
+FAILPOINTS: dict[str, Failpoint] = {fp.name: fp for fp in (
+    KillSite(), PauseSite(), DisconnectSite(), KillCoordinator(), KillEtcd(), DelayLink())}

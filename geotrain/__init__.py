@@ -24,10 +24,26 @@ from geotrain.errors import (
     TopologyError,
     TransferCorrupt,
 )
-from geotrain.sdk import DiLoCo, SiteContext, init
-from geotrain.topology import Topology, load_topology
-
 __version__ = "0.1.0"
+
+# The SDK pulls in torch (a second or two): load it on first use, so that the `geotrain` command and
+# the processes that never train (links, the launcher's helpers) start fast.
+_LAZY = {"DiLoCo": "geotrain.sdk", "SiteContext": "geotrain.sdk", "init": "geotrain.sdk",
+         "Topology": "geotrain.topology", "load_topology": "geotrain.topology"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'geotrain' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
 
 __all__ = [
     "CheckpointCorrupt",

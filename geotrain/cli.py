@@ -128,7 +128,7 @@ def _expected_parts(topo) -> list[str]:
 
 
 def _run_topology(run_dir: Path):
-    from geotrain.orchestrator.main import load_any
+    from geotrain.topology import load_any
 
     path = run_dir / "topology.json"
     if not path.exists():

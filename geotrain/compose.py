@@ -62,8 +62,9 @@ RUN_VOLUME = "rundir"
 ETCD_VOLUME = "etcd-data"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Healthcheck timings: quick at start (Compose v1 has no start_interval), cheap afterwards.
-HEALTH = {"interval": "2s", "timeout": "5s", "retries": 30, "start_period": "2s"}
+# Healthcheck timings. Compose v1 has no start_interval: the interval is also how long a
+# dependent service may wait after its dependency became healthy.
+HEALTH_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,18 @@ def remote_sites(topo: Topology) -> list[str]:
 
 
 def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "topology.yaml",
-           run_dir: str | None = None, offline: OfflineMounts | None = None, data_paths: tuple[str, ...] = ()) -> dict:
+           run_dir: str | None = None, offline: OfflineMounts | None = None, data_paths: tuple[str, ...] = (),
+           health_interval_s: float = HEALTH_INTERVAL_S) -> dict:
     """The Compose document (a plain dict, ``version: "2.4"``) deploying ``topo``.
 
     ``topology_file``: the topology on the host, relative to the compose file or absolute, mounted at
     /topology.yaml. ``run_dir``: a host directory bind-mounted as the shared run directory (default:
     a named volume). ``offline``: bind-mount the host's system, Python and checkout (the offline
     image). ``data_paths``: host files or folders the sites read (``data.source: files``), mounted
-    read-only at the same path.
+    read-only at the same path. ``health_interval_s``: how often healthchecks run (shorter: a faster
+    start, more CPU spent on checks).
     """
+    health = {"interval": f"{int(health_interval_s * 1000)}ms", "timeout": "5s", "retries": 60, "start_period": "2s"}
     run_src = run_dir if run_dir is not None else RUN_VOLUME
     common_volumes = [f"{run_src}:{RUN_MOUNT}", f"{topology_file}:{TOPOLOGY_MOUNT}:ro"]
     environment = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
@@ -145,7 +149,7 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
             "environment": dict(environment),
             "volumes": common_volumes + list(volumes),
             "networks": [NETWORK],
-            "healthcheck": {"test": healthcheck, **HEALTH},
+            "healthcheck": {"test": healthcheck, **health},
             "stop_grace_period": "5s",
         }
         if depends:
@@ -178,8 +182,9 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
                 "--seed", str(topo.seed), "--stats-file", stats, "--control-file", control]
         # The stats file lies in the run directory, whose links/ folder may not exist yet.
         shell = f"mkdir -p {RUN_MOUNT}/links && exec " + shlex.join(argv)
-        services[link_service(site)] = service(["sh", "-c", shell], _tcp_check(LINK_PORT), ["coordinator"],
-                                               restart="on-failure")
+        # No dependency: a link connects to its target only when a client connects through it, so
+        # it starts beside etcd and the coordinator (the sites wait for both).
+        services[link_service(site)] = service(["sh", "-c", shell], _tcp_check(LINK_PORT), [], restart="on-failure")
     remote = set(remote_sites(topo))
     for s in topo.sites:
         via = f"{link_service(s.name)}:{LINK_PORT}" if s.name in remote else f"coordinator:{COORDINATOR_PORT}"
@@ -238,14 +243,16 @@ def topology_yaml(topo: Topology, source: str) -> str:
 
 
 def write_deployment(topo: Topology, out_dir: Path, *, source: str = "<topology>", image: str | None = None,
-                     offline: bool = False, run_dir: Path | None = None, repo: Path | None = None) -> Path:
+                     offline: bool = False, run_dir: Path | None = None, repo: Path | None = None,
+                     health_interval_s: float = HEALTH_INTERVAL_S) -> Path:
     """Write ``docker-compose.yml`` and ``topology.yaml`` into ``out_dir``; return the compose file's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "topology.yaml").write_text(topology_yaml(topo, source))
     data_paths = tuple(str(Path(p).resolve()) for p in topo.data.paths) if topo.data.source == "files" else ()
     doc = render(topo, image or (OFFLINE_IMAGE if offline else DEFAULT_IMAGE), topology_file="./topology.yaml",
                  run_dir=str(run_dir.resolve()) if run_dir is not None else None,
-                 offline=offline_mounts(repo) if offline else None, data_paths=data_paths)
+                 offline=offline_mounts(repo) if offline else None, data_paths=data_paths,
+                 health_interval_s=health_interval_s)
     path = out_dir / "docker-compose.yml"
     text = (f"# Rendered by `geotrain compose` from {source}: do not edit, render again.\n"
             f"# Run:  docker-compose -f {path} -p {topo.name} up -d\n")

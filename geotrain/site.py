@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=Path("runs/site"), help="where logs, metrics and checkpoints go")
     p.add_argument("--script", nargs=argparse.REMAINDER, default=None, help="a user entrypoint instead of the built-in trainer")
     args = p.parse_args(argv)
-    from geotrain.orchestrator.main import load_any
+    from geotrain.topology import load_any
 
     try:
         topo = load_any(args.topology)

@@ -26,7 +26,8 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
     evals = sorted((e for e in events if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
     steps = [e for e in events if e["event"] == "inner_step"]
     merges = [e for e in events if e["event"] == "merge"]
-    rounds = len(commits) if tr.algorithm == "diloco" else len(commits) // tr.inner_steps
+    committed = len({c["round"] for c in commits})  # a resumed run redoes the rounds after its checkpoint
+    rounds = committed if tr.algorithm == "diloco" else committed // tr.inner_steps
     sites = {}
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]

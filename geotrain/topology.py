@@ -280,6 +280,19 @@ def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     return topo
 
 
+def load_any(path: str | Path) -> Topology:
+    """A topology file (YAML), or the validated JSON a launcher writes into a run directory."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            return parse_topology(json.loads(path.read_text()), source=str(path))
+        except FileNotFoundError:
+            raise TopologyError(f"{path}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise TopologyError(f"{path}: not valid JSON: {exc}") from None
+    return load_topology(path)
+
+
 def parse_topology(raw: dict[str, Any], source: str = "<topology>") -> Topology:
     """Validate a plain dict into a Topology (cross-checks included)."""
     try:

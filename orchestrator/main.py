@@ -21,19 +21,9 @@ from geotrain.events import EventLog
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
 from geotrain.site import checkpoint_dir
-from geotrain.topology import Topology, load_topology
+from geotrain.topology import Topology, load_any
 
 log = logging.getLogger(__name__)
-
-
-def load_any(path: str) -> Topology:
-    """A topology file (YAML) or the validated JSON the launcher writes into a run directory."""
-    if path.endswith(".json"):
-        import json
-
-        with open(path) as f:
-            return Topology.model_validate(json.load(f))
-    return load_topology(path)
 
 
 def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None) -> CoordinatorState | None:

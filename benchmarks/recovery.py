@@ -189,7 +189,8 @@ def checkpoint_cost() -> dict:
         saved = [e for e in on["events"] if e["event"] == "checkpoint_saved"]
         res["coordinator_saves"] = len(saved)
         res["coordinator_part_bytes"] = max((e["bytes"] for e in saved), default=None)
-        res["coordinator_write_seconds_mean"] = round(sum(e["seconds"] for e in saved) / len(saved), 4) if saved else None
+        res["coordinator_write_seconds_mean"] = \
+            round(sum(e["seconds"] for e in saved) / len(saved), 4) if saved else None
         res["coordinator_write_seconds_max"] = max((e["seconds"] for e in saved), default=None)
         root = Path(on["run_dir"]) / "checkpoints"
         rounds = sorted(d for d in root.glob("round-*") if d.is_dir()) if root.exists() else []
@@ -218,7 +219,8 @@ def analyse(r: dict, base_loss: float | None) -> dict:
     s = r["summary"] or {}
     row = {"ok": r["ok"], "reason": r["reason"], "run_dir": r["run_dir"], "fault": r["fault"],
            "fault_t": r["fault_t"], "rounds_planned": FAULT_ROUNDS, "rounds_completed": s.get("rounds_completed"),
-           "completed_all_rounds": bool(s and s.get("status") == "completed" and s.get("rounds_completed") == FAULT_ROUNDS),
+           "completed_all_rounds": bool(s and s.get("status") == "completed"
+                                        and s.get("rounds_completed") == FAULT_ROUNDS),
            "failures": s.get("failures"), "recoveries": s.get("recoveries"), "rounds_lost": s.get("rounds_lost"),
            "wall_seconds": s.get("wall_seconds"), "final_eval_loss": s.get("final_eval_loss")}
     row["loss_ratio"] = round(s["final_eval_loss"] / base_loss, 4) \
@@ -232,11 +234,10 @@ def analyse(r: dict, base_loss: float | None) -> dict:
     sup = [e for e in rec if e.get("proc") in ("launcher", "coordinator")]
     com = [e for e in after if e["event"] == "commit"]
     row["detected_t"] = det[0]["t"] if det else None
-    row["detected_by"] = f"{det[0]['event']} ({det[0]['proc']}: {det[0].get('what', '')} {det[0].get('target', '')})".replace(" )", ")") \
-        if det else None
+    row["detected_by"] = f"{det[0]['event']} of {_who(det[0])} by {det[0]['proc']}" if det else None
     first_rec = (sup or rec)[0] if rec else None
     row["recovered_t"] = first_rec["t"] if first_rec else None
-    row["recovered_what"] = f"{first_rec['proc']}: {first_rec.get('what')} {first_rec.get('target')}" if first_rec else None
+    row["recovered_what"] = f"{_who(first_rec)} by {first_rec['proc']}" if first_rec else None
     row["resumed_t"] = com[0]["t"] if com else None
     row["resumed_round"] = com[0]["round"] if com else None
     row["resumed_sites"] = com[0]["sites"] if com else None
@@ -250,13 +251,20 @@ def analyse(r: dict, base_loss: float | None) -> dict:
     return row
 
 
+def _who(e: dict) -> str:
+    what, target = e.get("what") or "", e.get("target") or ""
+    return target if not what or target.startswith(what) else f"{what} {target}"
+
+
 def _f(x, fmt="{:.2f}", none="-"):
     return none if x is None else fmt.format(x)
 
 
 def main() -> int:
     t_start = time.monotonic()
-    print(f"geotrain recovery benchmark ({os.cpu_count()} CPUs; one run of each)\n", flush=True)
+    load0 = os.getloadavg()[0]
+    print(f"geotrain recovery benchmark ({os.cpu_count()} CPUs, load average {load0:.1f}; one run of each)\n",
+          flush=True)
 
     # 1. checkpoint cost
     ck = checkpoint_cost()
@@ -297,7 +305,8 @@ def main() -> int:
         r = run(name.replace(" ", "-"), (f"training.rounds={FAULT_ROUNDS}", *extra), fault)
         row = {"scenario": name, "target": target, "overrides": list(extra), **analyse(r, base_loss)}
         rows.append(row)
-        print(f"   ... {name}: {'ok' if row['ok'] else 'FAILED'} ({time.monotonic() - t_start:.0f} s so far)", flush=True)
+        print(f"   ... {name}: {'ok' if row['ok'] else 'FAILED'} ({time.monotonic() - t_start:.0f} s so far)",
+              flush=True)
 
     print()
     head = f"   {'fault':<21}{'detect s':>9}{'recover s':>10}{'resumed s':>10}{'lost':>5}  {'all rounds':<11}" \
@@ -330,8 +339,11 @@ def main() -> int:
         "recovery": {"rounds": FAULT_ROUNDS, "fault_free": {**_brief(base), "round_seconds": round_s},
                      "scenarios": rows},
         "benchmark_seconds": round(time.monotonic() - t_start, 1),
+        "load_average_1min": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
     })
-    print(f"\n   {time.monotonic() - t_start:.0f} s in all; wrote {path.relative_to(REPO)}")
+    print(f"\n   {time.monotonic() - t_start:.0f} s in all (load average {load0:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end: other work on this machine inflates and scatters timings); "
+          f"wrote {path.relative_to(REPO)}")
     return 0
 
 

@@ -680,17 +680,36 @@ def check_history(events: list[dict], *, checkpoints: Sequence[Path] = (), twin_
     """Every invariant's verdict on a recorded history (events in file order). Pure: the only
     I/O is verifying the given checkpoint directories."""
     events = [e for e in events if isinstance(e, dict)]
+    per_lane = [_check_rounds_once_in_order, _check_versions, _check_only_committed_served, _check_sites_agree]
+    fragments = sorted({e.get("fragment", 0) for e in events if e.get("event") in ("commit", "merge")})
+    if len(fragments) > 1:  # streaming-diloco: every fragment has rounds of its own
+        lane_verdicts = [_combine_lanes([check(_lane(events, f)) for f in fragments], fragments) for check in per_lane]
+    else:
+        lane_verdicts = [check(events) for check in per_lane]
     return [
-        _check_rounds_once_in_order(events),
-        _check_versions(events),
-        _check_only_committed_served(events),
-        _check_sites_agree(events),
+        *lane_verdicts,
         _check_checkpoints(checkpoints),
         _check_no_round_lost(events),
         _check_final_loss(events, twin_final_loss, loss_tolerance),
         _check_faults(events, min_merges_around_fault),
         _check_no_stale_applied(events),
     ]
+
+
+def _lane(events: Sequence[dict], fragment: int) -> list[dict]:
+    """The history of one fragment: its commits and merges, and every event that is not per fragment."""
+    return [e for e in events
+            if e.get("event") not in ("commit", "merge", "merge_refused") or e.get("fragment", 0) == fragment]
+
+
+def _combine_lanes(verdicts: list[Verdict], fragments: list[int]) -> Verdict:
+    """One verdict for an invariant checked per fragment: violated if any, unknown if any, else held."""
+    for status in (VIOLATED, UNKNOWN):
+        bad = [(f, v) for f, v in zip(fragments, verdicts) if v.status == status]
+        if bad:
+            f, v = bad[0]
+            return Verdict(v.invariant, status, f"fragment {f}: {v.evidence}" + (f" (+{len(bad) - 1} fragments)" if len(bad) > 1 else ""))
+    return Verdict(verdicts[0].invariant, HELD, f"each of {len(fragments)} fragments: {verdicts[0].evidence}")
 
 
 def find_checkpoints(run_dir: Path) -> list[Path]:

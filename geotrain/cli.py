@@ -7,6 +7,8 @@
     geotrain chaos RUN_DIR KIND [TARGET] [--duration 10s ...]
     geotrain report RUN_DIR [RUN_DIR ...] [--out DIR]
     geotrain check RUN_DIR [--twin RUN_DIR]
+    geotrain sweep TOPOLOGY --grid path=v1,v2 ... [--out DIR]
+    geotrain compose TOPOLOGY -o DIR
     geotrain coordinator TOPOLOGY ...      (one part on its own host; see docs/architecture.md)
     geotrain site NAME TOPOLOGY ...         (one site's workers on its own host)
     geotrain link ...                       (one WAN link emulator process)
@@ -73,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     for opt in ("duration", "direction", "bandwidth", "latency", "jitter", "loss", "period", "factor"):
         xp.add_argument(f"--{opt}", default=None)
     sub.add_parser("report", help="write report.md and plots for one or more runs", add_help=False)
+    sub.add_parser("sweep", help="run a topology over a grid of overrides and compare", add_help=False)
+    sub.add_parser("compose", help="render a Docker Compose deployment of a topology", add_help=False)
     sub.add_parser("check", help="check a run's recorded history against its invariants", add_help=False)
     return p
 
@@ -239,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         from geotrain.report import main as report_main
 
         return report_main(argv[1:])
+    if argv and argv[0] == "sweep":
+        from geotrain.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
+    if argv and argv[0] == "compose":
+        from geotrain.compose import main as compose_main
+
+        return compose_main(argv[1:])
     if argv and argv[0] == "check":
         from geotrain.check import main as check_main
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from geotrain.errors import CoordinatorUnavailable, GeotrainError, StaleRound
 from geotrain.events import EventLog
-from geotrain.transport import flatten, unflatten_into
+from geotrain.transport import fingerprint, flatten, unflatten_into
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ ENV_VARS = {
     "GEOTRAIN_RESUME_ROUND": "resume exactly from this checkpoint round (geotrain resume)",
     "GEOTRAIN_RETRY_DEADLINE_S": "how long the leader retries an unreachable coordinator",
     "GEOTRAIN_RPC_TIMEOUT_S": "deadline of one Merge/GetModel call",
+    "GEOTRAIN_CODEC": "wire codec of merges: fp32, fp16, bf16, int8, int4",
+    "GEOTRAIN_CODEC_BLOCK": "elements per scale block (int8/int4)",
+    "GEOTRAIN_ERROR_FEEDBACK": "1: keep quantisation error for the next update",
+    "GEOTRAIN_FRAGMENTS": "streaming-diloco: P fragments",
+    "GEOTRAIN_OVERLAP_STEPS": "streaming-diloco: τ inner steps overlapping a fragment's exchange",
+    "GEOTRAIN_ALPHA": "streaming-diloco: mixing weight of the local fragment",
 }
 
 
@@ -95,6 +101,12 @@ class SiteContext:
     resume_round: int | None = None
     retry_deadline_s: float = 120.0
     rpc_timeout_s: float = 300.0
+    codec: str = "fp32"
+    block: int = 256
+    error_feedback: bool = True
+    fragments: int = 1
+    overlap_steps: int = 0
+    alpha: float = 0.5
 
     @property
     def part(self) -> str:
@@ -138,6 +150,12 @@ class SiteContext:
             resume_round=int(env["GEOTRAIN_RESUME_ROUND"]) if env.get("GEOTRAIN_RESUME_ROUND") else None,
             retry_deadline_s=float(env.get("GEOTRAIN_RETRY_DEADLINE_S", "120")),
             rpc_timeout_s=float(env.get("GEOTRAIN_RPC_TIMEOUT_S", "300")),
+            codec=env.get("GEOTRAIN_CODEC", "fp32"),
+            block=int(env.get("GEOTRAIN_CODEC_BLOCK", "256")),
+            error_feedback=env.get("GEOTRAIN_ERROR_FEEDBACK", "1") == "1",
+            fragments=int(env.get("GEOTRAIN_FRAGMENTS", "1")),
+            overlap_steps=int(env.get("GEOTRAIN_OVERLAP_STEPS", "0")),
+            alpha=float(env.get("GEOTRAIN_ALPHA", "0.5")),
         )
 
 
@@ -162,6 +180,9 @@ def init(context: SiteContext | None = None) -> SiteContext:
     return ctx
 
 
+ALGORITHMS = ("diloco", "ddp", "async-diloco", "streaming-diloco")
+
+
 class DiLoCo:
     """DiLoCo (or the DDP baseline) around a model and its inner optimizer. See the module docstring.
 
@@ -175,8 +196,8 @@ class DiLoCo:
         self.ctx = context or init()
         inner_steps = self.ctx.inner_steps if inner_steps is None else inner_steps
         algorithm = self.ctx.algorithm if algorithm is None else algorithm
-        if algorithm not in ("diloco", "ddp"):
-            raise GeotrainError(f"DiLoCo(algorithm={algorithm!r}): expected 'diloco' or 'ddp'")
+        if algorithm not in ALGORITHMS:
+            raise GeotrainError(f"DiLoCo(algorithm={algorithm!r}): expected one of {', '.join(ALGORITHMS)}")
         if inner_steps < 1:
             raise GeotrainError(f"DiLoCo(inner_steps={inner_steps}): must be at least 1")
         self.model = model
@@ -184,6 +205,14 @@ class DiLoCo:
         self.H = inner_steps
         self.algorithm = algorithm
         self.stateful = dict(stateful or {})
+        self.codec, self.block, self.error_feedback = self.ctx.codec, self.ctx.block, self.ctx.error_feedback
+        self._ef: dict[int, object] = {}
+        self.version = 0
+        self.P = self.ctx.fragments if algorithm == "streaming-diloco" else 1
+        self.tau, self.alpha = self.ctx.overlap_steps, self.ctx.alpha
+        self._slices: list[slice] = []
+        self._inflight: dict[int, tuple] = {}
+        self._pool = None
         self.events = events or EventLog(self.ctx.run_dir / "metrics.jsonl" if self.ctx.run_dir else None, self.ctx.proc)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -206,6 +235,14 @@ class DiLoCo:
             self.client = CoordinatorClient(self.ctx.coordinator, self.ctx.site, timeout_s=self.ctx.rpc_timeout_s,
                                             retry_deadline_s=self.ctx.retry_deadline_s)
         self._join()
+        if algorithm == "streaming-diloco":
+            from concurrent.futures import ThreadPoolExecutor
+
+            from geotrain.orchestrator.server import fragment_slices
+
+            self._slices = fragment_slices(self.global_flat.numel(), self.P)
+            self._offsets = [((f + 1) * self.H // self.P) % self.H for f in range(self.P)]
+            self._pool = ThreadPoolExecutor(max_workers=self.P, thread_name_prefix="stream") if self.ctx.is_leader else None
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last = time.perf_counter()
 
@@ -220,18 +257,26 @@ class DiLoCo:
         if self.ctx.is_leader:
             self.events.emit("inner_step", site=self.ctx.site, step=self.local_step, round=self.round,
                              loss=loss, compute_s=round(compute, 6), wan_s=round(self._step_wan_s, 6))
-        if self.local_step % self.H == 0:
-            if self.algorithm == "diloco":
+        if self.algorithm == "streaming-diloco":
+            merged = self._stream_step()
+        elif self.local_step % self.H == 0:
+            if self.algorithm in ("diloco", "async-diloco"):
                 self._merge()
                 merged = True
             else:
                 self.round += 1
-            self._maybe_checkpoint()
+            if self.algorithm == "diloco" or self.algorithm == "ddp":
+                self._maybe_checkpoint()
         self._step_wan_s = 0.0
         self._last = time.perf_counter()
         return merged
 
     def close(self) -> None:
+        for frag, (future, _due, t0) in list(self._inflight.items()):  # streaming: finish what is in flight
+            self._finish_fragment(frag, future, t0)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -266,11 +311,19 @@ class DiLoCo:
             payload = self.client.get_model(min_version=resp.start_version)
             flat = payload.tensor()
             header[0] = payload.version
+            self._frag_rounds = list(resp.fragment_rounds) or [payload.version]
             self.events.emit("site_ready", site=self.ctx.site, version=payload.version, round=resp.round,
                              epoch=resp.epoch)
-        self.round = int(self._site_broadcast(header)[0])
+        self.version = int(self._site_broadcast(header)[0])
+        self.round = self.version
         self.global_flat = self._site_broadcast(flat, like=self.params).clone()
         unflatten_into(self.global_flat, self.params)
+        if self.algorithm == "streaming-diloco":
+            fr = torch.tensor(getattr(self, "_frag_rounds", [0] * self.P), dtype=torch.int64)
+            self._frag_rounds = [int(x) for x in self._site_broadcast(fr)]
+            self.round = min(self._frag_rounds)
+        elif self.algorithm == "async-diloco":
+            self.round = 0  # async: a site counts its own merges
         self._restore_own_state()
         self.local_step = self.round * self.H
 
@@ -317,7 +370,7 @@ class DiLoCo:
         if self.ctx.is_leader:
             pseudo_grad = self.global_flat - flatten(self.params)
             sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
-            new, version, crc = self._exchange(pseudo_grad)
+            new, version = self._exchange(pseudo_grad, self.global_flat)
             header[0] = version
         version = int(self._site_broadcast(header)[0])
         new = self._site_broadcast(new, like=self.params)
@@ -326,28 +379,54 @@ class DiLoCo:
         seconds = time.perf_counter() - t0
         self.wan_wait_s += seconds
         if self.ctx.is_leader:
-            self.events.emit("merge", site=self.ctx.site, round=self.round, version=version,
+            # async: `round` is the global round whose commit produced our new weights (version - 1)
+            self.events.emit("merge", site=self.ctx.site, round=version - 1 if self.algorithm == "async-diloco" else self.round,
+                             version=version, site_round=self.round,
                              bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
-                             seconds=round(seconds, 6), step=self.local_step, crc32=crc)
+                             seconds=round(seconds, 6), step=self.local_step, crc32=fingerprint(self.global_flat),
+                             codec=self.codec)
+        if self.algorithm == "async-diloco":  # our own count of merges; the version is the coordinator's
+            self.version = version
+            self.round += 1
+            return
         if version != self.round + 1:  # caught up: the rounds in between were committed without us
             self.local_step = version * self.H
         self.round = version
 
-    def _exchange(self, pseudo_grad: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Send this round's update and get the committed global model, surviving a coordinator restart.
+    def _encode_update(self, update: torch.Tensor, key: int = 0):
+        """Compress an update for the wire (with this site's error feedback), or None for fp32."""
+        if self.codec == "fp32":
+            return None
+        from geotrain.compress import ErrorFeedback, encode
 
+        if not self.error_feedback:
+            return encode(update, self.codec, self.block)
+        ef = self._ef.setdefault(key, ErrorFeedback(update.numel()))
+        return ef.encode(update, self.codec, self.block)
+
+    def _exchange(self, pseudo_grad: torch.Tensor, base: torch.Tensor, fragment: int = 0,
+                  round: int | None = None) -> tuple[torch.Tensor, int]:
+        """Send this round's update and get the committed global parameters, surviving a coordinator restart.
+
+        Returns (new global parameters for ``base``'s elements, global version).
         - coordinator unreachable: retry the same update with backoff (until recovery.retry_deadline_s);
           if the round was committed meanwhile, the retry is refused as stale and we fetch the result;
         - our update is refused (stale, or we were dropped from the round): rejoin and fetch the current
           global model; the local progress of this round is discarded, never applied late;
         - duplicate (the coordinator has our update, the reply was lost): wait for the commit.
         """
+        rnd = self.round if round is None else round
+        base_version = self.version if self.algorithm == "async-diloco" else rnd
+        encoded = self._encode_update(pseudo_grad, fragment)
         deadline = time.monotonic() + self.ctx.retry_deadline_s
         delay, failed_at = 0.2, None
+        sl = self._slices[fragment] if self._slices else slice(None)
         while True:
             try:
-                p = self.client.merge(pseudo_grad, round=self.round, kind="pseudo_grad", version=self.round)
-                result = (p.tensor(), self.round + 1, p.crc32)
+                p = self.client.merge(None if encoded is not None else pseudo_grad, round=rnd, kind="pseudo_grad",
+                                      version=base_version, encoded=encoded, fragment=fragment)
+                new = base + p.tensor() if p.kind == "delta" else p.tensor()
+                result = (new, p.version)
             except CoordinatorUnavailable as exc:
                 if failed_at is None:
                     failed_at = time.time()
@@ -360,18 +439,86 @@ class DiLoCo:
                 continue
             except StaleRound as exc:
                 if "duplicate" in str(exc):
-                    p = self.client.get_model(min_version=self.round + 1)
+                    p = self.client.get_model(min_version=self.version + 1)
                 else:
-                    self.events.emit("merge_discarded", site=self.ctx.site, round=self.round, reason=str(exc))
+                    self.events.emit("merge_discarded", site=self.ctx.site, round=rnd, reason=str(exc))
                     resp = self.client.join(self.ctx.workers)
                     p = self.client.get_model(min_version=resp.start_version)
-                result = (p.tensor(), p.version, p.crc32)
+                self._ef.pop(fragment, None)  # what error feedback held belonged to the discarded update
+                result = (p.tensor()[sl].clone(), p.version)
             if failed_at is not None:
                 now = time.time()
                 self.events.emit("recovery", what="coordinator", target="coordinator", failure_t=failed_at,
                                  recovered_t=now, seconds=round(now - failed_at, 3), site=self.ctx.site,
                                  rounds_lost=0)
             return result
+
+    # ---- Streaming DiLoCo (arXiv 2501.18512) ----
+    def _stream_step(self) -> bool:
+        """Finish the fragment exchanges due now, then start the ones whose turn it is."""
+        finished = False
+        for frag, (future, due, t0) in list(self._inflight.items()):
+            if self.local_step >= due:
+                self._finish_fragment(frag, future, t0)
+                finished = True
+        period = self.local_step % self.H
+        for frag in range(self.P):
+            if period == self._offsets[frag] and self.local_step > 0 and frag not in self._inflight \
+                    and self._frag_rounds[frag] < self.ctx.rounds:
+                sl = self._slices[frag]
+                future = None
+                if self.ctx.is_leader:
+                    local = flatten(self.params)[sl]
+                    pseudo = self.global_flat[sl] - local
+                    base = self.global_flat[sl].clone()
+                    future = self._pool.submit(self._exchange, pseudo, base, frag, self._frag_rounds[frag])
+                self._inflight[frag] = (future, self.local_step + self.tau, time.perf_counter())
+                if self.tau == 0:
+                    self._finish_fragment(frag, future, time.perf_counter())
+                    finished = True
+        return finished
+
+    def _finish_fragment(self, frag: int, future, t0: float) -> None:
+        sl = self._slices[frag]
+        t_wait = time.perf_counter()
+        new = None
+        if self.ctx.is_leader:
+            sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
+            new, _version = future.result()
+        numel = sl.stop - sl.start
+        new = self._site_broadcast(new if new is not None else None, like=None, numel=numel)
+        local = flatten(self.params)
+        mixed = local.clone()
+        mixed[sl] = self.alpha * local[sl] + (1.0 - self.alpha) * new
+        unflatten_into(mixed, self.params)
+        self.global_flat[sl] = new
+        waited = time.perf_counter() - t_wait  # only the part of the exchange that compute did not hide
+        self.wan_wait_s += waited
+        self._step_wan_s += waited
+        del self._inflight[frag]
+        if self.ctx.is_leader:
+            self.events.emit("merge", site=self.ctx.site, round=self._frag_rounds[frag], fragment=frag,
+                             version=self._frag_rounds[frag] + 1, seconds=round(waited, 6),
+                             exchange_s=round(time.perf_counter() - t0, 6), step=self.local_step,
+                             bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
+                             codec=self.codec, crc32=fingerprint(new))
+        self._frag_rounds[frag] += 1
+        self.round = min(self._frag_rounds)
+
+    def global_parameters(self):
+        """Context manager: the model holds the global parameters inside (for evaluation), its own after."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def swap():
+            local = flatten(self.params)
+            unflatten_into(self.global_flat, self.params)
+            try:
+                yield self.model
+            finally:
+                unflatten_into(local, self.params)
+
+        return swap()
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         """Average gradients inside the site (and, for ddp, across sites) before the inner step."""
@@ -404,12 +551,12 @@ class DiLoCo:
             p.grad.copy_(flat[offset:offset + n].view_as(p))
             offset += n
 
-    def _site_broadcast(self, tensor: torch.Tensor | None, like=None) -> torch.Tensor:
+    def _site_broadcast(self, tensor: torch.Tensor | None, like=None, numel: int | None = None) -> torch.Tensor:
         """Rank 0's tensor on every rank of the site (a no-op for one-worker sites)."""
         if self.ctx.workers == 1:
             return tensor
         if tensor is None:
-            numel = sum(p.numel() for p in like)
+            numel = numel if numel is not None else sum(p.numel() for p in like)
             tensor = torch.empty(numel, dtype=torch.float32)
         dev = "cuda" if self.ctx.device == "cuda" else "cpu"
         buf = tensor.to(dev)

@@ -42,6 +42,10 @@ def worker_env(topo: Topology, site: SiteConfig, rank: int, *, run_dir: Path, to
         GEOTRAIN_CHECKPOINT_KEEP=str(ck.keep), GEOTRAIN_TOPOLOGY_SHA256=topo.digest(),
         GEOTRAIN_RETRY_DEADLINE_S=str(rec.retry_deadline_s),
         GEOTRAIN_RPC_TIMEOUT_S=str(max(300.0, tr.round_timeout_s * 2)),
+        GEOTRAIN_CODEC=tr.compression.codec, GEOTRAIN_CODEC_BLOCK=str(tr.compression.block),
+        GEOTRAIN_ERROR_FEEDBACK="1" if tr.compression.error_feedback else "0",
+        GEOTRAIN_FRAGMENTS=str(tr.streaming.fragments), GEOTRAIN_OVERLAP_STEPS=str(tr.streaming.overlap_steps),
+        GEOTRAIN_ALPHA=str(tr.streaming.alpha),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(site.workers),
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
     )

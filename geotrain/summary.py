@@ -26,8 +26,17 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
     evals = sorted((e for e in events if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
     steps = [e for e in events if e["event"] == "inner_step"]
     merges = [e for e in events if e["event"] == "merge"]
-    committed = len({c["round"] for c in commits})  # a resumed run redoes the rounds after its checkpoint
-    rounds = committed if tr.algorithm == "diloco" else committed // tr.inner_steps
+    # distinct commits: a resumed run redoes the rounds after its checkpoint
+    committed = len({(c.get("fragment", 0), c["round"]) for c in commits})
+    if tr.algorithm == "ddp":
+        rounds = committed // tr.inner_steps
+    elif tr.algorithm == "streaming-diloco":
+        rounds = committed // tr.streaming.fragments
+    elif tr.algorithm == "async-diloco":  # every site did this many merges at least
+        rounds = min((sum(1 for e in events if e["event"] == "merge" and e.get("site") == s.name) for s in topo.sites),
+                     default=0)
+    else:
+        rounds = committed
     sites = {}
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]

@@ -268,6 +268,25 @@ def _grid_text(grid_json: list[dict]) -> str:
     return " ".join(f"--grid {g['path']}={','.join(g['values'])}" for g in grid_json) or "(none)"
 
 
+def input_digest(topology: Path, overrides: Sequence[str]) -> str:
+    """sha256 of a point's topology as written: the file's YAML data with the overrides applied.
+
+    Resume compares this, not :meth:`Topology.digest`: the validated model also holds every
+    default, so a geotrain upgrade that adds a field would otherwise make every sweep
+    unresumable. Comments and formatting of the file do not count; a changed value does.
+    """
+    import hashlib
+
+    import yaml
+
+    from geotrain.topology import apply_override
+
+    raw = yaml.safe_load(Path(topology).read_text())
+    for item in overrides:
+        raw = apply_override(raw, item, source=str(topology))
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def new_state(topology: Path, sets: Sequence[str], grid: Sequence[GridEntry], points: Sequence[Point],
               topos: Sequence) -> dict:
     return {
@@ -278,6 +297,7 @@ def new_state(topology: Path, sets: Sequence[str], grid: Sequence[GridEntry], po
         "created_at": _now(),
         "updated_at": _now(),
         "points": [{"index": p.index, "slug": p.slug, "values": dict(p.values), "overrides": p.overrides,
+                    "input_sha256": input_digest(topology, [*sets, *p.overrides]),
                     "topology_sha256": t.digest(), "run_dir": f"runs/{p.slug}", "status": "pending",
                     "attempts": 0, "reason": None, "elapsed_seconds": None, "started_at": None,
                     "finished_at": None, "result": None}
@@ -299,7 +319,7 @@ def load_state(out: Path) -> dict | None:
 
 
 def check_compatible(state: dict, out: Path, topology: Path, sets: Sequence[str], grid: Sequence[GridEntry],
-                     points: Sequence[Point], topos: Sequence) -> None:
+                     points: Sequence[Point]) -> None:
     """Refuse to continue a sweep in ``out`` that was started with another grid, topology or --set."""
     advice = f"use another --out for a different sweep (or remove {out} to start this one over)"
     if state.get("grid") != _grid_json(grid):
@@ -307,7 +327,8 @@ def check_compatible(state: dict, out: Path, topology: Path, sets: Sequence[str]
                          f"{_grid_text(state.get('grid') or [])}, this command gives {_grid_text(_grid_json(grid))}; "
                          f"{advice}")
     old = state["points"]
-    if len(old) != len(points) or any(o.get("topology_sha256") != t.digest() for o, t in zip(old, topos)):
+    if len(old) != len(points) or any(o.get("input_sha256") != input_digest(topology, [*sets, *p.overrides])
+                                      for o, p in zip(old, points)):
         was = f"{state.get('topology')}" + "".join(f" --set {s}" for s in state.get("set") or [])
         now = f"{topology}" + "".join(f" --set {s}" for s in sets)
         raise SweepError(f"{out} holds a sweep of another topology: it was started with {was}, and the points of "
@@ -595,7 +616,7 @@ def run_sweep(topology: Path, grid_texts: Sequence[str], sets: Sequence[str] = (
         raise SweepError(f"--out {out}: exists and is not a directory")
     state = load_state(out) if out.is_dir() else None
     if state is not None:
-        check_compatible(state, out, topology, sets, grid, points, topos)
+        check_compatible(state, out, topology, sets, grid, points)
     elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise SweepError(f"--out {out}: not empty and not a sweep directory (no {STATE_FILE}); "
                          f"give a new or empty directory")

@@ -119,9 +119,47 @@ class OuterOptimizerConfig(_Node):
     nesterov: bool = True
 
 
+class CompressionConfig(_Node):
+    """What crosses the WAN in a merge (docs/algorithms.md). The sum is always accumulated in float32."""
+
+    codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = "fp32"
+    block: int = Field(default=256, ge=1, le=1 << 20)
+    """Elements per scale block for int8/int4."""
+    error_feedback: bool = True
+    """Keep what quantisation lost and add it to the next update (per site, and on the way back)."""
+
+
+class AsyncConfig(_Node):
+    """Asynchronous Local-SGD (arXiv 2401.09135)."""
+
+    staleness_weight: Literal["inverse", "none"] = "inverse"
+    """Scale an update based on a version `s` behind the current one by 1/(1+s), or not at all."""
+    delayed_nesterov: bool = True
+    """The paper's delayed Nesterov: momentum is updated once every N updates (N = sites) with their mean;
+    in between each update is applied as a plain step of lr/N."""
+    dynamic_local_steps: bool = False
+    """The paper's dynamic local updates: a site with `slowdown` f does H/f inner steps per merge."""
+
+
+class StreamingConfig(_Node):
+    """Streaming DiLoCo (arXiv 2501.18512)."""
+
+    fragments: int = Field(default=4, ge=1, le=64)
+    """P: the model's parameter tensors are split into P fragments synced in turn, H/P steps apart."""
+    overlap_steps: int = Field(default=1, ge=0)
+    """τ: inner steps that run while a fragment's exchange is in flight (must be < H)."""
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Mixing: θ_local ← α·θ_local + (1−α)·θ_global for the fragment when its result arrives."""
+
+
 class TrainingConfig(_Node):
-    algorithm: Literal["diloco", "ddp"] = "diloco"
-    """`diloco`: sites merge every `inner_steps`; `ddp`: gradients are averaged across the WAN every step (the baseline)."""
+    algorithm: Literal["diloco", "ddp", "async-diloco", "streaming-diloco"] = "diloco"
+    """`diloco`: sites merge every `inner_steps`; `ddp`: gradients are averaged across the WAN every step (the
+    baseline); `async-diloco`: each site merges as soon as it is done, the coordinator applies updates as they
+    arrive; `streaming-diloco`: fragments of the model are merged in turn, overlapped with compute."""
+    compression: CompressionConfig = CompressionConfig()
+    asynchronous: AsyncConfig = Field(default=AsyncConfig(), alias="async")
+    streaming: StreamingConfig = StreamingConfig()
     inner_optimizer: InnerOptimizerConfig = InnerOptimizerConfig()
     outer_optimizer: OuterOptimizerConfig = OuterOptimizerConfig()
     inner_steps: int = Field(default=10, ge=1)
@@ -442,6 +480,13 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
         raise TopologyError(f"{source}: model.n_embd: must be a multiple of model.n_head ({m.n_head}), got {m.n_embd}")
     if topo.data.source == "files" and not topo.data.paths:
         raise TopologyError(f"{source}: data.paths: `source: files` needs at least one path")
+    st = topo.training.streaming
+    if topo.training.algorithm == "streaming-diloco" and st.overlap_steps >= topo.training.inner_steps:
+        raise TopologyError(f"{source}: training.streaming.overlap_steps: must be less than training.inner_steps "
+                            f"({topo.training.inner_steps}), got {st.overlap_steps}")
+    if topo.training.algorithm == "ddp" and topo.training.compression.codec != "fp32":
+        raise TopologyError(f"{source}: training.compression.codec: compression applies to DiLoCo merges; "
+                            f"`ddp` sends fp32 gradients, got {topo.training.compression.codec!r}")
     if topo.recovery.min_sites > len(topo.sites):
         raise TopologyError(f"{source}: recovery.min_sites: {topo.recovery.min_sites} is more than the "
                             f"{len(topo.sites)} sites of this topology")

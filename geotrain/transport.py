@@ -23,27 +23,56 @@ CHUNK_BYTES = 1 << 20  # 1 MiB: far under gRPC's 4 MiB message limit, large enou
 
 @dataclass
 class Payload:
-    """A received tensor stream: its header fields and the flat float32 data."""
+    """A received tensor stream: its header fields and the data (float32, or encoded bytes)."""
 
     site: str
     round: int
     kind: str
     version: int
-    data: np.ndarray  # float32, 1-D
+    data: np.ndarray  # float32 1-D when codec is fp32, else the encoded bytes (uint8)
     crc32: int = 0  # CRC32 of the payload bytes (verified on receipt): a cheap fingerprint of the weights
+    codec: str = "fp32"
+    block: int = 0
+    numel: int = 0
+    fragment: int = 0
+    staleness: int = 0
 
     def tensor(self) -> torch.Tensor:
-        return torch.from_numpy(self.data)
+        """The payload as float32 (decoded if it travelled compressed)."""
+        if self.codec == "fp32":
+            return torch.from_numpy(self.data)
+        from geotrain.compress import Encoded, decode
+
+        return decode(Encoded(codec=self.codec, numel=self.numel, block=self.block, payload=self.data.tobytes()))
+
+    @property
+    def wire_bytes(self) -> int:
+        return int(self.data.nbytes)
 
 
 def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, kind: str,
-           version: int = 0, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Yield the messages of one stream: the header (with the first chunk), then the rest."""
-    if isinstance(data, torch.Tensor):
-        data = data.detach().to("cpu", torch.float32).contiguous().numpy()
-    buf = memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
-    header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="float32",
-                             crc32=zlib.crc32(buf), version=version)
+           version: int = 0, chunk_bytes: int = CHUNK_BYTES, encoded=None, fragment: int = 0,
+           staleness: int = 0) -> Iterator[pb.TensorChunk]:
+    """Yield the messages of one stream: the header (with the first chunk), then the rest.
+
+    ``encoded`` (a :class:`geotrain.compress.Encoded`) sends compressed bytes instead of ``data``.
+    """
+    if encoded is not None and encoded.codec != "fp32":
+        buf = memoryview(encoded.payload)
+        header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="encoded",
+                                 crc32=zlib.crc32(buf), version=version, codec=encoded.codec, block=encoded.block,
+                                 numel=encoded.numel, fragment=fragment, staleness=staleness)
+    else:
+        if encoded is not None:
+            from geotrain.compress import decode as _dec
+
+            data = _dec(encoded)
+        if isinstance(data, torch.Tensor):
+            data = data.detach().to("cpu", torch.float32).contiguous().numpy()
+        buf = memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
+        header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="float32",
+                                 crc32=zlib.crc32(buf), version=version, codec="fp32", numel=len(buf) // 4,
+                                 fragment=fragment, staleness=staleness)
     if len(buf) == 0:
         yield pb.TensorChunk(header=header)
         return
@@ -65,7 +94,7 @@ def decode(messages: Iterable[pb.TensorChunk], *, where: str = "") -> Payload:
     if not first.HasField("header"):
         raise TransferCorrupt(f"{where}: tensor stream does not start with a header")
     h = first.header
-    if h.dtype != "float32" or h.total_bytes % 4:
+    if not ((h.dtype == "float32" and h.total_bytes % 4 == 0) or h.dtype == "encoded"):
         raise TransferCorrupt(f"{where}: unsupported payload dtype {h.dtype!r} / size {h.total_bytes}")
     out = bytearray(h.total_bytes)
     received = 0
@@ -85,8 +114,10 @@ def decode(messages: Iterable[pb.TensorChunk], *, where: str = "") -> Payload:
         raise TransferCorrupt(f"{where}: stream ended after {received} of {h.total_bytes} bytes (site {h.site!r}, round {h.round})")
     if zlib.crc32(out) != h.crc32:
         raise TransferCorrupt(f"{where}: payload failed its CRC32 (site {h.site!r}, round {h.round})")
-    data = np.frombuffer(out, dtype=np.float32)
-    return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data, crc32=h.crc32)
+    data = np.frombuffer(out, dtype=np.float32 if h.dtype == "float32" else np.uint8)
+    return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data, crc32=h.crc32,
+                   codec=h.codec or "fp32", block=h.block, numel=h.numel or len(data), fragment=h.fragment,
+                   staleness=h.staleness)
 
 
 def _chain(first, rest):

@@ -34,7 +34,7 @@ def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None
 
         tensors, state = load_part(checkpoint_dir(topo, run_dir), resume_round, COORDINATOR_PART)
         return CoordinatorState(round=state["round"], params=tensors["model"]["params"],
-                                momentum=tensors.get("outer", {}).get("momentum"))
+                                momentum=tensors.get("outer", {}).get("momentum"), version=state["round"])
     if run_dir is not None:
         return StateStore(run_dir / "coordinator").load()
     return None
@@ -74,7 +74,12 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                                                                seconds=round(sec, 6), bytes=size))
     cfg = CoordinatorConfig(sites=tuple(topo.site_names), algorithm=topo.training.algorithm,
                             outer=topo.training.outer_optimizer, round_timeout_s=topo.training.round_timeout_s,
-                            min_sites=topo.recovery.min_sites, checkpoint_every=topo.checkpoint.every_rounds)
+                            min_sites=topo.recovery.min_sites, checkpoint_every=topo.checkpoint.every_rounds,
+                            codec=topo.training.compression.codec, block=topo.training.compression.block,
+                            error_feedback=topo.training.compression.error_feedback,
+                            fragments=topo.training.streaming.fragments,
+                            staleness_weight=topo.training.asynchronous.staleness_weight,
+                            delayed_nesterov=topo.training.asynchronous.delayed_nesterov)
     service = CoordinatorService(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
     server, port = create_server(service, bind)
     if control is not None:

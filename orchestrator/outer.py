@@ -36,16 +36,59 @@ class OuterOptimizer:
         self.nesterov = cfg.nesterov
         self.buf: torch.Tensor | None = None
 
-    def step(self, params: torch.Tensor, outer_grad: torch.Tensor) -> torch.Tensor:
-        """Return the new parameters for the averaged pseudo-gradient ``outer_grad``."""
+    def step(self, params: torch.Tensor, outer_grad: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+        """Return new parameters for the averaged pseudo-gradient ``outer_grad`` of ``params[sl]``.
+
+        ``sl`` (Streaming DiLoCo) steps one fragment: only that slice of the momentum buffer moves.
+        """
         if self.momentum == 0:
-            return params - self.lr * outer_grad
-        self.buf = outer_grad.clone() if self.buf is None else self.buf.mul_(self.momentum).add_(outer_grad)
-        update = outer_grad + self.momentum * self.buf if self.nesterov else self.buf
-        return params - self.lr * update
+            out = params.clone()
+            out[sl] = params[sl] - self.lr * outer_grad
+            return out
+        if self.buf is None:
+            self.buf = torch.zeros_like(params)
+            self.buf[sl] = outer_grad
+        else:
+            self.buf[sl].mul_(self.momentum).add_(outer_grad)
+        update = outer_grad + self.momentum * self.buf[sl] if self.nesterov else self.buf[sl]
+        out = params.clone()
+        out[sl] = params[sl] - self.lr * update
+        return out
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "buf": self.buf}
 
     def load_state_dict(self, state: dict) -> None:
         self.buf = state.get("buf")
+
+
+class DelayedNesterov:
+    """The outer optimizer of asynchronous DiLoCo (Async Local-SGD, arXiv 2401.09135, "delayed Nesterov").
+
+    Updates arrive one site at a time. Each is applied at once as a plain step ``θ ← θ − lr·Δ/N``
+    (N = number of sites), and also accumulated; every N updates the momentum absorbs their mean and
+    the Nesterov look-ahead is applied: ``b ← μ·b + mean(Δ)``, ``θ ← θ − lr·μ·b``. With N updates that
+    arrive in lock-step this is exactly the synchronous outer step ``θ ← θ − lr·(mean(Δ) + μ·b)``.
+    ``weight`` (e.g. 1/(1+staleness)) scales an update before anything else.
+    """
+
+    def __init__(self, cfg: OuterOptimizerConfig, n: int, delayed: bool = True):
+        self.lr, self.momentum, self.n, self.delayed = cfg.lr, cfg.momentum, max(1, n), delayed
+        self.buf: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None
+        self.count = 0
+
+    def step(self, params: torch.Tensor, delta: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        g = delta * weight if weight != 1.0 else delta
+        if not self.delayed:  # plain Nesterov on every update
+            self.buf = g.clone() if self.buf is None else self.buf.mul_(self.momentum).add_(g)
+            return params - self.lr * (g + self.momentum * self.buf) / self.n
+        params = params - (self.lr / self.n) * g
+        self.acc = g.clone() if self.acc is None else self.acc.add_(g)
+        self.count += 1
+        if self.count >= self.n:
+            mean = self.acc / self.count
+            self.buf = mean.clone() if self.buf is None else self.buf.mul_(self.momentum).add_(mean)
+            params = params - self.lr * self.momentum * self.buf
+            self.acc, self.count = None, 0
+        return params

@@ -25,6 +25,8 @@ class CoordinatorState:
     momentum: torch.Tensor | None
     epoch: int = 0
     members: tuple[str, ...] = ()
+    lane_rounds: tuple[int, ...] = ()  # streaming-diloco: each fragment's round
+    version: int = 0  # commits so far (== round unless streaming or async)
 
 
 class StateStore:
@@ -41,7 +43,8 @@ class StateStore:
             tensors["momentum"] = st.momentum.contiguous()
         tmp = self.dir / f".state-{os.getpid()}.safetensors"
         save_file(tensors, str(tmp))
-        meta = {"round": st.round, "epoch": st.epoch, "members": list(st.members)}
+        meta = {"round": st.round, "epoch": st.epoch, "members": list(st.members), "lane_rounds": list(st.lane_rounds),
+                "version": st.version}
         # The metadata names the tensor file of the same round; both are renamed in order.
         if self.fsync:
             with open(tmp, "rb") as f:
@@ -62,4 +65,5 @@ class StateStore:
         path = self.dir / f"state-{meta['round']}.safetensors"
         tensors = load_file(str(path)) if path.exists() else {}
         return CoordinatorState(round=meta["round"], params=tensors.get("params"), momentum=tensors.get("momentum"),
-                                epoch=meta.get("epoch", 0), members=tuple(meta.get("members", ())))
+                                epoch=meta.get("epoch", 0), members=tuple(meta.get("members", ())),
+                                lane_rounds=tuple(meta.get("lane_rounds", ())), version=meta.get("version", meta["round"]))

@@ -1,9 +1,20 @@
 """The coordinator's gRPC service: it holds the global model and commits rounds.
 
 The servicer only moves bytes and feeds events into the pure decisions of
-:mod:`geotrain.orchestrator.rounds`; the outer step is :mod:`geotrain.orchestrator.outer`.
-One lock and one condition variable guard the state; a Merge call blocks (in its own server
-thread) until its round is committed or times out, then streams the result back.
+:mod:`geotrain.orchestrator.rounds`; the outer steps are :mod:`geotrain.orchestrator.outer`.
+One lock and one condition variable guard the state; a synchronous Merge call blocks (in its
+own server thread) until its round is committed or fails, then streams the result back.
+
+Algorithms (docs/algorithms.md):
+- ``diloco`` / ``ddp``: one *lane* of rounds over the whole parameter vector;
+- ``streaming-diloco``: one lane per fragment (a contiguous slice of the flat parameter vector),
+  each with its own rounds, membership and slice of the outer momentum;
+- ``async-diloco``: no rounds: every update is applied as it arrives (delayed Nesterov, weighted
+  by staleness) and answered at once with the current global parameters.
+Compression: updates may arrive encoded (geotrain.compress); they are decoded and summed in fp32.
+With a codec other than fp32, a synchronous merge answers with the *change* of the global
+parameters, encoded with the same codec (with error feedback), and the coordinator applies
+exactly the decoded change to its own copy, so that it and every site hold identical weights.
 """
 
 from __future__ import annotations
@@ -12,9 +23,10 @@ import logging
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -23,7 +35,7 @@ from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import TransferCorrupt
 from geotrain.events import EventLog
-from geotrain.orchestrator.outer import OuterOptimizer, mean_of
+from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer, mean_of
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.rounds import RoundState, admit, join, next_round, record_arrival, round_ready
 from geotrain.topology import OuterOptimizerConfig
@@ -45,6 +57,29 @@ class CoordinatorConfig:
     min_sites: int | None = None  # None: every member must report (no partial commits)
     epoch: int = 0
     checkpoint_every: int = 0
+    codec: str = "fp32"
+    block: int = 256
+    error_feedback: bool = True
+    fragments: int = 1  # streaming-diloco: P
+    staleness_weight: str = "inverse"  # async-diloco
+    delayed_nesterov: bool = True  # async-diloco
+
+
+def fragment_slices(numel: int, fragments: int) -> list[slice]:
+    """P contiguous, near-equal slices of the flat parameter vector (sites compute the same)."""
+    bounds = np.linspace(0, numel, fragments + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class Lane:
+    """The rounds of one fragment (the whole model unless streaming)."""
+
+    index: int
+    state: RoundState
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    results: dict[int, tuple[int, object]] = field(default_factory=dict)  # round -> (version, result)
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -61,19 +96,34 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.checkpoints = checkpoints
         self.params: torch.Tensor | None = None
         self.outer = OuterOptimizer(cfg.outer)
-        self.state = RoundState(expected=frozenset(cfg.sites))
+        self.async_outer = DelayedNesterov(cfg.outer, len(cfg.sites), cfg.delayed_nesterov)
+        self.is_async = cfg.algorithm == "async-diloco"
+        n_lanes = cfg.fragments if cfg.algorithm == "streaming-diloco" else 1
+        lane_rounds = [0] * n_lanes
+        self.version = 0
         if resume is not None:
             self.params = resume.params
             self.outer.buf = resume.momentum
-            self.state = RoundState(round=resume.round, expected=frozenset(cfg.sites))
+            self.async_outer.buf = resume.momentum
+            lane_rounds = list(resume.lane_rounds) if resume.lane_rounds else [resume.round] * n_lanes
+            self.version = resume.round if not resume.lane_rounds else resume.version
+        self.lanes = [Lane(i, RoundState(round=r, expected=frozenset(cfg.sites))) for i, r in enumerate(lane_rounds)]
+        self.ef_down = None  # error feedback on the way back (compressed sync merges)
         self.fenced = False
         self.dropped: dict[str, tuple[float, int]] = {}  # site -> (when dropped, round dropped at)
-        self.updates: dict[str, torch.Tensor] = {}
-        self.results: dict[int, tuple[int, torch.Tensor]] = {}  # round -> (version, payload)
-        self.failed: dict[int, str] = {}  # round -> reason it failed
         self.bytes_in = 0
         self.bytes_out = 0
         self._cond = threading.Condition()
+
+    # ---- compatibility views (one lane) ----
+    @property
+    def state(self) -> RoundState:
+        return self.lanes[0].state
+
+    def _slice(self, lane: Lane) -> slice:
+        if len(self.lanes) == 1:
+            return slice(None)
+        return fragment_slices(self.params.numel(), len(self.lanes))[lane.index]
 
     # ---- RPCs ----
     def Join(self, request, context):
@@ -81,124 +131,197 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if request.site not in self.cfg.sites:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {request.site!r} is not in the topology "
                                                                  f"({', '.join(self.cfg.sites)})")
-            self.state, start_version, decision = join(self.state, request.site)
+            starts, decision = [], None
+            for lane in self.lanes:
+                lane.state, start, decision = join(lane.state, request.site)
+                starts.append(start)
+            start_version = self.version if self.is_async or len(self.lanes) > 1 else starts[0]
             self.events.emit("site_joined", site=request.site, workers=request.workers, pid=request.pid,
                              round=self.state.round, start_version=start_version, decision=decision.action)
             if request.site in self.dropped:
                 failed_t, failed_round = self.dropped.pop(request.site)
                 now = time.time()
                 self.events.emit("recovery", what="site", target=request.site, failure_t=failed_t, recovered_t=now,
-                                 seconds=round(now - failed_t, 3), rounds_lost=start_version - failed_round)
-            return pb.JoinResponse(round=self.state.round, version=self.state.version, start_version=start_version,
-                                   has_model=self.params is not None, algorithm=self.cfg.algorithm, epoch=self.cfg.epoch)
+                                 seconds=round(now - failed_t, 3), rounds_lost=max(0, starts[0] - failed_round))
+            return pb.JoinResponse(round=self.state.round, version=self.version, start_version=start_version,
+                                   has_model=self.params is not None, algorithm=self.cfg.algorithm, epoch=self.cfg.epoch,
+                                   fragment_rounds=starts)
 
     def InitModel(self, request_iterator, context):
         payload = self._receive(request_iterator, context, "InitModel")
         with self._cond:
             if self.params is not None:
-                return pb.InitModelResponse(accepted=False, version=self.state.version)
+                return pb.InitModelResponse(accepted=False, version=self.version)
             self.params = payload.tensor().clone()
             self.events.emit("model_initialised", site=payload.site, numel=int(self.params.numel()))
             self._cond.notify_all()
-            return pb.InitModelResponse(accepted=True, version=self.state.version)
+            return pb.InitModelResponse(accepted=True, version=self.version)
 
     def GetModel(self, request, context):
         deadline = time.monotonic() + (context.time_remaining() or self.cfg.round_timeout_s)
         with self._cond:
-            while self.params is None or self.state.version < request.min_version:
+            while self.params is None or self.version < request.min_version:
                 left = deadline - time.monotonic()
                 if left <= 0 or not context.is_active():
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"global version {request.min_version} not available (at {self.state.version})")
+                                  f"global version {request.min_version} not available (at {self.version})")
                 self._cond.wait(timeout=min(left, 0.5))
-            params, version = self.params, self.state.version
+            params, version = self.params, self.version
         yield from self._send(params, kind="params", version=version, round=version)
 
     def Merge(self, request_iterator, context):
         payload = self._receive(request_iterator, context, "Merge")
+        if self.is_async:
+            yield from self._merge_async(payload, context)
+            return
         site, rnd = payload.site, payload.round
         with self._cond:
             if self.fenced:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator was fenced off by a newer one")
-            decision = admit(self.state, site, rnd)
+            if not 0 <= payload.fragment < len(self.lanes):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"fragment {payload.fragment} of {len(self.lanes)}")
+            lane = self.lanes[payload.fragment]
+            decision = admit(lane.state, site, rnd)
             if not decision:
-                self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason)
+                self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason,
+                                 fragment=lane.index)
                 code = grpc.StatusCode.FAILED_PRECONDITION if decision.action in ("stale", "future", "duplicate") \
                     else grpc.StatusCode.PERMISSION_DENIED
                 context.abort(code, f"{decision.action}: {decision.reason}")
-            self.updates[site] = payload.tensor()
-            self.state = record_arrival(self.state, site, time.time())
-            self._maybe_commit()
-            while rnd not in self.results:
-                if rnd in self.failed:
-                    context.abort(grpc.StatusCode.ABORTED, self.failed[rnd])
+            lane.updates[site] = payload.tensor()
+            lane.state = record_arrival(lane.state, site, time.time())
+            self._maybe_commit(lane)
+            while rnd not in lane.results:
+                if rnd in lane.failed:
+                    context.abort(grpc.StatusCode.ABORTED, lane.failed[rnd])
                 if not context.is_active():
                     return
                 self._cond.wait(timeout=0.2)
-                self._maybe_commit()
-            version, result = self.results[rnd]
-        kind = "params" if self.cfg.algorithm == "diloco" else "grad"
-        yield from self._send(result, kind=kind, version=version, round=rnd)
+                self._maybe_commit(lane)
+            version, result = lane.results[rnd]
+        kind = "grad" if self.cfg.algorithm == "ddp" else ("delta" if self.cfg.codec != "fp32" else "params")
+        yield from self._send(result, kind=kind, version=version, round=rnd, fragment=lane.index)
 
     def Status(self, request, context):
         with self._cond:
-            return pb.StatusResponse(round=self.state.round, version=self.state.version,
+            return pb.StatusResponse(round=self.state.round, version=self.version,
                                      sites=sorted(self.state.expected), pending=sorted(self.state.arrived),
                                      bytes_in=self.bytes_in, bytes_out=self.bytes_out)
 
+    # ---- asynchronous DiLoCo ----
+    def _merge_async(self, payload, context):
+        site = payload.site
+        with self._cond:
+            if self.fenced:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator was fenced off by a newer one")
+            if site not in self.cfg.sites or self.params is None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown_site: {site!r} cannot merge here")
+            staleness = max(0, self.version - payload.version)
+            weight = 1.0 / (1.0 + staleness) if self.cfg.staleness_weight == "inverse" else 1.0
+            t0 = time.time()
+            self.params = self.async_outer.step(self.params, payload.tensor(), weight)
+            rnd = self.version
+            self.version += 1
+            self.lanes[0].state = RoundState(round=self.version, expected=self.state.expected)
+            self._persist()
+            self.events.emit("commit", round=rnd, version=self.version, sites=[site], staleness=staleness,
+                             weight=round(weight, 6), crc32=transport.fingerprint(self.params), epoch=self.cfg.epoch,
+                             wait_s=0.0, apply_s=round(time.time() - t0, 6))
+            if self.on_commit is not None and self.on_commit(rnd, self.version) is False:
+                self.fenced = True
+                context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator was fenced off by a newer one")
+            self._maybe_checkpoint()
+            params, version = self.params, self.version
+            self._cond.notify_all()
+        yield from self._send(params, kind="params", version=version, round=rnd, staleness=staleness)
+
     # ---- internals (called with the lock held) ----
-    def _maybe_commit(self) -> None:
-        decision = round_ready(time.time(), self.state, self.cfg.round_timeout_s, self.cfg.min_sites)
+    def _maybe_commit(self, lane: Lane) -> None:
+        decision = round_ready(time.time(), lane.state, self.cfg.round_timeout_s, self.cfg.min_sites)
         if decision.action == "wait":
             return
-        rnd = self.state.round
+        rnd = lane.state.round
         if decision.action == "timeout":
-            self.failed[rnd] = decision.reason
-            self.events.emit("round_failed", round=rnd, reason=decision.reason)
+            lane.failed[rnd] = decision.reason
+            self.events.emit("round_failed", round=rnd, reason=decision.reason, fragment=lane.index)
             self._cond.notify_all()
             return
         t0 = time.time()
-        mean = mean_of(self.updates)
-        if self.cfg.algorithm == "diloco":
+        mean = mean_of(lane.updates)
+        if self.cfg.algorithm == "ddp":
+            result = mean
+        else:
             if self.params is None:
-                self.failed[rnd] = "no global model to apply the outer step to"
+                lane.failed[rnd] = "no global model to apply the outer step to"
                 self._cond.notify_all()
                 return
-            self.params = self.outer.step(self.params, mean)
-            result = self.params
-        else:
-            result = mean
-        arrived = self.state.arrived
-        dropped = frozenset(self.state.expected - set(arrived))
-        self.state = next_round(self.state, dropped)
+            sl = self._slice(lane)
+            new = self.outer.step(self.params, mean, sl)
+            if self.cfg.codec == "fp32":
+                self.params = new
+                result = self.params[sl]
+            else:  # send the change, compressed; apply exactly what the sites will apply
+                from geotrain.compress import ErrorFeedback, decode, encode
+
+                delta = (new[sl] - self.params[sl]).contiguous()
+                if self.cfg.error_feedback:
+                    if self.ef_down is None:
+                        self.ef_down = {}
+                    ef = self.ef_down.setdefault(lane.index, ErrorFeedback(delta.numel()))
+                    result = ef.encode(delta, self.cfg.codec, self.cfg.block)
+                else:
+                    result = encode(delta, self.cfg.codec, self.cfg.block)
+                self.params = self.params.clone()
+                self.params[sl] += decode(result)
+        arrived = lane.state.arrived
+        dropped = frozenset(lane.state.expected - set(arrived))
+        lane.state = next_round(lane.state, dropped)
+        self.version += 1
         now = time.time()
         for site in sorted(dropped):
             self.dropped[site] = (now, rnd)
             self.events.emit("failure", what="site", target=site, happened_t=min(arrived.values()), detected_t=now,
                              reason=decision.reason)
-        if self.store is not None:  # durable before anyone sees the result: a restart never loses it
-            self.store.save(CoordinatorState(round=self.state.round, params=self.params, momentum=self.outer.buf,
-                                             epoch=self.cfg.epoch, members=tuple(sorted(self.state.expected))))
-        if self.on_commit is not None and self.on_commit(rnd, self.state.version) is False:
+        self._persist()  # durable before anyone sees the result: a restart never loses it
+        if self.on_commit is not None and self.on_commit(rnd, self.version) is False:
             self.fenced = True
-            self.failed[rnd] = f"coordinator epoch {self.cfg.epoch} was fenced off by a newer coordinator"
+            lane.failed[rnd] = f"coordinator epoch {self.cfg.epoch} was fenced off by a newer coordinator"
             self.events.emit("fenced", round=rnd, epoch=self.cfg.epoch)
             self._cond.notify_all()
             return
-        self.results[rnd] = (self.state.version, result)
-        self.results.pop(rnd - 2, None)
-        self.updates = {}
-        self.events.emit("commit", round=rnd, version=self.state.version, sites=sorted(arrived),
-                         crc32=transport.fingerprint(result), epoch=self.cfg.epoch,
+        lane.results[rnd] = (self.version if len(self.lanes) == 1 else lane.state.round, result)
+        lane.results.pop(rnd - 2, None)
+        lane.updates = {}
+        if self.cfg.algorithm == "ddp":
+            crc = transport.fingerprint(result)
+        else:  # the weights every site now holds (streaming: of this fragment)
+            crc = transport.fingerprint(self.params[self._slice(lane)] if len(self.lanes) > 1 else self.params)
+        self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
+                         epoch=self.cfg.epoch, fragment=lane.index,
                          wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(time.time() - t0, 6))
-        every = self.cfg.checkpoint_every
-        if self.checkpoints is not None and every and self.state.version % every == 0 and self.params is not None:
-            tensors = {"model": {"params": self.params}}
-            if self.outer.buf is not None:
-                tensors["outer"] = {"momentum": self.outer.buf}
-            self.checkpoints.submit(self.state.version, tensors, {"round": self.state.version, "epoch": self.cfg.epoch,
-                                                                  "members": sorted(self.state.expected)})
+        self._maybe_checkpoint()
         self._cond.notify_all()
+
+    def _persist(self) -> None:
+        if self.store is None:
+            return
+        momentum = self.async_outer.buf if self.is_async else self.outer.buf
+        self.store.save(CoordinatorState(round=self.state.round, params=self.params, momentum=momentum,
+                                         epoch=self.cfg.epoch, members=tuple(sorted(self.state.expected)),
+                                         lane_rounds=tuple(l.state.round for l in self.lanes) if len(self.lanes) > 1 else (),
+                                         version=self.version))
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint_every
+        if self.checkpoints is None or not every or self.params is None or len(self.lanes) > 1 or self.is_async:
+            return  # streaming and async runs checkpoint for restarts (the state store), not for exact resume
+        if self.version % every:
+            return
+        tensors = {"model": {"params": self.params}}
+        if self.outer.buf is not None:
+            tensors["outer"] = {"momentum": self.outer.buf}
+        self.checkpoints.submit(self.version, tensors, {"round": self.version, "epoch": self.cfg.epoch,
+                                                        "members": sorted(self.state.expected)})
 
     def _receive(self, request_iterator, context, what: str):
         try:
@@ -206,13 +329,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except TransferCorrupt as exc:
             context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         with self._cond:
-            self.bytes_in += payload.data.nbytes
+            self.bytes_in += payload.wire_bytes
         return payload
 
-    def _send(self, tensor: torch.Tensor, *, kind: str, version: int, round: int):
+    def _send(self, result, *, kind: str, version: int, round: int, fragment: int = 0, staleness: int = 0):
+        from geotrain.compress import Encoded
+
+        encoded = result if isinstance(result, Encoded) else None
         with self._cond:
-            self.bytes_out += tensor.numel() * 4
-        yield from transport.encode(tensor, site="coordinator", round=round, kind=kind, version=version)
+            self.bytes_out += len(encoded.payload) if encoded is not None else result.numel() * 4
+        yield from transport.encode(None if encoded is not None else result, site="coordinator", round=round, kind=kind,
+                                    version=version, encoded=encoded, fragment=fragment, staleness=staleness)
 
 
 def create_server(service: CoordinatorService, bind: str = "127.0.0.1:0", max_workers: int | None = None):

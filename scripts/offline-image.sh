@@ -10,7 +10,7 @@
 #
 #   scripts/offline-image.sh [IMAGE]      (default geotrain-offline:latest; $GEOTRAIN_OFFLINE_IMAGE)
 #
-# Idempotent: rebuilt every time (it is cheap), the old image's tag simply moves.
+# Idempotent: rebuilt every time (it is cheap); the previous image is removed when unused.
 set -euo pipefail
 IMAGE=${1:-${GEOTRAIN_OFFLINE_IMAGE:-geotrain-offline:latest}}
 start=$(date +%s.%N)
@@ -39,12 +39,19 @@ done
 [ -d /etc/ld.so.conf.d ] && cp -r /etc/ld.so.conf.d "$root/etc/"
 # hosts, hostname and resolv.conf are written by the engine into every container.
 
+previous=$(docker image inspect "$IMAGE" --format '{{.Id}}' 2>/dev/null || true)
 tar --numeric-owner -C "$root" -cf - . | docker import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV HOME=/root' \
   --change 'WORKDIR /' \
   --change 'LABEL org.geotrain.kind=offline org.geotrain.note=bind-mounts-host-usr-python-and-checkout' \
   - "$IMAGE" >/dev/null
+
+# The tag moved to the new image: drop the old one unless a container still uses it.
+current=$(docker image inspect "$IMAGE" --format '{{.Id}}')
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  docker image rm "$previous" >/dev/null 2>&1 || true
+fi
 
 end=$(date +%s.%N)
 size=$(docker image inspect "$IMAGE" --format '{{.Size}}')

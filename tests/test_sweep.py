@@ -318,6 +318,21 @@ def test_a_changed_grid_topology_or_set_is_refused(tmp_path, capsys):
     assert code == 0 and runner.calls == []
 
 
+def test_resume_survives_a_new_defaulted_field_in_the_schema(tmp_path, capsys, monkeypatch):
+    """A geotrain upgrade that adds a field with a default changes Topology.digest; the sweep still resumes."""
+    from geotrain.topology import Topology
+
+    out = tmp_path / "sweep"
+    argv = [str(DEMO), "--grid", "training.inner_steps=10,50", "--out", str(out)]
+    assert sweep(argv, FakeRunner(fail={2}), capsys)[0] == 1
+    digest = Topology.digest
+    monkeypatch.setattr(Topology, "digest", lambda self: "upgraded-" + digest(self))
+    runner = FakeRunner()
+    code, _, err = sweep(argv, runner, capsys)
+    assert code == 0, err
+    assert [c[1] for c in runner.calls] == [["training.inner_steps=50"]]
+
+
 def test_default_out_is_under_runs_with_the_topology_name(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = sweep([str(DEMO), "--grid", "training.inner_steps=10,50"], FakeRunner(), capsys)

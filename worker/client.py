@@ -69,9 +69,11 @@ class CoordinatorClient:
             return self._decode(stream, "GetModel")
         return self._retry("GetModel", once)
 
-    def merge(self, flat: torch.Tensor | np.ndarray, round: int, kind: str, version: int = 0) -> transport.Payload:
-        """Send this site's update for ``round`` and block until the merged result comes back."""
-        msgs = self._counted(transport.encode(flat, site=self.site, round=round, kind=kind, version=version))
+    def merge(self, flat: torch.Tensor | np.ndarray | None, round: int, kind: str, version: int = 0, *,
+              encoded=None, fragment: int = 0) -> transport.Payload:
+        """Send this site's update for ``round`` (``encoded``: compressed) and block until the merged result comes back."""
+        msgs = self._counted(transport.encode(flat, site=self.site, round=round, kind=kind, version=version,
+                                              encoded=encoded, fragment=fragment))
         return self._call("Merge", lambda: self._decode(self._stub.Merge(msgs, timeout=self.timeout_s), "Merge"),
                           round=round)
 

@@ -56,10 +56,14 @@ def train(ctx: SiteContext, topo: Topology) -> None:
         loss = evaluate(model, held_out, device=device)
         events.emit("eval", round=rnd, step=step, loss=loss, seconds=round(time.perf_counter() - t0, 6))
 
-    with DiLoCo(model, opt, inner_steps=tr.inner_steps, algorithm=tr.algorithm, context=ctx, events=events,
+    inner_steps = tr.inner_steps
+    if tr.algorithm == "async-diloco" and tr.asynchronous.dynamic_local_steps:
+        inner_steps = max(1, round(tr.inner_steps / site_cfg.slowdown))  # slower sites do fewer steps per merge
+    with DiLoCo(model, opt, inner_steps=inner_steps, algorithm=tr.algorithm, context=ctx, events=events,
                 stateful={"sampler": sampler}) as diloco:
         if evaluator and diloco.round == 0:
             run_eval(0, 0)
+        last_eval_round = diloco.round
         while diloco.round < tr.rounds:
             t0 = time.perf_counter()
             x, y = sampler.next_batch()
@@ -69,8 +73,13 @@ def train(ctx: SiteContext, topo: Topology) -> None:
             opt.zero_grad(set_to_none=True)
             if site_cfg.slowdown > 1.0:  # emulate a slower site: stretch compute by the factor
                 time.sleep((time.perf_counter() - t0) * (site_cfg.slowdown - 1.0))
-            if diloco.step(loss=loss.item()) or (tr.algorithm == "ddp" and diloco.local_step % tr.inner_steps == 0):
-                if evaluator:
+            diloco.step(loss=loss.item())
+            if evaluator and diloco.round > last_eval_round:
+                last_eval_round = diloco.round
+                if tr.algorithm == "streaming-diloco":
+                    with diloco.global_parameters():
+                        run_eval(diloco.round, diloco.local_step)
+                else:
                     run_eval(diloco.round, diloco.local_step)
         if ctx.is_leader:
             events.emit("site_done", site=ctx.site, steps=diloco.local_step, rounds=diloco.round,

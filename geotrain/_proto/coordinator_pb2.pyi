@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorHeader(_message.Message):
-    __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version")
+    __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,11 @@ class TensorHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
     site: str
     round: int
     kind: str
@@ -22,7 +27,12 @@ class TensorHeader(_message.Message):
     dtype: str
     crc32: int
     version: int
-    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., crc32: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    codec: str
+    block: int
+    numel: int
+    fragment: int
+    staleness: int
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., crc32: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., block: _Optional[int] = ..., numel: _Optional[int] = ..., fragment: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "offset", "data", "crc32")
@@ -47,20 +57,22 @@ class JoinRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., workers: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("round", "version", "has_model", "algorithm", "start_version", "epoch")
+    __slots__ = ("round", "version", "has_model", "algorithm", "start_version", "epoch", "fragment_rounds")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     START_VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     has_model: bool
     algorithm: str
     start_version: int
     epoch: int
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., has_model: _Optional[bool] = ..., algorithm: _Optional[str] = ..., start_version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    fragment_rounds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., has_model: _Optional[bool] = ..., algorithm: _Optional[str] = ..., start_version: _Optional[int] = ..., epoch: _Optional[int] = ..., fragment_rounds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InitModelResponse(_message.Message):
     __slots__ = ("accepted", "version")

@@ -135,7 +135,9 @@ class Scenario:
 
 
 REGRESSION = [
-    Scenario("baseline", expect=(every_round_with_every_site,), doc="no fault: every round commits with every site"),
+    # A longer round deadline: with no fault, even a site that starts late (a loaded machine) is waited for.
+    Scenario("baseline", expect=(every_round_with_every_site,), settings=("training.round_timeout_s=60",),
+             doc="no fault: every round commits with every site"),
     Scenario("kill-site", "kill_site", "eu-west", hold_s=2, expect=(site_rejoined,),
              doc="SIGKILL a site's container, start it again: the run completes and the site rejoins"),
     Scenario("pause-site", "pause_site", "eu-west", hold_s=12, expect=(late_update_refused, site_rejoined),

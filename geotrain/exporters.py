@@ -25,13 +25,15 @@ TensorBoard tags (x axis in brackets):
 ``train/wan_s/<site>``                    ``inner_step`` WAN seconds [step]
 ``wan/merge_seconds/<site>``              ``merge`` seconds [round]
 ``wan/bytes/<site>``                      ``merge`` bytes sent + received [round]
-``wan/bytes_sent/<site>``, ``.._received``  the two directions [round]
+``wan/bytes_sent/<site>``                 ``merge`` bytes_sent [round]
+``wan/bytes_received/<site>``             ``merge`` bytes_received [round]
 ``wan/staleness/<site>``                  ``merge`` staleness, when the event has it [round]
 ``coordinator/wait_s``                    ``commit`` wait_s [round]
 ``coordinator/apply_s``                   ``commit`` apply_s [round]
 ``coordinator/sites``                     sites that contributed to the commit [round]
-``coordinator/rounds_failed``             running count of ``round_failed`` [round]
-``coordinator/merges_refused/<action>``   running count of ``merge_refused`` [round]
+``coordinator/staleness/<site>``          ``commit`` staleness, when the event has it [round]
+``coordinator/rounds_failed``             running count of ``round_failed`` [current round]
+``coordinator/merges_refused/<action>``   running count of ``merge_refused`` [current round]
 ``failures/<what>``                       running count of ``failure`` events [current round]
 ``recoveries/<what>``                     running count of ``recovery`` events [current round]
 ``recovery_seconds/<what>``               ``recovery`` seconds [current round]
@@ -47,12 +49,13 @@ Wall time of every point is the event's ``t``.
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import struct
 import threading
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,8 @@ __all__ = [
     "read_scalars",
     "read_texts",
 ]
+
+log = logging.getLogger(__name__)
 
 TB_SUBDIR = "tensorboard"
 _EVENT_FILE_GLOB = "events.out.tfevents.*"
@@ -214,6 +219,10 @@ class TensorBoardExporter:
         self._scalar("coordinator/apply_s", e.get("apply_s"), rnd, t)
         if isinstance(e.get("sites"), list):
             self._scalar("coordinator/sites", len(e["sites"]), rnd, t)
+            staleness = e.get("staleness")  # async-diloco: how many versions behind the contribution was
+            for site in e["sites"]:
+                value = staleness.get(site) if isinstance(staleness, dict) else staleness
+                self._scalar(f"coordinator/staleness/{site}", value, rnd, t)
 
     def _round_failed(self, e: dict, t: float | None) -> None:
         self._rounds_failed += 1
@@ -395,12 +404,17 @@ class PrometheusExporter:
     - ``geotrain_rounds_committed_total``: ``commit`` events (one per fragment in streaming-diloco);
     - ``geotrain_round``, ``geotrain_global_version``: round and version of the latest commit;
     - ``geotrain_round_wait_seconds``: histogram of ``commit`` ``wait_s``;
-    - ``geotrain_live_sites``: sites that contributed to the latest commit;
+    - ``geotrain_live_sites``: sites taking part: those of the latest commit (diloco,
+      streaming-diloco, ddp); with asynchronous commits (one site each, marked by a ``weight``
+      field) the distinct sites of the last N commits, N = the run's sites. A ``failure`` of
+      ``what=site`` removes its target until it contributes or recovers again; ``site_joined``
+      and a ``recovery`` of a site add it;
     - ``geotrain_merge_seconds{site}``: seconds of the site's latest ``merge``;
     - ``geotrain_wan_bytes_total{site,direction}``: merge bytes, ``direction`` = sent | received;
     - ``geotrain_link_bytes_total{link,direction}``: set by :meth:`set_link_bytes`;
     - ``geotrain_staleness{site}``: the ``staleness`` of the latest commit/merge naming the site
-      (a number, or on a commit a {site: n} mapping); 0 when the event has none;
+      that carries one (a number, or on a commit a {site: n} mapping); 0 until one does (an event
+      without the field never overwrites a value: async-diloco puts it on the commit only);
     - ``geotrain_eval_loss``: loss of the latest ``eval``;
     - ``geotrain_failures_total{what}``, ``geotrain_recoveries_total{what}``,
       ``geotrain_recovery_seconds{what}`` (the latest recovery's seconds);
@@ -422,12 +436,12 @@ class PrometheusExporter:
         self.round_wait = pc.Histogram("geotrain_round_wait_seconds",
                                        "Seconds the coordinator waited from the first contribution to the commit.",
                                        buckets=ROUND_WAIT_BUCKETS, registry=r)
-        self.live_sites = pc.Gauge("geotrain_live_sites", "Sites that contributed to the latest commit.", registry=r)
+        self.live_sites = pc.Gauge("geotrain_live_sites", "Sites taking part in the latest rounds.", registry=r)
         self.merge_seconds = pc.Gauge("geotrain_merge_seconds", "Seconds of the site's latest merge (WAN exchange).",
                                       ["site"], registry=r)
         self.wan_bytes = pc.Counter("geotrain_wan_bytes", "Bytes a site exchanged with the coordinator in merges.",
                                     ["site", "direction"], registry=r)
-        self.staleness = pc.Gauge("geotrain_staleness", "Staleness (in rounds) of the site's latest contribution.",
+        self.staleness = pc.Gauge("geotrain_staleness", "Global versions the site's latest contribution was behind.",
                                   ["site"], registry=r)
         self.eval_loss = pc.Gauge("geotrain_eval_loss", "Loss of the latest evaluation.", registry=r)
         self.failures = pc.Counter("geotrain_failures", "Failures detected, by what failed.", ["what"], registry=r)
@@ -442,6 +456,11 @@ class PrometheusExporter:
                                           registry=r)
         self._links = _LinkBytesCollector()
         r.register(self._links)
+        self._state = threading.Lock()  # observe() may run in the follower and in the caller at once
+        self._run_sites: set[str] = set()  # every site of the run we heard of
+        self._live: set[str] = set()
+        self._async_recent: deque[str] = deque()  # contributors of the latest asynchronous commits
+        self._stale_sites: set[str] = set()  # sites whose staleness series exists
         self._server = None
         self._thread: threading.Thread | None = None
         self._follow_stop = threading.Event()
@@ -491,20 +510,37 @@ class PrometheusExporter:
         """Update the metrics from one event (a dict as in metrics.jsonl); other kinds are ignored."""
         if not isinstance(event, dict):
             return
+        with self._state:
+            self._observe(event)
+
+    def _observe(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "commit":
             self._commit(event)
         elif kind == "merge":
             self._merge(event)
+        elif kind in ("run_started", "coordinator_started"):
+            if isinstance(event.get("sites"), list):
+                self._run_sites.update(str(s) for s in event["sites"])
+        elif kind == "site_joined" and event.get("site"):
+            self._run_sites.add(str(event["site"]))
+            self._set_live(self._live | {str(event["site"])})
         elif kind == "eval":
             loss = _number(event.get("loss"))
             if loss is not None:
                 self.eval_loss.set(loss)
         elif kind == "failure":
-            self.failures.labels(what=str(event.get("what") or "unknown")).inc()
+            what = str(event.get("what") or "unknown")
+            self.failures.labels(what=what).inc()
+            if what == "site" and event.get("target"):
+                target = str(event["target"])
+                self._async_recent = deque(s for s in self._async_recent if s != target)
+                self._set_live(self._live - {target})
         elif kind == "recovery":
             what = str(event.get("what") or "unknown")
             self.recoveries.labels(what=what).inc()
+            if what == "site" and event.get("target"):
+                self._set_live(self._live | {str(event["target"])})
             seconds = _number(event.get("seconds"))
             if seconds is not None:
                 self.recovery_seconds.labels(what=what).set(seconds)
@@ -532,10 +568,15 @@ class PrometheusExporter:
 
         def loop() -> None:
             while True:
-                self.observe_all(tail.read())
-                if self._follow_stop.wait(interval_s):
-                    self.observe_all(tail.read())  # what was written before stop()
+                stopping = self._follow_stop.is_set()  # one more read after stop(): what came before it
+                for event in tail.read():
+                    try:
+                        self.observe(event)
+                    except Exception:  # a metrics endpoint must not die of one odd event
+                        log.exception("prometheus exporter: cannot observe %r", event)
+                if stopping:
                     return
+                self._follow_stop.wait(interval_s)
 
         self._follow_thread = threading.Thread(target=loop, name="geotrain-prometheus-follow", daemon=True)
         self._follow_thread.start()
@@ -553,11 +594,19 @@ class PrometheusExporter:
             self.round_wait.observe(wait_s)
         sites = e.get("sites")
         if isinstance(sites, list):
-            self.live_sites.set(len(sites))
+            sites = [str(s) for s in sites]
+            self._run_sites.update(sites)
+            if "weight" in e:  # asynchronous: one contribution per commit
+                self._async_recent.extend(sites)
+                while len(self._async_recent) > max(1, len(self._run_sites)):
+                    self._async_recent.popleft()
+                self._set_live(set(self._async_recent))
+            else:
+                self._async_recent.clear()
+                self._set_live(set(sites))
             staleness = e.get("staleness")
             for site in sites:
-                value = staleness.get(site) if isinstance(staleness, dict) else staleness
-                self.staleness.labels(site=str(site)).set(_number(value) or 0.0)
+                self._set_staleness(site, staleness.get(site) if isinstance(staleness, dict) else staleness)
 
     def _merge(self, e: dict) -> None:
         site = str(e.get("site") or str(e.get("proc", "unknown")).split("/")[0])
@@ -568,4 +617,17 @@ class PrometheusExporter:
             n = _number(e.get(key))
             if n is not None and n >= 0:
                 self.wan_bytes.labels(site=site, direction=direction).inc(n)
-        self.staleness.labels(site=site).set(_number(e.get("staleness")) or 0.0)
+        self._set_staleness(site, e.get("staleness"))
+
+    def _set_staleness(self, site: str, value: Any) -> None:
+        v = _number(value)
+        if v is not None:
+            self.staleness.labels(site=site).set(v)
+            self._stale_sites.add(site)
+        elif site not in self._stale_sites:  # absent: 0, but never over a value an event gave
+            self.staleness.labels(site=site).set(0.0)
+            self._stale_sites.add(site)
+
+    def _set_live(self, live: set[str]) -> None:
+        self._live = live
+        self.live_sites.set(len(live))

@@ -101,6 +101,8 @@ def test_tensorboard_scalars_from_events(tmp_path):
     assert s["coordinator/wait_s"] == approx_points([(0, 0.75), (1, 3.5)])
     assert s["coordinator/apply_s"] == approx_points([(0, 0.01), (1, 0.02)])
     assert s["coordinator/sites"] == approx_points([(0, 2), (1, 1)])
+    assert s["coordinator/staleness/us-east"] == approx_points([(1, 0)])
+    assert "coordinator/staleness/eu-west" not in s
     # markers: x = highest round seen so far
     assert s["failures/site"] == approx_points([(1, 1)])
     assert s["recoveries/site"] == approx_points([(1, 1)])
@@ -227,7 +229,7 @@ def test_prometheus_metrics_from_events():
 
     lines = text.splitlines()
     assert "geotrain_rounds_committed_total 2.0" in lines
-    assert "geotrain_live_sites 1.0" in lines
+    assert "geotrain_live_sites 2.0" in lines  # eu-west failed, then recovered
     assert 'geotrain_merge_seconds{site="us-east"} 0.5' in lines
     assert 'geotrain_wan_bytes_total{direction="sent",site="us-east"} 1500.0' in lines \
         or 'geotrain_wan_bytes_total{site="us-east",direction="sent"} 1500.0' in lines
@@ -268,6 +270,55 @@ def test_prometheus_staleness_on_commit():
     assert value(text, "geotrain_staleness", site="c") == 3
     assert value(text, "geotrain_rounds_failed_total") == 1
     assert value(text, "geotrain_merges_refused_total", action="stale") == 1
+
+
+def test_prometheus_live_sites():
+    from prometheus_client import generate_latest
+
+    exporter = PrometheusExporter()
+
+    def live() -> float:
+        return value(generate_latest(exporter.registry).decode(), "geotrain_live_sites")
+
+    exporter.observe(_ev("coordinator_started", "coordinator", 0, sites=["a", "b", "c"], epoch=1))
+    assert live() == 0
+    exporter.observe(_ev("site_joined", "coordinator", 1, site="a", workers=2, round=0))
+    exporter.observe(_ev("site_joined", "coordinator", 1, site="b", workers=2, round=0))
+    assert live() == 2
+    # synchronous: the sites of the latest commit; a site's failure counts at once
+    exporter.observe(_ev("commit", "coordinator", 2, round=0, version=1, sites=["a", "b", "c"], wait_s=0.1))
+    assert live() == 3
+    exporter.observe(_ev("failure", "coordinator", 3, what="site", target="c", reason="deadline"))
+    exporter.observe(_ev("failure", "launcher", 3, what="worker", target="worker a/1", reason="exit 1"))
+    assert live() == 2
+    exporter.observe(_ev("recovery", "coordinator", 4, what="site", target="c", seconds=1.0))
+    assert live() == 3
+    exporter.observe(_ev("commit", "coordinator", 5, round=1, version=2, sites=["a"], wait_s=0.1))
+    assert live() == 1
+    # asynchronous (async-diloco: one site per commit, with weight and staleness): the last N commits
+    for i, site in enumerate(["a", "b", "a", "c", "a", "b"]):
+        exporter.observe(_ev("commit", "coordinator", 6 + i, round=2 + i, version=3 + i, sites=[site],
+                             staleness=i % 2, weight=1.0, wait_s=0.0))
+    assert live() == 3
+    for i in range(3):  # only a from now on: b and c fall out of the last 3 commits
+        exporter.observe(_ev("commit", "coordinator", 20 + i, round=10 + i, version=11 + i, sites=["a"],
+                             staleness=0, weight=1.0, wait_s=0.0))
+    assert live() == 1
+
+
+def test_prometheus_a_merge_without_staleness_keeps_the_commits():
+    from prometheus_client import generate_latest
+
+    exporter = PrometheusExporter()
+    exporter.observe(_ev("commit", "coordinator", 1, round=7, version=8, sites=["a"], staleness=3, weight=0.25,
+                         wait_s=0.0))
+    exporter.observe(_ev("merge", "a/0", 2, site="a", round=4, version=8, bytes_sent=10, bytes_received=10,
+                         seconds=0.5))
+    exporter.observe(_ev("merge", "b/0", 2, site="b", round=4, version=8, bytes_sent=10, bytes_received=10,
+                         seconds=0.5))
+    text = generate_latest(exporter.registry).decode()
+    assert value(text, "geotrain_staleness", site="a") == 3
+    assert value(text, "geotrain_staleness", site="b") == 0
 
 
 def test_prometheus_exporters_do_not_share_metrics():

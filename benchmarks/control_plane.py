@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported (here and in the spawned coordinator)
 
 
 def proc_status() -> dict:

@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"geotrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `geotrain validate ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     return 2
 
 

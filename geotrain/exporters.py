@@ -253,7 +253,7 @@ class TensorBoardExporter:
         line = f"round {self._round}: injected **{fault}** on `{target}`"
         if e.get("params"):
             line += f" params `{e['params']}`"
-        if e.get("duration_s") is not None:
+        if _number(e.get("duration_s")):
             line += f" for {e['duration_s']} s"
         self._writer.add_text("faults", line, global_step=self._round, walltime=t)
 
@@ -416,7 +416,8 @@ class PrometheusExporter:
       that carries one (a number, or on a commit a {site: n} mapping); 0 until one does (an event
       without the field never overwrites a value: async-diloco puts it on the commit only);
     - ``geotrain_eval_loss``: loss of the latest ``eval``;
-    - ``geotrain_failures_total{what}``, ``geotrain_recoveries_total{what}``,
+    - ``geotrain_failures_total{what}``, ``geotrain_recoveries_total{what}``: events, as in summary.json
+      (one death may be reported by several processes: the launcher and each site leader),
       ``geotrain_recovery_seconds{what}`` (the latest recovery's seconds);
     - ``geotrain_rounds_failed_total``, ``geotrain_merges_refused_total{action}``,
       ``geotrain_faults_injected_total{fault}``.

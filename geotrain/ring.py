@@ -27,10 +27,13 @@ dialled is the link emulator's in front of the successor):
 * handshake: the dialler sends ``HELLO`` (magic, protocol, rank, world, crc32); the acceptor
   answers ``ACK`` (magic, rank, world). A dial through a link emulator whose target is not up yet
   is closed by the emulator without an ``ACK`` and retried until the timeout;
-* every message is a 52-byte header (magic, kind, world, round, sender rank, step, chunk index,
-  numel of the whole vector, payload length, payload crc32, header crc32) and the raw float32
-  payload. A receiver checks every field against what it expects, so a byte flipped in transit,
-  a peer at another round or step, or a peer with a vector of another size raises
+* a chunk travels as messages of at most :data:`PIECE` elements (256 KiB), and a piece is passed
+  on as soon as it has arrived, so a step does not wait for the whole previous chunk and the links
+  do not idle one latency per step;
+* every message is a 56-byte header (magic, kind, world, round, sender rank, step, chunk index,
+  piece index, numel of the whole vector, payload length, payload crc32, header crc32) and the raw
+  float32 payload. A receiver checks every field against what it expects, so a byte flipped in
+  transit, a peer at another round or step, or a peer with a vector of another size raises
   :class:`~geotrain.errors.TransferCorrupt` naming the predecessor, the round and the step.
 
 Failures: no byte from the predecessor for ``timeout_s`` (inactivity, not a total deadline), a
@@ -67,10 +70,10 @@ PROTOCOL = 1
 _MSG_MAGIC = b"GTRM"
 _HELLO_MAGIC = b"GTRH"
 _ACK_MAGIC = b"GTRA"
-# magic, kind, pad, world, round, sender, step, chunk, numel, nbytes, payload crc32
-_HDR = struct.Struct("!4sBxHqIIIQQI")
+# magic, kind, pad, world, round, sender, step, chunk, piece, numel, nbytes, payload crc32
+_HDR = struct.Struct("!4sBxHqIIIIQQI")
 _HDR_CRC = struct.Struct("!I")
-HEADER_BYTES = _HDR.size + _HDR_CRC.size          # framing bytes per message (52)
+HEADER_BYTES = _HDR.size + _HDR_CRC.size          # framing bytes per message (56)
 _HELLO = struct.Struct("!4sHIII")                  # magic, protocol, rank, world, crc32 of the rest
 _ACK = struct.Struct("!4sII")                      # magic, rank, world
 HELLO_BYTES = _HELLO.size
@@ -83,7 +86,7 @@ _KIND_NAMES = {KIND_REDUCE_SCATTER: "reduce-scatter", KIND_ALL_GATHER: "all-gath
 
 SEND_SLICE = 1 << 20            # sendall() in slices: its timeout is per slice, i.e. an inactivity timeout
 RECV_SLICE = 1 << 20
-BROADCAST_PIECE = 1 << 18       # elements per broadcast frame (1 MiB): pipelined down the ring
+PIECE = 1 << 16                 # elements per message (256 KiB): chunks travel as pieces, pipelined
 _OPS = ("sum", "mean")
 
 
@@ -98,34 +101,39 @@ def _chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def _piece_bounds(numel: int, piece: int) -> list[tuple[int, int]]:
-    """Fixed-size pieces for broadcast; always at least one (possibly empty) piece."""
-    if numel == 0:
-        return [(0, 0)]
-    return [(s, min(s + piece, numel)) for s in range(0, numel, piece)]
+def _piece_bounds(lo: int, hi: int, piece: int = PIECE) -> list[tuple[int, int]]:
+    """``[lo, hi)`` in messages of at most ``piece`` elements; always at least one (possibly empty)."""
+    if hi <= lo:
+        return [(lo, lo)]
+    return [(s, min(s + piece, hi)) for s in range(lo, hi, piece)]
 
 
 def ring_all_reduce_bytes(numel: int, world: int, itemsize: int = 4, rank: int | None = None) -> int:
     """Bytes one peer sends in one :meth:`RingPeer.all_reduce` of ``numel`` elements, framing included.
 
-    The payload is ``2 * (world-1)/world * numel * itemsize``; plus ``2 * (world-1)`` headers of
-    :data:`HEADER_BYTES`. With ``rank`` the exact count for that peer (chunks differ by one element
-    when ``numel % world != 0``); without, the mean over peers rounded up. The one-off handshake
+    The payload is ``2 * (world-1)/world * numel * itemsize``; the framing one header of
+    :data:`HEADER_BYTES` per message (a chunk travels as messages of at most :data:`PIECE`
+    elements, so ``2 * (world-1)`` headers for small vectors, about one per 256 KiB for large ones).
+    With ``rank`` the exact count for that peer (chunks differ by one element when
+    ``numel % world != 0``); without, the mean over peers rounded up. The one-off handshake
     (:data:`HELLO_BYTES` per connection) is not included.
     """
     if numel < 0 or world < 1 or itemsize < 1:
         raise ValueError(f"numel >= 0, world >= 1, itemsize >= 1 required, got {numel}, {world}, {itemsize}")
     if world == 1:
         return 0
-    framing = 2 * (world - 1) * HEADER_BYTES
     if rank is None:
-        return framing + math.ceil(2 * (world - 1) * numel * itemsize / world)
+        return math.ceil(sum(ring_all_reduce_bytes(numel, world, itemsize, r) for r in range(world)) / world)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    sizes = [e - s for s, e in _chunk_bounds(numel, world)]
+    bounds = _chunk_bounds(numel, world)
     # reduce-scatter sends every chunk but (rank+1), all-gather every chunk but (rank+2)
-    payload = 2 * numel - sizes[(rank + 1) % world] - sizes[(rank + 2) % world]
-    return framing + payload * itemsize
+    total = 0
+    for skip in ((rank + 1) % world, (rank + 2) % world):
+        for c, (lo, hi) in enumerate(bounds):
+            if c != skip:
+                total += (hi - lo) * itemsize + len(_piece_bounds(lo, hi)) * HEADER_BYTES
+    return total
 
 
 def hierarchical_groups(regions: Mapping[str, str]) -> list[list[str]]:
@@ -460,55 +468,76 @@ class RingPeer:
         return torch.from_numpy(out)
 
     def _all_reduce(self, work: np.ndarray, op: str, rnd: int) -> None:
+        """Reduce-scatter then all-gather, pipelined: each chunk travels as pieces, and a piece is passed
+        on as soon as it has arrived (and, in reduce-scatter, been added to), so the links stay busy
+        instead of idling one latency per step."""
         w, r, n = self.world, self.rank, work.size
-        bounds = _chunk_bounds(n, w)
-        scratch = np.empty(bounds[0][1] - bounds[0][0], dtype=np.float32)   # chunk 0 is the largest
+        steps = w - 1
+        pieces = [_piece_bounds(lo, hi) for lo, hi in _chunk_bounds(n, w)]
+        scratch = np.empty(max(hi - lo for lo, hi in pieces[0]), dtype=np.float32)  # chunk 0 is the largest
         pending: list[Future] = []
-        # reduce-scatter: at step s send chunk (r-s), receive chunk (r-s-1) and add our own part into it
-        for s in range(w - 1):
-            sc, rc = (r - s) % w, (r - s - 1) % w
-            pending.append(self._post(KIND_REDUCE_SCATTER, rnd, s, sc, n, work[slice(*bounds[sc])]))
-            lo, hi = bounds[rc]
-            incoming = scratch[:hi - lo]
-            self._recv(KIND_REDUCE_SCATTER, rnd, s, rc, n, incoming)
-            mine = work[lo:hi]
-            np.add(incoming, mine, out=mine)
-        # Chunk r (sent at step 0) is overwritten in all-gather step 0: make sure it is out first.
-        self._drain(pending)
-        owned = (r + 1) % w
-        if op == "mean":
-            seg = work[slice(*bounds[owned])]
-            np.divide(seg, np.float32(w), out=seg)
-        # all-gather: at step s send chunk (r+1-s) (final), receive chunk (r-s) (final) and copy it
-        for s in range(w - 1):
-            sc, rc = (r + 1 - s) % w, (r - s) % w
-            step = w - 1 + s
-            pending.append(self._post(KIND_ALL_GATHER, rnd, step, sc, n, work[slice(*bounds[sc])]))
-            self._recv(KIND_ALL_GATHER, rnd, step, rc, n, work[slice(*bounds[rc])])
+        rs_sent: dict[tuple[int, int], Future] = {}     # (chunk, piece) -> its reduce-scatter send
+
+        def post(kind: int, step: int, chunk: int, j: int, arr: np.ndarray) -> None:
+            f = self._post(kind, rnd, step, chunk, j, n, arr)
+            pending.append(f)
+            if kind == KIND_REDUCE_SCATTER:
+                rs_sent[(chunk, j)] = f
+
+        # reduce-scatter: at step s send chunk (r-s), receive chunk (r-s-1) and add our own part into it;
+        # a received piece is the piece we send at step s+1. After the last step chunk (r+1) is final.
+        for j, (lo, hi) in enumerate(pieces[r]):
+            post(KIND_REDUCE_SCATTER, 0, r, j, work[lo:hi])
+        for s in range(steps):
+            rc = (r - s - 1) % w
+            for j, (lo, hi) in enumerate(pieces[rc]):
+                incoming = scratch[:hi - lo]
+                self._recv(KIND_REDUCE_SCATTER, rnd, s, rc, j, n, incoming)
+                mine = work[lo:hi]
+                np.add(incoming, mine, out=mine)
+                if s + 1 < steps:
+                    post(KIND_REDUCE_SCATTER, s + 1, rc, j, mine)
+                else:
+                    # chunk (r+1) is ours: computed here once, then only copied around
+                    if op == "mean":
+                        np.divide(mine, np.float32(w), out=mine)
+                    post(KIND_ALL_GATHER, steps, rc, j, mine)
+        # all-gather: at step s send chunk (r+1-s), receive chunk (r-s) (final) and copy it
+        for s in range(steps):
+            rc = (r - s) % w
+            step = steps + s
+            for j, (lo, hi) in enumerate(pieces[rc]):
+                sent = rs_sent.get((rc, j))
+                if sent is not None:        # we sent this piece in reduce-scatter: it must be out first
+                    sent.result()
+                self._recv(KIND_ALL_GATHER, rnd, step, rc, j, n, work[lo:hi])
+                if s + 1 < steps:
+                    post(KIND_ALL_GATHER, step + 1, rc, j, work[lo:hi])
         self._drain(pending)
 
     def _broadcast(self, out: np.ndarray, root: int, rnd: int) -> None:
         n = out.size
         last = (root - 1) % self.world        # the peer before the root does not forward
         pending: list[Future] = []
-        for i, (lo, hi) in enumerate(_piece_bounds(n, BROADCAST_PIECE)):
+        for j, (lo, hi) in enumerate(_piece_bounds(0, n)):
             if self.rank != root:
-                self._recv(KIND_BROADCAST, rnd, i, i, n, out[lo:hi])
+                self._recv(KIND_BROADCAST, rnd, 0, 0, j, n, out[lo:hi])
             if self.rank != last:
-                pending.append(self._post(KIND_BROADCAST, rnd, i, i, n, out[lo:hi]))
+                pending.append(self._post(KIND_BROADCAST, rnd, 0, 0, j, n, out[lo:hi]))
         self._drain(pending)
 
     # -- framing -------------------------------------------------------------------------------
-    def _post(self, kind: int, rnd: int, step: int, chunk: int, numel: int, arr: np.ndarray) -> Future:
+    def _post(self, kind: int, rnd: int, step: int, chunk: int, piece: int, numel: int, arr: np.ndarray) -> Future:
         """Queue one frame for the sender thread (FIFO). ``arr`` must not change until it is sent."""
         assert self._sender is not None
-        return self._sender.submit(self._send_frame, kind, rnd, step, chunk, numel, arr)
+        return self._sender.submit(self._send_frame, kind, rnd, step, chunk, piece, numel, arr)
 
-    def _send_frame(self, kind: int, rnd: int, step: int, chunk: int, numel: int, arr: np.ndarray) -> None:
+    def _send_frame(self, kind: int, rnd: int, step: int, chunk: int, piece: int, numel: int,
+                    arr: np.ndarray) -> None:
         if self._send_error is not None:
             raise self._send_error
         payload = memoryview(np.ascontiguousarray(arr)).cast("B")
-        hdr = _HDR.pack(_MSG_MAGIC, kind, self.world, rnd, self.rank, step, chunk, numel, len(payload),
+        hdr = _HDR.pack(_MSG_MAGIC, kind, self.world, rnd, self.rank, step, chunk, piece, numel, len(payload),
                         zlib.crc32(payload))
         hdr += _HDR_CRC.pack(zlib.crc32(hdr))
         sock = self._send_sock
@@ -531,7 +560,7 @@ class RingPeer:
             raise err from exc
         self.bytes_sent += len(hdr) + len(payload)
 
-    def _recv(self, kind: int, rnd: int, step: int, chunk: int, numel: int, out: np.ndarray) -> None:
+    def _recv(self, kind: int, rnd: int, step: int, chunk: int, piece: int, numel: int, out: np.ndarray) -> None:
         """Receive one frame into ``out`` and check every header field and the payload crc32."""
         where = f"round {rnd} step {step} ({_KIND_NAMES[kind]})"
         raw = self._recv_bytes(HEADER_BYTES, where)
@@ -539,10 +568,11 @@ class RingPeer:
         if zlib.crc32(hdr) != hcrc:
             raise TransferCorrupt(f"{self._me()}: corrupt message header from {self._pred()} at {where} "
                                   f"(header crc32 mismatch)")
-        magic, k, world, r_rnd, sender, r_step, r_chunk, r_numel, nbytes, pcrc = _HDR.unpack(hdr)
+        magic, k, world, r_rnd, sender, r_step, r_chunk, r_piece, r_numel, nbytes, pcrc = _HDR.unpack(hdr)
         expected = {"magic": (_MSG_MAGIC, magic), "kind": (kind, k), "world": (self.world, world),
                     "round": (rnd, r_rnd), "sender": (self.predecessor_rank, sender), "step": (step, r_step),
-                    "chunk": (chunk, r_chunk), "numel": (numel, r_numel), "bytes": (out.nbytes, nbytes)}
+                    "chunk": (chunk, r_chunk), "piece": (piece, r_piece), "numel": (numel, r_numel),
+                    "bytes": (out.nbytes, nbytes)}
         bad = [f"{name} {got!r} (expected {want!r})" for name, (want, got) in expected.items() if want != got]
         if bad:
             hint = ""
@@ -556,7 +586,7 @@ class RingPeer:
         self._recv_into(view, where)
         if zlib.crc32(view) != pcrc:
             raise TransferCorrupt(f"{self._me()}: payload from {self._pred()} failed its crc32 at {where} "
-                                  f"(chunk {chunk}, {nbytes} bytes)")
+                                  f"(chunk {chunk} piece {piece}, {nbytes} bytes)")
         self.bytes_received += HEADER_BYTES + nbytes
 
     def _recv_bytes(self, n: int, where: str) -> bytes:

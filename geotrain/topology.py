@@ -85,8 +85,11 @@ class ModelConfig(_Node):
     name: Literal["gpt"] = "gpt"
     """The built-in model: a GPT-style byte-level language model."""
     n_layer: int = Field(default=2, ge=1, le=48)
+    """Transformer blocks."""
     n_head: int = Field(default=4, ge=1, le=64)
+    """Attention heads per block (must divide n_embd)."""
     n_embd: int = Field(default=64, ge=8, le=4096)
+    """Embedding width."""
     block_size: int = Field(default=64, ge=8, le=4096)
     """Context length in bytes."""
 
@@ -103,8 +106,11 @@ class DataConfig(_Node):
 
 
 class InnerOptimizerConfig(_Node):
+    """The optimizer every worker steps between merges (its state stays local to the site)."""
+
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(default=3e-3, gt=0.0)
+    """Learning rate."""
     weight_decay: float = Field(default=0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (ignored for SGD)."""
@@ -115,8 +121,11 @@ class OuterOptimizerConfig(_Node):
 
     name: Literal["sgd"] = "sgd"
     lr: float = Field(default=0.7, gt=0.0)
+    """Outer learning rate (DiLoCo: 0.7)."""
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """Outer momentum (DiLoCo: 0.9)."""
     nesterov: bool = True
+    """Nesterov momentum (DiLoCo: yes)."""
 
 
 class CompressionConfig(_Node):
@@ -161,7 +170,9 @@ class TrainingConfig(_Node):
     asynchronous: AsyncConfig = Field(default=AsyncConfig(), alias="async")
     streaming: StreamingConfig = StreamingConfig()
     inner_optimizer: InnerOptimizerConfig = InnerOptimizerConfig()
+    """The optimizer of inner steps."""
     outer_optimizer: OuterOptimizerConfig = OuterOptimizerConfig()
+    """The optimizer applied to the mean pseudo-gradient at every merge."""
     inner_steps: int = Field(default=10, ge=1)
     """H: inner steps per site between merges. For `ddp` it only sets how often eval runs."""
     rounds: int = Field(default=10, ge=1)
@@ -242,14 +253,23 @@ class Topology(_Node):
     seed: int = 0
     """Seed for model initialisation and data order."""
     sites: tuple[SiteConfig, ...] = Field(min_length=1)
+    """The datacenters: each a group of worker processes."""
     links: LinksConfig = LinksConfig()
+    """The emulated WAN links between places (sites and the coordinator's place)."""
     coordinator: CoordinatorConfig = CoordinatorConfig()
+    """Where the coordinator runs."""
     model: ModelConfig = ModelConfig()
+    """The built-in model (ignored by a user's own script)."""
     data: DataConfig = DataConfig()
+    """The built-in workload's text."""
     training: TrainingConfig = TrainingConfig()
+    """The recipe: algorithm, optimizers, H, rounds, batch size."""
     etcd: EtcdConfig = EtcdConfig()
+    """The control plane."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoint cadence and retention."""
     recovery: RecoveryConfig = RecoveryConfig()
+    """Reactions to failures."""
     faults: tuple[FaultSpec, ...] = ()
     """Faults injected on a schedule while the run goes on (docs/chaos.md)."""
 

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 scripts/gen_protos.sh --check
+.venv/bin/python scripts/gen_topology_doc.py --check
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

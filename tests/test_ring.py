@@ -16,6 +16,7 @@ from geotrain.link import LinkParams, LinkProxy
 from geotrain.ring import (
     HEADER_BYTES,
     HELLO_BYTES,
+    PIECE,
     RingPeer,
     hierarchical_all_reduce,
     hierarchical_groups,
@@ -185,6 +186,7 @@ def test_large_chunks_do_not_deadlock():
         outs, errors = all_reduce(peers, xs)
         assert errors == [None] * 4 and all(torch.equal(o, outs[0]) for o in outs)
         assert_close(outs[0], reference(xs, "mean"))
+        assert [p.bytes_sent for p in peers] == [ring_all_reduce_bytes(2_000_000, 4, rank=i) for i in range(4)]
     finally:
         close_all(peers)
 
@@ -297,11 +299,11 @@ def test_byte_flipped_in_transit_raises_transfer_corrupt(where):
         tampers.append(t)
         return (LOOP, t.port)
 
-    peers = make_ring(world, timeout_s=5, edge=edge)
+    peers = make_ring(world, timeout_s=30, edge=edge)
     try:
         t0 = time.monotonic()
         _, errors = all_reduce(peers, [torch.randn(3000) for _ in range(world)], round=7)
-        assert time.monotonic() - t0 < 4.0          # the others fail fast, not at their timeout
+        assert time.monotonic() - t0 < 10.0         # the others fail fast, not at their 30 s timeout
         assert isinstance(errors[1], TransferCorrupt)
         msg = str(errors[1])
         assert "ring peer 1/3" in msg and "predecessor rank 0" in msg and "round 7" in msg and "step 0" in msg
@@ -346,12 +348,12 @@ def test_round_and_size_mismatch_raise_transfer_corrupt():
 # -- dead peers ------------------------------------------------------------------------------
 
 def test_peer_that_dies_fails_the_others_fast():
-    peers = make_ring(3, timeout_s=10)
+    peers = make_ring(3, timeout_s=30)
     try:
         peers[2].close()                        # "dies": its connections close
         t0 = time.monotonic()
         _, errors = _threads([lambda p=p: p.all_reduce(torch.randn(50_000)) for p in peers[:2]])
-        assert time.monotonic() - t0 < 5.0      # well within the 10 s timeout
+        assert time.monotonic() - t0 < 10.0     # at once, not at the 30 s timeout
         assert all(isinstance(e, LinkError) for e in errors)
         assert "closed the connection" in str(errors[0]) and "predecessor rank 2" in str(errors[0])
     finally:
@@ -364,7 +366,7 @@ def test_silent_peer_times_out():
         t0 = time.monotonic()                   # peer 2 is alive but never takes part
         _, errors = _threads([lambda p=p: p.all_reduce(torch.randn(1000), round=9) for p in peers[:2]])
         elapsed = time.monotonic() - t0
-        assert 0.9 <= elapsed < 4.0
+        assert 0.9 <= elapsed < 8.0
         assert all(isinstance(e, LinkError) for e in errors)
         msg = str(errors[0])
         assert "predecessor rank 2" in msg and "sent nothing for 1s" in msg and "round 9" in msg
@@ -385,7 +387,7 @@ def test_blackholed_link_times_out():
         proxies[0].blackhole()
         t0 = time.monotonic()
         _, errors = all_reduce(peers, [torch.randn(1000) for _ in range(2)])
-        assert time.monotonic() - t0 < 4.0
+        assert 0.9 <= time.monotonic() - t0 < 8.0
         assert all(isinstance(e, LinkError) for e in errors)
         assert "predecessor rank 0" in str(errors[1]) and "sent nothing" in str(errors[1])
     finally:
@@ -404,7 +406,7 @@ def test_connect_to_missing_successor_times_out():
     t0 = time.monotonic()
     with pytest.raises(LinkError, match=rf"successor rank 1 at 127.0.0.1:{dead_port} within 0.8s"):
         p.connect((LOOP, dead_port))
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 6.0
     p.close()
 
 
@@ -428,6 +430,9 @@ def test_ring_all_reduce_bytes():
             assert sum(per_rank) == world * 2 * (world - 1) * HEADER_BYTES + 2 * (world - 1) * numel * 4
             assert max(per_rank) - min(per_rank) <= 8
     assert ring_all_reduce_bytes(10, 2, itemsize=2) == 2 * HEADER_BYTES + 20
+    # large chunks travel as pieces of PIECE elements, one header each: 250,000 = 3 * 65,536 + 53,392
+    assert PIECE == 65536
+    assert ring_all_reduce_bytes(1_000_000, 4) == 2 * 3 * 250_000 * 4 + 2 * 3 * 4 * HEADER_BYTES
 
 
 # -- hierarchical ----------------------------------------------------------------------------

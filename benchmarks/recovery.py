@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,7 @@ CKPT_MODEL = ("model.n_embd=128", "model.n_layer=4")
 FAULT_ROUNDS = 6
 RUN_TIMEOUT_S = 240
 SITE_DEADLINE_S = 6.0
+_EXC_RE = re.compile(r"^(?:\[rank\d+\]: )?(\w*(?:Error|Exception)\b.*)$")
 
 
 # ---- running ----
@@ -160,15 +162,17 @@ def freeze(names: list[str], seconds: float, label: str):
     return fault
 
 
+# (name, what is hit, fault, extra overrides, the failure targets this fault should produce: any other
+# failure or heartbeat_lost after it is reported as a secondary failure)
 SCENARIOS = [
-    ("SIGKILL worker", "worker eu-west/1 (not a leader)", kill("worker eu-west/1"), ()),
-    ("SIGKILL site leader", "worker us-east/0", kill("worker us-east/0"), ()),
-    ("SIGKILL coordinator", "coordinator", kill("coordinator"), ()),
-    ("SIGSTOP coordinator", "coordinator (etcd heartbeat)", freeze_coordinator, ()),
+    ("SIGKILL worker", "worker eu-west/1 (not a leader)", kill("worker eu-west/1"), (), {"worker eu-west/1"}),
+    ("SIGKILL site leader", "worker us-east/0", kill("worker us-east/0"), (), {"worker us-east/0"}),
+    ("SIGKILL coordinator", "coordinator", kill("coordinator"), (), {"coordinator"}),
+    ("SIGSTOP coordinator", "coordinator (etcd heartbeat)", freeze_coordinator, (), {"coordinator"}),
     ("SIGSTOP site", f"eu-west, {SITE_DEADLINE_S + 6:g}s > round_timeout_s={SITE_DEADLINE_S:g}",
      freeze(["worker eu-west/0", "worker eu-west/1"], SITE_DEADLINE_S + 6, "site eu-west"),
-     (f"training.round_timeout_s={SITE_DEADLINE_S:g}", "recovery.min_sites=1")),
-    ("SIGSTOP etcd 5s", "etcd", freeze(["etcd"], 5.0, "etcd"), ()),
+     (f"training.round_timeout_s={SITE_DEADLINE_S:g}", "recovery.min_sites=1"), {"eu-west"}),
+    ("SIGSTOP etcd 5s", "etcd", freeze(["etcd"], 5.0, "etcd"), (), set()),
 ]
 
 
@@ -215,7 +219,7 @@ def _brief(r: dict) -> dict:
 
 
 # ---- part 2: recovery ----
-def analyse(r: dict, base_loss: float | None) -> dict:
+def analyse(r: dict, base_loss: float | None, expected: set[str]) -> dict:
     s = r["summary"] or {}
     row = {"ok": r["ok"], "reason": r["reason"], "run_dir": r["run_dir"], "fault": r["fault"],
            "fault_t": r["fault_t"], "rounds_planned": FAULT_ROUNDS, "rounds_completed": s.get("rounds_completed"),
@@ -238,6 +242,8 @@ def analyse(r: dict, base_loss: float | None) -> dict:
     first_rec = (sup or rec)[0] if rec else None
     row["recovered_t"] = first_rec["t"] if first_rec else None
     row["recovered_what"] = f"{_who(first_rec)} by {first_rec['proc']}" if first_rec else None
+    row["secondary_failures"] = [f"{e['event']} of {_who(e)} by {e['proc']} at +{e['t'] - ft:.1f}s"
+                                 for e in det if e.get("target") not in expected]
     row["resumed_t"] = com[0]["t"] if com else None
     row["resumed_round"] = com[0]["round"] if com else None
     row["resumed_sites"] = com[0]["sites"] if com else None
@@ -249,6 +255,16 @@ def analyse(r: dict, base_loss: float | None) -> dict:
                                                                   "round_failed", "coordinator_started", "fenced",
                                                                   "merge_refused", "merge_discarded", "site_joined")]
     return row
+
+
+def _crash_lines(run_dir: str) -> str:
+    """The last exception line of each worker log that has one (why a worker died), if any."""
+    found = []
+    for log in sorted((Path(run_dir) / "logs").glob("worker-*.log")):
+        errs = [m.group(1) for m in map(_EXC_RE.match, log.read_text(errors="replace").splitlines()) if m]
+        if errs:
+            found.append(f"{log.stem}: {errs[-1][:120]}")
+    return " | ".join(found)
 
 
 def _who(e: dict) -> str:
@@ -301,16 +317,16 @@ def main() -> int:
     else:
         print(f"   fault-free run FAILED: {base['reason']}")
     rows = []
-    for name, target, fault, extra in SCENARIOS:
+    for name, target, fault, extra, expected in SCENARIOS:
         r = run(name.replace(" ", "-"), (f"training.rounds={FAULT_ROUNDS}", *extra), fault)
-        row = {"scenario": name, "target": target, "overrides": list(extra), **analyse(r, base_loss)}
+        row = {"scenario": name, "target": target, "overrides": list(extra), **analyse(r, base_loss, expected)}
         rows.append(row)
         print(f"   ... {name}: {'ok' if row['ok'] else 'FAILED'} ({time.monotonic() - t_start:.0f} s so far)",
               flush=True)
 
     print()
     head = f"   {'fault':<21}{'detect s':>9}{'recover s':>10}{'resumed s':>10}{'lost':>5}  {'all rounds':<11}" \
-           f"{'loss/base':>9}{'wall s':>8}"
+           f"{'loss/base':>9}{'wall s':>8}{'2nd fail':>9}"
     print(head)
     print("   " + "-" * (len(head) - 3))
     for row in rows:
@@ -318,7 +334,8 @@ def main() -> int:
             else f"no {row['rounds_completed'] if row['rounds_completed'] is not None else '?'}/{FAULT_ROUNDS}"
         print(f"   {row['scenario']:<21}{_f(row.get('detected_s')):>9}{_f(row.get('recovered_s')):>10}"
               f"{_f(row.get('resumed_s')):>10}{_f(row['rounds_lost'], '{}'):>5}  {done:<11}"
-              f"{_f(row['loss_ratio'], '{:.4f}'):>9}{_f(row['wall_seconds'], '{:.1f}'):>8}")
+              f"{_f(row['loss_ratio'], '{:.4f}'):>9}{_f(row['wall_seconds'], '{:.1f}'):>8}"
+              f"{_f(len(row['secondary_failures']) if 'secondary_failures' in row else None, '{}'):>9}")
     print()
     for row in rows:
         bits = [f"{row['fault']}" if row["fault"] else "no fault injected"]
@@ -329,10 +346,16 @@ def main() -> int:
         if row.get("resumed_round") is not None:
             bits.append(f"first commit after: round {row['resumed_round']} from {','.join(row['resumed_sites'])}")
         print(f"   {row['scenario']}: " + "; ".join(bits))
+        if row.get("secondary_failures"):
+            print(f"      secondary failures (not the injected one): {'; '.join(row['secondary_failures'])}")
+            crashed = _crash_lines(row["run_dir"])
+            if crashed:
+                print(f"      worker logs: {crashed}")
         if not row["ok"]:
             print(f"      FAILED: {row['reason']}")
     print("\n   detect/recover/resumed: seconds from the signal to the first failure|heartbeat_lost event, the first "
-          "recovery event, the first commit; '-': no such event (e.g. etcd: nobody is declared dead).")
+          "recovery event, the first commit; '-': no such event (e.g. etcd: nobody is declared dead). "
+          "2nd fail: failures after the fault of anything other than its target.")
 
     path = save("recovery", {
         "checkpoint": ck,

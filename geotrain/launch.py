@@ -381,6 +381,12 @@ def launch(plan: LaunchPlan, progress_factory=None) -> dict:
     launcher.events.emit("run_finished", status=status, reason=str(error) if error else None)
     summary = write_summary(plan.run_dir, plan.topo, wall_seconds=time.time() - t0, link_stats=launcher.link_stats,
                             status=status, reason=str(error) if error else None)
+    try:  # TensorBoard event files next to metrics.jsonl (tensorboard --logdir RUN_DIR/tensorboard)
+        from geotrain.exporters import export_tensorboard
+
+        export_tensorboard(plan.run_dir)
+    except Exception as exc:  # noqa: BLE001 - a convenience export must never fail a finished run
+        log.warning("TensorBoard export failed: %s", exc)
     if error:
         raise error
     return summary

@@ -79,6 +79,9 @@ class CoordinatorConfig(_Node):
     """Where the coordinator sits: a site's name, or a place of its own (default "hub")."""
     host: str = "127.0.0.1"
     """Address the coordinator binds to."""
+    prometheus_port: int | None = Field(default=0, ge=0, le=65535)
+    """Port of the coordinator's Prometheus /metrics endpoint (0 = any free port, shown in the
+    `coordinator_started` event and etcd; null = off)."""
 
 
 class ModelConfig(_Node):

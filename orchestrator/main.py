@@ -82,12 +82,23 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                             delayed_nesterov=topo.training.asynchronous.delayed_nesterov)
     service = CoordinatorService(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
     server, port = create_server(service, bind)
+    exporter, metrics_url = None, None
+    if topo.coordinator.prometheus_port is not None and run_dir is not None:
+        try:
+            from geotrain.exporters import PrometheusExporter
+
+            exporter = PrometheusExporter(port=topo.coordinator.prometheus_port, host=host)
+            metrics_url = f"http://{host}:{exporter.start()}/metrics"
+            exporter.follow(run_dir / "metrics.jsonl")
+        except (ImportError, OSError) as exc:  # metrics are a convenience: never a reason not to train
+            log.warning("no Prometheus endpoint: %s", exc)
     if control is not None:
-        registration = control.set_coordinator(f"{host}:{port}", {"pid": os.getpid()}, ttl_s=topo.recovery.heartbeat_ttl_s)
+        registration = control.set_coordinator(f"{host}:{port}", {"pid": os.getpid(), "metrics": metrics_url},
+                                               ttl_s=topo.recovery.heartbeat_ttl_s)
         epoch = int(registration.info["epoch"])
         cfg.epoch = epoch
     events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names),
-                epoch=epoch, round=service.state.round, resumed=resume is not None)
+                epoch=epoch, round=service.state.round, resumed=resume is not None, metrics_url=metrics_url)
     ready(f"READY {port}")
     sys.stdout.flush()
 
@@ -101,6 +112,8 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
             return 3
     events.emit("coordinator_stopped", round=service.state.round, bytes_in=service.bytes_in, bytes_out=service.bytes_out)
     server.stop(grace=2.0).wait()
+    if exporter is not None:
+        exporter.stop()
     if writer is not None:
         writer.flush()
         writer.close()

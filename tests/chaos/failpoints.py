@@ -27,6 +27,7 @@ class FaultRecord:
     injected_t: float
     healed_t: float | None = None
     notes: list[str] = field(default_factory=list)
+    evidence: dict = field(default_factory=dict)  # what the failpoint measured (e.g. when a link applied a change)
 
     def describe(self) -> str:
         held = f" {self.healed_t - self.injected_t:.1f}s" if self.healed_t else ""
@@ -166,10 +167,16 @@ class KillEtcd(Failpoint):
 
 class DelayLink(Failpoint):
     """Degrade a site's WAN link through its control file on the shared run directory:
-    ``{"forward": {"latency_ms": L}, "backward": {"latency_ms": L}}``; removing the file restores it."""
+    ``{"forward": {"latency_ms": L}, "backward": {"latency_ms": L}}``; removing the file restores it.
+
+    The link writes its current parameters to its stats file every 0.5 s: after the write and after
+    the removal the failpoint watches that file (up to ``confirm_s``) and records in
+    ``record.evidence`` how long the link took to apply the change (``applied_s``) and to restore its
+    own parameters (``restored_s``), or None when it did not within ``confirm_s``."""
 
     name, kind = "delay_link", "link"
     latency_ms = 200.0
+    confirm_s = 3.0
 
     def targets(self, topo):
         return remote_sites(topo)
@@ -181,6 +188,25 @@ class DelayLink(Failpoint):
         _, control = link_files(dep.topo, target, run_dir=str(dep.run_dir))
         return control
 
+    def _latencies(self, dep, target) -> tuple[float, float] | None:
+        stats, _ = link_files(dep.topo, target, run_dir=str(dep.run_dir))
+        try:
+            with open(stats) as f:
+                doc = json.load(f)
+            return float(doc["forward"]["latency_ms"]), float(doc["backward"]["latency_ms"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _await_latency(self, dep, target, want: float) -> tuple[float | None, tuple | None]:
+        t0 = time.monotonic()
+        seen = None
+        while time.monotonic() - t0 < self.confirm_s:
+            seen = self._latencies(dep, target)
+            if seen == (want, want):
+                return round(time.monotonic() - t0, 2), seen
+            time.sleep(0.1)
+        return None, seen
+
     def apply(self, dep, target, record):
         path = self._control(dep, target)
         doc = {"forward": {"latency_ms": self.latency_ms}, "backward": {"latency_ms": self.latency_ms}}
@@ -188,12 +214,23 @@ class DelayLink(Failpoint):
         with open(tmp, "w") as f:
             json.dump(doc, f)
         os.replace(tmp, path)  # the link polls the file every 0.2 s: never let it read half a document
+        applied_s, seen = self._await_latency(dep, target, self.latency_ms)
+        record.evidence["applied_s"] = applied_s
+        if applied_s is None:
+            record.notes.append(f"link still at {seen} ms {self.confirm_s:g}s after the control file was written")
 
     def undo(self, dep, target, record):
         try:
             os.remove(self._control(dep, target))
         except FileNotFoundError:
             pass
+        own = dep.topo.link(target, dep.topo.coordinator.at).latency_ms
+        restored_s, seen = self._await_latency(dep, target, own)
+        record.evidence["restored_s"] = restored_s
+        record.evidence["latency_after_ms"] = seen
+        if restored_s is None:
+            record.notes.append(f"link still at {seen} ms {self.confirm_s:g}s after the control file was removed "
+                                f"(its own latency: {own:g} ms)")
 
 
 FAILPOINTS: dict[str, Failpoint] = {fp.name: fp for fp in (

@@ -275,6 +275,26 @@ def recovery(events: list[dict], sites: list[str], target_site: str | None) -> t
     return (round(back["t"] - start, 2) if back else None), lost
 
 
+def history_notes(events: list[dict]) -> str:
+    """What else the history shows: sites dropped from a round, updates refused, worker restarts,
+    coordinator incarnations."""
+    count = lambda pred: sum(1 for e in events if pred(e))  # noqa: E731
+    parts = []
+    dropped = count(lambda e: e.get("event") == "failure" and e.get("what") == "site")
+    refused = count(lambda e: e.get("event") == "merge_refused")
+    workers = count(lambda e: e.get("event") == "failure" and e.get("what") == "worker")
+    coords = count(lambda e: e.get("event") == "coordinator_started")
+    if dropped:
+        parts.append(f"{dropped} site drops")
+    if refused:
+        parts.append(f"{refused} updates refused")
+    if workers:
+        parts.append(f"{workers} worker restarts")
+    if coords > 1:
+        parts.append(f"{coords} coordinator incarnations")
+    return ", ".join(parts)
+
+
 def invariants_summary(check: dict) -> str:
     verdicts = check.get("verdicts") or []
     if not verdicts:

@@ -91,7 +91,8 @@ def bench_star(xs: list[torch.Tensor], params: LinkParams, shared: bool, warmup:
     sites = tuple(f"site{i}" for i in range(k))
     service = CoordinatorService(CoordinatorConfig(sites=sites, algorithm="ddp", round_timeout_s=300.0))
     server, port = create_server(service)
-    proxies = [LinkProxy("hub" if shared else f"hub-{s}", (LOOP, port), params) for s in (sites[:1] if shared else sites)]
+    names = ["hub"] if shared else [f"hub-{s}" for s in sites]
+    proxies = [LinkProxy(name, (LOOP, port), params) for name in names]
     ports = [p.start() for p in proxies]
     clients = [CoordinatorClient(f"{LOOP}:{ports[0 if shared else i]}", s, timeout_s=300.0)
                for i, s in enumerate(sites)]

@@ -203,6 +203,13 @@ def _tail(path: Path, n: int = 15) -> str:
 
 def ensure_venv() -> tuple[dict | None, str | None]:
     """The torchft venv: (info, None), or (None, why not)."""
+    try:
+        return _ensure_venv()
+    except Exception as exc:  # noqa: BLE001 - any reason it cannot be made is the answer
+        return None, f"could not make the torchft venv at {VENV}: {type(exc).__name__}: {exc}"
+
+
+def _ensure_venv() -> tuple[dict | None, str | None]:
     py = VENV / "bin" / "python"
     check = ("import json, importlib.metadata as md, torch, numpy, torchft.local_sgd, torchft.manager; "
              "print(json.dumps({'torchft': md.version('torchft'), 'torch': torch.__version__, "
@@ -428,7 +435,8 @@ def run_torchft(work_cfg: dict, rounds: int, kill_step: int | None, work: Path) 
         for f in outs:
             f.close()
     logs = {i: _read_log(d / f"replica{i}.jsonl") for i in (0, 1)}
-    return {"logs": logs, "wall": wall, "killed": killed, "restarted": restarted, "dir": str(d), "loadavg": load}
+    return {"logs": logs, "wall": wall, "killed": killed, "restarted": restarted, "dir": str(d), "loadavg": load,
+            "t0": t0}
 
 
 def torchft_rounds(logs: dict[int, list[dict]], sites: list[str]) -> dict[int, dict]:
@@ -495,7 +503,9 @@ def geotrain_numbers(res: dict, H: int, rounds_n: int, survivor: str, victim: st
     rounds = geotrain_rounds(ev)
     steps = [e for e in ev if e["event"] == "inner_step"]
     evals = sorted((e for e in ev if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
+    started = min(e["t"] for e in ev if e["event"] == "run_started")
     out = {"wall_s": res["summary"]["wall_seconds"], "span_s": span([e["t"] for e in steps], rounds),
+           "startup_s": round(min(e["t"] for e in steps) - started, 3),
            "sync": sync_stats(rounds), "breakdown": geotrain_breakdown(rounds),
            "final_eval_loss": evals[-1]["loss"] if evals else None,
            "initial_eval_loss": evals[0]["loss"] if evals else None,
@@ -513,7 +523,11 @@ def geotrain_numbers(res: dict, H: int, rounds_n: int, survivor: str, victim: st
         commits_after = sorted((e for e in ev if e["event"] == "commit" and e["t"] > t_kill), key=lambda e: e["t"])
         both = next((c for c in commits_after if victim in c["sites"]), None)
         commits = [e for e in ev if e["event"] == "commit"]
+        respawn = [e["t"] for e in ev if e["event"] == "process_started" and e.get("name") == "worker " + victim + "/0"
+                   and e["t"] > t_kill]
+        after = [e["t"] for e in victim_steps if respawn and e["t"] > respawn[0]]
         out["fault"] = {
+            "restart_to_first_step_s": round(after[0] - respawn[0], 3) if after else None,
             "killed_at_step": before[-1]["step"] if before else None,
             "survivor_blocked_s": round(max(blocked), 3) if blocked else None,
             "recovery_s": round(both["t"] - t_kill, 3) if both else None,
@@ -533,6 +547,7 @@ def torchft_numbers(res: dict, sites: list[str], H: int, rounds_n: int) -> dict:
     steps = [e for evs in logs.values() for e in evs if e["e"] == "step"]
     evals = [e for e in logs[0] if e["e"] == "eval"]
     out = {"wall_s": round(res["wall"], 3), "span_s": span([e["t"] for e in steps], rounds),
+           "startup_s": round(min(e["t"] for e in steps) - res["t0"], 3),
            "sync": sync_stats(rounds), "breakdown": torchft_breakdown(rounds),
            "final_eval_loss": evals[-1]["loss"] if evals else None,
            "initial_eval_loss": evals[0]["loss"] if evals else None,
@@ -640,6 +655,7 @@ def main() -> int:
     print(f"{'clean run':44} {'geotrain':>10} {'torchft':>10} {'g/t':>7}")
     rows = [
         ("wall seconds, end to end", "wall_s"),
+        ("start-up s (launch -> first inner step)", "startup_s"),
         ("training span s (first step -> last sync)", "span_s"),
         ("inner step interval s (median)", "step_interval_median_s"),
         ("sync s/round, last arriver (median)", "sync", "last_arriver_median_s"),
@@ -669,6 +685,7 @@ def main() -> int:
             ("killed at inner step", "fault", "killed_at_step"),
             ("seconds the surviving site was blocked", "fault", "survivor_blocked_s"),
             ("seconds kill -> first commit with it again", "fault", "recovery_s"),
+            ("seconds restart -> its first inner step", "fault", "restart_to_first_step_s"),
             ("inner steps lost at the kill", "fault", "steps_lost_at_kill"),
             ("its inner steps wasted (in no commit)", "fault", "victim_steps_wasted"),
             ("rounds without its own update", "fault", "rounds_without_victim_update"),
@@ -684,8 +701,7 @@ def main() -> int:
                 print(f"  {name}: wall +{f['wall_s'] - c['wall_s']:.1f} s against its clean run")
         if tf and tf.get("fault"):
             print(f"  torchft: the restarted replica trained {tf['fault']['steps_discarded_by_heal']} steps from the "
-                  f"initial weights before its first quorum healed it (weights overwritten: lost); "
-                  f"restart -> first step {fmt(tf['fault']['restart_to_first_step_s'])} s")
+                  f"initial weights before its first quorum healed it (weights overwritten: lost)")
     errors = {k: v for k, v in (("geotrain", g_err), ("torchft", t_err), ("geotrain_fault", gf_err),
                                 ("torchft_fault", tf_err)) if v}
     path = save("torchft_side_by_side", {

@@ -725,8 +725,12 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
         pass
     if not root.is_dir():
         return []
+    def published(p: Path) -> bool:  # a round folder holding only a crashed writer's .tmp-* part was never published
+        return not p.name.startswith("round-") or any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir())
+
     return sorted(p for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and not p.name.endswith((".tmp", ".partial")))
+                  if p.is_dir() and not p.name.startswith(".") and not p.name.endswith((".tmp", ".partial"))
+                  and published(p))
 
 
 def _twin_final_loss(twin: Path) -> float | None:

@@ -236,10 +236,12 @@ def offline_mounts(repo: Path | None = None) -> OfflineMounts:
 
 
 def topology_yaml(topo: Topology, source: str) -> str:
-    """The validated topology as YAML (field names carry units, so it loads back to the same topology)."""
+    """The validated topology as YAML: field names carry units, so it loads back to the same topology.
+    Fields at their defaults are left out, so an image built from another version of geotrain
+    (with fields added since) still reads it."""
     header = (f"# Rendered by `geotrain compose` from {source} (overrides applied, validated).\n"
               f"# sha256 of the topology: {topo.digest()}\n")
-    return header + yaml.safe_dump(topo.model_dump(mode="json"), sort_keys=False)
+    return header + yaml.safe_dump(topo.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
 
 def write_deployment(topo: Topology, out_dir: Path, *, source: str = "<topology>", image: str | None = None,

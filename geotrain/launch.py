@@ -183,8 +183,9 @@ class Launcher:
 
         self.control = ControlPlane(self.etcd_endpoint, self.topo.name, timeout_s=1.0)
         self._start_coordinator(resume_round=self.plan.resume_round)
+        rings = self._start_rings() if self.plan.resume_round is None else {}
         for site in self.topo.sites:
-            self._start_site(site, resume_round=self.plan.resume_round)
+            self._start_site(site, resume_round=self.plan.resume_round, rings=rings.get(site.name))
         from geotrain.faults import FaultScheduler
 
         self.faults = FaultScheduler(self, self.topo, self.events, started_at=time.time())
@@ -231,7 +232,31 @@ class Launcher:
             "--control-file", str(stats.with_suffix(".control.json"))], ready=True, group=f"link:{site.name}")
         self.link_ports[site.name] = _read_ready(link, 30)
 
-    def _start_site(self, site, resume_round: int | None = None) -> None:
+    def _start_rings(self) -> dict[str, list[dict]]:
+        """Ring / hierarchical merges: a listening port per ring member, a link emulator per ring edge."""
+        from geotrain.merge_plan import ring_plan
+
+        plan = ring_plan(self.topo)
+        ports = {(m.ring, m.site): free_port() for members in plan.values() for m in members}
+        out: dict[str, list[dict]] = {}
+        for site, members in plan.items():
+            for m in members:
+                spec = self.topo.link(site, m.successor)
+                name = f"link {m.ring}: {site}->{m.successor}"
+                stats = self.run_dir / "links" / f"ring-{m.ring.replace(':', '-')}-{site}--{m.successor}.json"
+                stats.parent.mkdir(exist_ok=True)
+                self.link_stats[name] = stats
+                link = self._spawn(name, "link", [
+                    _python(), "-m", "geotrain.cli", "link", "--name", f"{m.ring}:{site}->{m.successor}",
+                    "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{ports[(m.ring, m.successor)]}",
+                    "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
+                    "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss), "--seed", str(self.topo.seed),
+                    "--stats-file", str(stats)], ready=True, group=f"ringlink:{m.ring}:{site}")
+                port = _read_ready(link, 30)
+                out.setdefault(site, []).append(m.as_env(ports[(m.ring, site)], f"127.0.0.1:{port}"))
+        return out
+
+    def _start_site(self, site, resume_round: int | None = None, rings: list[dict] | None = None) -> None:
         address = self._coordinator_address(site)
         master_port = free_port()
         entry = self.plan.script or [_python(), "-m", "geotrain.worker.main"]
@@ -239,6 +264,8 @@ class Launcher:
             env = worker_env(self.topo, site, rank, run_dir=self.run_dir, topology_json=self.topo_json,
                              coordinator=address, etcd=self.etcd_endpoint, checkpoint_dir=self.checkpoint_dir,
                              master_port=master_port, resume_round=resume_round)
+            if rings and rank == 0:
+                env["GEOTRAIN_RINGS"] = json.dumps(rings)
             self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env, group=f"site:{site.name}")
 
     # ---- watching and recovering ----
@@ -294,6 +321,8 @@ class Launcher:
         elif child.role == "etcd":
             self._start_etcd()
             self._recovered(group, time.time())
+        elif child.role == "link" and group.startswith("ringlink:"):
+            self._recovered(group, time.time())  # a ring edge is not rebuilt: the leaders fall back to the star
         elif child.role == "link":
             site = self.topo.site(group.split(":", 1)[1])
             self._start_link(site, self.topo.link(site.name, self.topo.coordinator.at),
@@ -333,7 +362,8 @@ class Launcher:
         try:
             info = self.control.coordinator()
         except ControlPlaneError:
-            return  # etcd unreachable: no verdict (membership changes wait for etcd)
+            self.coord_seen = now  # etcd unreachable: no verdict, and a full grace period once it is back
+            return
         if info and info.get("pid") == coord.proc.pid:
             self.coord_seen = now
             return

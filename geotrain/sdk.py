@@ -32,6 +32,7 @@ GEOTRAIN_DEVICE, MASTER_ADDR and MASTER_PORT (the site's own process group).
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import time
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from geotrain.errors import CoordinatorUnavailable, GeotrainError, StaleRound
+from geotrain.errors import CoordinatorUnavailable, GeotrainError, StaleRound, TransferCorrupt
 from geotrain.events import EventLog
 from geotrain.transport import fingerprint, flatten, unflatten_into
 
@@ -73,6 +74,10 @@ ENV_VARS = {
     "GEOTRAIN_FRAGMENTS": "streaming-diloco: P fragments",
     "GEOTRAIN_OVERLAP_STEPS": "streaming-diloco: τ inner steps overlapping a fragment's exchange",
     "GEOTRAIN_ALPHA": "streaming-diloco: mixing weight of the local fragment",
+    "GEOTRAIN_RINGS": "ring/hierarchical merges: JSON list of this leader's ring memberships",
+    "GEOTRAIN_NUM_SITES": "number of sites in the run",
+    "GEOTRAIN_RING_UPLOADER": "the site that uploads a ring's mean to the coordinator",
+    "GEOTRAIN_OUTER": "the outer optimizer's settings (JSON), mirrored by ring leaders",
 }
 
 
@@ -107,6 +112,10 @@ class SiteContext:
     fragments: int = 1
     overlap_steps: int = 0
     alpha: float = 0.5
+    rings: tuple = ()
+    num_sites: int = 1
+    ring_uploader: str = ""
+    outer_optimizer: dict | None = None
 
     @property
     def part(self) -> str:
@@ -156,6 +165,10 @@ class SiteContext:
             fragments=int(env.get("GEOTRAIN_FRAGMENTS", "1")),
             overlap_steps=int(env.get("GEOTRAIN_OVERLAP_STEPS", "0")),
             alpha=float(env.get("GEOTRAIN_ALPHA", "0.5")),
+            rings=tuple(json.loads(env["GEOTRAIN_RINGS"])) if env.get("GEOTRAIN_RINGS") else (),
+            num_sites=int(env.get("GEOTRAIN_NUM_SITES", "1")),
+            ring_uploader=env.get("GEOTRAIN_RING_UPLOADER", ""),
+            outer_optimizer=json.loads(env["GEOTRAIN_OUTER"]) if env.get("GEOTRAIN_OUTER") else None,
         )
 
 
@@ -243,6 +256,10 @@ class DiLoCo:
             self._slices = fragment_slices(self.global_flat.numel(), self.P)
             self._offsets = [((f + 1) * self.H // self.P) % self.H for f in range(self.P)]
             self._pool = ThreadPoolExecutor(max_workers=self.P, thread_name_prefix="stream") if self.ctx.is_leader else None
+        self._rings: dict = {}
+        if self.ctx.rings and self.ctx.is_leader and algorithm == "diloco" and self.round == 0 \
+                and self.ctx.resume_round is None:
+            self._connect_rings()
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last = time.perf_counter()
 
@@ -277,6 +294,9 @@ class DiLoCo:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for peer in self._rings.values():
+            peer.close()
+        self._rings = {}
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -370,7 +390,8 @@ class DiLoCo:
         if self.ctx.is_leader:
             pseudo_grad = self.global_flat - flatten(self.params)
             sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
-            new, version = self._exchange(pseudo_grad, self.global_flat)
+            ring_result = self._ring_exchange(pseudo_grad) if self._rings else None
+            new, version = ring_result if ring_result is not None else self._exchange(pseudo_grad, self.global_flat)
             header[0] = version
         version = int(self._site_broadcast(header)[0])
         new = self._site_broadcast(new, like=self.params)
@@ -393,6 +414,58 @@ class DiLoCo:
             self.local_step = version * self.H
         self.round = version
 
+    # ---- ring / hierarchical merges ----
+    def _connect_rings(self) -> None:
+        """Build this leader's rings (geotrain.merge_plan); the outer step then runs here too, mirrored."""
+        from geotrain.orchestrator.outer import OuterOptimizer
+        from geotrain.ring import RingPeer
+        from geotrain.topology import OuterOptimizerConfig
+
+        try:
+            for m in self.ctx.rings:
+                peer = RingPeer(m["rank"], m["world"], listen=("127.0.0.1", m["listen"]), timeout_s=60.0)
+                peer.start()
+                self._rings[m["ring"]] = peer
+            for m in self.ctx.rings:
+                host, port = m["successor"].rsplit(":", 1)
+                self._rings[m["ring"]].connect((host, int(port)))
+        except GeotrainError as exc:
+            self._abandon_rings(f"could not build the rings: {exc}")
+            return
+        cfg = self.ctx.outer_optimizer or {}
+        self._outer_local = OuterOptimizer(OuterOptimizerConfig(**cfg))
+        self.events.emit("rings_ready", site=self.ctx.site, rings=sorted(self._rings))
+
+    def _abandon_rings(self, reason: str) -> None:
+        for peer in self._rings.values():
+            peer.close()
+        if self._rings:
+            self.events.emit("ring_abandoned", site=self.ctx.site, round=self.round, reason=reason)
+        self._rings = {}
+
+    def _ring_exchange(self, pseudo_grad: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """All-reduce the pseudo-gradient among leaders, step the mirrored outer optimizer, have the
+        coordinator confirm. None: the ring failed, merge this round through the star."""
+        from geotrain.ring import hierarchical_all_reduce
+
+        local = next((p for name, p in self._rings.items() if name.startswith("region:")), None)
+        leaders = self._rings.get("leaders") or self._rings.get("all")
+        try:
+            mean = hierarchical_all_reduce(pseudo_grad, local=local, leaders=leaders, world=self.ctx.num_sites,
+                                           op="mean", round=self.round)
+            claimed = fingerprint(mean)
+            upload = self.ctx.site == self.ctx.ring_uploader
+            p = self.client.merge(mean if upload else torch.zeros(0), round=self.round,
+                                  kind="ring_mean" if upload else "ring_ack", version=self.round, claimed_crc32=claimed)
+            new = self._outer_local.step(self.global_flat, mean)
+            if p.kind != "ring_commit" or p.params_crc32 != fingerprint(new):
+                raise TransferCorrupt(f"site {self.ctx.site}, round {self.round}: after the ring merge the coordinator "
+                                      f"holds weights with CRC32 {p.params_crc32}, this site {fingerprint(new)}")
+            return new, p.version
+        except GeotrainError as exc:
+            self._abandon_rings(str(exc))
+            return None
+
     def _encode_update(self, update: torch.Tensor, key: int = 0):
         """Compress an update for the wire (with this site's error feedback), or None for fp32."""
         if self.codec == "fp32":
@@ -405,7 +478,7 @@ class DiLoCo:
         return ef.encode(update, self.codec, self.block)
 
     def _exchange(self, pseudo_grad: torch.Tensor, base: torch.Tensor, fragment: int = 0,
-                  round: int | None = None) -> tuple[torch.Tensor, int]:
+                  at_round: int | None = None) -> tuple[torch.Tensor, int]:
         """Send this round's update and get the committed global parameters, surviving a coordinator restart.
 
         Returns (new global parameters for ``base``'s elements, global version).
@@ -415,7 +488,7 @@ class DiLoCo:
           global model; the local progress of this round is discarded, never applied late;
         - duplicate (the coordinator has our update, the reply was lost): wait for the commit.
         """
-        rnd = self.round if round is None else round
+        rnd = self.round if at_round is None else at_round
         base_version = self.version if self.algorithm == "async-diloco" else rnd
         encoded = self._encode_update(pseudo_grad, fragment)
         deadline = time.monotonic() + self.ctx.retry_deadline_s

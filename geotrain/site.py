@@ -46,6 +46,8 @@ def worker_env(topo: Topology, site: SiteConfig, rank: int, *, run_dir: Path, to
         GEOTRAIN_ERROR_FEEDBACK="1" if tr.compression.error_feedback else "0",
         GEOTRAIN_FRAGMENTS=str(tr.streaming.fragments), GEOTRAIN_OVERLAP_STEPS=str(tr.streaming.overlap_steps),
         GEOTRAIN_ALPHA=str(tr.streaming.alpha),
+        GEOTRAIN_NUM_SITES=str(len(topo.sites)), GEOTRAIN_RING_UPLOADER=topo.sites[0].name,
+        GEOTRAIN_OUTER=json.dumps(tr.outer_optimizer.model_dump(mode="json")),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(site.workers),
         LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
     )

@@ -49,6 +49,8 @@ class SiteConfig(_Node):
     """Where the site's workers compute. `cuda` uses NCCL inside the site; gloo otherwise."""
     slowdown: float = Field(default=1.0, ge=1.0, le=100.0)
     """Compute slowdown factor (>= 1) to emulate a slower site; 1 = full speed."""
+    region: str | None = None
+    """Region of the site, for `training.merge: hierarchical` (sites of a region reduce among themselves first)."""
 
 
 class LinkSpec(_Node):
@@ -169,6 +171,10 @@ class TrainingConfig(_Node):
     """`diloco`: sites merge every `inner_steps`; `ddp`: gradients are averaged across the WAN every step (the
     baseline); `async-diloco`: each site merges as soon as it is done, the coordinator applies updates as they
     arrive; `streaming-diloco`: fragments of the model are merged in turn, overlapped with compute."""
+    merge: Literal["star", "ring", "hierarchical"] = "star"
+    """How a synchronous DiLoCo merge moves bytes: `star` through the coordinator; `ring`: a ring all-reduce
+    among site leaders over the site-to-site links; `hierarchical`: rings inside regions, then across regions.
+    The coordinator still decides rounds and membership. After any failure a ring run merges through the star."""
     compression: CompressionConfig = CompressionConfig()
     asynchronous: AsyncConfig = Field(default=AsyncConfig(), alias="async")
     streaming: StreamingConfig = StreamingConfig()
@@ -507,6 +513,9 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     if topo.training.algorithm == "streaming-diloco" and st.overlap_steps >= topo.training.inner_steps:
         raise TopologyError(f"{source}: training.streaming.overlap_steps: must be less than training.inner_steps "
                             f"({topo.training.inner_steps}), got {st.overlap_steps}")
+    if topo.training.merge != "star" and (topo.training.algorithm != "diloco" or topo.training.compression.codec != "fp32"):
+        raise TopologyError(f"{source}: training.merge: {topo.training.merge!r} merges work with algorithm `diloco` "
+                            f"and codec fp32 (got {topo.training.algorithm!r}, {topo.training.compression.codec!r})")
     if topo.training.algorithm == "ddp" and topo.training.compression.codec != "fp32":
         raise TopologyError(f"{source}: training.compression.codec: compression applies to DiLoCo merges; "
                             f"`ddp` sends fp32 gradients, got {topo.training.compression.codec!r}")

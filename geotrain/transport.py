@@ -36,6 +36,8 @@ class Payload:
     numel: int = 0
     fragment: int = 0
     staleness: int = 0
+    claimed_crc32: int = 0
+    params_crc32: int = 0
 
     def tensor(self) -> torch.Tensor:
         """The payload as float32 (decoded if it travelled compressed)."""
@@ -52,7 +54,7 @@ class Payload:
 
 def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, kind: str,
            version: int = 0, chunk_bytes: int = CHUNK_BYTES, encoded=None, fragment: int = 0,
-           staleness: int = 0) -> Iterator[pb.TensorChunk]:
+           staleness: int = 0, claimed_crc32: int = 0, params_crc32: int = 0) -> Iterator[pb.TensorChunk]:
     """Yield the messages of one stream: the header (with the first chunk), then the rest.
 
     ``encoded`` (a :class:`geotrain.compress.Encoded`) sends compressed bytes instead of ``data``.
@@ -61,7 +63,8 @@ def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, k
         buf = memoryview(encoded.payload)
         header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="encoded",
                                  crc32=zlib.crc32(buf), version=version, codec=encoded.codec, block=encoded.block,
-                                 numel=encoded.numel, fragment=fragment, staleness=staleness)
+                                 numel=encoded.numel, fragment=fragment, staleness=staleness,
+                                 claimed_crc32=claimed_crc32, params_crc32=params_crc32)
     else:
         if encoded is not None:
             from geotrain.compress import decode as _dec
@@ -72,7 +75,8 @@ def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, k
         buf = memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
         header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="float32",
                                  crc32=zlib.crc32(buf), version=version, codec="fp32", numel=len(buf) // 4,
-                                 fragment=fragment, staleness=staleness)
+                                 fragment=fragment, staleness=staleness, claimed_crc32=claimed_crc32,
+                                 params_crc32=params_crc32)
     if len(buf) == 0:
         yield pb.TensorChunk(header=header)
         return
@@ -117,7 +121,7 @@ def decode(messages: Iterable[pb.TensorChunk], *, where: str = "") -> Payload:
     data = np.frombuffer(out, dtype=np.float32 if h.dtype == "float32" else np.uint8)
     return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data, crc32=h.crc32,
                    codec=h.codec or "fp32", block=h.block, numel=h.numel or len(data), fragment=h.fragment,
-                   staleness=h.staleness)
+                   staleness=h.staleness, claimed_crc32=h.claimed_crc32, params_crc32=h.params_crc32)
 
 
 def _chain(first, rest):

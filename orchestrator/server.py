@@ -80,6 +80,9 @@ class Lane:
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
     results: dict[int, tuple[int, object]] = field(default_factory=dict)  # round -> (version, result)
     failed: dict[int, str] = field(default_factory=dict)
+    modes: dict[int, str] = field(default_factory=dict)  # round -> "star" | "ring"
+    claims: dict[str, int] = field(default_factory=dict)  # ring round: site -> CRC32 of the mean it computed
+    abandoned: dict[int, set] = field(default_factory=dict)  # round -> sites whose ring update was dropped
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -181,6 +184,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if not 0 <= payload.fragment < len(self.lanes):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"fragment {payload.fragment} of {len(self.lanes)}")
             lane = self.lanes[payload.fragment]
+            ring = payload.kind in ("ring_mean", "ring_ack")
+            mode = lane.modes.setdefault(rnd, "ring" if ring else "star")
+            if ring and mode != "ring":
+                context.abort(grpc.StatusCode.ABORTED, f"ring_abandoned: round {rnd} is merged through the star")
+            if not ring and mode == "ring" and rnd == lane.state.round:
+                self._abandon_ring(lane, rnd, site)
             decision = admit(lane.state, site, rnd)
             if not decision:
                 self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason,
@@ -188,10 +197,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 code = grpc.StatusCode.FAILED_PRECONDITION if decision.action in ("stale", "future", "duplicate") \
                     else grpc.StatusCode.PERMISSION_DENIED
                 context.abort(code, f"{decision.action}: {decision.reason}")
-            lane.updates[site] = payload.tensor()
+            lane.updates[site] = payload.tensor() if payload.kind != "ring_ack" else None
+            if ring:
+                lane.claims[site] = payload.claimed_crc32
             lane.state = record_arrival(lane.state, site, time.time())
             self._maybe_commit(lane)
             while rnd not in lane.results:
+                if site in lane.abandoned.get(rnd, ()):
+                    lane.abandoned[rnd].discard(site)
+                    context.abort(grpc.StatusCode.ABORTED, f"ring_abandoned: a site merged round {rnd} through the star")
                 if rnd in lane.failed:
                     context.abort(grpc.StatusCode.ABORTED, lane.failed[rnd])
                 if not context.is_active():
@@ -199,6 +213,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self._cond.wait(timeout=0.2)
                 self._maybe_commit(lane)
             version, result = lane.results[rnd]
+        if isinstance(result, tuple) and result[0] == "ring_commit":  # every site computed the outer step itself
+            yield from transport.encode(torch.zeros(0), site="coordinator", round=rnd, kind="ring_commit",
+                                        version=version, params_crc32=result[1])
+            return
         kind = "grad" if self.cfg.algorithm == "ddp" else ("delta" if self.cfg.codec != "fp32" else "params")
         yield from self._send(result, kind=kind, version=version, round=rnd, fragment=lane.index)
 
@@ -241,13 +259,26 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if decision.action == "wait":
             return
         rnd = lane.state.round
+        if decision.action == "timeout" and lane.modes.get(rnd) == "ring":
+            self._abandon_ring(lane, rnd, "deadline")
+            return
         if decision.action == "timeout":
             lane.failed[rnd] = decision.reason
             self.events.emit("round_failed", round=rnd, reason=decision.reason, fragment=lane.index)
             self._cond.notify_all()
             return
         t0 = time.time()
-        mean = mean_of(lane.updates)
+        if lane.modes.get(rnd) == "ring":
+            means = [u for u in lane.updates.values() if u is not None]
+            claims = set(lane.claims.values())
+            if len(means) != 1 or decision.action != "commit" or claims != {transport.fingerprint(means[0])}:
+                self.events.emit("round_failed", round=rnd, reason=f"ring round {rnd} cannot commit ({decision.action}; "
+                                 f"{len(means)} means uploaded; claimed mean CRC32s {sorted(claims)}): retried through the star")
+                self._abandon_ring(lane, rnd, "coordinator")
+                return
+            mean = means[0]
+        else:
+            mean = mean_of(lane.updates)
         if self.cfg.algorithm == "ddp":
             result = mean
         else:
@@ -257,7 +288,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 return
             sl = self._slice(lane)
             new = self.outer.step(self.params, mean, sl)
-            if self.cfg.codec == "fp32":
+            if lane.modes.get(rnd) == "ring":
+                self.params = new
+                result = ("ring_commit", transport.fingerprint(self.params))
+            elif self.cfg.codec == "fp32":
                 self.params = new
                 result = self.params[sl]
             else:  # send the change, compressed; apply exactly what the sites will apply
@@ -291,7 +325,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         lane.results[rnd] = (self.version if len(self.lanes) == 1 else lane.state.round, result)
         lane.results.pop(rnd - 2, None)
-        lane.updates = {}
+        lane.updates, lane.claims = {}, {}
         if self.cfg.algorithm == "ddp":
             crc = transport.fingerprint(result)
         else:  # the weights every site now holds (streaming: of this fragment)
@@ -300,6 +334,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                          epoch=self.cfg.epoch, fragment=lane.index,
                          wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(time.time() - t0, 6))
         self._maybe_checkpoint()
+        self._cond.notify_all()
+
+    def _abandon_ring(self, lane: Lane, rnd: int, site: str) -> None:
+        """A star update for a round being merged in a ring: the ring broke; merge this round through the star."""
+        dropped = set(lane.state.arrived)
+        lane.modes[rnd] = "star"
+        lane.abandoned[rnd] = dropped
+        lane.updates, lane.claims = {}, {}
+        lane.state = RoundState(round=rnd, expected=lane.state.expected, joining=lane.state.joining)
+        self.events.emit("ring_abandoned", round=rnd, by=site, dropped=sorted(dropped))
         self._cond.notify_all()
 
     def _persist(self) -> None:

@@ -138,6 +138,9 @@ def test_cli_writes_a_loadable_topology_with_overrides(repo, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out / "docker-compose.yml")
     topo = load_topology(out / "topology.yaml")
     assert topo.training.rounds == 3 and topo.sites[0].workers == 1
+    assert topo.digest() == load_topology(repo / "topologies" / "demo.yaml",
+                                          ["training.rounds=3", "sites[0].workers=1"]).digest()
+    assert "recovery" not in yaml.safe_load((out / "topology.yaml").read_text())  # defaults left out
     doc = yaml.safe_load((out / "docker-compose.yml").read_text())
     assert set(doc["services"]) >= {"etcd", "coordinator", "site-us-east", "site-eu-west"}
 

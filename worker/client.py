@@ -70,10 +70,10 @@ class CoordinatorClient:
         return self._retry("GetModel", once)
 
     def merge(self, flat: torch.Tensor | np.ndarray | None, round: int, kind: str, version: int = 0, *,
-              encoded=None, fragment: int = 0) -> transport.Payload:
+              encoded=None, fragment: int = 0, claimed_crc32: int = 0) -> transport.Payload:
         """Send this site's update for ``round`` (``encoded``: compressed) and block until the merged result comes back."""
         msgs = self._counted(transport.encode(flat, site=self.site, round=round, kind=kind, version=version,
-                                              encoded=encoded, fragment=fragment))
+                                              encoded=encoded, fragment=fragment, claimed_crc32=claimed_crc32))
         return self._call("Merge", lambda: self._decode(self._stub.Merge(msgs, timeout=self.timeout_s), "Merge"),
                           round=round)
 

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorHeader(_message.Message):
-    __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness")
+    __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness", "claimed_crc32", "params_crc32")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class TensorHeader(_message.Message):
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_CRC32_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_CRC32_FIELD_NUMBER: _ClassVar[int]
     site: str
     round: int
     kind: str
@@ -32,7 +34,9 @@ class TensorHeader(_message.Message):
     numel: int
     fragment: int
     staleness: int
-    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., crc32: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., block: _Optional[int] = ..., numel: _Optional[int] = ..., fragment: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
+    claimed_crc32: int
+    params_crc32: int
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., crc32: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., block: _Optional[int] = ..., numel: _Optional[int] = ..., fragment: _Optional[int] = ..., staleness: _Optional[int] = ..., claimed_crc32: _Optional[int] = ..., params_crc32: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "offset", "data", "crc32")

@@ -1,0 +1,54 @@
+"""Ring and hierarchical merges through `geotrain launch`: same training as the star, less hub traffic,
+and a fall-back to the star when a ring breaks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from geotrain.events import read_events
+from tests.integration.helpers import REPO, summary
+
+pytestmark = pytest.mark.slow
+DEMO = REPO / "topologies" / "demo.yaml"
+FOUR_SITES = ["sites=[{name: a, workers: 1, region: eu}, {name: b, workers: 1, region: eu}, "
+              "{name: c, workers: 1, region: us}, {name: d, workers: 1, region: us}]"]
+
+
+def launch(run_dir, *sets):
+    argv = [sys.executable, "-m", "geotrain.cli", "launch", str(DEMO), "--run-dir", str(run_dir), "--quiet"]
+    for s in ("training.rounds=3", *sets):
+        argv += ["--set", s]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    check = subprocess.run([sys.executable, "-m", "geotrain.cli", "check", str(run_dir), "--json"],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert check.returncode == 0, check.stdout
+    return summary(run_dir)
+
+
+def hub_bytes(s):
+    return sum(v["bytes_forward"] + v["bytes_backward"] for k, v in s["links"].items() if "<->" in k)
+
+
+@pytest.mark.parametrize("merge", ["ring", "hierarchical"])
+def test_ring_merges_train_like_the_star_with_less_hub_traffic(tmp_path, merge):
+    star = launch(tmp_path / "star", *FOUR_SITES)
+    other = launch(tmp_path / merge, *FOUR_SITES, f"training.merge={merge}")
+    assert other["rounds_completed"] == 3
+    assert abs(other["final_eval_loss"] - star["final_eval_loss"]) / star["final_eval_loss"] < 1e-3
+    # star: every site sends and receives the model each round; ring: one upload of the mean
+    assert hub_bytes(other) < 0.5 * hub_bytes(star)
+    events = read_events(tmp_path / merge / "metrics.jsonl")
+    assert len([e for e in events if e["event"] == "rings_ready"]) == 4
+    assert not [e for e in events if e["event"] == "ring_abandoned"]
+
+
+def test_a_broken_ring_falls_back_to_the_star(tmp_path):
+    s = launch(tmp_path / "run", "training.merge=ring", "training.rounds=5",
+               "faults=[{kind: kill, target: worker eu-west/0, at_round: 2}]")
+    assert s["rounds_completed"] == 5
+    events = read_events(tmp_path / "run" / "metrics.jsonl")
+    assert any(e["event"] == "ring_abandoned" for e in events)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["recoveries"] >= 1

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from geotrain.errors import CoordinatorUnavailable, GeotrainError, StaleRound, TransferCorrupt
+from geotrain.errors import CoordinatorUnavailable, GeotrainError, QuorumLost, StaleRound, TransferCorrupt
 from geotrain.events import EventLog
 from geotrain.transport import fingerprint, flatten, unflatten_into
 
@@ -500,6 +500,13 @@ class DiLoCo:
                                       version=base_version, encoded=encoded, fragment=fragment)
                 new = base + p.tensor() if p.kind == "delta" else p.tensor()
                 result = (new, p.version)
+            except QuorumLost as exc:  # too few sites reported in time: the round reopens, send again
+                self.events.emit("round_retry", site=self.ctx.site, round=rnd, reason=str(exc))
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
             except CoordinatorUnavailable as exc:
                 if failed_at is None:
                     failed_at = time.time()

@@ -83,6 +83,9 @@ class Lane:
     modes: dict[int, str] = field(default_factory=dict)  # round -> "star" | "ring"
     claims: dict[str, int] = field(default_factory=dict)  # ring round: site -> CRC32 of the mean it computed
     abandoned: dict[int, set] = field(default_factory=dict)  # round -> sites whose ring update was dropped
+    attempt: int = 0  # grows every time the round being collected fails; its waiters are told, the round reopens
+    last_failure: str = ""
+    wire: dict[int, list] = field(default_factory=dict)  # round -> the encoded answer, built once per commit
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -201,13 +204,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if ring:
                 lane.claims[site] = payload.claimed_crc32
             lane.state = record_arrival(lane.state, site, time.time())
+            attempt = lane.attempt
             self._maybe_commit(lane)
             while rnd not in lane.results:
+                if lane.attempt != attempt:
+                    context.abort(grpc.StatusCode.ABORTED, f"round_failed: {lane.last_failure}")
                 if site in lane.abandoned.get(rnd, ()):
                     lane.abandoned[rnd].discard(site)
                     context.abort(grpc.StatusCode.ABORTED, f"ring_abandoned: a site merged round {rnd} through the star")
                 if rnd in lane.failed:
-                    context.abort(grpc.StatusCode.ABORTED, lane.failed[rnd])
+                    context.abort(grpc.StatusCode.ABORTED, f"round_failed: {lane.failed[rnd]}")
                 if not context.is_active():
                     return
                 self._cond.wait(timeout=0.2)
@@ -218,7 +224,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                         version=version, params_crc32=result[1])
             return
         kind = "grad" if self.cfg.algorithm == "ddp" else ("delta" if self.cfg.codec != "fp32" else "params")
-        yield from self._send(result, kind=kind, version=version, round=rnd, fragment=lane.index)
+        with self._cond:  # every waiting site gets the same bytes: encode them once per commit
+            messages = lane.wire.get(rnd)
+            if messages is None:
+                messages = lane.wire[rnd] = list(self._send(result, kind=kind, version=version, round=rnd,
+                                                            fragment=lane.index, count=False))
+                lane.wire.pop(rnd - 2, None)
+            self.bytes_out += sum(len(m.data) for m in messages)
+        yield from messages
 
     def Status(self, request, context):
         with self._cond:
@@ -262,9 +275,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if decision.action == "timeout" and lane.modes.get(rnd) == "ring":
             self._abandon_ring(lane, rnd, "deadline")
             return
-        if decision.action == "timeout":
-            lane.failed[rnd] = decision.reason
-            self.events.emit("round_failed", round=rnd, reason=decision.reason, fragment=lane.index)
+        if decision.action == "timeout":  # too few sites: this attempt fails, the round reopens for a retry
+            lane.attempt += 1
+            lane.last_failure = decision.reason
+            lane.updates, lane.claims = {}, {}
+            lane.state = RoundState(round=rnd, expected=lane.state.expected, joining=lane.state.joining)
+            self.events.emit("round_failed", round=rnd, reason=decision.reason, fragment=lane.index, attempt=lane.attempt)
             self._cond.notify_all()
             return
         t0 = time.time()
@@ -376,12 +392,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.bytes_in += payload.wire_bytes
         return payload
 
-    def _send(self, result, *, kind: str, version: int, round: int, fragment: int = 0, staleness: int = 0):
+    def _send(self, result, *, kind: str, version: int, round: int, fragment: int = 0, staleness: int = 0,
+              count: bool = True):
         from geotrain.compress import Encoded
 
         encoded = result if isinstance(result, Encoded) else None
-        with self._cond:
-            self.bytes_out += len(encoded.payload) if encoded is not None else result.numel() * 4
+        if count:
+            with self._cond:
+                self.bytes_out += len(encoded.payload) if encoded is not None else result.numel() * 4
         yield from transport.encode(None if encoded is not None else result, site="coordinator", round=round, kind=kind,
                                     version=version, encoded=encoded, fragment=fragment, staleness=staleness)
 

@@ -19,7 +19,7 @@ import torch
 from geotrain import transport
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
-from geotrain.errors import CoordinatorUnavailable, GeotrainError, StaleRound, TransferCorrupt
+from geotrain.errors import CoordinatorUnavailable, GeotrainError, QuorumLost, StaleRound, TransferCorrupt
 from geotrain.orchestrator.server import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def _convert(exc: grpc.RpcError, what: str, site: str, address: str, round: int 
     if (code == grpc.StatusCode.FAILED_PRECONDITION and detail.startswith(("stale", "future", "duplicate"))) or \
             (code == grpc.StatusCode.PERMISSION_DENIED and detail.startswith("unknown_site")):
         return StaleRound(f"{where}: {detail}")
+    if code == grpc.StatusCode.ABORTED and detail.startswith("round_failed"):
+        return QuorumLost(f"{where}: {detail}")
     if code == grpc.StatusCode.DATA_LOSS:
         return TransferCorrupt(f"{where}: {detail}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -225,6 +225,7 @@ class DiLoCo:
         self.tau, self.alpha = self.ctx.overlap_steps, self.ctx.alpha
         self._slices: list[slice] = []
         self._inflight: dict[int, tuple] = {}
+        self._exchange_bytes: dict[int, tuple[int, int]] = {}  # fragment -> (sent, received) of its last exchange
         self._pool = None
         self.events = events or EventLog(self.ctx.run_dir / "metrics.jsonl" if self.ctx.run_dir else None, self.ctx.proc)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -500,6 +501,8 @@ class DiLoCo:
                                       version=base_version, encoded=encoded, fragment=fragment)
                 new = base + p.tensor() if p.kind == "delta" else p.tensor()
                 result = (new, p.version)
+                self._exchange_bytes[fragment] = (len(encoded.payload) if encoded is not None else pseudo_grad.numel() * 4,
+                                                  p.wire_bytes)
             except QuorumLost as exc:  # too few sites reported in time: the round reopens, send again
                 self.events.emit("round_retry", site=self.ctx.site, round=rnd, reason=str(exc))
                 if time.monotonic() > deadline:
@@ -563,8 +566,8 @@ class DiLoCo:
         t_wait = time.perf_counter()
         new = None
         if self.ctx.is_leader:
-            sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
             new, _version = future.result()
+            sent, received = self._exchange_bytes.pop(frag, (0, 0))
         numel = sl.stop - sl.start
         new = self._site_broadcast(new if new is not None else None, like=None, numel=numel)
         local = flatten(self.params)
@@ -580,7 +583,7 @@ class DiLoCo:
             self.events.emit("merge", site=self.ctx.site, round=self._frag_rounds[frag], fragment=frag,
                              version=self._frag_rounds[frag] + 1, seconds=round(waited, 6),
                              exchange_s=round(time.perf_counter() - t0, 6), step=self.local_step,
-                             bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
+                             bytes_sent=sent, bytes_received=received,
                              codec=self.codec, crc32=fingerprint(new))
         self._frag_rounds[frag] += 1
         self.round = min(self._frag_rounds)

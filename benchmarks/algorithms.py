@@ -6,11 +6,26 @@ Every figure is a ratio between two runs launched here with ``geotrain launch`` 
 each figure is printed with PASS or MISS against its target):
 
 1. async-diloco vs diloco, demo topology with ``sites[1].slowdown=3`` (eu-west 3x slower).
-   Sync: R=8 rounds, H=10. Async: same H, 2R rounds (every site counts its own merges), with
-   ``dynamic_local_steps`` off and on. Metric: time from ``run_started`` to the first ``eval`` whose
-   loss <= the sync run's final eval loss, over the sync run's time from ``run_started`` to its
-   final ``eval``. Target <= 0.7. (Also printed: the same ratio measured from the step-0 eval,
-   i.e. without the process start-up that both runs pay alike.)
+   Sync: R=4 rounds, H=10 (R=8 took 165 s here, because of the slowdown note below). Async: same H, 2R merges
+   per site (every site counts its own merges), with ``dynamic_local_steps`` off and on. Metric:
+   time from ``run_started`` to the first ``eval`` whose loss <= the sync run's final eval loss,
+   over the sync run's time from ``run_started`` to its final ``eval``. Target <= 0.7. (Also
+   printed: the same ratio measured from the step-0 eval, i.e. without the process start-up that
+   both runs pay alike, and the slowdown eu-west actually had: compute seconds per inner step
+   eu-west / us-east in the sync run. The emulation in worker/main.py sleeps (slowdown - 1) x the
+   time of the step *including the in-site gradient all-reduce*, which waits on the other worker's
+   sleep, so with 2 workers a site the sleeps feed on each other and the effective factor is far
+   above 3.)
+   Only the first site's leader (us-east, the fast site) evaluates, after each of its own merges.
+   An async run is therefore stopped (SIGTERM to its launcher, which stops every process) as soon
+   as us-east reports ``site_done``: no eval can follow, so the rest of the run (the slow site
+   finishing its own merges alone) cannot change the figure; it only cost minutes.
+   1b (control, run only when the script has the time): the same three runs with eu-west cut to one
+   worker (``sites[1].workers=1``, so no all-reduce is timed and the sleep stretches eu-west's own
+   step exactly by the factor) and ``sites[1].slowdown=5``: a lone worker's step is cheaper than a
+   step of us-east's two (no all-reduce, less CPU contention), and 5 is what makes eu-west about 3x
+   slower than us-east on this machine (the measured factor is printed). R=8 here, so that training
+   is long against the ~1-2 s by which process start-up varies between runs.
 2. streaming-diloco (P=4 fragments, overlap_steps=2) vs diloco, demo topology, H=20, same rounds:
    final eval loss ratio (target within 1%) and peak WAN demand, (a) the largest payload of one
    sync event and (b) peak bytes/s over a 0.25 s sliding window (see ``peak_window_rate``).
@@ -27,6 +42,8 @@ Writes benchmarks/results/algorithms.json.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,16 +57,16 @@ from geotrain.orchestrator.server import fragment_slices  # noqa: E402
 
 DEMO = REPO / "topologies" / "demo.yaml"
 THREE = REPO / "topologies" / "three-continents.yaml"
-R_SYNC = 8          # rounds of the sync run of experiment 1 (H=10 as in demo.yaml)
+R_SYNC = 4          # rounds of the sync run of experiment 1 (H=10 as in demo.yaml)
+R_CONTROL = 8       # rounds of the sync run of the 1b control
 H_SYNC = 10
-ASYNC_ROUNDS = 2 * R_SYNC
 R_STREAM = 8        # rounds of experiments 2 and 3 (demo.yaml's rounds)
 H_STREAM = 20
 P = 4
 TAU = 2
 R_THREE = 4
 WINDOW_S = 0.25
-BUDGET_S = 11 * 60  # the optional run is skipped if it would take the script past this
+CONTROL_IF_ELAPSED_UNDER_S = 420  # 1b runs only if the rest took less than this (whole script < 12 min)
 
 TMP = Path(tempfile.mkdtemp(prefix="geotrain-algorithms-"))
 
@@ -61,6 +78,49 @@ def run(tag: str, topology: Path, *overrides: str) -> dict:
                    if line.strip()]
     s["bench_seconds"] = time.perf_counter() - t
     print(f"  ran {tag:24} {s['bench_seconds']:6.1f} s  final eval loss {s['final_eval_loss']:.4f}", flush=True)
+    return s
+
+
+def run_until_evaluator_done(tag: str, topology: Path, *overrides: str) -> dict:
+    """Launch like _common.launch, but stop the run (SIGTERM to the launcher we started) once the
+    evaluating site (the topology's first site) has reported site_done; read what it left."""
+    from geotrain.topology import load_topology
+
+    evaluator = load_topology(topology, list(overrides)).sites[0].name
+    run_dir = TMP / tag
+    argv = [sys.executable, "-m", "geotrain.cli", "launch", str(topology), "--run-dir", str(run_dir), "--quiet"]
+    for o in overrides:
+        argv += ["--set", o]
+    t = time.perf_counter()
+    log = open(TMP / f"{tag}.log", "w")
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    stopped = False
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            text = metrics.read_text()
+        except FileNotFoundError:
+            continue
+        if any(f'"site_done"' in line and f'"{evaluator}"' in line for line in text.splitlines()):
+            proc.send_signal(signal.SIGTERM)
+            stopped = True
+            break
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+    if not (run_dir / "summary.json").exists() or (proc.returncode != 0 and not stopped):
+        raise SystemExit(f"benchmark run {tag} failed:\n{(TMP / f'{tag}.log').read_text()[-3000:]}")
+    s = json.loads((run_dir / "summary.json").read_text())
+    s["run_dir"] = str(run_dir)
+    s["stopped_after_evaluator_done"] = stopped
+    s["events"] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    s["bench_seconds"] = time.perf_counter() - t
+    print(f"  ran {tag:24} {s['bench_seconds']:6.1f} s  final eval loss {s['final_eval_loss']:.4f}"
+          f"{'  (stopped once ' + evaluator + ' was done)' if stopped else ''}", flush=True)
     return s
 
 
@@ -94,16 +154,21 @@ def time_to_loss(s: dict, target: float) -> dict:
             "evals": len(evals), "last_eval_seconds": evals[-1]["t"] - t0}
 
 
-def exp_async(sync: dict, variants: dict[str, dict]) -> dict:
+def exp_async(sync: dict, variants: dict[str, dict], rounds: int) -> dict:
     target = sync["final_eval_loss"]
     evals = sorted(of(sync, "eval"), key=lambda e: e["t"])
     t_train = next((e["t"] for e in evals if e["step"] == 0), evals[0]["t"])
     sync_s = evals[-1]["t"] - t_start(sync)
     sync_train_s = evals[-1]["t"] - t_train
-    out = {"sync": {"rounds": R_SYNC, "H": H_SYNC, "final_eval_loss": target, "seconds_to_final_eval": sync_s,
+    ss = sync["sites"]
+    per_step = {k: v["compute_seconds"] / max(1, v["inner_steps"]) for k, v in ss.items()}
+    out = {"sync": {"rounds": rounds, "H": H_SYNC, "final_eval_loss": target, "seconds_to_final_eval": sync_s,
                     "train_seconds_to_final_eval": sync_train_s, "wall_seconds": sync["wall_seconds"],
+                    "compute_seconds_per_step": per_step,
+                    "effective_slowdown": per_step["eu-west"] / per_step["us-east"],
+                    "wan_wait_seconds": {k: v["wan_wait_seconds"] for k, v in ss.items()},
                     "run_dir": sync["run_dir"]},
-           "async": {}, "target": 0.7}
+           "async": {}, "async_merges_per_site": 2 * rounds, "target": 0.7}
     for name, a in variants.items():
         r = time_to_loss(a, target)
         r["ratio"] = r["seconds"] / sync_s if r["reached"] else None
@@ -116,6 +181,9 @@ def exp_async(sync: dict, variants: dict[str, dict]) -> dict:
         r["commits"] = len(of(a, "commit"))
         st = [c.get("staleness", 0) for c in of(a, "commit")]
         r["mean_staleness"] = sum(st) / len(st) if st else None
+        r["stopped_after_evaluator_done"] = a.get("stopped_after_evaluator_done", False)
+        r["status"] = a.get("status")
+        r["eval_losses"] = [[round(e["t"] - t_start(a), 3), e["step"], e["loss"]] for e in of(a, "eval")]
         r["run_dir"] = a["run_dir"]
         out["async"][name] = r
     return out
@@ -127,9 +195,11 @@ def exp_async(sync: dict, variants: dict[str, dict]) -> dict:
 def event_bytes(s: dict, e: dict) -> tuple[int, int]:
     """(recorded, payload) bytes_sent + bytes_received of one merge event.
 
-    Streaming merge events under-record their bytes: geotrain/sdk.py:_finish_fragment reads the
-    client's byte counters when the fragment is *finished*, after the background exchange already
-    sent its update (so bytes_sent is 0) and often after it received the result (bytes_received 0).
+    Streaming merge events can under-record their bytes: geotrain/sdk.py:_finish_fragment reads the
+    client's byte counters when the fragment is *finished* (tau steps after the exchange started in a
+    background thread), so whatever the thread already sent or received by then is left out (on a
+    loaded machine bytes_sent is 0 and bytes_received often 0; on an idle one the thread may not
+    have started yet and the figures are right).
     The payload each way is the fragment's wire bytes, which is exactly what non-streaming merge
     events record for the whole model (bytes_sent = wire_bytes(numel, codec)); that is used as the
     corrected figure (cross-checked against the link counters, see exp_streaming)."""
@@ -232,6 +302,14 @@ def utilisation(s: dict) -> dict:
         span = done[site] - ready[site] if site in ready and site in done else None
         per_site[site] = {"compute_seconds": c, "wan_wait_seconds": w, "utilisation": c / (c + w) if c + w else None,
                           "span_seconds": span, "utilisation_of_span": 1 - w / span if span else None}
+    for site, p in per_site.items():
+        mine = [e for e in of(s, "merge") if e.get("site") == site]
+        steps = [e["compute_s"] for e in of(s, "inner_step") if e.get("site") == site and e.get("compute_s") is not None]
+        p["merges"] = len(mine)
+        p["mean_wait_per_merge_s"] = sum(e["seconds"] for e in mine) / len(mine) if mine else None
+        p["mean_exchange_s"] = (sum(e["exchange_s"] for e in mine) / len(mine)
+                                if mine and all("exchange_s" in e for e in mine) else None)
+        p["mean_step_compute_s"] = sum(steps) / len(steps) if steps else None
     us = [p["utilisation"] for p in per_site.values()]
     spans = [p["utilisation_of_span"] for p in per_site.values() if p["utilisation_of_span"] is not None]
     return {"mean_utilisation": sum(us) / len(us),
@@ -242,44 +320,12 @@ def utilisation(s: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------
 
-def main() -> int:
-    t0 = time.perf_counter()
-    print(f"runs in {TMP}", flush=True)
-    slow = ("sites[1].slowdown=3", f"training.inner_steps={H_SYNC}")
-    sync = run("1-sync-slow", DEMO, *slow, f"training.rounds={R_SYNC}")
-    asyncs = {"dynamic_local_steps=off": run("1-async-slow", DEMO, *slow, "training.algorithm=async-diloco",
-                                             f"training.rounds={ASYNC_ROUNDS}",
-                                             "training.async.dynamic_local_steps=false")}
-    h = (f"training.inner_steps={H_STREAM}", f"training.rounds={R_STREAM}")
-    dil = run("2-diloco-h20", DEMO, *h)
-    stream = run("2-streaming-p4", DEMO, *h, "training.algorithm=streaming-diloco",
-                 f"training.streaming.fragments={P}", f"training.streaming.overlap_steps={TAU}")
-    dil["_fragments"], stream["_fragments"] = 1, P
-    comp = {codec: run(f"3-{codec}", DEMO, *h, f"training.compression.codec={codec}") for codec in ("int8", "int4")}
-    three = {alg: run(f"4-three-{alg}", THREE, f"training.algorithm={alg}", f"training.rounds={R_THREE}")
-             for alg in ("diloco", "streaming-diloco", "async-diloco")}
-    # optional: the dynamic-local-steps variant, if it fits (it costs about as much as the sync run)
-    est = sync["bench_seconds"] * 1.2
-    if time.perf_counter() - t0 + est < BUDGET_S:
-        asyncs["dynamic_local_steps=on"] = run("1-async-slow-dyn", DEMO, *slow, "training.algorithm=async-diloco",
-                                               f"training.rounds={ASYNC_ROUNDS}",
-                                               "training.async.dynamic_local_steps=true")
-    else:
-        print(f"  skipped async with dynamic_local_steps (would pass the {BUDGET_S} s budget)")
-
-    r1 = exp_async(sync, asyncs)
-    r2 = exp_streaming(dil, stream)
-    r3 = exp_compression(dil, comp)
-    r4 = {"rounds": R_THREE, "definition": "per site compute_seconds / (compute_seconds + wan_wait_seconds), "
-                                           "mean over sites",
-          **{alg: utilisation(s) for alg, s in three.items()}}
-
-    print()
-    print(f"1. async-diloco vs diloco, demo, eu-west slowdown 3, H={H_SYNC}: sync {R_SYNC} rounds, async "
-          f"{ASYNC_ROUNDS} merges per site")
+def print_exp1(r1: dict) -> None:
     sy = r1["sync"]
     print(f"   sync: final eval loss {sy['final_eval_loss']:.4f} at {sy['seconds_to_final_eval']:.1f} s after "
           f"run_started ({sy['train_seconds_to_final_eval']:.1f} s after the step-0 eval)")
+    print(f"   eu-west's effective slowdown (compute s/step vs us-east): {sy['effective_slowdown']:.1f}x "
+          f"(the point is 3x); us-east waited {sy['wan_wait_seconds']['us-east']:.1f} s on the WAN merges")
     for name, r in r1["async"].items():
         if r["reached"]:
             print(f"   async {name:24} time to sync loss / sync time  {r['ratio']:.3f}  (target <= 0.7) "
@@ -289,6 +335,52 @@ def main() -> int:
             print(f"   async {name:24} never reached {sy['final_eval_loss']:.4f} (target <= 0.7) MISS   best loss "
                   f"{r['best_loss']:.4f} at {r['best_seconds']:.1f} s (= {r['best_ratio']:.3f} of sync time), "
                   f"step {r['best_step']}")
+
+
+def main() -> int:
+    t0 = time.perf_counter()
+    print(f"runs in {TMP}", flush=True)
+
+    def exp1_runs(tag: str, rounds: int, *extra: str) -> tuple[dict, dict, int]:
+        slow = ("sites[1].slowdown=3", f"training.inner_steps={H_SYNC}", *extra)
+        sync = run(f"{tag}-sync-slow", DEMO, *slow, f"training.rounds={rounds}")
+        asyncs = {f"dynamic_local_steps={flag}": run_until_evaluator_done(
+            f"{tag}-async-slow-dyn-{flag}", DEMO, *slow, "training.algorithm=async-diloco",
+            f"training.rounds={2 * rounds}",
+            f"training.async.dynamic_local_steps={'true' if flag == 'on' else 'false'}") for flag in ("off", "on")}
+        return sync, asyncs, rounds
+
+    sync, asyncs, _ = exp1_runs("1", R_SYNC)
+    h = (f"training.inner_steps={H_STREAM}", f"training.rounds={R_STREAM}")
+    dil = run("2-diloco-h20", DEMO, *h)
+    stream = run("2-streaming-p4", DEMO, *h, "training.algorithm=streaming-diloco",
+                 f"training.streaming.fragments={P}", f"training.streaming.overlap_steps={TAU}")
+    dil["_fragments"], stream["_fragments"] = 1, P
+    comp = {codec: run(f"3-{codec}", DEMO, *h, f"training.compression.codec={codec}") for codec in ("int8", "int4")}
+    three = {alg: run(f"4-three-{alg}", THREE, f"training.algorithm={alg}", f"training.rounds={R_THREE}")
+             for alg in ("diloco", "streaming-diloco", "async-diloco")}
+
+    r1 = exp_async(sync, asyncs, R_SYNC)
+    r1b = None
+    if time.perf_counter() - t0 < CONTROL_IF_ELAPSED_UNDER_S:
+        r1b = exp_async(*exp1_runs("1b", R_CONTROL, "sites[1].workers=1", "sites[1].slowdown=5"))
+        r1b["topology_change"] = "sites[1].workers=1, sites[1].slowdown=5"
+    else:
+        print(f"  skipped the 1b control (the runs so far took more than {CONTROL_IF_ELAPSED_UNDER_S} s)")
+    r2 = exp_streaming(dil, stream)
+    r3 = exp_compression(dil, comp)
+    r4 = {"rounds": R_THREE, "definition": "per site compute_seconds / (compute_seconds + wan_wait_seconds), "
+                                           "mean over sites",
+          **{alg: utilisation(s) for alg, s in three.items()}}
+
+    print()
+    print(f"1. async-diloco vs diloco, demo, eu-west slowdown 3, H={H_SYNC}: sync {R_SYNC} rounds, async "
+          f"{2 * R_SYNC} merges per site")
+    print_exp1(r1)
+    if r1b is not None:
+        print(f"1b. control: eu-west at 1 worker and slowdown 5 (about 3x us-east's step time), sync {R_CONTROL} "
+              f"rounds, async {2 * R_CONTROL} merges per site")
+        print_exp1(r1b)
     print(f"\n2. streaming-diloco P={P}, overlap {TAU} vs diloco, demo, H={H_STREAM}, {R_STREAM} rounds")
     lr = r2["loss_ratio"]
     print(f"   final eval loss ratio streaming/diloco   {lr:.4f}  (target within 1%) {mark(abs(lr - 1) <= 0.01)}"
@@ -318,8 +410,12 @@ def main() -> int:
         sites = "  ".join(f"{k} {v['utilisation']:.3f}" for k, v in u["sites"].items())
         print(f"   {alg:17} {u['mean_utilisation']:.3f}   [{sites}; 1 - wait/span: {u['mean_utilisation_of_span']:.3f};"
               f" loss {u['final_eval_loss']:.4f}]")
+        for k, v in u["sites"].items():
+            exch = f", exchange {v['mean_exchange_s']:.2f} s" if v["mean_exchange_s"] is not None else ""
+            print(f"      {k:13} {v['merges']:2d} merges, wait {v['mean_wait_per_merge_s']:.2f} s each{exch}, "
+                  f"step {v['mean_step_compute_s']:.3f} s")
     total = time.perf_counter() - t0
-    path = save("algorithms", {"async_vs_sync": r1, "streaming_vs_diloco": r2, "compression": r3,
+    path = save("algorithms", {"async_vs_sync": r1, "async_vs_sync_control_1_worker": r1b, "streaming_vs_diloco": r2, "compression": r3,
                                "utilisation": r4, "bench_seconds": total})
     print(f"\nwrote {path} ({total:.0f} s)")
     return 0

@@ -680,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             _write_stats(proxy, args.stats_file)
         print(f"READY {port}", flush=True)
         last_control: str | None = None
-        bad_control: str | None = None
+        _nothing = object()  # a control text never seen (None means: no control file, i.e. restore)
+        bad_control: object = _nothing
         next_stats = time.monotonic() + 0.5
         while True:
             if args.control_file:
@@ -695,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                 if text != last_control and text != bad_control:
                     try:
                         _apply_control(proxy, text)
-                        last_control, bad_control = text, None
+                        last_control, bad_control = text, _nothing
                     except (ValueError, TypeError) as exc:
                         bad_control = text
                         log.warning("link %s: ignoring control file %s: %s", args.name, args.control_file, exc)

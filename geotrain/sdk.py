@@ -402,7 +402,8 @@ class DiLoCo:
         self.wan_wait_s += seconds
         if self.ctx.is_leader:
             # async: `round` is the global round whose commit produced our new weights (version - 1)
-            self.events.emit("merge", site=self.ctx.site, round=version - 1 if self.algorithm == "async-diloco" else self.round,
+            # `round`: the round whose commit produced the weights we now hold (after a catch-up, not ours)
+            self.events.emit("merge", site=self.ctx.site, round=version - 1,
                              version=version, site_round=self.round,
                              bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
                              seconds=round(seconds, 6), step=self.local_step, crc32=fingerprint(self.global_flat),

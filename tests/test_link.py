@@ -491,6 +491,31 @@ def test_main_control_file_blackhole(servers, tmp_path):
     assert st["bytes_forward"] == 50_000 and st["forward"]["up"] is True
 
 
+def test_main_control_file_removed_restores_the_link(servers, tmp_path):
+    """Regression (found by the chaos suite): deleting the control file must undo its fault."""
+    sink = servers(SinkServer)
+    control = tmp_path / "control.json"
+    proc, port = _spawn_link(sink.port, tmp_path, "--control-file", str(control))
+
+    def wait_for(pred):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            st = json.loads((tmp_path / "stats.json").read_text())
+            if pred(st):
+                return st
+            time.sleep(0.05)
+        raise AssertionError(st)
+
+    try:
+        control.write_text(json.dumps({"forward": {"latency_ms": 200.0}}))
+        wait_for(lambda st: st["forward"]["latency_ms"] == 200.0)
+        control.unlink()
+        st = wait_for(lambda st: st["forward"]["latency_ms"] != 200.0)
+        assert st["forward"] == st["backward"]
+    finally:
+        proc.kill()
+
+
 def test_main_rejects_bad_arguments(tmp_path):
     r = subprocess.run([PY, "-c", "from geotrain.link import main; raise SystemExit(main())",
                         "--target", "127.0.0.1:1", "--bandwidth", "fast"], capture_output=True, text=True, timeout=30)

@@ -69,10 +69,10 @@ def train(ctx: SiteContext, topo: Topology) -> None:
             x, y = sampler.next_batch()
             _, loss = model(x.to(device), y.to(device))
             loss.backward()
+            if site_cfg.slowdown > 1.0:  # emulate a slower site: stretch this worker's own compute by the factor
+                time.sleep((time.perf_counter() - t0) * (site_cfg.slowdown - 1.0))  # (before any collective)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if site_cfg.slowdown > 1.0:  # emulate a slower site: stretch compute by the factor
-                time.sleep((time.perf_counter() - t0) * (site_cfg.slowdown - 1.0))
             diloco.step(loss=loss.item())
             if evaluator and diloco.round > last_eval_round:
                 last_eval_round = diloco.round

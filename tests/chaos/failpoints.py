@@ -27,11 +27,21 @@ class FaultRecord:
     injected_t: float
     healed_t: float | None = None
     notes: list[str] = field(default_factory=list)
-    evidence: dict = field(default_factory=dict)  # what the failpoint measured (e.g. when a link applied a change)
+    # What the failpoint measured, e.g. "undone": whether its undo took effect (a container running
+    # again, a link back to its own parameters), "applied_s" / "restored_s" for a link.
+    evidence: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         held = f" {self.healed_t - self.injected_t:.1f}s" if self.healed_t else ""
         return f"{self.fault}({self.target}){held}"
+
+
+def _confirm_status(record: FaultRecord, container, want: str) -> None:
+    """Record whether the undo left the container in state ``want`` (``record.evidence["undone"]``)."""
+    container.reload()
+    record.evidence["undone"] = container.status == want
+    if container.status != want:
+        record.notes.append(f"{container.name} is {container.status} after the undo, not {want}")
 
 
 class Failpoint:
@@ -85,6 +95,7 @@ class KillSite(Failpoint):
         c.reload()
         if c.status != "running":
             c.start()
+        _confirm_status(record, c, "running")
 
 
 class PauseSite(Failpoint):
@@ -103,6 +114,7 @@ class PauseSite(Failpoint):
         c.reload()
         if c.status == "paused":
             c.unpause()
+        _confirm_status(record, c, "running")
 
 
 class DisconnectSite(Failpoint):
@@ -122,6 +134,11 @@ class DisconnectSite(Failpoint):
         c.reload()
         if dep.network().name not in c.attrs["NetworkSettings"]["Networks"]:
             dep.network().connect(c, aliases=[site_service(target)])
+        c.reload()
+        attached = dep.network().name in c.attrs["NetworkSettings"]["Networks"]
+        record.evidence["undone"] = attached
+        if not attached:
+            record.notes.append(f"{c.name} is still not attached to {dep.network().name}")
 
 
 class KillCoordinator(Failpoint):
@@ -145,6 +162,7 @@ class KillCoordinator(Failpoint):
         else:
             c.start()
             record.notes.append("started again by the harness")
+        _confirm_status(record, c, "running")
 
 
 class KillEtcd(Failpoint):
@@ -163,6 +181,7 @@ class KillEtcd(Failpoint):
         c.reload()
         if c.status != "running":
             c.start()
+        _confirm_status(record, c, "running")
 
 
 class DelayLink(Failpoint):
@@ -228,6 +247,7 @@ class DelayLink(Failpoint):
         restored_s, seen = self._await_latency(dep, target, own)
         record.evidence["restored_s"] = restored_s
         record.evidence["latency_after_ms"] = seen
+        record.evidence["undone"] = restored_s is not None
         if restored_s is None:
             record.notes.append(f"link still at {seen} ms {self.confirm_s:g}s after the control file was removed "
                                 f"(its own latency: {own:g} ms)")

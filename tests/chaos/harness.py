@@ -98,7 +98,7 @@ class Deployment:
 
     # ---- docker-compose ----
     def compose(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["docker-compose", "-f", str(self.compose_file), "-p", self.project, "--no-ansi", *args]
+        cmd = ["docker-compose", "-f", str(self.compose_file), "-p", self.project, "--ansi", "never", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir)
         if check and r.returncode != 0:
             raise ScenarioFailed(f"`{' '.join(cmd)}` exited {r.returncode}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")

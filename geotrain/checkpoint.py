@@ -219,9 +219,10 @@ class BackgroundWriter:
     writes happen in submission order. ``flush()`` waits for all submitted writes.
     """
 
-    def __init__(self, root: Path, part: str, topology_sha256: str, keep: int = 2, on_saved=None):
+    def __init__(self, root: Path, part: str, topology_sha256: str, keep: int = 2, on_saved=None, on_error=None):
         self.root, self.part, self.topology_sha256, self.keep = Path(root), part, topology_sha256, keep
         self.on_saved = on_saved  # callback(round, path, seconds, bytes)
+        self.on_error = on_error  # callback(round, exception): a failed write (full disk) is reported, training goes on
         self.errors: list[BaseException] = []
         self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"ckpt-{part}", daemon=True)
@@ -251,6 +252,8 @@ class BackgroundWriter:
             except BaseException as exc:  # a full disk must not kill training; it is reported
                 log.error("checkpoint of round %d (%s) failed: %s", rnd, self.part, exc)
                 self.errors.append(exc)
+                if self.on_error:
+                    self.on_error(rnd, exc)
             finally:
                 self._q.task_done()
 

@@ -242,7 +242,9 @@ class DiLoCo:
             from geotrain.checkpoint import BackgroundWriter
 
             self._writer = BackgroundWriter(self.ctx.checkpoint_dir, self.ctx.part, self.ctx.topology_sha256,
-                                            keep=self.ctx.checkpoint_keep)
+                                            keep=self.ctx.checkpoint_keep,
+                                            on_error=lambda r, exc: self.events.emit(
+                                                "checkpoint_failed", round=r, part=self.ctx.part, reason=str(exc)))
         if self.ctx.is_leader:
             from geotrain.worker.client import CoordinatorClient
 

@@ -71,7 +71,9 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
 
         writer = BackgroundWriter(checkpoint_dir(topo, run_dir), COORDINATOR_PART, topo.digest(), keep=topo.checkpoint.keep,
                                   on_saved=lambda r, p, sec, size: events.emit("checkpoint_saved", round=r, path=str(p),
-                                                                               seconds=round(sec, 6), bytes=size))
+                                                                               seconds=round(sec, 6), bytes=size),
+                                  on_error=lambda r, exc: events.emit("checkpoint_failed", round=r, part=COORDINATOR_PART,
+                                                                      reason=str(exc)))
     cfg = CoordinatorConfig(sites=tuple(topo.site_names), algorithm=topo.training.algorithm,
                             outer=topo.training.outer_optimizer, round_timeout_s=topo.training.round_timeout_s,
                             min_sites=topo.recovery.min_sites, checkpoint_every=topo.checkpoint.every_rounds,

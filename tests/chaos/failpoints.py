@@ -253,5 +253,31 @@ class DelayLink(Failpoint):
                                 f"(its own latency: {own:g} ms)")
 
 
+class FillCheckpointVolume(Failpoint):
+    """Make the checkpoint volume full: geotrain's ``disk_full`` file failpoint on the shared run
+    directory (``checkpoints/.failpoints/disk_full``, geotrain.faults) makes every checkpoint write in
+    every container fail with ENOSPC, as a full volume would; removing it frees the volume."""
+
+    name, kind = "fill_checkpoint_volume", "checkpoints"
+
+    def targets(self, topo):
+        return ["checkpoints"]
+
+    def _path(self, dep):
+        return os.path.join(str(dep.run_dir), "checkpoints", ".failpoints", "disk_full")
+
+    def apply(self, dep, target, record):
+        path = self._path(dep)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+
+    def undo(self, dep, target, record):
+        try:
+            os.remove(self._path(dep))
+        except FileNotFoundError:
+            pass
+        record.evidence["undone"] = not os.path.exists(self._path(dep))
+
+
 FAILPOINTS: dict[str, Failpoint] = {fp.name: fp for fp in (
-    KillSite(), PauseSite(), DisconnectSite(), KillCoordinator(), KillEtcd(), DelayLink())}
+    KillSite(), PauseSite(), DisconnectSite(), KillCoordinator(), KillEtcd(), DelayLink(), FillCheckpointVolume())}

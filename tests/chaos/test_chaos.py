@@ -142,6 +142,16 @@ def fault_undone(events, record, dep) -> None:
         raise ScenarioFailed(f"the undo of {record.fault}({record.target}) did not take effect: {'; '.join(record.notes)}")
 
 
+def checkpoints_failed_then_resumed(events, record, dep) -> None:
+    """While the volume was full, checkpoint writes failed (and said so); after it, checkpoints were written again."""
+    during = [e for e in events if e.get("event") == "checkpoint_failed" and record.injected_t <= e["t"] <= record.healed_t + 1]
+    after = [e for e in events if e.get("event") == "checkpoint_saved" and e["t"] > record.healed_t]
+    if not during:
+        raise ScenarioFailed("no checkpoint write failed while the checkpoint volume was full")
+    if not after:
+        raise ScenarioFailed("no checkpoint was saved after the volume was freed")
+
+
 def no_worker_died(events, record, dep) -> None:
     """No fault here targets a worker process: none may have died (the site would restart it)."""
     dead = [e for e in events if e.get("event") == "failure" and e.get("what") == "worker"]
@@ -188,6 +198,10 @@ REGRESSION = [
                  "no round committed twice, no committed round lost"),
     Scenario("kill-etcd", "kill_etcd", "etcd", hold_s=5, expect=(commits_after_undo,),
              doc="SIGKILL etcd's container, start it again: training goes on"),
+    Scenario("fill-checkpoint-volume", "fill_checkpoint_volume", "checkpoints", hold_s=4,
+             expect=(checkpoints_failed_then_resumed, commits_after_undo),
+             doc="the checkpoint volume is full for a while: writes fail and are reported, training goes on, "
+                 "checkpoints resume afterwards and every one on disk verifies"),
     Scenario("delay-link", "delay_link", "us-east", after_round=3, hold_s=6, expect=(link_degraded_then_restored,),
              doc="raise a WAN link's latency to 200 ms in the middle of merges through its control file, then "
                  "remove the file: the link applies and then drops the change, the run completes"),

@@ -218,19 +218,24 @@ class Launcher:
     def _link_alive(self, site_name: str) -> bool:
         return any(c.group == f"link:{site_name}" and not c.retired and c.proc.poll() is None for c in self.children)
 
-    def _start_link(self, site, spec, coord_addr: str) -> None:
-        name = f"link {site.name}<->{self.topo.coordinator.at}"
-        stats = self.run_dir / "links" / f"{site.name}--{self.topo.coordinator.at}.json"
+    def _spawn_link(self, name: str, label: str, stats: Path, spec, target: str, group: str,
+                    listen_port: int = 0, control: bool = False) -> int:
+        """One WAN link emulator process; returns the port it listens on."""
         stats.parent.mkdir(exist_ok=True)
         self.link_stats[name] = stats
-        link = self._spawn(name, "link", [
-            _python(), "-m", "geotrain.cli", "link", "--name", f"{site.name}<->{self.topo.coordinator.at}",
-            "--listen", f"127.0.0.1:{self.link_ports.get(site.name, 0)}", "--target", coord_addr,
-            "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
-            "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss),
-            "--seed", str(self.topo.seed), "--stats-file", str(stats),
-            "--control-file", str(stats.with_suffix(".control.json"))], ready=True, group=f"link:{site.name}")
-        self.link_ports[site.name] = _read_ready(link, 30)
+        argv = [_python(), "-m", "geotrain.cli", "link", "--name", label, "--listen", f"127.0.0.1:{listen_port}",
+                "--target", target, "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
+                "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss), "--seed", str(self.topo.seed),
+                "--stats-file", str(stats)]
+        if control:
+            argv += ["--control-file", str(stats.with_suffix(".control.json"))]
+        return _read_ready(self._spawn(name, "link", argv, ready=True, group=group), 30)
+
+    def _start_link(self, site, spec, coord_addr: str) -> None:
+        at = self.topo.coordinator.at
+        self.link_ports[site.name] = self._spawn_link(
+            f"link {site.name}<->{at}", f"{site.name}<->{at}", self.run_dir / "links" / f"{site.name}--{at}.json",
+            spec, coord_addr, f"link:{site.name}", listen_port=self.link_ports.get(site.name, 0), control=True)
 
     def _start_rings(self) -> dict[str, list[dict]]:
         """Ring / hierarchical merges: a listening port per ring member, a link emulator per ring edge."""
@@ -241,18 +246,11 @@ class Launcher:
         out: dict[str, list[dict]] = {}
         for site, members in plan.items():
             for m in members:
-                spec = self.topo.link(site, m.successor)
-                name = f"link {m.ring}: {site}->{m.successor}"
-                stats = self.run_dir / "links" / f"ring-{m.ring.replace(':', '-')}-{site}--{m.successor}.json"
-                stats.parent.mkdir(exist_ok=True)
-                self.link_stats[name] = stats
-                link = self._spawn(name, "link", [
-                    _python(), "-m", "geotrain.cli", "link", "--name", f"{m.ring}:{site}->{m.successor}",
-                    "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{ports[(m.ring, m.successor)]}",
-                    "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
-                    "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss), "--seed", str(self.topo.seed),
-                    "--stats-file", str(stats)], ready=True, group=f"ringlink:{m.ring}:{site}")
-                port = _read_ready(link, 30)
+                port = self._spawn_link(
+                    f"link {m.ring}: {site}->{m.successor}", f"{m.ring}:{site}->{m.successor}",
+                    self.run_dir / "links" / f"ring-{m.ring.replace(':', '-')}-{site}--{m.successor}.json",
+                    self.topo.link(site, m.successor), f"127.0.0.1:{ports[(m.ring, m.successor)]}",
+                    f"ringlink:{m.ring}:{site}")
                 out.setdefault(site, []).append(m.as_env(ports[(m.ring, site)], f"127.0.0.1:{port}"))
         return out
 

@@ -70,6 +70,8 @@ class Progress:
                                        f"WAN {_fmt_bytes(self._wan_bytes())}", highlight=False)
             elif kind == "commit":
                 self.commits += 1
+            elif kind == "merge" and e.get("site") in self.sites and "fragment" not in e:
+                self.sites[e["site"]]["round"] = max(self.sites[e["site"]]["round"], e.get("version", 0))
         if self.live:
             self.live.update(self._table())
 

@@ -71,7 +71,9 @@ class Progress:
             elif kind == "commit":
                 self.commits += 1
             elif kind == "merge" and e.get("site") in self.sites and "fragment" not in e:
-                self.sites[e["site"]]["round"] = max(self.sites[e["site"]]["round"], e.get("version", 0))
+                s = self.sites[e["site"]]
+                # async: a site counts its own merges; synchronous: the version it now holds
+                s["round"] = s["round"] + 1 if tr.algorithm == "async-diloco" else max(s["round"], e.get("version", 0))
         if self.live:
             self.live.update(self._table())
 

@@ -236,6 +236,7 @@ class DiLoCo:
         self.wan_wait_s = 0.0
         self.compute_s = 0.0
         self.checkpoint_stall_s = 0.0
+        self.last_sync_s = 0.0  # seconds the last optimizer step spent in collectives (gradient averaging)
         self._step_wan_s = 0.0
         self._writer = None
         if self.ctx.checkpoint_every and self.ctx.checkpoint_dir:
@@ -609,7 +610,9 @@ class DiLoCo:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         """Average gradients inside the site (and, for ddp, across sites) before the inner step."""
         if self.ctx.workers == 1 and self.algorithm != "ddp":
+            self.last_sync_s = 0.0
             return
+        t_sync = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.ctx.workers > 1:
@@ -636,6 +639,7 @@ class DiLoCo:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(flat[offset:offset + n].view_as(p))
             offset += n
+        self.last_sync_s = time.perf_counter() - t_sync  # time in collectives (a slowdown must not stretch it)
 
     def _site_broadcast(self, tensor: torch.Tensor | None, like=None, numel: int | None = None) -> torch.Tensor:
         """Rank 0's tensor on every rank of the site (a no-op for one-worker sites)."""

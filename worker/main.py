@@ -64,14 +64,20 @@ def train(ctx: SiteContext, topo: Topology) -> None:
         if evaluator and diloco.round == 0:
             run_eval(0, 0)
         last_eval_round = diloco.round
+        own_opt_s = 0.0
         while diloco.round < tr.rounds:
             t0 = time.perf_counter()
             x, y = sampler.next_batch()
             _, loss = model(x.to(device), y.to(device))
             loss.backward()
-            if site_cfg.slowdown > 1.0:  # emulate a slower site: stretch this worker's own compute by the factor
-                time.sleep((time.perf_counter() - t0) * (site_cfg.slowdown - 1.0))  # (before any collective)
+            if site_cfg.slowdown > 1.0:
+                # Emulate a slower site: stretch this worker's own work (forward, backward and, measured on the
+                # previous step, the optimizer step without its collectives) by the factor, before any collective,
+                # so that the ranks' sleeps do not add up through the all-reduce.
+                time.sleep((time.perf_counter() - t0 + own_opt_s) * (site_cfg.slowdown - 1.0))
+            t_opt = time.perf_counter()
             opt.step()
+            own_opt_s = max(0.0, time.perf_counter() - t_opt - diloco.last_sync_s)
             opt.zero_grad(set_to_none=True)
             diloco.step(loss=loss.item())
             if evaluator and diloco.round > last_eval_round:

@@ -51,7 +51,6 @@ inside a launch does not: it must continue where the last one stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -60,6 +59,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from geotrain.checkpoint import sha256_file
 from geotrain.errors import CheckpointCorrupt, GeotrainError
 from geotrain.events import read_events
 
@@ -403,14 +403,6 @@ def _check_sites_agree(events: Sequence[dict]) -> Verdict:
 # 4. checkpoints_verify
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_manifest(path: str | Path) -> dict:
     """Verify a checkpoint against its ``manifest.json``; return the manifest.
 
@@ -447,7 +439,7 @@ def verify_manifest(path: str | Path) -> dict:
         actual = target.stat().st_size
         if actual != size:
             raise CheckpointCorrupt(f"{path}: {rel} has {actual} bytes, manifest says {size}")
-        if _sha256(target) != digest.lower():
+        if sha256_file(target) != digest.lower():
             raise CheckpointCorrupt(f"{path}: {rel} sha256 mismatch")
     return manifest
 

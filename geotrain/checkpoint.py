@@ -50,7 +50,8 @@ def round_dir(root: Path, rnd: int) -> Path:
     return Path(root) / f"round-{rnd:06d}"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +96,7 @@ def write_part(root: Path, rnd: int, part: str, tensors: dict[str, dict[str, tor
             os.fsync(f.fileno())
     manifest = {
         "round": rnd, "part": part, "topology_sha256": topology_sha256, "created": time.time(),
-        "files": [{"path": p.name, "size": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+        "files": [{"path": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in files],
     }
     with open(tmp / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
@@ -139,7 +140,7 @@ def verify_checkpoint(path: Path) -> dict:
         size = fpath.stat().st_size
         if size != entry["size"]:
             raise CheckpointCorrupt(f"{fpath}: {size} bytes, the manifest says {entry['size']} (truncated?)")
-        if _sha256(fpath) != entry["sha256"]:
+        if sha256_file(fpath) != entry["sha256"]:
             raise CheckpointCorrupt(f"{fpath}: sha256 does not match the manifest (corrupt)")
     return manifest
 

@@ -507,15 +507,10 @@ class DiLoCo:
                 result = (new, p.version)
                 self._exchange_bytes[fragment] = (len(encoded.payload) if encoded is not None else pseudo_grad.numel() * 4,
                                                   p.wire_bytes)
-            except QuorumLost as exc:  # too few sites reported in time: the round reopens, send again
-                self.events.emit("round_retry", site=self.ctx.site, round=rnd, reason=str(exc))
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            except CoordinatorUnavailable as exc:
-                if failed_at is None:
+            except (QuorumLost, CoordinatorUnavailable) as exc:
+                if isinstance(exc, QuorumLost):  # too few sites reported in time: the round reopens, send again
+                    self.events.emit("round_retry", site=self.ctx.site, round=rnd, reason=str(exc))
+                elif failed_at is None:
                     failed_at = time.time()
                     self.events.emit("failure", what="coordinator", target="coordinator", happened_t=failed_at,
                                      detected_t=failed_at, reason=str(exc), site=self.ctx.site)

@@ -559,13 +559,9 @@ def _write_plots(out: Path, state: dict, log) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def default_out(name: str, root: Path = Path("runs")) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"sweep-{name}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"sweep-{name}-{stamp}-{n}"
-    return path
+    from geotrain.launch import make_run_dir
+
+    return make_run_dir(root, f"sweep-{name}")
 
 
 def _lock(out: Path):

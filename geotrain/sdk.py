@@ -236,7 +236,7 @@ class DiLoCo:
         self.wan_wait_s = 0.0
         self.compute_s = 0.0
         self.checkpoint_stall_s = 0.0
-        self.last_sync_s = 0.0  # seconds the last optimizer step spent in collectives (gradient averaging)
+        self.last_step_wan_s = 0.0  # seconds the last optimizer step waited on the WAN (ddp's gradient exchange)
         self._step_wan_s = 0.0
         self._writer = None
         if self.ctx.checkpoint_every and self.ctx.checkpoint_dir:
@@ -604,10 +604,9 @@ class DiLoCo:
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         """Average gradients inside the site (and, for ddp, across sites) before the inner step."""
+        self.last_step_wan_s = 0.0
         if self.ctx.workers == 1 and self.algorithm != "ddp":
-            self.last_sync_s = 0.0
             return
-        t_sync = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.ctx.workers > 1:
@@ -623,6 +622,7 @@ class DiLoCo:
             seconds = time.perf_counter() - t0
             self._step_wan_s += seconds
             self.wan_wait_s += seconds
+            self.last_step_wan_s = seconds
             if self.ctx.is_leader:
                 self.events.emit("merge", site=self.ctx.site, round=self.round, step=self.local_step + 1,
                                  bytes_sent=self.client.bytes_sent - sent0,
@@ -634,7 +634,6 @@ class DiLoCo:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(flat[offset:offset + n].view_as(p))
             offset += n
-        self.last_sync_s = time.perf_counter() - t_sync  # time in collectives (a slowdown must not stretch it)
 
     def _site_broadcast(self, tensor: torch.Tensor | None, like=None, numel: int | None = None) -> torch.Tensor:
         """Rank 0's tensor on every rank of the site (a no-op for one-worker sites)."""

@@ -21,6 +21,7 @@ from geotrain.sdk import DiLoCo, SiteContext, init
 from geotrain.topology import Topology
 from geotrain.worker.data import BatchSampler, DataSpec, TextCorpus, eval_batches, evaluate
 from geotrain.worker.model import GPTConfig, build_model
+from geotrain.worker.slowdown import Slowdown
 
 
 def worker_seed(seed: int, site: str, rank: int) -> int:
@@ -64,21 +65,16 @@ def train(ctx: SiteContext, topo: Topology) -> None:
         if evaluator and diloco.round == 0:
             run_eval(0, 0)
         last_eval_round = diloco.round
-        own_opt_s = 0.0
+        slow = Slowdown(site_cfg.slowdown, ctx.rank)
         while diloco.round < tr.rounds:
-            t0 = time.perf_counter()
+            slow.start()
             x, y = sampler.next_batch()
             _, loss = model(x.to(device), y.to(device))
             loss.backward()
-            if site_cfg.slowdown > 1.0:
-                # Emulate a slower site: stretch this worker's own work (forward, backward and, measured on the
-                # previous step, the optimizer step without its collectives) by the factor, before any collective,
-                # so that the ranks' sleeps do not add up through the all-reduce.
-                time.sleep((time.perf_counter() - t0 + own_opt_s) * (site_cfg.slowdown - 1.0))
-            t_opt = time.perf_counter()
+            slow.before_sync()  # a slower site: rank 0 sleeps here, the site waits for it (worker/slowdown.py)
             opt.step()
-            own_opt_s = max(0.0, time.perf_counter() - t_opt - diloco.last_sync_s)
             opt.zero_grad(set_to_none=True)
+            slow.end(wan_s=diloco.last_step_wan_s)
             diloco.step(loss=loss.item())
             if evaluator and diloco.round > last_eval_round:
                 last_eval_round = diloco.round

@@ -676,12 +676,17 @@ def check_history(events: list[dict], *, checkpoints: Sequence[Path] = (), twin_
     fragments = sorted({e.get("fragment", 0) for e in events if e.get("event") in ("commit", "merge")})
     if len(fragments) > 1:  # streaming-diloco: every fragment has rounds of its own
         lane_verdicts = [_combine_lanes([check(_lane(events, f)) for f in fragments], fragments) for check in per_lane]
+        # site_ready carries the run's version (the commits of every fragment together): judged on the whole run
+        ready = _check_only_committed_served([e for e in events if e.get("event") not in ("merge", "checkpoint_saved")])
+        lane_verdicts[2] = _worst(lane_verdicts[2], ready)
+        round_lost = _combine_lanes([_check_no_round_lost(_lane(events, f)) for f in fragments], fragments)
     else:
         lane_verdicts = [check(events) for check in per_lane]
+        round_lost = _check_no_round_lost(events)
     return [
         *lane_verdicts,
         _check_checkpoints(checkpoints),
-        _check_no_round_lost(events),
+        round_lost,
         _check_final_loss(events, twin_final_loss, loss_tolerance),
         _check_faults(events, min_merges_around_fault),
         _check_no_stale_applied(events),
@@ -689,9 +694,29 @@ def check_history(events: list[dict], *, checkpoints: Sequence[Path] = (), twin_
 
 
 def _lane(events: Sequence[dict], fragment: int) -> list[dict]:
-    """The history of one fragment: its commits and merges, and every event that is not per fragment."""
-    return [e for e in events
-            if e.get("event") not in ("commit", "merge", "merge_refused") or e.get("fragment", 0) == fragment]
+    """The history of one fragment: its commits and merges, and every event that is not per fragment
+    except ``site_ready`` (whose version counts the commits of all fragments); a coordinator_started
+    holds this fragment's round (from its ``lane_rounds``)."""
+    out = []
+    for e in events:
+        kind = e.get("event")
+        if kind == "site_ready" or (kind in ("commit", "merge", "merge_refused") and e.get("fragment", 0) != fragment):
+            continue
+        lanes = e.get("lane_rounds") if kind == "coordinator_started" else None
+        if isinstance(lanes, list) and fragment < len(lanes):  # a restarted coordinator: where this fragment goes on
+            e = {**e, "round": lanes[fragment]}
+        out.append(e)
+    return out
+
+
+def _worst(a: Verdict, b: Verdict) -> Verdict:
+    """One verdict from two checks of one invariant: violated if either is, held if both hold or one
+    holds and the other had nothing to judge."""
+    if VIOLATED in (a.status, b.status):
+        return a if a.status == VIOLATED else b
+    if a.status == HELD and b.status == HELD:
+        return Verdict(a.invariant, HELD, f"{a.evidence}; site_ready versions: {b.evidence}")
+    return a if a.status == HELD else b
 
 
 def _combine_lanes(verdicts: list[Verdict], fragments: list[int]) -> Verdict:

@@ -259,6 +259,8 @@ class DiLoCo:
 
             self._slices = fragment_slices(self.global_flat.numel(), self.P)
             self._offsets = [((f + 1) * self.H // self.P) % self.H for f in range(self.P)]
+            self._rejoined: dict[int, int] = {}  # fragment -> the round a rejoin told us to send next
+            self._stream_realign()
             self._pool = ThreadPoolExecutor(max_workers=self.P, thread_name_prefix="stream") if self.ctx.is_leader else None
         self._rings: dict = {}
         if self.ctx.rings and self.ctx.is_leader and algorithm == "diloco" and self.round == 0 \
@@ -526,6 +528,8 @@ class DiLoCo:
                     self.events.emit("merge_discarded", site=self.ctx.site, round=rnd, reason=str(exc))
                     resp = self.client.join(self.ctx.workers)
                     p = self.client.get_model(min_version=resp.start_version)
+                    if self._slices and resp.fragment_rounds:  # streaming: the round this fragment goes on from
+                        self._rejoined[fragment] = int(resp.fragment_rounds[fragment])
                 self._ef.pop(fragment, None)  # what error feedback held belonged to the discarded update
                 result = (p.tensor()[sl].clone(), p.version)
             if failed_at is not None:
@@ -543,9 +547,8 @@ class DiLoCo:
             if self.local_step >= due:
                 self._finish_fragment(frag, future, t0)
                 finished = True
-        period = self.local_step % self.H
-        for frag in range(self.P):
-            if period == self._offsets[frag] and self.local_step > 0 and frag not in self._inflight \
+        for frag in sorted(range(self.P), key=self._due):
+            if self.local_step >= self._due(frag) and frag not in self._inflight \
                     and self._frag_rounds[frag] < self.ctx.rounds:
                 sl = self._slices[frag]
                 future = None
@@ -560,13 +563,27 @@ class DiLoCo:
                     finished = True
         return finished
 
+    def _due(self, frag: int) -> int:
+        """The local step at which fragment ``frag`` sends its next round: round r of fragment p is
+        due at r·H + (p+1)·H/P (fragment P-1 at the end of the round)."""
+        return self._frag_rounds[frag] * self.H + (self._offsets[frag] or self.H)
+
+    def _stream_realign(self) -> None:
+        """Put the local step where this site's fragment rounds say it is: just after the latest
+        fragment that was due. A site that (re)joins with rounds [1, 1, 1, 0] must send fragment 3
+        of round 0 before fragment 0 of round 1, as the other sites do, or each waits for the other."""
+        self.local_step = max(self.local_step, max(self._due(f) for f in range(self.P)) - self.H)
+
     def _finish_fragment(self, frag: int, future, t0: float) -> None:
         sl = self._slices[frag]
         t_wait = time.perf_counter()
         new = None
+        header = torch.tensor([self._frag_rounds[frag] + 1], dtype=torch.int64)
         if self.ctx.is_leader:
             new, _version = future.result()
             sent, received = self._exchange_bytes.pop(frag, (0, 0))
+            header[0] = self._rejoined.pop(frag, int(header[0]))
+        next_round = int(self._site_broadcast(header)[0])
         numel = sl.stop - sl.start
         new = self._site_broadcast(new if new is not None else None, like=None, numel=numel)
         local = flatten(self.params)
@@ -584,7 +601,11 @@ class DiLoCo:
                              exchange_s=round(time.perf_counter() - t0, 6), step=self.local_step,
                              bytes_sent=sent, bytes_received=received,
                              codec=self.codec, crc32=fingerprint(new))
-        self._frag_rounds[frag] += 1
+        if next_round != self._frag_rounds[frag] + 1:  # our update was discarded and we rejoined this fragment
+            self._frag_rounds[frag] = next_round
+            self._stream_realign()
+        else:
+            self._frag_rounds[frag] = next_round
         self.round = min(self._frag_rounds)
 
     def global_parameters(self):

@@ -99,8 +99,9 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                                ttl_s=topo.recovery.heartbeat_ttl_s)
         epoch = int(registration.info["epoch"])
         cfg.epoch = epoch
+    lanes = {"lane_rounds": [lane.state.round for lane in service.lanes]} if len(service.lanes) > 1 else {}
     events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names),
-                epoch=epoch, round=service.state.round, resumed=resume is not None, metrics_url=metrics_url)
+                epoch=epoch, round=service.state.round, resumed=resume is not None, metrics_url=metrics_url, **lanes)
     ready(f"READY {port}")
     sys.stdout.flush()
 

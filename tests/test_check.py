@@ -659,3 +659,73 @@ def test_cli_exit_codes_on_a_real_run(real_run, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"geotrain check: no run directory at {tmp_path / 'no-such-run'}"
     assert "Traceback" not in r.stderr
+
+
+# ---- streaming-diloco: every fragment has rounds of its own ------------------------------------
+
+def stream_history(fragments: int = 2, rounds: int = 2) -> list[dict]:
+    """Commits carry the run's version (all fragments' commits so far); merges the fragment's round + 1."""
+    h = [run_started(), coordinator_started(1)]
+    for s in SITES:
+        h += [site_joined(s), site_ready(s, 0)]
+    version = 0
+    for r in range(rounds):
+        for f in range(fragments):
+            version += 1
+            c = commit(r, version=version, crc32=crc(10 * r + f))
+            c["fragment"] = f
+            h.append(c)
+            for s in SITES:
+                m = merge(s, r, crc32=crc(10 * r + f))
+                m["fragment"] = f
+                h.append(m)
+    h.append(ev("run_finished", "launcher", status="completed", reason=None))
+    return h
+
+
+def test_streaming_history_violates_nothing():
+    v = verdicts(stream_history())
+    assert not [x for x in v.values() if x.status == "violated"], v
+    assert v["only_committed_versions_served"].status == "held"
+
+
+def test_streaming_site_rejoining_at_the_runs_version_holds():
+    """A site restarted after 3 fragment commits is ready at version 3, above any one fragment's count."""
+    h = stream_history(fragments=4, rounds=2)
+    i = [k for k, e in enumerate(h) if e["event"] == "commit"][3]  # before the 4th commit
+    h = h[:i] + [site_joined("eu-west", start_version=3), site_ready("eu-west", 3, rnd=0)] + h[i:]
+    assert status(h, "only_committed_versions_served") == "held"
+
+
+def test_streaming_site_ready_above_the_runs_commits_is_violated():
+    h = stream_history(fragments=4, rounds=2)
+    i = [k for k, e in enumerate(h) if e["event"] == "commit"][3]
+    h = h[:i] + [site_ready("eu-west", 4, rnd=0)] + h[i:]  # only 3 commits so far
+    assert status(h, "only_committed_versions_served") == "violated"
+
+
+def restart_mid_round(h: list[dict], lane_rounds: list[int] | None) -> list[dict]:
+    """A coordinator restart after fragments 0-2 of round 0 committed, before fragment 3 did."""
+    i = [k for k, e in enumerate(h) if e["event"] == "commit"][3]
+    restarted = coordinator_started(2, rnd=1)
+    if lane_rounds is not None:
+        restarted["lane_rounds"] = lane_rounds
+    return h[:i] + [restarted] + h[i:]
+
+
+def test_streaming_coordinator_restart_goes_on_per_fragment():
+    h = restart_mid_round(stream_history(fragments=4, rounds=2), lane_rounds=[1, 1, 1, 0])
+    assert status(h, "rounds_committed_once_in_order") == "held"
+    assert status(h, "no_committed_round_lost") == "held"
+
+
+def test_streaming_coordinator_restart_that_skips_a_fragments_round_is_violated():
+    # it says fragment 3 goes on at round 1, yet round 0 of fragment 3 was never committed
+    h = restart_mid_round(stream_history(fragments=4, rounds=2), lane_rounds=[1, 1, 1, 1])
+    assert status(h, "rounds_committed_once_in_order") == "violated"
+
+
+def test_streaming_coordinator_restart_behind_a_fragments_commit_is_violated():
+    # fragment 0's round 0 was committed, yet the restarted coordinator says it collects round 0 again
+    h = restart_mid_round(stream_history(fragments=4, rounds=2), lane_rounds=[0, 1, 1, 0])
+    assert status(h, "no_committed_round_lost") == "violated"

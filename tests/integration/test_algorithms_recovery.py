@@ -1,4 +1,5 @@
-"""async-diloco and streaming-diloco survive the failures of the checkpointing issue: a killed
+"""async-diloco, streaming-diloco, compressed (int8) and ring merges survive the failures of the
+checkpointing issue: a killed
 worker (its site restarts and rejoins) and a killed coordinator (replaced from its per-commit state
 with a higher epoch). Each run must finish every site's merges, leave no process behind, reach a
 loss near its own fault-free run's, and pass `geotrain check` (every invariant held or unknown,
@@ -22,6 +23,8 @@ ALGORITHMS = {
     "async-diloco": ("training.algorithm=async-diloco",),
     "streaming-diloco": ("training.algorithm=streaming-diloco", "training.inner_steps=20",
                          "training.streaming.fragments=4", "training.streaming.overlap_steps=2"),
+    "int8": ("training.compression.codec=int8",),
+    "ring": ("training.merge=ring",),
 }
 # async and streaming are not bitwise reproducible (arrival order decides); a fault costs the
 # restarted site its in-flight work, so the bound is looser than the 2% of synchronous DiLoCo.

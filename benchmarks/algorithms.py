@@ -37,7 +37,8 @@ each figure is printed with PASS or MISS against its target):
    (targets int8 <= 0.27, int4 <= 0.14) and final eval loss ratio (target within 1%).
 4. compute utilisation on topologies/three-continents.yaml (rounds=4) for diloco, streaming-diloco
    (P=4, tau = H/P = 5: each fragment's exchange overlaps the steps until the next fragment is due;
-   also the default tau = 1, for comparison) and async-diloco: per site compute_seconds /
+   also the default tau = 1, for comparison), DiLoCo with its merge overlapped (streaming with P=1,
+   tau = H/2) and async-diloco: per site compute_seconds /
    (compute_seconds + wan_wait_seconds), i.e. 1 - WAN wait / (compute + WAN wait), averaged over
    sites. (Also kept in the JSON: 1 - WAN wait / the site's wall span from site_ready to site_done,
    which also counts eval and bookkeeping.) The async run's final eval loss is not comparable: the
@@ -82,6 +83,10 @@ H_THREE = 20        # three-continents.yaml's inner_steps
 THREE_RUNS = {"diloco": ("diloco",),
               "streaming-diloco": ("streaming-diloco", f"training.streaming.overlap_steps={H_THREE // P}"),
               "streaming-diloco-tau1": ("streaming-diloco", "training.streaming.overlap_steps=1"),
+              # DiLoCo with its merge overlapped ("eager updates", arXiv 2502.12996): one fragment, the
+              # merge of round r runs during the first H/2 inner steps of round r+1
+              "diloco-overlapped": ("streaming-diloco", "training.streaming.fragments=1",
+                                    f"training.streaming.overlap_steps={H_THREE // 2}"),
               "async-diloco": ("async-diloco",)}
 WINDOW_S = 0.25
 CONTROL_IF_ELAPSED_UNDER_S = 540  # 1b runs only if the rest took less than this (whole script < 15 min)
@@ -329,8 +334,11 @@ def exp_compression(fp32: dict, runs: dict[str, dict]) -> dict:
 # 4. compute utilisation
 
 def utilisation(s: dict) -> dict:
-    ready = {e["site"]: e["t"] for e in of(s, "site_ready")}
-    done = {e["site"]: e["t"] for e in of(s, "site_done")}
+    ready, done = {}, {}  # each site's first (a site restarted at the very end reports both again)
+    for e in of(s, "site_ready"):
+        ready.setdefault(e["site"], e["t"])
+    for e in of(s, "site_done"):
+        done.setdefault(e["site"], e["t"])
     per_site = {}
     for site, v in s["sites"].items():
         c, w = v["compute_seconds"], v["wan_wait_seconds"]

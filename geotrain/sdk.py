@@ -31,6 +31,7 @@ GEOTRAIN_DEVICE, MASTER_ADDR and MASTER_PORT (the site's own process group).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -175,6 +176,14 @@ class SiteContext:
 _registration = None
 
 
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - the process is exiting; say so and go on
+            log.warning("could not destroy the site's process group at exit: %s", exc)
+
+
 def init(context: SiteContext | None = None) -> SiteContext:
     """Join this process to its site: the site's process group, and etcd membership (under a lease)."""
     global _registration
@@ -185,6 +194,10 @@ def init(context: SiteContext | None = None) -> SiteContext:
             torch.cuda.set_device(ctx.rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"tcp://{ctx.master_addr}:{ctx.master_port}",
                                 rank=ctx.rank, world_size=ctx.workers, timeout=datetime.timedelta(minutes=10))
+        # Left to interpreter teardown, gloo could abort a rank whose peer had already exited ("terminate
+        # called without an active exception", seen once in ~40 runs): the launcher then took a finished
+        # site for a dead one and restarted it.
+        atexit.register(_destroy_process_group)
     if ctx.etcd and _registration is None:
         from geotrain.controlplane import ControlPlane
 
@@ -317,8 +330,10 @@ class DiLoCo:
     def __enter__(self) -> "DiLoCo":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.close()
+        if exc_type is None and self.ctx.workers > 1 and dist.is_initialized():
+            dist.barrier()  # every rank is done with the site's process group before any rank tears it down
 
     # ---- the protocol ----
     def _join(self) -> None:

@@ -48,7 +48,7 @@ class SiteConfig(_Node):
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the site's workers compute. `cuda` uses NCCL inside the site; gloo otherwise."""
     slowdown: float = Field(default=1.0, ge=1.0, le=100.0)
-    """Compute slowdown factor (>= 1) to emulate a slower site; 1 = full speed."""
+    """Emulate a slower site: its inner step, collectives included, takes this many times as long (the site's rank 0 sleeps and the others wait for it; built-in trainer only). 1 = full speed."""
     region: str | None = None
     """Region of the site, for `training.merge: hierarchical` (sites of a region reduce among themselves first)."""
 

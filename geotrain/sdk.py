@@ -73,7 +73,7 @@ ENV_VARS = {
     "GEOTRAIN_CODEC_BLOCK": "elements per scale block (int8/int4)",
     "GEOTRAIN_ERROR_FEEDBACK": "1: keep quantisation error for the next update",
     "GEOTRAIN_FRAGMENTS": "streaming-diloco: P fragments",
-    "GEOTRAIN_OVERLAP_STEPS": "streaming-diloco: τ inner steps overlapping a fragment's exchange",
+    "GEOTRAIN_OVERLAP_STEPS": "streaming/async-diloco: τ inner steps overlapping a merge's exchange",
     "GEOTRAIN_ALPHA": "streaming-diloco: mixing weight of the local fragment",
     "GEOTRAIN_RINGS": "ring/hierarchical merges: JSON list of this leader's ring memberships",
     "GEOTRAIN_NUM_SITES": "number of sites in the run",
@@ -275,6 +275,12 @@ class DiLoCo:
             self._rejoined: dict[int, int] = {}  # fragment -> the round a rejoin told us to send next
             self._stream_realign()
             self._pool = ThreadPoolExecutor(max_workers=self.P, thread_name_prefix="stream") if self.ctx.is_leader else None
+        self._pending = None  # async-diloco with overlap: the merge in flight
+        if algorithm == "async-diloco" and self.tau > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.tau = min(self.tau, self.H - 1)  # dynamic local steps can make a site's H small
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async") if self.ctx.is_leader else None
         self._rings: dict = {}
         if self.ctx.rings and self.ctx.is_leader and algorithm == "diloco" and self.round == 0 \
                 and self.ctx.resume_round is None:
@@ -295,8 +301,14 @@ class DiLoCo:
                              loss=loss, compute_s=round(compute, 6), wan_s=round(self._step_wan_s, 6))
         if self.algorithm == "streaming-diloco":
             merged = self._stream_step()
+        elif self._pending is not None:
+            if self.local_step >= self._pending[1]:
+                self._async_finish()
+                merged = True
         elif self.local_step % self.H == 0:
-            if self.algorithm in ("diloco", "async-diloco"):
+            if self.overlapped and self.round < self.ctx.rounds - 1:  # the run's last merge is waited for
+                self._async_send()
+            elif self.algorithm in ("diloco", "async-diloco"):
                 self._merge()
                 merged = True
             else:
@@ -307,9 +319,18 @@ class DiLoCo:
         self._last = time.perf_counter()
         return merged
 
+    @property
+    def overlapped(self) -> bool:
+        """True when merges run in the background of inner steps (streaming, or async with overlap):
+        the model then holds local parameters that differ from the global ones even right after a merge
+        (evaluate inside :meth:`global_parameters`)."""
+        return self.algorithm == "streaming-diloco" or (self.algorithm == "async-diloco" and self.tau > 0)
+
     def close(self) -> None:
         for frag, (future, _due, t0) in list(self._inflight.items()):  # streaming: finish what is in flight
             self._finish_fragment(frag, future, t0)
+        if self._pending is not None:
+            self._async_finish()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -435,6 +456,41 @@ class DiLoCo:
         if version != self.round + 1:  # caught up: the rounds in between were committed without us
             self.local_step = version * self.H
         self.round = version
+
+    # ---- async-diloco with overlap ----
+    def _async_send(self) -> None:
+        """Start this round's merge in the background; training goes on for τ steps meanwhile."""
+        future, sent = None, (0, 0)
+        if self.ctx.is_leader:
+            pseudo_grad = self.global_flat - flatten(self.params)
+            sent = (self.client.bytes_sent, self.client.bytes_received)
+            future = self._pool.submit(self._exchange, pseudo_grad, self.global_flat.clone())
+        self._pending = (future, self.local_step + self.tau, time.perf_counter(), flatten(self.params).clone(), sent)
+
+    def _async_finish(self) -> None:
+        """The merge's answer is in: θ ← θ_global_new + (θ − θ_at_send). The τ steps' progress is kept,
+        and goes to the coordinator with the next update (whose base is θ_global_new)."""
+        future, _due, t0, at_send, (sent0, recv0) = self._pending
+        self._pending = None
+        t_wait = time.perf_counter()
+        new = None
+        header = torch.zeros(1, dtype=torch.int64)
+        if self.ctx.is_leader:
+            new, version = future.result()
+            header[0] = version
+        version = int(self._site_broadcast(header)[0])
+        new = self._site_broadcast(new, like=self.params)
+        unflatten_into(new + (flatten(self.params) - at_send), self.params)
+        self.global_flat = new.clone()
+        waited = time.perf_counter() - t_wait  # only what the τ steps did not hide
+        self.wan_wait_s += waited
+        if self.ctx.is_leader:
+            self.events.emit("merge", site=self.ctx.site, round=version - 1, version=version, site_round=self.round,
+                             bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
+                             seconds=round(waited, 6), exchange_s=round(time.perf_counter() - t0, 6),
+                             step=self.local_step, crc32=fingerprint(self.global_flat), codec=self.codec)
+        self.version = version
+        self.round += 1
 
     # ---- ring / hierarchical merges ----
     def _connect_rings(self) -> None:

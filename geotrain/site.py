@@ -44,7 +44,9 @@ def worker_env(topo: Topology, site: SiteConfig, rank: int, *, run_dir: Path, to
         GEOTRAIN_RPC_TIMEOUT_S=str(max(300.0, tr.round_timeout_s * 2)),
         GEOTRAIN_CODEC=tr.compression.codec, GEOTRAIN_CODEC_BLOCK=str(tr.compression.block),
         GEOTRAIN_ERROR_FEEDBACK="1" if tr.compression.error_feedback else "0",
-        GEOTRAIN_FRAGMENTS=str(tr.streaming.fragments), GEOTRAIN_OVERLAP_STEPS=str(tr.streaming.overlap_steps),
+        GEOTRAIN_FRAGMENTS=str(tr.streaming.fragments),
+        GEOTRAIN_OVERLAP_STEPS=str(tr.asynchronous.overlap_steps if tr.algorithm == "async-diloco"
+                                   else tr.streaming.overlap_steps),
         GEOTRAIN_ALPHA=str(tr.streaming.alpha),
         GEOTRAIN_NUM_SITES=str(len(topo.sites)), GEOTRAIN_RING_UPLOADER=topo.sites[0].name,
         GEOTRAIN_OUTER=json.dumps(tr.outer_optimizer.model_dump(mode="json")),

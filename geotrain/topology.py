@@ -153,6 +153,8 @@ class AsyncConfig(_Node):
     in between each update is applied as a plain step of lr/N."""
     dynamic_local_steps: bool = False
     """The paper's dynamic local updates: a site with `slowdown` f does H/f inner steps per merge."""
+    overlap_steps: int = Field(default=0, ge=0)
+    """τ > 0: a site's merge runs in the background while it does τ more inner steps; their progress is then put on top of the new global model and sent with the next update (0 = the paper's protocol: wait for the answer). Must be < H."""
 
 
 class StreamingConfig(_Node):
@@ -513,6 +515,10 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     if topo.training.algorithm == "streaming-diloco" and st.overlap_steps >= topo.training.inner_steps:
         raise TopologyError(f"{source}: training.streaming.overlap_steps: must be less than training.inner_steps "
                             f"({topo.training.inner_steps}), got {st.overlap_steps}")
+    at = topo.training.asynchronous
+    if topo.training.algorithm == "async-diloco" and at.overlap_steps >= topo.training.inner_steps:
+        raise TopologyError(f"{source}: training.async.overlap_steps: must be less than training.inner_steps "
+                            f"({topo.training.inner_steps}), got {at.overlap_steps}")
     if topo.training.merge != "star" and (topo.training.algorithm != "diloco" or topo.training.compression.codec != "fp32"):
         raise TopologyError(f"{source}: training.merge: {topo.training.merge!r} merges work with algorithm `diloco` "
                             f"and codec fp32 (got {topo.training.algorithm!r}, {topo.training.compression.codec!r})")

@@ -26,6 +26,7 @@ BAD_CASES = {
     "duplicate_site.yaml": ("sites[1].name", "already defined at sites[0]"),
     "not_yaml.yaml": ("line", "not valid YAML"),
     "not_mapping.yaml": ("top level", "expected a mapping"),
+    "async_overlap_too_long.yaml": ("training.async.overlap_steps", "must be less than training.inner_steps (10)"),
 }
 
 

@@ -78,7 +78,7 @@ def train(ctx: SiteContext, topo: Topology) -> None:
             diloco.step(loss=loss.item())
             if evaluator and diloco.round > last_eval_round:
                 last_eval_round = diloco.round
-                if tr.algorithm == "streaming-diloco":
+                if diloco.overlapped:
                     with diloco.global_parameters():
                         run_eval(diloco.round, diloco.local_step)
                 else:

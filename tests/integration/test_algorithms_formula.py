@@ -81,6 +81,66 @@ def test_async_delayed_nesterov_with_staleness_weights():
     assert commits == 2 * merges
 
 
+def test_async_overlap_puts_the_overlapped_steps_on_the_new_global_model():
+    """async-diloco with overlap_steps=τ: the update sent at step kH is based on the global model the
+    site last received; the τ steps run meanwhile are then put on top of the answer, and go with the
+    next update. The run's last merge is waited for."""
+    sites, H, tau, rounds = ["a", "b"], 3, 1, 3
+    service, server, port = start(CoordinatorConfig(sites=tuple(sites), algorithm="async-diloco"))
+    torch.manual_seed(1)
+    w0 = torch.randn(4, 3)
+    models = [site(port, s, w0, overlap_steps=tau, rounds=rounds) for s in sites]
+    dls = [DiLoCo(lin, opt, inner_steps=H, algorithm="async-diloco", context=ctx) for lin, opt, ctx in models]
+    assert all(dl.overlapped for dl in dls)
+    theta = w0.double().clone()
+    state = {"version": 0, "buf": None, "acc": None, "count": 0}
+    base = {i: (theta.clone(), 0) for i in (0, 1)}  # site -> (global copy, its version)
+    local = {i: theta.clone() for i in (0, 1)}
+    step = {0: 0, 1: 0}
+
+    def apply(i):  # the coordinator: delayed Nesterov with the staleness weight, as in the test above
+        nonlocal theta
+        b, bv = base[i]
+        g = (1.0 / (1.0 + (state["version"] - bv))) * (b - local[i])
+        theta = theta - (LR_OUT / 2) * g
+        state["acc"] = g.clone() if state["acc"] is None else state["acc"] + g
+        state["count"] += 1
+        if state["count"] == 2:
+            mean = state["acc"] / 2
+            state["buf"] = mean.clone() if state["buf"] is None else MU * state["buf"] + mean
+            theta = theta - LR_OUT * MU * state["buf"]
+            state["acc"], state["count"] = None, 0
+        state["version"] += 1
+        return theta.clone(), state["version"]
+
+    def steps(i, n):
+        lin, opt, _ = models[i]
+        for _ in range(n):
+            lin.weight.grad = fake_grad(i, step[i], lin.weight.detach())
+            opt.step()
+            dls[i].step()
+            local[i] = local[i] - LR_IN * fake_grad(i, step[i], local[i].float()).double()
+            step[i] += 1
+
+    for rnd in range(rounds):
+        for i in (0, 1):
+            steps(i, H if rnd == 0 else H - tau)  # up to the step that sends
+            new, version = apply(i)
+            if rnd == rounds - 1:  # waited for
+                local[i] = new.clone()
+            else:
+                at_send = local[i].clone()
+                steps(i, tau)  # overlapped; the answer is taken at the last of these
+                local[i] = new + (local[i] - at_send)
+            base[i] = (new, version)
+            assert torch.allclose(models[i][0].weight.detach().double(), local[i], atol=1e-5, rtol=0), (i, rnd)
+            assert torch.allclose(dls[i].global_flat.double(), new.reshape(-1), atol=1e-5, rtol=0), (i, rnd)
+    assert [dl.round for dl in dls] == [rounds, rounds] and service.version == 2 * rounds
+    for dl in dls:
+        dl.close()
+    server.stop(0)
+
+
 def test_streaming_fragments_with_mixing_match_a_direct_computation():
     sites, H, P, alpha, rounds = ["a", "b"], 4, 2, 0.5, 3
     service, server, port = start(CoordinatorConfig(sites=tuple(sites), algorithm="streaming-diloco", fragments=P))

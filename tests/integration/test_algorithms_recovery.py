@@ -21,6 +21,7 @@ DEMO = REPO / "topologies" / "demo.yaml"
 ROUNDS = 6
 ALGORITHMS = {
     "async-diloco": ("training.algorithm=async-diloco",),
+    "async-overlapped": ("training.algorithm=async-diloco", "training.async.overlap_steps=5"),
     "streaming-diloco": ("training.algorithm=streaming-diloco", "training.inner_steps=20",
                          "training.streaming.fragments=4", "training.streaming.overlap_steps=2"),
     "int8": ("training.compression.codec=int8",),

@@ -672,11 +672,8 @@ class DiLoCo:
                              exchange_s=round(time.perf_counter() - t0, 6), step=self.local_step,
                              bytes_sent=sent, bytes_received=received,
                              codec=self.codec, crc32=fingerprint(new))
-        if next_round != self._frag_rounds[frag] + 1:  # our update was discarded and we rejoined this fragment
-            self._frag_rounds[frag] = next_round
-            self._stream_realign()
-        else:
-            self._frag_rounds[frag] = next_round
+        self._frag_rounds[frag] = next_round  # one more, or where a rejoin after a discarded update put us
+        self._stream_realign()
         self.round = min(self._frag_rounds)
 
     def global_parameters(self):

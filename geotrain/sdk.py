@@ -365,9 +365,10 @@ class DiLoCo:
         from which version; this worker's newest checkpoint part, if any, restores optimizer and data).
         """
         flat = None
-        header = torch.zeros(1, dtype=torch.int64)
+        header = torch.zeros(2, dtype=torch.int64)  # global version, this site's merges so far (async)
         if self.ctx.is_leader:
             resp = self.client.join(self.ctx.workers)
+            header[1] = resp.site_merges
             if not resp.has_model:
                 self.client.init_model(flatten(self.params))
             payload = self.client.get_model(min_version=resp.start_version)
@@ -376,7 +377,8 @@ class DiLoCo:
             self._frag_rounds = list(resp.fragment_rounds) or [payload.version]
             self.events.emit("site_ready", site=self.ctx.site, version=payload.version, round=resp.round,
                              epoch=resp.epoch)
-        self.version = int(self._site_broadcast(header)[0])
+        header = self._site_broadcast(header)
+        self.version = int(header[0])
         self.round = self.version
         self.global_flat = self._site_broadcast(flat, like=self.params).clone()
         unflatten_into(self.global_flat, self.params)
@@ -385,7 +387,7 @@ class DiLoCo:
             self._frag_rounds = [int(x) for x in self._site_broadcast(fr)]
             self.round = min(self._frag_rounds)
         elif self.algorithm == "async-diloco":
-            self.round = 0  # async: a site counts its own merges
+            self.round = int(header[1])  # async: a site counts its own merges (the coordinator kept count)
         self._restore_own_state()
         self.local_step = self.round * self.H
 
@@ -675,6 +677,26 @@ class DiLoCo:
         self._frag_rounds[frag] = next_round  # one more, or where a rejoin after a discarded update put us
         self._stream_realign()
         self.round = min(self._frag_rounds)
+
+    def fetch_global(self, min_version: int) -> int | None:
+        """Wait until the coordinator holds global version >= ``min_version`` and take it as this site's
+        global parameters (see :meth:`global_parameters`); the model's own parameters are left alone.
+        Every rank of the site calls it. Returns the version, or None when the coordinator could not
+        provide it (an event says why). For an evaluation of the final model of an asynchronous run,
+        whose sites finish at different times."""
+        header = torch.tensor([-1], dtype=torch.int64)
+        flat = None
+        if self.ctx.is_leader:
+            try:
+                p = self.client.get_model(min_version=min_version)
+                flat, header[0] = p.tensor(), p.version
+            except GeotrainError as exc:
+                self.events.emit("fetch_failed", site=self.ctx.site, min_version=min_version, reason=str(exc))
+        version = int(self._site_broadcast(header)[0])
+        if version < 0:
+            return None
+        self.global_flat = self._site_broadcast(flat, like=self.params).clone()
+        return version
 
     def global_parameters(self):
         """Context manager: the model holds the global parameters inside (for evaluation), its own after."""

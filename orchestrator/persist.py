@@ -27,6 +27,7 @@ class CoordinatorState:
     members: tuple[str, ...] = ()
     lane_rounds: tuple[int, ...] = ()  # streaming-diloco: each fragment's round
     version: int = 0  # commits so far (== round unless streaming or async)
+    site_merges: dict[str, int] | None = None  # async-diloco: each site's merges applied
 
 
 class StateStore:
@@ -44,7 +45,7 @@ class StateStore:
         tmp = self.dir / f".state-{os.getpid()}.safetensors"
         save_file(tensors, str(tmp))
         meta = {"round": st.round, "epoch": st.epoch, "members": list(st.members), "lane_rounds": list(st.lane_rounds),
-                "version": st.version}
+                "version": st.version, "site_merges": dict(st.site_merges or {})}
         # The metadata names the tensor file of the same round; both are renamed in order.
         if self.fsync:
             with open(tmp, "rb") as f:
@@ -66,4 +67,5 @@ class StateStore:
         tensors = load_file(str(path)) if path.exists() else {}
         return CoordinatorState(round=meta["round"], params=tensors.get("params"), momentum=tensors.get("momentum"),
                                 epoch=meta.get("epoch", 0), members=tuple(meta.get("members", ())),
-                                lane_rounds=tuple(meta.get("lane_rounds", ())), version=meta.get("version", meta["round"]))
+                                lane_rounds=tuple(meta.get("lane_rounds", ())), version=meta.get("version", meta["round"]),
+                                site_merges=dict(meta.get("site_merges") or {}))

@@ -107,7 +107,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         n_lanes = cfg.fragments if cfg.algorithm == "streaming-diloco" else 1
         lane_rounds = [0] * n_lanes
         self.version = 0
+        self.site_merges: dict[str, int] = {}  # async-diloco: each site's merges applied
         if resume is not None:
+            self.site_merges = dict(resume.site_merges or {})
             self.params = resume.params
             self.outer.buf = resume.momentum
             self.async_outer.buf = resume.momentum
@@ -151,7 +153,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                  seconds=round(now - failed_t, 3), rounds_lost=max(0, starts[0] - failed_round))
             return pb.JoinResponse(round=self.state.round, version=self.version, start_version=start_version,
                                    has_model=self.params is not None, algorithm=self.cfg.algorithm, epoch=self.cfg.epoch,
-                                   fragment_rounds=starts)
+                                   fragment_rounds=starts, site_merges=self.site_merges.get(request.site, 0))
 
     def InitModel(self, request_iterator, context):
         payload = self._receive(request_iterator, context, "InitModel")
@@ -247,12 +249,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator was fenced off by a newer one")
             if site not in self.cfg.sites or self.params is None:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown_site: {site!r} cannot merge here")
+            done = self.site_merges.get(site, 0)
+            if payload.round < done:  # a retry (after a coordinator restart) of an update applied before
+                reason = (f"update {payload.round} of {site!r} was applied before ({done} of its updates are); "
+                          f"refused, never applied twice")
+                self.events.emit("merge_refused", site=site, round=payload.round, action="duplicate", reason=reason)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"duplicate: {reason}")
             staleness = max(0, self.version - payload.version)
             weight = 1.0 / (1.0 + staleness) if self.cfg.staleness_weight == "inverse" else 1.0
             t0 = time.time()
             self.params = self.async_outer.step(self.params, payload.tensor(), weight)
             rnd = self.version
             self.version += 1
+            self.site_merges[site] = self.site_merges.get(site, 0) + 1
             self.lanes[0].state = RoundState(round=self.version, expected=self.state.expected)
             self._persist()
             self.events.emit("commit", round=rnd, version=self.version, sites=[site], staleness=staleness,
@@ -369,7 +378,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.store.save(CoordinatorState(round=self.state.round, params=self.params, momentum=momentum,
                                          epoch=self.cfg.epoch, members=tuple(sorted(self.state.expected)),
                                          lane_rounds=tuple(l.state.round for l in self.lanes) if len(self.lanes) > 1 else (),
-                                         version=self.version))
+                                         version=self.version, site_merges=dict(self.site_merges) if self.is_async else None))
 
     def _maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint_every

@@ -52,10 +52,10 @@ def train(ctx: SiteContext, topo: Topology) -> None:
     evaluator = ctx.is_leader and ctx.site == topo.sites[0].name
     held_out = eval_batches(corpus.eval, tr.batch_size, m.block_size, tr.eval_batches) if evaluator else []
 
-    def run_eval(rnd: int, step: int) -> None:
+    def run_eval(rnd: int, step: int, **extra) -> None:
         t0 = time.perf_counter()
         loss = evaluate(model, held_out, device=device)
-        events.emit("eval", round=rnd, step=step, loss=loss, seconds=round(time.perf_counter() - t0, 6))
+        events.emit("eval", round=rnd, step=step, loss=loss, seconds=round(time.perf_counter() - t0, 6), **extra)
 
     inner_steps = tr.inner_steps
     if tr.algorithm == "async-diloco" and tr.asynchronous.dynamic_local_steps:
@@ -87,6 +87,14 @@ def train(ctx: SiteContext, topo: Topology) -> None:
             events.emit("site_done", site=ctx.site, steps=diloco.local_step, rounds=diloco.round,
                         compute_s=round(diloco.compute_s, 6), wan_wait_s=round(diloco.wan_wait_s, 6),
                         checkpoint_stall_s=round(diloco.checkpoint_stall_s, 6))
+        if tr.algorithm == "async-diloco" and ctx.site == topo.sites[0].name:
+            # Asynchronous sites finish at different times: the evaluating site's last eval above saw
+            # the global model before the others' last updates. Evaluate the model once every site
+            # has made its merges (sites x rounds commits), so that the run's final loss is comparable.
+            version = diloco.fetch_global(len(topo.sites) * tr.rounds)
+            if evaluator and version is not None:
+                with diloco.global_parameters():
+                    run_eval(diloco.round, diloco.local_step, version=version, final=True)
 
 
 def main() -> int:

@@ -61,7 +61,7 @@ class JoinRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., workers: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("round", "version", "has_model", "algorithm", "start_version", "epoch", "fragment_rounds")
+    __slots__ = ("round", "version", "has_model", "algorithm", "start_version", "epoch", "fragment_rounds", "site_merges")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class JoinResponse(_message.Message):
     START_VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SITE_MERGES_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     has_model: bool
@@ -76,7 +77,8 @@ class JoinResponse(_message.Message):
     start_version: int
     epoch: int
     fragment_rounds: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., has_model: _Optional[bool] = ..., algorithm: _Optional[str] = ..., start_version: _Optional[int] = ..., epoch: _Optional[int] = ..., fragment_rounds: _Optional[_Iterable[int]] = ...) -> None: ...
+    site_merges: int
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., has_model: _Optional[bool] = ..., algorithm: _Optional[str] = ..., start_version: _Optional[int] = ..., epoch: _Optional[int] = ..., fragment_rounds: _Optional[_Iterable[int]] = ..., site_merges: _Optional[int] = ...) -> None: ...
 
 class InitModelResponse(_message.Message):
     __slots__ = ("accepted", "version")

@@ -29,7 +29,10 @@ ALGORITHMS = {
 }
 # async and streaming are not bitwise reproducible (arrival order decides); a fault costs the
 # restarted site its in-flight work, so the bound is looser than the 2% of synchronous DiLoCo.
-LOSS_TOLERANCE = 0.06
+# Async is the noisiest: over repeated 6-round runs here, fault-free 2.91-2.99, with a fault
+# 2.78-3.22 (which update is stale, and by how much, changes with timing); the initial loss is 5.35.
+LOSS_TOLERANCE = {"async-diloco": 0.12, "async-overlapped": 0.12}
+DEFAULT_LOSS_TOLERANCE = 0.06
 
 
 def args(algorithm: str) -> list[str]:
@@ -88,7 +91,11 @@ def test_algorithm_survives(tmp_path, clean_loss, algorithm, fault):
     if fault is kill_coordinator:
         starts = [e for e in events if e["event"] == "coordinator_started"]
         assert len(starts) == 2 and starts[1]["epoch"] > starts[0]["epoch"]
+    if algorithm.startswith("async"):  # each site makes `rounds` merges in all, restarts included, none twice
+        assert len([e for e in events if e["event"] == "commit"]) == 2 * ROUNDS
+        assert any(e["event"] == "eval" and e.get("final") for e in events)
     base = clean_loss(algorithm)
-    assert abs(s["final_eval_loss"] - base) / base <= LOSS_TOLERANCE, (s["final_eval_loss"], base)
+    tolerance = LOSS_TOLERANCE.get(algorithm, DEFAULT_LOSS_TOLERANCE)
+    assert abs(s["final_eval_loss"] - base) / base <= tolerance, (s["final_eval_loss"], base)
     violated = [v for v in check_run(run_dir) if v.status == VIOLATED]
     assert not violated, violated

@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from geotrain.errors import QuorumLost
+from geotrain.errors import QuorumLost, StaleRound
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
 from geotrain.worker.client import CoordinatorClient
 
@@ -30,5 +30,37 @@ def test_a_failed_round_reopens_and_late_updates_start_a_new_attempt():
         [t.join(20) for t in threads]
         assert all(torch.equal(r, torch.full((4,), 3.0)) for r in results.values()) and len(results) == 3
         assert service.state.round == 1
+    finally:
+        server.stop(0)
+
+
+def test_async_coordinator_counts_each_sites_merges_across_a_restart(tmp_path):
+    """A restarted async site goes on from the merges the coordinator applied for it (persisted with
+    every commit), so that it makes `rounds` merges in all, not `rounds` more."""
+    from geotrain.orchestrator.persist import StateStore
+
+    cfg = CoordinatorConfig(sites=("a", "b"), algorithm="async-diloco")
+    store = StateStore(tmp_path / "state")
+    service = CoordinatorService(cfg, store=store)
+    server, port = create_server(service)
+    try:
+        a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
+        b = CoordinatorClient(f"127.0.0.1:{port}", "b", timeout_s=10)
+        assert a.join(1).site_merges == 0
+        a.init_model(torch.zeros(4))
+        for i in range(3):  # an async update's round is the site's own merge count
+            a.merge(torch.ones(4), round=i, kind="pseudo_grad", version=service.version)
+        b.merge(torch.ones(4), round=0, kind="pseudo_grad", version=service.version)
+        assert (a.join(1).site_merges, b.join(1).site_merges) == (3, 1)
+        with pytest.raises(StaleRound, match="duplicate"):  # a retry of a's update 2: never applied twice
+            a.merge(torch.ones(4), round=2, kind="pseudo_grad", version=service.version)
+        assert service.version == 4
+    finally:
+        server.stop(0)
+    restarted = CoordinatorService(cfg, store=store, resume=store.load())
+    server, port = create_server(restarted)
+    try:
+        a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
+        assert a.join(1).site_merges == 3 and restarted.version == 4
     finally:
         server.stop(0)

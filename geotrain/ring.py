@@ -286,10 +286,13 @@ class RingPeer:
         try:
             send_sock = self._dial(deadline, cancel)
         except BaseException:
+            cancelled_by_accept = cancel.is_set()  # the accept side failed first and stopped the dial
             cancel.set()
             t.join()
             if isinstance(accepted.get("sock"), socket.socket):
                 accepted["sock"].close()  # type: ignore[union-attr]
+            if cancelled_by_accept and isinstance(accepted.get("error"), BaseException):
+                raise accepted["error"]  # type: ignore[misc]  # the cause, not "dial cancelled"
             raise
         t.join()
         if "error" in accepted:

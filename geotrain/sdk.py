@@ -444,13 +444,7 @@ class DiLoCo:
         seconds = time.perf_counter() - t0
         self.wan_wait_s += seconds
         if self.ctx.is_leader:
-            # async: `round` is the global round whose commit produced our new weights (version - 1)
-            # `round`: the round whose commit produced the weights we now hold (after a catch-up, not ours)
-            self.events.emit("merge", site=self.ctx.site, round=version - 1,
-                             version=version, site_round=self.round,
-                             bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
-                             seconds=round(seconds, 6), step=self.local_step, crc32=fingerprint(self.global_flat),
-                             codec=self.codec)
+            self._emit_merge(version, sent0, recv0, seconds)
         if self.algorithm == "async-diloco":  # our own count of merges; the version is the coordinator's
             self.version = version
             self.round += 1
@@ -487,12 +481,17 @@ class DiLoCo:
         waited = time.perf_counter() - t_wait  # only what the τ steps did not hide
         self.wan_wait_s += waited
         if self.ctx.is_leader:
-            self.events.emit("merge", site=self.ctx.site, round=version - 1, version=version, site_round=self.round,
-                             bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
-                             seconds=round(waited, 6), exchange_s=round(time.perf_counter() - t0, 6),
-                             step=self.local_step, crc32=fingerprint(self.global_flat), codec=self.codec)
+            self._emit_merge(version, sent0, recv0, waited, exchange_s=round(time.perf_counter() - t0, 6))
         self.version = version
         self.round += 1
+
+    def _emit_merge(self, version: int, sent0: int, recv0: int, seconds: float, **extra) -> None:
+        """The leader's `merge` event for a whole-model merge. `round` is the round whose commit
+        produced the weights we now hold (version - 1; after a catch-up, or in async, not ours)."""
+        self.events.emit("merge", site=self.ctx.site, round=version - 1, version=version, site_round=self.round,
+                         bytes_sent=self.client.bytes_sent - sent0, bytes_received=self.client.bytes_received - recv0,
+                         seconds=round(seconds, 6), step=self.local_step, crc32=fingerprint(self.global_flat),
+                         codec=self.codec, **extra)
 
     # ---- ring / hierarchical merges ----
     def _connect_rings(self) -> None:

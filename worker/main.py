@@ -64,6 +64,12 @@ def train(ctx: SiteContext, topo: Topology) -> None:
                 stateful={"sampler": sampler}) as diloco:
         if evaluator and diloco.round == 0:
             run_eval(0, 0)
+        elif evaluator and diloco.round < tr.rounds:
+            # A resumed run or a restarted site joins at a committed round. Its eval may never have
+            # been written (the run was killed between the commit and the eval): evaluate the model
+            # it joined with, so that every committed round has an eval (the same one, bit for bit,
+            # as the uninterrupted run's for synchronous DiLoCo).
+            run_eval(diloco.round, diloco.local_step, rejoin=True)
         last_eval_round = diloco.round
         slow = Slowdown(site_cfg.slowdown, ctx.rank)
         while diloco.round < tr.rounds:

@@ -106,6 +106,11 @@ def test_exact_resume_after_sigkill(tmp_path, baseline):
     assert "continuing demo from round" in r.stderr
     assert torch.equal(final_params(run_dir), final_params(base_dir)), "resumed weights differ from the uninterrupted run"
     assert evals_by_round(run_dir) == evals_by_round(base_dir)
+    # The resumed site evaluates the model it joined with, so an eval lost to the kill (between the
+    # commit and its eval) is made again, and it is the uninterrupted run's eval bit for bit.
+    rejoin = [e for e in read_events(run_dir / "metrics.jsonl") if e["event"] == "eval" and e.get("rejoin")]
+    assert len(rejoin) == 1
+    assert rejoin[0]["loss"] == evals_by_round(base_dir)[rejoin[0]["round"]]
 
 
 def test_resume_compares_bitwise_so_it_can_fail(tmp_path, baseline):

@@ -2,7 +2,8 @@
 
 A restarted coordinator takes up from here, so a commit is never lost and never applied twice:
 sites that retry a Merge for a round that was committed find the round stale and fetch the
-committed version instead. The state (global parameters, outer momentum, round, epoch) is
+committed version instead. The state (global parameters, outer momentum, round, epoch; for
+async-diloco also each site's merge count and delayed Nesterov's not yet absorbed updates) is
 written to a temporary file and renamed into place; ``fsync`` is optional (a process crash
 cannot lose a renamed file; a machine crash needs fsync and costs a disk flush per round).
 """
@@ -28,6 +29,8 @@ class CoordinatorState:
     lane_rounds: tuple[int, ...] = ()  # streaming-diloco: each fragment's round
     version: int = 0  # commits so far (== round unless streaming or async)
     site_merges: dict[str, int] | None = None  # async-diloco: each site's merges applied
+    pending: torch.Tensor | None = None  # async-diloco, delayed Nesterov: updates not yet in the momentum (sum)
+    pending_count: int = 0  # how many updates `pending` sums
 
 
 class StateStore:
@@ -42,10 +45,13 @@ class StateStore:
             tensors["params"] = st.params.contiguous()
         if st.momentum is not None:
             tensors["momentum"] = st.momentum.contiguous()
+        if st.pending is not None:
+            tensors["pending"] = st.pending.contiguous()
         tmp = self.dir / f".state-{os.getpid()}.safetensors"
         save_file(tensors, str(tmp))
         meta = {"round": st.round, "epoch": st.epoch, "members": list(st.members), "lane_rounds": list(st.lane_rounds),
-                "version": st.version, "site_merges": dict(st.site_merges or {})}
+                "version": st.version, "site_merges": dict(st.site_merges or {}),
+                "pending_count": st.pending_count if st.pending is not None else 0}
         # The metadata names the tensor file of the same round; both are renamed in order.
         if self.fsync:
             with open(tmp, "rb") as f:
@@ -68,4 +74,5 @@ class StateStore:
         return CoordinatorState(round=meta["round"], params=tensors.get("params"), momentum=tensors.get("momentum"),
                                 epoch=meta.get("epoch", 0), members=tuple(meta.get("members", ())),
                                 lane_rounds=tuple(meta.get("lane_rounds", ())), version=meta.get("version", meta["round"]),
-                                site_merges=dict(meta.get("site_merges") or {}))
+                                site_merges=dict(meta.get("site_merges") or {}), pending=tensors.get("pending"),
+                                pending_count=meta.get("pending_count", 0) if "pending" in tensors else 0)

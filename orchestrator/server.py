@@ -113,6 +113,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.params = resume.params
             self.outer.buf = resume.momentum
             self.async_outer.buf = resume.momentum
+            if resume.pending is not None and resume.pending_count:
+                self.async_outer.acc, self.async_outer.count = resume.pending, resume.pending_count
             lane_rounds = list(resume.lane_rounds) if resume.lane_rounds else [resume.round] * n_lanes
             self.version = resume.round if not resume.lane_rounds else resume.version
         self.lanes = [Lane(i, RoundState(round=r, expected=frozenset(cfg.sites))) for i, r in enumerate(lane_rounds)]
@@ -378,7 +380,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.store.save(CoordinatorState(round=self.state.round, params=self.params, momentum=momentum,
                                          epoch=self.cfg.epoch, members=tuple(sorted(self.state.expected)),
                                          lane_rounds=tuple(l.state.round for l in self.lanes) if len(self.lanes) > 1 else (),
-                                         version=self.version, site_merges=dict(self.site_merges) if self.is_async else None))
+                                         version=self.version, site_merges=dict(self.site_merges) if self.is_async else None,
+                                         pending=self.async_outer.acc if self.is_async else None,
+                                         pending_count=self.async_outer.count if self.is_async else 0))
 
     def _maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint_every

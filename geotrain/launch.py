@@ -128,6 +128,8 @@ class Launcher:
         self.control = None
         self.link_stats: dict[str, Path] = {}
         self.link_ports: dict[str, int] = {}
+        self.ring_env: dict[str, list[dict]] = {}  # site -> its leader's ring memberships (GEOTRAIN_RINGS)
+        self.ring_links: dict[str, tuple] = {}  # ring link group -> how to start it again (same ports)
         self.restarts: dict[str, int] = {}
         self.pending: dict[str, dict] = {}  # group -> failure waiting for its recovery event
         self.coord_port = 0
@@ -183,9 +185,10 @@ class Launcher:
 
         self.control = ControlPlane(self.etcd_endpoint, self.topo.name, timeout_s=1.0)
         self._start_coordinator(resume_round=self.plan.resume_round)
-        rings = self._start_rings() if self.plan.resume_round is None else {}
+        self.ring_env = self._start_rings()
         for site in self.topo.sites:
-            self._start_site(site, resume_round=self.plan.resume_round, rings=rings.get(site.name))
+            # A resumed run's leaders build their rings when the coordinator says (after a star round).
+            self._start_site(site, resume_round=self.plan.resume_round, rings_at_start=self.plan.resume_round is None)
         from geotrain.faults import FaultScheduler
 
         self.faults = FaultScheduler(self, self.topo, self.events, started_at=time.time())
@@ -246,15 +249,19 @@ class Launcher:
         out: dict[str, list[dict]] = {}
         for site, members in plan.items():
             for m in members:
-                port = self._spawn_link(
-                    f"link {m.ring}: {site}->{m.successor}", f"{m.ring}:{site}->{m.successor}",
-                    self.run_dir / "links" / f"ring-{m.ring.replace(':', '-')}-{site}--{m.successor}.json",
-                    self.topo.link(site, m.successor), f"127.0.0.1:{ports[(m.ring, m.successor)]}",
-                    f"ringlink:{m.ring}:{site}")
+                args = (f"link {m.ring}: {site}->{m.successor}", f"{m.ring}:{site}->{m.successor}",
+                        self.run_dir / "links" / f"ring-{m.ring.replace(':', '-')}-{site}--{m.successor}.json",
+                        self.topo.link(site, m.successor), f"127.0.0.1:{ports[(m.ring, m.successor)]}",
+                        f"ringlink:{m.ring}:{site}")
+                port = self._spawn_link(*args)
+                self.ring_links[args[-1]] = (*args, port)
                 out.setdefault(site, []).append(m.as_env(ports[(m.ring, site)], f"127.0.0.1:{port}"))
         return out
 
-    def _start_site(self, site, resume_round: int | None = None, rings: list[dict] | None = None) -> None:
+    def _start_site(self, site, resume_round: int | None = None, rings_at_start: bool = False) -> None:
+        """Start a site's workers. ``rings_at_start``: its leader builds its rings at once (the run's
+        first start); otherwise (a restarted site, a resumed run) when the coordinator says."""
+        rings = [dict(m, at_start=rings_at_start) for m in self.ring_env.get(site.name, [])]
         address = self._coordinator_address(site)
         master_port = free_port()
         entry = self.plan.script or [_python(), "-m", "geotrain.worker.main"]
@@ -320,7 +327,10 @@ class Launcher:
             self._start_etcd()
             self._recovered(group, time.time())
         elif child.role == "link" and group.startswith("ringlink:"):
-            self._recovered(group, time.time())  # a ring edge is not rebuilt: the leaders fall back to the star
+            # The leaders merge through the star meanwhile and rebuild their rings when the coordinator says.
+            *args, port = self.ring_links[group]
+            self._spawn_link(*args, listen_port=port)
+            self._recovered(group, time.time())
         elif child.role == "link":
             site = self.topo.site(group.split(":", 1)[1])
             self._start_link(site, self.topo.link(site.name, self.topo.coordinator.at),

@@ -207,6 +207,7 @@ def init(context: SiteContext | None = None) -> SiteContext:
 
 
 ALGORITHMS = ("diloco", "ddp", "async-diloco", "streaming-diloco")
+REBUILD_TIMEOUT_S = 20.0  # rebuilding the rings mid-run: how long a leader waits for its ring neighbours
 
 
 class DiLoCo:
@@ -282,8 +283,9 @@ class DiLoCo:
             self.tau = min(self.tau, self.H - 1)  # dynamic local steps can make a site's H small
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async") if self.ctx.is_leader else None
         self._rings: dict = {}
+        self._ring_next = 0  # the round at which the coordinator told us to rebuild the rings (0: none)
         if self.ctx.rings and self.ctx.is_leader and algorithm == "diloco" and self.round == 0 \
-                and self.ctx.resume_round is None:
+                and self.ctx.resume_round is None and all(m.get("at_start", True) for m in self.ctx.rings):
             self._connect_rings()
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last = time.perf_counter()
@@ -434,6 +436,8 @@ class DiLoCo:
         if self.ctx.is_leader:
             pseudo_grad = self.global_flat - flatten(self.params)
             sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
+            if not self._rings and self.ctx.rings and self._ring_next == self.round:
+                self._rebuild_rings()
             ring_result = self._ring_exchange(pseudo_grad) if self._rings else None
             new, version = ring_result if ring_result is not None else self._exchange(pseudo_grad, self.global_flat)
             header[0] = version
@@ -494,15 +498,16 @@ class DiLoCo:
                          codec=self.codec, **extra)
 
     # ---- ring / hierarchical merges ----
-    def _connect_rings(self) -> None:
-        """Build this leader's rings (geotrain.merge_plan); the outer step then runs here too, mirrored."""
+    def _connect_rings(self, timeout_s: float = 60.0, momentum: torch.Tensor | None = None) -> None:
+        """Build this leader's rings (geotrain.merge_plan); the outer step then runs here too, mirrored
+        (from ``momentum``, the coordinator's outer momentum, when the rings are rebuilt mid-run)."""
         from geotrain.orchestrator.outer import OuterOptimizer
         from geotrain.ring import RingPeer
         from geotrain.topology import OuterOptimizerConfig
 
         try:
             for m in self.ctx.rings:
-                peer = RingPeer(m["rank"], m["world"], listen=("127.0.0.1", m["listen"]), timeout_s=60.0)
+                peer = RingPeer(m["rank"], m["world"], listen=("127.0.0.1", m["listen"]), timeout_s=timeout_s)
                 peer.start()
                 self._rings[m["ring"]] = peer
             for m in self.ctx.rings:
@@ -513,7 +518,25 @@ class DiLoCo:
             return
         cfg = self.ctx.outer_optimizer or {}
         self._outer_local = OuterOptimizer(OuterOptimizerConfig(**cfg))
-        self.events.emit("rings_ready", site=self.ctx.site, rings=sorted(self._rings))
+        self._outer_local.buf = momentum
+        self.events.emit("rings_ready", site=self.ctx.site, rings=sorted(self._rings), round=self.round,
+                         rebuilt=momentum is not None or self.round > 0)
+
+    def _rebuild_rings(self) -> None:
+        """The coordinator said: every site merged the last round through the star, rebuild the rings
+        for this one. The ring's outer step is mirrored here, so first fetch the coordinator's outer
+        momentum as of this round (the star rounds moved it). Any failure: this round goes through the star."""
+        try:
+            p = self.client.get_model(min_version=self.round, what="momentum")
+        except GeotrainError as exc:
+            self.events.emit("ring_abandoned", site=self.ctx.site, round=self.round, reason=f"no outer momentum: {exc}")
+            return
+        if p.version != self.round:  # the round moved on without us: not a ring round any more
+            self.events.emit("ring_abandoned", site=self.ctx.site, round=self.round,
+                             reason=f"the coordinator is at version {p.version}, not {self.round}")
+            return
+        momentum = p.tensor().clone() if p.numel else None
+        self._connect_rings(timeout_s=REBUILD_TIMEOUT_S, momentum=momentum)
 
     def _abandon_rings(self, reason: str) -> None:
         for peer in self._rings.values():
@@ -579,6 +602,7 @@ class DiLoCo:
                                       version=base_version, encoded=encoded, fragment=fragment)
                 new = base + p.tensor() if p.kind == "delta" else p.tensor()
                 result = (new, p.version)
+                self._ring_next = p.ring_round
                 self._exchange_bytes[fragment] = (len(encoded.payload) if encoded is not None else pseudo_grad.numel() * 4,
                                                   p.wire_bytes)
             except (QuorumLost, CoordinatorUnavailable) as exc:

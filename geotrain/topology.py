@@ -176,7 +176,7 @@ class TrainingConfig(_Node):
     merge: Literal["star", "ring", "hierarchical"] = "star"
     """How a synchronous DiLoCo merge moves bytes: `star` through the coordinator; `ring`: a ring all-reduce
     among site leaders over the site-to-site links; `hierarchical`: rings inside regions, then across regions.
-    The coordinator still decides rounds and membership. After any failure a ring run merges through the star."""
+    The coordinator still decides rounds and membership. After a failure a ring run merges through the star until the coordinator has the leaders rebuild their rings (docs/algorithms.md)."""
     compression: CompressionConfig = CompressionConfig()
     asynchronous: AsyncConfig = Field(default=AsyncConfig(), alias="async")
     streaming: StreamingConfig = StreamingConfig()

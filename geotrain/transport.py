@@ -38,6 +38,7 @@ class Payload:
     staleness: int = 0
     claimed_crc32: int = 0
     params_crc32: int = 0
+    ring_round: int = 0
 
     def tensor(self) -> torch.Tensor:
         """The payload as float32 (decoded if it travelled compressed)."""
@@ -54,7 +55,8 @@ class Payload:
 
 def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, kind: str,
            version: int = 0, chunk_bytes: int = CHUNK_BYTES, encoded=None, fragment: int = 0,
-           staleness: int = 0, claimed_crc32: int = 0, params_crc32: int = 0) -> Iterator[pb.TensorChunk]:
+           staleness: int = 0, claimed_crc32: int = 0, params_crc32: int = 0,
+           ring_round: int = 0) -> Iterator[pb.TensorChunk]:
     """Yield the messages of one stream: the header (with the first chunk), then the rest.
 
     ``encoded`` (a :class:`geotrain.compress.Encoded`) sends compressed bytes instead of ``data``.
@@ -64,7 +66,7 @@ def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, k
         header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="encoded",
                                  crc32=zlib.crc32(buf), version=version, codec=encoded.codec, block=encoded.block,
                                  numel=encoded.numel, fragment=fragment, staleness=staleness,
-                                 claimed_crc32=claimed_crc32, params_crc32=params_crc32)
+                                 claimed_crc32=claimed_crc32, params_crc32=params_crc32, ring_round=ring_round)
     else:
         if encoded is not None:
             from geotrain.compress import decode as _dec
@@ -76,7 +78,7 @@ def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, k
         header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="float32",
                                  crc32=zlib.crc32(buf), version=version, codec="fp32", numel=len(buf) // 4,
                                  fragment=fragment, staleness=staleness, claimed_crc32=claimed_crc32,
-                                 params_crc32=params_crc32)
+                                 params_crc32=params_crc32, ring_round=ring_round)
     if len(buf) == 0:
         yield pb.TensorChunk(header=header)
         return
@@ -121,7 +123,8 @@ def decode(messages: Iterable[pb.TensorChunk], *, where: str = "") -> Payload:
     data = np.frombuffer(out, dtype=np.float32 if h.dtype == "float32" else np.uint8)
     return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data, crc32=h.crc32,
                    codec=h.codec or "fp32", block=h.block, numel=h.numel or len(data), fragment=h.fragment,
-                   staleness=h.staleness, claimed_crc32=h.claimed_crc32, params_crc32=h.params_crc32)
+                   staleness=h.staleness, claimed_crc32=h.claimed_crc32, params_crc32=h.params_crc32,
+                   ring_round=h.ring_round)
 
 
 def _chain(first, rest):

@@ -81,7 +81,8 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                             error_feedback=topo.training.compression.error_feedback,
                             fragments=topo.training.streaming.fragments,
                             staleness_weight=topo.training.asynchronous.staleness_weight,
-                            delayed_nesterov=topo.training.asynchronous.delayed_nesterov)
+                            delayed_nesterov=topo.training.asynchronous.delayed_nesterov,
+                            rings=topo.training.merge != "star" and len(topo.sites) > 1)
     service = CoordinatorService(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
     server, port = create_server(service, bind)
     exporter, metrics_url = None, None

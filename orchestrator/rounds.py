@@ -100,3 +100,35 @@ def join(state: RoundState, site: str) -> tuple[RoundState, int, Decision]:
 def next_round(state: RoundState, dropped: frozenset[str] = frozenset()) -> RoundState:
     """The state after committing the current round: silent sites dropped, joiners added."""
     return RoundState(round=state.round + 1, expected=(state.expected - dropped) | state.joining)
+
+
+RING_BACKOFF_MAX = 16
+"""At most this many rounds between two attempts to rebuild the rings."""
+
+
+def ring_reform(committed: int, *, sites: frozenset[str], arrived: frozenset[str], next_expected: frozenset[str],
+                failures: int, abandoned_at: int) -> Decision:
+    """After round ``committed`` was merged through the star in a ring (or hierarchical) run: do the
+    leaders rebuild their rings for the next round?
+
+    Rings need every site of the topology: each ring's size is fixed by the plan. So the round just
+    committed must have every site's update, and the next round must expect exactly every site (no
+    one dropped, no one joining). ``failures`` ring rounds in a row were abandoned, the last at round
+    ``abandoned_at``; after the first the rings are rebuilt at once (a dead leader came back), after
+    each further one the wait doubles (1, 2, 4, ... rounds, at most ``RING_BACKOFF_MAX``), so that a
+    ring that cannot form (a dead ring link, say) costs a star round most of the time, not a timeout.
+    Returns ``ring`` (rebuild for round committed+1) or ``star``.
+    """
+    nxt = committed + 1
+    missing = sorted(sites - arrived)
+    if missing:
+        return Decision("star", f"round {committed} was committed without {', '.join(missing)}: "
+                                f"round {nxt} merges through the star")
+    if next_expected != sites:
+        changed = sorted(next_expected ^ sites)
+        return Decision("star", f"membership changes at round {nxt} ({', '.join(changed)}): it merges through the star")
+    wait = min(RING_BACKOFF_MAX, 2 ** (failures - 1)) if failures > 0 else 1
+    if failures > 0 and nxt < abandoned_at + wait:
+        return Decision("star", f"the rings failed {failures} time(s) in a row, last at round {abandoned_at}: "
+                                f"next attempt at round {abandoned_at + wait}")
+    return Decision("ring", f"every site reported round {committed}: the leaders rebuild their rings for round {nxt}")

@@ -37,7 +37,7 @@ from geotrain.errors import TransferCorrupt
 from geotrain.events import EventLog
 from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer, mean_of
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
-from geotrain.orchestrator.rounds import RoundState, admit, join, next_round, record_arrival, round_ready
+from geotrain.orchestrator.rounds import RoundState, admit, join, next_round, record_arrival, ring_reform, round_ready
 from geotrain.topology import OuterOptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class CoordinatorConfig:
     fragments: int = 1  # streaming-diloco: P
     staleness_weight: str = "inverse"  # async-diloco
     delayed_nesterov: bool = True  # async-diloco
+    rings: bool = False  # training.merge is ring or hierarchical: leaders rebuild their rings when told to
 
 
 def fragment_slices(numel: int, fragments: int) -> list[slice]:
@@ -86,6 +87,7 @@ class Lane:
     attempt: int = 0  # grows every time the round being collected fails; its waiters are told, the round reopens
     last_failure: str = ""
     wire: dict[int, list] = field(default_factory=dict)  # round -> the encoded answer, built once per commit
+    ring_next: dict[int, int] = field(default_factory=dict)  # star round -> the round the leaders rebuild rings at
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -123,6 +125,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.dropped: dict[str, tuple[float, int]] = {}  # site -> (when dropped, round dropped at)
         self.bytes_in = 0
         self.bytes_out = 0
+        self.ring_failures = 0  # ring rounds abandoned in a row (rebuilding backs off on them)
+        self.ring_abandoned_at = -1
         self._cond = threading.Condition()
 
     # ---- compatibility views (one lane) ----
@@ -177,7 +181,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   f"global version {request.min_version} not available (at {self.version})")
                 self._cond.wait(timeout=min(left, 0.5))
             params, version = self.params, self.version
-        yield from self._send(params, kind="params", version=version, round=version)
+            if request.what == "momentum":  # ring leaders rebuilding their rings mirror the outer step
+                buf = self.outer.buf
+                params = buf.clone() if buf is not None else torch.zeros(0)
+            elif request.what not in ("", "params"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GetModel: unknown what={request.what!r} "
+                                                                f"(params or momentum)")
+        yield from self._send(params, kind=request.what or "params", version=version, round=version)
 
     def Merge(self, request_iterator, context):
         payload = self._receive(request_iterator, context, "Merge")
@@ -232,7 +242,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             messages = lane.wire.get(rnd)
             if messages is None:
                 messages = lane.wire[rnd] = list(self._send(result, kind=kind, version=version, round=rnd,
-                                                            fragment=lane.index, count=False))
+                                                            fragment=lane.index, count=False,
+                                                            ring_round=lane.ring_next.get(rnd, 0)))
                 lane.wire.pop(rnd - 2, None)
             self.bytes_out += sum(len(m.data) for m in messages)
         yield from messages
@@ -352,19 +363,37 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         lane.results[rnd] = (self.version if len(self.lanes) == 1 else lane.state.round, result)
         lane.results.pop(rnd - 2, None)
+        if self.cfg.rings and lane.modes.get(rnd) == "ring":
+            self.ring_failures = 0
+        elif self.cfg.rings:
+            self._plan_rings(lane, rnd, frozenset(arrived))
         lane.updates, lane.claims = {}, {}
         if self.cfg.algorithm == "ddp":
             crc = transport.fingerprint(result)
         else:  # the weights every site now holds (streaming: of this fragment)
             crc = transport.fingerprint(self.params[self._slice(lane)] if len(self.lanes) > 1 else self.params)
+        extra = {"merge": lane.modes.get(rnd, "star")} if self.cfg.rings else {}
         self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
-                         epoch=self.cfg.epoch, fragment=lane.index,
+                         epoch=self.cfg.epoch, fragment=lane.index, **extra,
                          wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(time.time() - t0, 6))
         self._maybe_checkpoint()
         self._cond.notify_all()
 
+    def _plan_rings(self, lane: Lane, rnd: int, arrived: frozenset[str]) -> None:
+        """Round ``rnd`` was merged through the star: tell the leaders (in its answer) whether they
+        rebuild their rings for the next round (orchestrator.rounds.ring_reform decides)."""
+        decision = ring_reform(rnd, sites=frozenset(self.cfg.sites), arrived=arrived, next_expected=lane.state.expected,
+                               failures=self.ring_failures, abandoned_at=self.ring_abandoned_at)
+        lane.ring_next.pop(rnd - 2, None)
+        if decision.action == "ring":
+            lane.ring_next[rnd] = rnd + 1
+            self.events.emit("ring_reform", round=rnd + 1, reason=decision.reason)
+
     def _abandon_ring(self, lane: Lane, rnd: int, site: str) -> None:
         """A star update for a round being merged in a ring: the ring broke; merge this round through the star."""
+        if self.ring_abandoned_at != rnd:
+            self.ring_failures += 1
+            self.ring_abandoned_at = rnd
         dropped = set(lane.state.arrived)
         lane.modes[rnd] = "star"
         lane.abandoned[rnd] = dropped
@@ -406,7 +435,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return payload
 
     def _send(self, result, *, kind: str, version: int, round: int, fragment: int = 0, staleness: int = 0,
-              count: bool = True):
+              count: bool = True, ring_round: int = 0):
         from geotrain.compress import Encoded
 
         encoded = result if isinstance(result, Encoded) else None
@@ -414,7 +443,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             with self._cond:
                 self.bytes_out += len(encoded.payload) if encoded is not None else result.numel() * 4
         yield from transport.encode(None if encoded is not None else result, site="coordinator", round=round, kind=kind,
-                                    version=version, encoded=encoded, fragment=fragment, staleness=staleness)
+                                    version=version, encoded=encoded, fragment=fragment, staleness=staleness,
+                                    ring_round=ring_round)
 
 
 def create_server(service: CoordinatorService, bind: str = "127.0.0.1:0", max_workers: int | None = None):

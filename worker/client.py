@@ -63,9 +63,11 @@ class CoordinatorClient:
         resp = self._call("InitModel", lambda: self._stub.InitModel(msgs, timeout=self.timeout_s))
         return resp.accepted
 
-    def get_model(self, min_version: int = 0) -> transport.Payload:
+    def get_model(self, min_version: int = 0, what: str = "params") -> transport.Payload:
+        """The global parameters (or, ``what="momentum"``, the outer momentum) once ``min_version`` is committed."""
         def once():
-            stream = self._stub.GetModel(pb.GetModelRequest(site=self.site, min_version=min_version), timeout=self.timeout_s)
+            stream = self._stub.GetModel(pb.GetModelRequest(site=self.site, min_version=min_version, what=what),
+                                         timeout=self.timeout_s)
             return self._decode(stream, "GetModel")
         return self._retry("GetModel", once)
 

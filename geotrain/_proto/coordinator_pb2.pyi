@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorHeader(_message.Message):
-    __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness", "claimed_crc32", "params_crc32")
+    __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness", "claimed_crc32", "params_crc32", "ring_round")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class TensorHeader(_message.Message):
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_CRC32_FIELD_NUMBER: _ClassVar[int]
     PARAMS_CRC32_FIELD_NUMBER: _ClassVar[int]
+    RING_ROUND_FIELD_NUMBER: _ClassVar[int]
     site: str
     round: int
     kind: str
@@ -36,7 +37,8 @@ class TensorHeader(_message.Message):
     staleness: int
     claimed_crc32: int
     params_crc32: int
-    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., crc32: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., block: _Optional[int] = ..., numel: _Optional[int] = ..., fragment: _Optional[int] = ..., staleness: _Optional[int] = ..., claimed_crc32: _Optional[int] = ..., params_crc32: _Optional[int] = ...) -> None: ...
+    ring_round: int
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[str] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., crc32: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., block: _Optional[int] = ..., numel: _Optional[int] = ..., fragment: _Optional[int] = ..., staleness: _Optional[int] = ..., claimed_crc32: _Optional[int] = ..., params_crc32: _Optional[int] = ..., ring_round: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "offset", "data", "crc32")
@@ -89,12 +91,14 @@ class InitModelResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("site", "min_version")
+    __slots__ = ("site", "min_version", "what")
     SITE_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
     site: str
     min_version: int
-    def __init__(self, site: _Optional[str] = ..., min_version: _Optional[int] = ...) -> None: ...
+    what: str
+    def __init__(self, site: _Optional[str] = ..., min_version: _Optional[int] = ..., what: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

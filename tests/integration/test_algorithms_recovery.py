@@ -94,8 +94,48 @@ def test_algorithm_survives(tmp_path, clean_loss, algorithm, fault):
     if algorithm.startswith("async"):  # each site makes `rounds` merges in all, restarts included, none twice
         assert len([e for e in events if e["event"] == "commit"]) == 2 * ROUNDS
         assert any(e["event"] == "eval" and e.get("final") for e in events)
+    if algorithm == "ring":  # the ring broke, the star took over, and the rings were rebuilt
+        commits = [e for e in events if e["event"] == "commit"]
+        modes = [c["merge"] for c in commits]
+        assert "star" in modes and modes[-1] == "ring", modes
+        assert any(e["event"] == "ring_reform" for e in events)
+        rebuilt = {e["site"] for e in events if e["event"] == "rings_ready" and e.get("rebuilt")}
+        assert rebuilt == {"us-east", "eu-west"}
     base = clean_loss(algorithm)
     tolerance = LOSS_TOLERANCE.get(algorithm, DEFAULT_LOSS_TOLERANCE)
     assert abs(s["final_eval_loss"] - base) / base <= tolerance, (s["final_eval_loss"], base)
+    violated = [v for v in check_run(run_dir) if v.status == VIOLATED]
+    assert not violated, violated
+
+
+def test_resumed_ring_run_rebuilds_its_rings(tmp_path, clean_loss):
+    """`geotrain resume` of a ring run: its first round goes through the star (the leaders' mirrored
+    outer momentum is not in their checkpoints), then the coordinator has them rebuild the rings."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    launcher = start_launch(DEMO, run_dir, *args("ring"))
+    try:
+        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_saved" and e["round"] >= 3, timeout_s=120)
+        os.kill(launcher.pid, signal.SIGKILL)  # the launcher and, through PDEATHSIG, everything it started
+        launcher.wait()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert not leftover(run_dir, wait_s=10)
+    r = subprocess.run([sys.executable, "-m", "geotrain.cli", "resume", str(run_dir), "--quiet"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    events = read_events(run_dir / "metrics.jsonl")
+    resumed_at = max(i for i, e in enumerate(events) if e["event"] == "coordinator_started")
+    after = events[resumed_at:]
+    modes = [e["merge"] for e in after if e["event"] == "commit"]
+    assert modes and modes[0] == "star" and modes[-1] == "ring", modes
+    assert {e["site"] for e in after if e["event"] == "rings_ready" and e.get("rebuilt")} == {"us-east", "eu-west"}
+    s = summary(run_dir)
+    assert s["rounds_completed"] == ROUNDS
+    base = clean_loss("ring")
+    assert abs(s["final_eval_loss"] - base) / base <= DEFAULT_LOSS_TOLERANCE, (s["final_eval_loss"], base)
     violated = [v for v in check_run(run_dir) if v.status == VIOLATED]
     assert not violated, violated

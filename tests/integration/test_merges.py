@@ -1,5 +1,5 @@
 """Ring and hierarchical merges through `geotrain launch`: same training as the star, less hub traffic,
-and a fall-back to the star when a ring breaks."""
+and a fall-back to the star when a ring breaks, then the rings rebuilt."""
 
 import json
 import subprocess
@@ -45,10 +45,21 @@ def test_ring_merges_train_like_the_star_with_less_hub_traffic(tmp_path, merge):
     assert not [e for e in events if e["event"] == "ring_abandoned"]
 
 
-def test_a_broken_ring_falls_back_to_the_star(tmp_path):
-    s = launch(tmp_path / "run", "training.merge=ring", "training.rounds=5",
-               "faults=[{kind: kill, target: worker eu-west/0, at_round: 2}]")
+@pytest.mark.parametrize("merge", ["ring", "hierarchical"])
+def test_a_broken_ring_falls_back_to_the_star_and_is_rebuilt(tmp_path, merge):
+    """A killed site leader breaks the rings: that round goes through the star, the site comes back,
+    and the coordinator has every leader rebuild its rings (hierarchical: the region rings and the
+    ring of region leaders; the killed site `c` leads region `us`)."""
+    if merge == "ring":
+        sites, victim, names = [], "worker eu-west/0", {"us-east", "eu-west"}
+    else:
+        sites, victim, names = FOUR_SITES, "worker c/0", {"a", "b", "c", "d"}
+    s = launch(tmp_path / "run", *sites, f"training.merge={merge}", "training.rounds=5",
+               f"faults=[{{kind: kill, target: {victim}, at_round: 2}}]")
     assert s["rounds_completed"] == 5
     events = read_events(tmp_path / "run" / "metrics.jsonl")
     assert any(e["event"] == "ring_abandoned" for e in events)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["recoveries"] >= 1
+    modes = [e["merge"] for e in events if e["event"] == "commit"]
+    assert "star" in modes and modes[-1] == "ring", modes
+    assert {e["site"] for e in events if e["event"] == "rings_ready" and e.get("rebuilt")} == names

@@ -80,3 +80,37 @@ def test_join_before_any_arrival_joins_now_and_members_stay():
     assert d.action == "join_now" and v == 2 and "eu" in s.expected
     s2, v, d = join(s, "eu")
     assert d.action == "member" and s2 == s
+
+
+def test_ring_rebuilt_after_a_star_round_with_every_site():
+    from geotrain.orchestrator.rounds import ring_reform
+
+    d = ring_reform(3, sites=SITES, arrived=SITES, next_expected=SITES, failures=1, abandoned_at=3)
+    assert d.action == "ring" and "round 4" in d.reason
+    d = ring_reform(0, sites=SITES, arrived=SITES, next_expected=SITES, failures=0, abandoned_at=-1)
+    assert d.action == "ring"  # a resumed run (or a replaced coordinator): rings from the next round
+
+
+def test_ring_not_rebuilt_without_every_site_or_while_membership_changes():
+    from geotrain.orchestrator.rounds import ring_reform
+
+    d = ring_reform(3, sites=SITES, arrived=SITES - {"eu"}, next_expected=SITES, failures=1, abandoned_at=3)
+    assert d.action == "star" and "without eu" in d.reason
+    d = ring_reform(3, sites=SITES, arrived=SITES, next_expected=SITES - {"asia"}, failures=1, abandoned_at=3)
+    assert d.action == "star" and "asia" in d.reason
+
+
+def test_ring_rebuilding_backs_off_after_failed_attempts():
+    from geotrain.orchestrator.rounds import RING_BACKOFF_MAX, ring_reform
+
+    def next_attempt(failures, abandoned_at):
+        r = abandoned_at
+        while ring_reform(r, sites=SITES, arrived=SITES, next_expected=SITES, failures=failures,
+                          abandoned_at=abandoned_at).action != "ring":
+            r += 1
+        return r + 1
+
+    assert [next_attempt(f, 10) - 10 for f in (1, 2, 3, 4)] == [1, 2, 4, 8]
+    assert next_attempt(50, 10) - 10 == RING_BACKOFF_MAX
+    d = ring_reform(10, sites=SITES, arrived=SITES, next_expected=SITES, failures=3, abandoned_at=10)
+    assert d.action == "star" and "next attempt at round 14" in d.reason

@@ -110,3 +110,46 @@ def test_async_restart_keeps_delayed_nesterovs_pending_updates(tmp_path):
     assert restarted.version == straight.version == 4
     assert torch.equal(restarted.params, straight.params)
     assert torch.equal(restarted.async_outer.buf, straight.async_outer.buf)
+
+
+def test_star_answer_tells_ring_leaders_when_to_rebuild_and_serves_the_outer_momentum():
+    """In a ring run, a round merged through the star by every site answers with the round at which
+    the leaders rebuild their rings; GetModel(what=momentum) gives them the outer momentum to mirror."""
+    from geotrain.errors import GeotrainError
+
+    cfg = CoordinatorConfig(sites=("a", "b"), rings=True)
+    service = CoordinatorService(cfg)
+    server, port = create_server(service)
+    try:
+        a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
+        a.init_model(torch.zeros(4))
+        answers = {}
+
+        def send(name, value):
+            answers[name] = CoordinatorClient(f"127.0.0.1:{port}", name, timeout_s=10).merge(
+                torch.full((4,), value), round=0, kind="pseudo_grad")
+
+        threads = [threading.Thread(target=send, args=(n, v)) for n, v in (("a", 1.0), ("b", 3.0))]
+        [t.start() for t in threads]
+        [t.join(20) for t in threads]
+        assert {n: p.ring_round for n, p in answers.items()} == {"a": 1, "b": 1}
+        m = a.get_model(min_version=1, what="momentum")
+        assert m.version == 1 and torch.equal(m.tensor(), service.outer.buf)
+        assert not torch.equal(m.tensor(), torch.zeros(4))
+        with pytest.raises(GeotrainError, match="unknown what='grads'"):
+            a.get_model(min_version=1, what="grads")
+    finally:
+        server.stop(0)
+
+
+def test_star_answer_of_a_round_without_every_site_does_not_rebuild_rings():
+    cfg = CoordinatorConfig(sites=("a", "b"), rings=True, round_timeout_s=0.3, min_sites=1)
+    service = CoordinatorService(cfg)
+    server, port = create_server(service)
+    try:
+        a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
+        a.init_model(torch.zeros(4))
+        p = a.merge(torch.ones(4), round=0, kind="pseudo_grad")  # b is silent: committed without it
+        assert p.version == 1 and p.ring_round == 0
+    finally:
+        server.stop(0)

@@ -498,13 +498,15 @@ class DiLoCo:
                          codec=self.codec, **extra)
 
     # ---- ring / hierarchical merges ----
-    def _connect_rings(self, timeout_s: float = 60.0, momentum: torch.Tensor | None = None) -> None:
+    def _connect_rings(self, timeout_s: float = 60.0, momentum: torch.Tensor | None = None,
+                       started: float | None = None) -> None:
         """Build this leader's rings (geotrain.merge_plan); the outer step then runs here too, mirrored
         (from ``momentum``, the coordinator's outer momentum, when the rings are rebuilt mid-run)."""
         from geotrain.orchestrator.outer import OuterOptimizer
         from geotrain.ring import RingPeer
         from geotrain.topology import OuterOptimizerConfig
 
+        t0 = time.perf_counter() if started is None else started
         try:
             for m in self.ctx.rings:
                 peer = RingPeer(m["rank"], m["world"], listen=("127.0.0.1", m["listen"]), timeout_s=timeout_s)
@@ -520,12 +522,13 @@ class DiLoCo:
         self._outer_local = OuterOptimizer(OuterOptimizerConfig(**cfg))
         self._outer_local.buf = momentum
         self.events.emit("rings_ready", site=self.ctx.site, rings=sorted(self._rings), round=self.round,
-                         rebuilt=momentum is not None or self.round > 0)
+                         rebuilt=momentum is not None or self.round > 0, seconds=round(time.perf_counter() - t0, 6))
 
     def _rebuild_rings(self) -> None:
         """The coordinator said: every site merged the last round through the star, rebuild the rings
         for this one. The ring's outer step is mirrored here, so first fetch the coordinator's outer
         momentum as of this round (the star rounds moved it). Any failure: this round goes through the star."""
+        t0 = time.perf_counter()
         try:
             p = self.client.get_model(min_version=self.round, what="momentum")
         except GeotrainError as exc:
@@ -536,7 +539,7 @@ class DiLoCo:
                              reason=f"the coordinator is at version {p.version}, not {self.round}")
             return
         momentum = p.tensor().clone() if p.numel else None
-        self._connect_rings(timeout_s=REBUILD_TIMEOUT_S, momentum=momentum)
+        self._connect_rings(timeout_s=REBUILD_TIMEOUT_S, momentum=momentum, started=t0)
 
     def _abandon_rings(self, reason: str) -> None:
         for peer in self._rings.values():

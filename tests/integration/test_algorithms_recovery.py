@@ -139,3 +139,21 @@ def test_resumed_ring_run_rebuilds_its_rings(tmp_path, clean_loss):
     assert abs(s["final_eval_loss"] - base) / base <= DEFAULT_LOSS_TOLERANCE, (s["final_eval_loss"], base)
     violated = [v for v in check_run(run_dir) if v.status == VIOLATED]
     assert not violated, violated
+
+
+def test_a_killed_ring_link_is_restarted_and_the_rings_rebuilt(tmp_path, clean_loss):
+    """The link emulator of one ring edge dies: the launcher starts it again on the same ports, the
+    round goes through the star, and the rings are rebuilt over the new link."""
+    def kill_ring_link(run_dir):
+        os.kill(started_pids(run_dir)["link all: us-east->eu-west"], signal.SIGKILL)
+
+    run_dir, s, events = run(tmp_path, "ring", kill_ring_link)
+    assert any(e["event"] == "failure" and e["target"] == "link all: us-east->eu-west" for e in events)
+    assert len([e for e in events if e["event"] == "process_started" and e["name"] == "link all: us-east->eu-west"]) == 2
+    modes = [e["merge"] for e in events if e["event"] == "commit"]
+    assert "star" in modes and modes[-1] == "ring", modes
+    assert s["rounds_completed"] == ROUNDS
+    base = clean_loss("ring")
+    assert abs(s["final_eval_loss"] - base) / base <= DEFAULT_LOSS_TOLERANCE, (s["final_eval_loss"], base)
+    violated = [v for v in check_run(run_dir) if v.status == VIOLATED]
+    assert not violated, violated

@@ -146,8 +146,8 @@ class CompressionConfig(_Node):
 class AsyncConfig(_Node):
     """Asynchronous Local-SGD (arXiv 2401.09135)."""
 
-    staleness_weight: Literal["inverse", "none"] = "inverse"
-    """Scale an update based on a version `s` behind the current one by 1/(1+s), or not at all."""
+    staleness_weight: Literal["inverse", "excess", "none"] = "inverse"
+    """Scale an update based on a version `s` behind the current one by 1/(1+s) (`inverse`); by 1/(1+max(0, s-(N-1))) with N sites (`excess`: only the staleness beyond the N-1 updates the other sites make meanwhile in steady state); or not at all."""
     delayed_nesterov: bool = True
     """The paper's delayed Nesterov: momentum is updated once every N updates (N = sites) with their mean;
     in between each update is applied as a plain step of lr/N."""

@@ -62,6 +62,22 @@ class OuterOptimizer:
         self.buf = state.get("buf")
 
 
+def staleness_weight(kind: str, staleness: int, n_sites: int) -> float:
+    """The weight of an async update ``staleness`` versions behind (``training.async.staleness_weight``).
+
+    ``inverse``: 1/(1+s). ``excess``: 1/(1+max(0, s-(N-1))): with N sites in steady state each update
+    finds the N-1 others' updates applied since it started, so only staleness beyond that is penalised.
+    ``none``: 1.
+    """
+    if kind == "inverse":
+        return 1.0 / (1.0 + staleness)
+    if kind == "excess":
+        return 1.0 / (1.0 + max(0, staleness - (n_sites - 1)))
+    if kind == "none":
+        return 1.0
+    raise ValueError(f"unknown staleness weight {kind!r} (inverse, excess or none)")
+
+
 class DelayedNesterov:
     """The outer optimizer of asynchronous DiLoCo (Async Local-SGD, arXiv 2401.09135, "delayed Nesterov").
 

@@ -35,7 +35,7 @@ from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import TransferCorrupt
 from geotrain.events import EventLog
-from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer, mean_of
+from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer, mean_of, staleness_weight
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.rounds import RoundState, admit, join, next_round, record_arrival, ring_reform, round_ready
 from geotrain.topology import OuterOptimizerConfig
@@ -269,7 +269,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.events.emit("merge_refused", site=site, round=payload.round, action="duplicate", reason=reason)
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"duplicate: {reason}")
             staleness = max(0, self.version - payload.version)
-            weight = 1.0 / (1.0 + staleness) if self.cfg.staleness_weight == "inverse" else 1.0
+            weight = staleness_weight(self.cfg.staleness_weight, staleness, len(self.cfg.sites))
             t0 = time.time()
             self.params = self.async_outer.step(self.params, payload.tensor(), weight)
             rnd = self.version

@@ -7,6 +7,7 @@ the protocol is exact, with geotrain.compress's codec where the protocol quantis
 
 import threading
 
+import pytest
 import torch
 
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server, fragment_slices
@@ -35,9 +36,14 @@ def site(port, name, w0, **ctx_fields):
     return lin, opt, ctx
 
 
-def test_async_delayed_nesterov_with_staleness_weights():
+WEIGHTS = {"inverse": lambda s, n: 1.0 / (1.0 + s), "excess": lambda s, n: 1.0 / (1.0 + max(0, s - (n - 1))),
+           "none": lambda s, n: 1.0}
+
+
+@pytest.mark.parametrize("kind", sorted(WEIGHTS))
+def test_async_delayed_nesterov_with_staleness_weights(kind):
     sites, H, merges = ["a", "b"], 2, 3
-    service, server, port = start(CoordinatorConfig(sites=tuple(sites), algorithm="async-diloco"))
+    service, server, port = start(CoordinatorConfig(sites=tuple(sites), algorithm="async-diloco", staleness_weight=kind))
     torch.manual_seed(0)
     w0 = torch.randn(4, 3)
     models = [site(port, s, w0) for s in sites]
@@ -60,7 +66,7 @@ def test_async_delayed_nesterov_with_staleness_weights():
                 step[i] += 1
             base, base_version = seen[i]
             delta = base - local[i]
-            w = 1.0 / (1.0 + (version - base_version))
+            w = WEIGHTS[kind](version - base_version, len(sites))
             g = w * delta
             theta = theta - (LR_OUT / 2) * g
             acc = g.clone() if acc is None else acc + g

@@ -17,7 +17,8 @@
    sent: detection (first ``failure`` / ``heartbeat_lost`` event), recovered (first ``recovery``
    event, preferring the launcher's/coordinator's over the sites' own), training resumed (first
    ``commit`` after the fault), rounds lost (summary), whether all rounds completed, and the final
-   eval loss over the fault-free run's.
+   eval loss over the fault-free run's. The last scenario kills a site leader of a ring merge: also
+   how many rounds went through the star, and when (and at which round) the rings were back.
 
 A run that does not complete is printed as FAILED with the tail of its stderr; the benchmark goes on.
 Writes benchmarks/results/recovery.json. No timing assertions: it is a benchmark.
@@ -173,6 +174,8 @@ SCENARIOS = [
      freeze(["worker eu-west/0", "worker eu-west/1"], SITE_DEADLINE_S + 6, "site eu-west"),
      (f"training.round_timeout_s={SITE_DEADLINE_S:g}", "recovery.min_sites=1"), {"eu-west"}),
     ("SIGSTOP etcd 5s", "etcd", freeze(["etcd"], 5.0, "etcd"), (), set()),
+    ("SIGKILL leader, ring", "worker eu-west/0, training.merge=ring", kill("worker eu-west/0"),
+     ("training.merge=ring",), {"worker eu-west/0"}),
 ]
 
 
@@ -244,6 +247,14 @@ def analyse(r: dict, base_loss: float | None, expected: set[str]) -> dict:
     row["recovered_what"] = f"{_who(first_rec)} by {first_rec['proc']}" if first_rec else None
     row["secondary_failures"] = [f"{e['event']} of {_who(e)} by {e['proc']} at +{e['t'] - ft:.1f}s"
                                  for e in det if e.get("target") not in expected]
+    if any("merge" in c for c in com):  # ring runs: how many rounds the star carried, when the ring was back
+        star = [c for c in com if c.get("merge") == "star"]
+        back = [c for c in com if c.get("merge") == "ring" and (not star or c["t"] > star[0]["t"])]
+        rebuilt = [e["seconds"] for e in after if e["event"] == "rings_ready" and e.get("rebuilt")]
+        row["ring"] = {"star_rounds": len(star), "ring_back_s": round(back[0]["t"] - ft, 3) if back else None,
+                       "ring_back_round": back[0]["round"] if back else None,
+                       "rebuild_seconds_max": max(rebuilt) if rebuilt else None,
+                       "ring_rounds_after": len(back)}
     row["resumed_t"] = com[0]["t"] if com else None
     row["resumed_round"] = com[0]["round"] if com else None
     row["resumed_sites"] = com[0]["sites"] if com else None
@@ -346,6 +357,11 @@ def main() -> int:
         if row.get("resumed_round") is not None:
             bits.append(f"first commit after: round {row['resumed_round']} from {','.join(row['resumed_sites'])}")
         print(f"   {row['scenario']}: " + "; ".join(bits))
+        if row.get("ring"):
+            g = row["ring"]
+            print(f"      ring: {g['star_rounds']} round(s) through the star, rings back at round {g['ring_back_round']} "
+                  f"({_f(g['ring_back_s'])} s after the signal; rebuilding took at most "
+                  f"{_f(g['rebuild_seconds_max'], '{:.3f}')} s), then {g['ring_rounds_after']} ring rounds")
         if row.get("secondary_failures"):
             print(f"      secondary failures (not the injected one): {'; '.join(row['secondary_failures'])}")
             crashed = _crash_lines(row["run_dir"])

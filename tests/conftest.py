@@ -1,10 +1,20 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """SIGTERM (a CI time limit, a user's kill) unwinds the tests like Ctrl-C, so that their
+    ``finally`` blocks run: launched runs are stopped, Compose projects taken down, nothing orphaned."""
+    def _unwind(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, _unwind)
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,8 @@ Next to each measured time the idealized model time (serialization + latency, no
 ``star = 2kN/B + 2L`` (up, then down), ``star_dedicated = 2N/B + 2L``,
 ``ring = max(2(k-1)/k * N/B + L, 2(k-1) * (L + P/B))`` (link-bound, or latency-bound on a chain of
 ``2(k-1)`` dependent pieces).
+Then the ring again with every piece int8- and int4-encoded (``all_reduce(codec=...)``): time and
+bytes per edge over the fp32 ring's.
 Writes benchmarks/results/ring_vs_star.json.
 """
 
@@ -119,7 +121,7 @@ def bench_star(xs: list[torch.Tensor], params: LinkParams, shared: bool, warmup:
     return {"seconds": times, "median_s": statistics.median(times), **check}
 
 
-def bench_ring(xs: list[torch.Tensor], params: LinkParams, warmup: int, repeats: int) -> dict:
+def bench_ring(xs: list[torch.Tensor], params: LinkParams, warmup: int, repeats: int, codec: str = "fp32") -> dict:
     k = len(xs)
     peers = [RingPeer(i, k, timeout_s=300.0) for i in range(k)]
     ports = [p.start() for p in peers]
@@ -130,7 +132,7 @@ def bench_ring(xs: list[torch.Tensor], params: LinkParams, warmup: int, repeats:
         _timed_parallel([lambda p=p, a=a: p.connect(a) for p, a in zip(peers, addrs)])
         for rep in range(warmup + repeats):
             before = [p.stats() for p in proxies]
-            dt, results = _timed_parallel([lambda p=p, x=x, r=rep: p.all_reduce(x, op="mean", round=r)
+            dt, results = _timed_parallel([lambda p=p, x=x, r=rep: p.all_reduce(x, op="mean", round=r, codec=codec)
                                            for p, x in zip(peers, xs)])
             if rep >= warmup:
                 times.append(dt)
@@ -176,21 +178,33 @@ def main() -> int:
     results = {}
     for name, fn in (("star", lambda: bench_star(xs, params, True, args.warmup, args.repeats)),
                      ("star_dedicated", lambda: bench_star(xs, params, False, args.warmup, args.repeats)),
-                     ("ring", lambda: bench_ring(xs, params, args.warmup, args.repeats))):
+                     ("ring", lambda: bench_ring(xs, params, args.warmup, args.repeats)),
+                     ("ring_int8", lambda: bench_ring(xs, params, args.warmup, args.repeats, "int8")),
+                     ("ring_int4", lambda: bench_ring(xs, params, args.warmup, args.repeats, "int4"))):
         t0 = time.perf_counter()
         results[name] = fn()
-        results[name]["model_s"] = model[name]
+        results[name]["model_s"] = model.get(name)
         r = results[name]
+        m = f"{model[name]:5.2f} s" if name in model else "  -  "
         print(f"  {name:15s} merge {r['median_s']:6.2f} s (median of {len(r['seconds'])}; "
-              f"model {model[name]:5.2f} s)  identical={r['identical_on_all_sites']} "
+              f"model {m})  identical={r['identical_on_all_sites']} "
               f"rel.err={r['max_rel_error_vs_float64']:.1e}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     ratio = results["ring"]["median_s"] / results["star"]["median_s"]
     ratio_dedicated = results["ring"]["median_s"] / results["star_dedicated"]["median_s"]
     hub = results["star"]["bytes_per_link"][0]
     edge = results["ring"]["bytes_per_link"][0]
+    compressed = {}
+    for codec in ("int8", "int4"):
+        r = results[f"ring_{codec}"]
+        compressed[codec] = {"time_over_ring": r["median_s"] / results["ring"]["median_s"],
+                             "edge_bytes_over_ring": r["bytes_per_link"][0]["forward"] / edge["forward"],
+                             "time_over_star": r["median_s"] / results["star"]["median_s"]}
     print()
     print(f"ring / star            = {ratio:.2f}  (target <= 0.6; model {model['ring'] / model['star']:.2f})")
     print(f"ring / star_dedicated  = {ratio_dedicated:.2f}  (model {model['ring'] / model['star_dedicated']:.2f})")
+    for codec, c in compressed.items():
+        print(f"ring {codec} / ring fp32  = {c['time_over_ring']:.2f} time, {c['edge_bytes_over_ring']:.3f} bytes per edge; "
+              f"/ star fp32 = {c['time_over_star']:.2f} time  (rel.err {results[f'ring_{codec}']['max_rel_error_vs_float64']:.1e})")
     print()
     print("Why: in the star, the hub has ONE access link shared by all sites (one LinkProxy in front of\n"
           f"the coordinator, bandwidth shared by the {k} connections): it carried {hub['up'] / 1e6:.1f} MB up and "
@@ -209,6 +223,7 @@ def main() -> int:
         "results": results, "ratio_ring_over_star": ratio, "ratio_ring_over_star_dedicated": ratio_dedicated,
         "model_ratio_ring_over_star": model["ring"] / model["star"],
         "model_ratio_ring_over_star_dedicated": model["ring"] / model["star_dedicated"],
+        "compressed_ring": compressed,
     })
     print(f"\nwrote {path}")
     return 0

@@ -428,39 +428,57 @@ class RingPeer:
         self.close()
 
     # -- collectives ---------------------------------------------------------------------------
-    def all_reduce(self, x: torch.Tensor, op: str = "mean", round: int = 0) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: str = "mean", round: int = 0, codec: str = "fp32",
+                   block: int = 256) -> torch.Tensor:
         """Sum or mean of ``x`` over the ring; returns a new tensor, bitwise identical on every peer.
 
         ``x`` (1-D float32 CPU, the same numel on every peer) is not modified. ``round`` tags every
-        message: a peer at another round raises :class:`TransferCorrupt`.
+        message: a peer at another round raises :class:`TransferCorrupt`. ``codec`` (fp16, bf16,
+        int8, int4; :mod:`geotrain.compress`, every peer must use the same): each piece travels
+        encoded. In reduce-scatter a peer decodes the partial sum it receives, adds its own part in
+        float32 and encodes the new partial sum for its successor; the owner of a finished chunk
+        encodes it once, keeps exactly what it encoded (decoded), and all-gather passes those same
+        bytes on, so every peer still ends with identical bits.
         """
         _check_vector(x, f"{self._me()}: all_reduce")
         if op not in _OPS:
             raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+        from geotrain.compress import _check_codec
+
+        _check_codec(codec)
         work = x.detach().contiguous().clone().numpy()
         if self.world == 1:
             return torch.from_numpy(work)
         with self._op_lock:
             self._check_usable()
             try:
-                self._all_reduce(work, op, int(round))
+                self._all_reduce(work, op, int(round), _Codec(codec, block))
             except BaseException as exc:
                 self._fail(exc)
                 raise
         return torch.from_numpy(work)
 
-    def broadcast(self, x: torch.Tensor, root: int = 0, round: int = 0) -> torch.Tensor:
-        """``root``'s ``x`` on every peer (pipelined down the ring in 1 MiB frames); returns a new tensor.
+    def broadcast(self, x: torch.Tensor, root: int = 0, round: int = 0, codec: str = "fp32",
+                  block: int = 256) -> torch.Tensor:
+        """``root``'s ``x`` on every peer (pipelined down the ring in 256 KiB frames); returns a new tensor.
 
-        Every peer passes a tensor of the same numel (non-roots' values are ignored).
+        Every peer passes a tensor of the same numel (non-roots' values are ignored). With a ``codec``
+        the root encodes ``x`` once and every peer, the root included, returns the decoded bytes.
         """
         _check_vector(x, f"{self._me()}: broadcast")
         if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.world:
             raise ValueError(f"root must be an int in [0, {self.world}), got {root!r}")
+        from geotrain.compress import Encoded, decode, encode, wire_bytes
+
         n = x.numel()
         if self.world == 1:
             return x.detach().contiguous().clone()
-        out = x.detach().contiguous().clone().numpy() if self.rank == root else np.empty(n, dtype=np.float32)
+        if codec == "fp32":
+            out = x.detach().contiguous().clone().numpy() if self.rank == root else np.empty(n, dtype=np.float32)
+        elif self.rank == root:
+            out = np.frombuffer(bytearray(encode(x.detach().contiguous(), codec, block).payload), dtype=np.uint8)
+        else:
+            out = np.empty(wire_bytes(n, codec, block), dtype=np.uint8)
         with self._op_lock:
             self._check_usable()
             try:
@@ -468,9 +486,11 @@ class RingPeer:
             except BaseException as exc:
                 self._fail(exc)
                 raise
+        if codec != "fp32":
+            return decode(Encoded(codec, n, block, out.tobytes()))
         return torch.from_numpy(out)
 
-    def _all_reduce(self, work: np.ndarray, op: str, rnd: int) -> None:
+    def _all_reduce(self, work: np.ndarray, op: str, rnd: int, codec: _Codec) -> None:
         """Reduce-scatter then all-gather, pipelined: each chunk travels as pieces, and a piece is passed
         on as soon as it has arrived (and, in reduce-scatter, been added to), so the links stay busy
         instead of idling one latency per step."""
@@ -487,24 +507,37 @@ class RingPeer:
             if kind == KIND_REDUCE_SCATTER:
                 rs_sent[(chunk, j)] = f
 
+        def recv(kind: int, step: int, chunk: int, j: int, out: np.ndarray) -> np.ndarray | None:
+            """Receive a piece into ``out`` (float32); with a codec return the bytes as received."""
+            if codec.plain:
+                self._recv(kind, rnd, step, chunk, j, n, out)
+                return None
+            raw = np.empty(codec.size(out.size), dtype=np.uint8)
+            self._recv(kind, rnd, step, chunk, j, n, raw)
+            out[:] = codec.decode(raw, out.size)
+            return raw
+
         # reduce-scatter: at step s send chunk (r-s), receive chunk (r-s-1) and add our own part into it;
         # a received piece is the piece we send at step s+1. After the last step chunk (r+1) is final.
         for j, (lo, hi) in enumerate(pieces[r]):
-            post(KIND_REDUCE_SCATTER, 0, r, j, work[lo:hi])
+            post(KIND_REDUCE_SCATTER, 0, r, j, codec.wire(work[lo:hi]))
         for s in range(steps):
             rc = (r - s - 1) % w
             for j, (lo, hi) in enumerate(pieces[rc]):
                 incoming = scratch[:hi - lo]
-                self._recv(KIND_REDUCE_SCATTER, rnd, s, rc, j, n, incoming)
+                recv(KIND_REDUCE_SCATTER, s, rc, j, incoming)
                 mine = work[lo:hi]
                 np.add(incoming, mine, out=mine)
                 if s + 1 < steps:
-                    post(KIND_REDUCE_SCATTER, s + 1, rc, j, mine)
+                    post(KIND_REDUCE_SCATTER, s + 1, rc, j, codec.wire(mine))
                 else:
                     # chunk (r+1) is ours: computed here once, then only copied around
                     if op == "mean":
                         np.divide(mine, np.float32(w), out=mine)
-                    post(KIND_ALL_GATHER, steps, rc, j, mine)
+                    wire = codec.wire(mine)
+                    if not codec.plain:  # keep exactly what the others will decode
+                        mine[:] = codec.decode(wire, hi - lo)
+                    post(KIND_ALL_GATHER, steps, rc, j, wire)
         # all-gather: at step s send chunk (r+1-s), receive chunk (r-s) (final) and copy it
         for s in range(steps):
             rc = (r - s) % w
@@ -513,9 +546,9 @@ class RingPeer:
                 sent = rs_sent.get((rc, j))
                 if sent is not None:        # we sent this piece in reduce-scatter: it must be out first
                     sent.result()
-                self._recv(KIND_ALL_GATHER, rnd, step, rc, j, n, work[lo:hi])
-                if s + 1 < steps:
-                    post(KIND_ALL_GATHER, step + 1, rc, j, work[lo:hi])
+                raw = recv(KIND_ALL_GATHER, step, rc, j, work[lo:hi])
+                if s + 1 < steps:  # pass on the bytes as received: never re-encoded
+                    post(KIND_ALL_GATHER, step + 1, rc, j, work[lo:hi] if raw is None else raw)
         self._drain(pending)
 
     def _broadcast(self, out: np.ndarray, root: int, rnd: int) -> None:
@@ -652,6 +685,32 @@ class RingPeer:
             self._sender.shutdown(wait=False, cancel_futures=True)
 
 
+class _Codec:
+    """How the pieces of one all-reduce travel: float32 as they are, or encoded (geotrain.compress)."""
+
+    def __init__(self, codec: str, block: int) -> None:
+        self.codec, self.block, self.plain = codec, block, codec == "fp32"
+
+    def size(self, numel: int) -> int:
+        from geotrain.compress import wire_bytes
+
+        return wire_bytes(numel, self.codec, self.block)
+
+    def wire(self, arr: np.ndarray) -> np.ndarray:
+        """What to send for ``arr``: ``arr`` itself (fp32; it must not change until sent) or its encoding."""
+        if self.plain:
+            return arr
+        from geotrain.compress import encode
+
+        return np.frombuffer(encode(torch.from_numpy(np.ascontiguousarray(arr)), self.codec, self.block).payload,
+                             dtype=np.uint8)
+
+    def decode(self, raw: np.ndarray, numel: int) -> np.ndarray:
+        from geotrain.compress import Encoded, decode
+
+        return decode(Encoded(self.codec, numel, self.block, raw.tobytes())).numpy()
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -663,7 +722,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def hierarchical_all_reduce(x: torch.Tensor, *, local: RingPeer | None, leaders: RingPeer | None, world: int,
-                            op: str = "mean", round: int = 0) -> torch.Tensor:
+                            op: str = "mean", round: int = 0, codec: str = "fp32", block: int = 256) -> torch.Tensor:
     """Two-level all-reduce: inside the region, across region leaders, back down the region.
 
     ``local`` is this site's ring inside its region (rank 0 = the region's leader; None when the
@@ -680,12 +739,12 @@ def hierarchical_all_reduce(x: torch.Tensor, *, local: RingPeer | None, leaders:
     is_leader = local is None or local.rank == 0
     if leaders is not None and not is_leader:
         raise ValueError("only a region's leader (local rank 0) takes part in the leaders' ring")
-    partial = local.all_reduce(x, "sum", round) if local is not None else x.detach().contiguous().clone()
+    partial = local.all_reduce(x, "sum", round, codec, block) if local is not None else x.detach().contiguous().clone()
     if is_leader:
-        total = leaders.all_reduce(partial, "sum", round) if leaders is not None else partial
+        total = leaders.all_reduce(partial, "sum", round, codec, block) if leaders is not None else partial
         if op == "mean":
             arr = total.numpy()
             np.divide(arr, np.float32(world), out=arr)
     else:
         total = partial
-    return local.broadcast(total, root=0, round=round) if local is not None else total
+    return local.broadcast(total, root=0, round=round, codec=codec, block=block) if local is not None else total

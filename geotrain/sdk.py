@@ -557,7 +557,7 @@ class DiLoCo:
         leaders = self._rings.get("leaders") or self._rings.get("all")
         try:
             mean = hierarchical_all_reduce(pseudo_grad, local=local, leaders=leaders, world=self.ctx.num_sites,
-                                           op="mean", round=self.round)
+                                           op="mean", round=self.round, codec=self.codec, block=self.block)
             claimed = fingerprint(mean)
             upload = self.ctx.site == self.ctx.ring_uploader
             p = self.client.merge(mean if upload else torch.zeros(0), round=self.round,

@@ -176,7 +176,7 @@ class TrainingConfig(_Node):
     merge: Literal["star", "ring", "hierarchical"] = "star"
     """How a synchronous DiLoCo merge moves bytes: `star` through the coordinator; `ring`: a ring all-reduce
     among site leaders over the site-to-site links; `hierarchical`: rings inside regions, then across regions.
-    The coordinator still decides rounds and membership. After a failure a ring run merges through the star until the coordinator has the leaders rebuild their rings (docs/algorithms.md)."""
+    The coordinator still decides rounds and membership. With `compression.codec` every ring hop carries encoded pieces (partial sums re-encoded at each hop; no error feedback). After a failure a ring run merges through the star until the coordinator has the leaders rebuild their rings (docs/algorithms.md)."""
     compression: CompressionConfig = CompressionConfig()
     asynchronous: AsyncConfig = Field(default=AsyncConfig(), alias="async")
     streaming: StreamingConfig = StreamingConfig()
@@ -519,9 +519,9 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     if topo.training.algorithm == "async-diloco" and at.overlap_steps >= topo.training.inner_steps:
         raise TopologyError(f"{source}: training.async.overlap_steps: must be less than training.inner_steps "
                             f"({topo.training.inner_steps}), got {at.overlap_steps}")
-    if topo.training.merge != "star" and (topo.training.algorithm != "diloco" or topo.training.compression.codec != "fp32"):
+    if topo.training.merge != "star" and topo.training.algorithm != "diloco":
         raise TopologyError(f"{source}: training.merge: {topo.training.merge!r} merges work with algorithm `diloco` "
-                            f"and codec fp32 (got {topo.training.algorithm!r}, {topo.training.compression.codec!r})")
+                            f"(got {topo.training.algorithm!r}); use `star`")
     if topo.training.algorithm == "ddp" and topo.training.compression.codec != "fp32":
         raise TopologyError(f"{source}: training.compression.codec: compression applies to DiLoCo merges; "
                             f"`ddp` sends fp32 gradients, got {topo.training.compression.codec!r}")

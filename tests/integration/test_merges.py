@@ -63,3 +63,19 @@ def test_a_broken_ring_falls_back_to_the_star_and_is_rebuilt(tmp_path, merge):
     modes = [e["merge"] for e in events if e["event"] == "commit"]
     assert "star" in modes and modes[-1] == "ring", modes
     assert {e["site"] for e in events if e["event"] == "rings_ready" and e.get("rebuilt")} == names
+
+
+def ring_bytes(s):
+    return sum(v["bytes_forward"] + v["bytes_backward"] for k, v in s["links"].items() if k.startswith("link all:"))
+
+
+def test_int8_ring_trains_like_the_fp32_ring_with_a_quarter_of_the_ring_bytes(tmp_path):
+    """`compression.codec: int8` with `merge: ring`: every ring hop carries int8 pieces."""
+    fp32 = launch(tmp_path / "fp32", "training.merge=ring", "training.rounds=4")
+    int8 = launch(tmp_path / "int8", "training.merge=ring", "training.rounds=4", "training.compression.codec=int8")
+    assert int8["rounds_completed"] == 4
+    assert abs(int8["final_eval_loss"] - fp32["final_eval_loss"]) / fp32["final_eval_loss"] < 0.01
+    assert int8["final_eval_loss"] != fp32["final_eval_loss"]  # the codec was really used
+    assert ring_bytes(int8) < 0.27 * ring_bytes(fp32), (ring_bytes(int8), ring_bytes(fp32))
+    events = read_events(tmp_path / "int8" / "metrics.jsonl")
+    assert {e["merge"] for e in events if e["event"] == "commit"} == {"ring"}

@@ -448,10 +448,8 @@ def test_hierarchical_groups():
         hierarchical_groups([("a", "r")])
 
 
-def test_hierarchical_all_reduce_identical_everywhere():
-    regions = {"us1": "us", "eu1": "eu", "us2": "us", "ap1": "ap", "eu2": "eu", "us3": "us"}
-    groups = hierarchical_groups(regions)
-    sites = list(regions)
+def make_hierarchy(groups: list[list[str]]):
+    """A ring per region of more than one site, and a ring of the regions' first sites."""
     local: dict[str, RingPeer | None] = {}
     rings = []
     for group in groups:
@@ -463,7 +461,14 @@ def test_hierarchical_all_reduce_identical_everywhere():
             local[group[0]] = None
     leader_ring = make_ring(len(groups))
     rings.append(leader_ring)
-    leaders = {g[0]: leader_ring[i] for i, g in enumerate(groups)}
+    return local, {grp[0]: leader_ring[i] for i, grp in enumerate(groups)}, rings
+
+
+def test_hierarchical_all_reduce_identical_everywhere():
+    regions = {"us1": "us", "eu1": "eu", "us2": "us", "ap1": "ap", "eu2": "eu", "us3": "us"}
+    groups = hierarchical_groups(regions)
+    sites = list(regions)
+    local, leaders, rings = make_hierarchy(groups)
     g = torch.Generator().manual_seed(1)
     xs = {s: torch.randn(10_001, generator=g) for s in sites}
     try:
@@ -526,14 +531,7 @@ def test_compressed_all_reduce_differs_from_fp32_so_the_check_can_fail():
 def test_compressed_hierarchical_all_reduce_identical_everywhere():
     regions = {"us1": "us", "eu1": "eu", "us2": "us", "eu2": "eu"}
     groups = hierarchical_groups(regions)
-    local, rings = {}, []
-    for group in groups:
-        ring = make_ring(len(group))
-        rings.append(ring)
-        local.update(zip(group, ring))
-    leader_ring = make_ring(len(groups))
-    rings.append(leader_ring)
-    leaders = {grp[0]: leader_ring[i] for i, grp in enumerate(groups)}
+    local, leaders, rings = make_hierarchy(groups)
     g = torch.Generator().manual_seed(2)
     xs = {s: torch.randn(20_001, generator=g) for s in regions}
     try:

@@ -283,7 +283,8 @@ class DiLoCo:
             self.tau = min(self.tau, self.H - 1)  # dynamic local steps can make a site's H small
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async") if self.ctx.is_leader else None
         self._rings: dict = {}
-        self._ring_next = 0  # the round at which the coordinator told us to rebuild the rings (0: none)
+        # the round at which the coordinator told us to rebuild the rings (0: none); set by _join too
+        self._ring_next = getattr(self, "_ring_next", 0)
         if self.ctx.rings and self.ctx.is_leader and algorithm == "diloco" and self.round == 0 \
                 and self.ctx.resume_round is None and all(m.get("at_start", True) for m in self.ctx.rings):
             self._connect_rings()
@@ -376,6 +377,7 @@ class DiLoCo:
             payload = self.client.get_model(min_version=resp.start_version)
             flat = payload.tensor()
             header[0] = payload.version
+            self._ring_next = payload.ring_round  # a restarted leader: the others may be rebuilding rings now
             self._frag_rounds = list(resp.fragment_rounds) or [payload.version]
             self.events.emit("site_ready", site=self.ctx.site, version=payload.version, round=resp.round,
                              epoch=resp.epoch)
@@ -631,6 +633,7 @@ class DiLoCo:
                         self._rejoined[fragment] = int(resp.fragment_rounds[fragment])
                 self._ef.pop(fragment, None)  # what error feedback held belonged to the discarded update
                 result = (p.tensor()[sl].clone(), p.version)
+                self._ring_next = p.ring_round
             if failed_at is not None:
                 now = time.time()
                 self.events.emit("recovery", what="coordinator", target="coordinator", failure_t=failed_at,

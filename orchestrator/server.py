@@ -187,7 +187,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             elif request.what not in ("", "params"):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GetModel: unknown what={request.what!r} "
                                                                 f"(params or momentum)")
-        yield from self._send(params, kind=request.what or "params", version=version, round=version)
+            # a leader whose Merge answer was lost fetches the model: tell it about the rings too
+            ring_round = self.lanes[0].ring_next.get(version - 1, 0) if len(self.lanes) == 1 else 0
+        yield from self._send(params, kind=request.what or "params", version=version, round=version,
+                              ring_round=ring_round)
 
     def Merge(self, request_iterator, context):
         payload = self._receive(request_iterator, context, "Merge")

@@ -133,6 +133,7 @@ def test_star_answer_tells_ring_leaders_when_to_rebuild_and_serves_the_outer_mom
         [t.start() for t in threads]
         [t.join(20) for t in threads]
         assert {n: p.ring_round for n, p in answers.items()} == {"a": 1, "b": 1}
+        assert a.get_model(min_version=1).ring_round == 1  # for a leader whose Merge answer was lost
         m = a.get_model(min_version=1, what="momentum")
         assert m.version == 1 and torch.equal(m.tensor(), service.outer.buf)
         assert not torch.equal(m.tensor(), torch.zeros(4))

@@ -265,6 +265,7 @@ class DiLoCo:
 
             self.client = CoordinatorClient(self.ctx.coordinator, self.ctx.site, timeout_s=self.ctx.rpc_timeout_s,
                                             retry_deadline_s=self.ctx.retry_deadline_s)
+        self._ring_next = 0  # the round at which the coordinator told us to rebuild the rings (0: none)
         self._join()
         if algorithm == "streaming-diloco":
             from concurrent.futures import ThreadPoolExecutor
@@ -283,8 +284,6 @@ class DiLoCo:
             self.tau = min(self.tau, self.H - 1)  # dynamic local steps can make a site's H small
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="async") if self.ctx.is_leader else None
         self._rings: dict = {}
-        # the round at which the coordinator told us to rebuild the rings (0: none); set by _join too
-        self._ring_next = getattr(self, "_ring_next", 0)
         if self.ctx.rings and self.ctx.is_leader and algorithm == "diloco" and self.round == 0 \
                 and self.ctx.resume_round is None and all(m.get("at_start", True) for m in self.ctx.rings):
             self._connect_rings()
@@ -503,7 +502,8 @@ class DiLoCo:
     def _connect_rings(self, timeout_s: float = 60.0, momentum: torch.Tensor | None = None,
                        started: float | None = None) -> None:
         """Build this leader's rings (geotrain.merge_plan); the outer step then runs here too, mirrored
-        (from ``momentum``, the coordinator's outer momentum, when the rings are rebuilt mid-run)."""
+        (from ``momentum``, the coordinator's outer momentum, when the rings are rebuilt mid-run: always
+        at a round > 0, since the coordinator's ring_round is the round after a star round)."""
         from geotrain.orchestrator.outer import OuterOptimizer
         from geotrain.ring import RingPeer
         from geotrain.topology import OuterOptimizerConfig
@@ -524,7 +524,7 @@ class DiLoCo:
         self._outer_local = OuterOptimizer(OuterOptimizerConfig(**cfg))
         self._outer_local.buf = momentum
         self.events.emit("rings_ready", site=self.ctx.site, rings=sorted(self._rings), round=self.round,
-                         rebuilt=momentum is not None or self.round > 0, seconds=round(time.perf_counter() - t0, 6))
+                         rebuilt=self.round > 0, seconds=round(time.perf_counter() - t0, 6))
 
     def _rebuild_rings(self) -> None:
         """The coordinator said: every site merged the last round through the star, rebuild the rings

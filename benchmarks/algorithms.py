@@ -64,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, launch, save  # noqa: E402
 
-from geotrain.compress import wire_bytes  # noqa: E402
+from geotrain.wire.compress import wire_bytes  # noqa: E402
 from geotrain.orchestrator.server import fragment_slices  # noqa: E402
 
 DEMO = REPO / "topologies" / "demo.yaml"
@@ -110,7 +110,7 @@ def run(tag: str, topology: Path, *overrides: str) -> dict:
 def run_until_evaluator_done(tag: str, topology: Path, *overrides: str) -> dict:
     """Launch like _common.launch, but stop the run (SIGTERM to the launcher we started) once the
     evaluating site (the topology's first site) has reported site_done; read what it left."""
-    from geotrain.topology import load_topology
+    from geotrain.config.topology import load_topology
 
     evaluator = load_topology(topology, list(overrides)).sites[0].name
     run_dir = TMP / tag

@@ -1,4 +1,4 @@
-"""What each WAN codec costs and buys: wire bytes, error and speed (geotrain.compress).
+"""What each WAN codec costs and buys: wire bytes, error and speed (geotrain.wire.compress).
 
     .venv/bin/python benchmarks/compression.py [--numel 10000000] [--repeats 3]   (10-35 s on 2 CPU threads)
 
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
-from geotrain.compress import CODECS, ErrorFeedback, decode, encode, wire_bytes  # noqa: E402
+from geotrain.wire.compress import CODECS, ErrorFeedback, decode, encode, wire_bytes  # noqa: E402
 
 BLOCK = 256
 EF_ROUNDS = 10

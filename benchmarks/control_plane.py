@@ -9,7 +9,7 @@ CPU time, threads and file descriptors (read from its /proc/self/status, /proc/s
 ``CoordinatorConfig(sites=...)`` lists N sites ``s0000 .. s<N-1>``; its model is ``--numel`` float32s.
 
 The N simulated sites live in this process: one asyncio loop issuing N concurrent Merge calls with
-geotrain's stub and wire format (``geotrain.transport.encode``/``decode``), each site on a gRPC channel
+geotrain's stub and wire format (``geotrain.wire.transport.encode``/``decode``), each site on a gRPC channel
 of its own (a local subchannel pool, so N TCP connections, as N real sites would have). A warm-up round
 opens the connections; then ``--rounds`` timed rounds, each releasing all N Merge calls at once:
 
@@ -135,7 +135,7 @@ class Sites:
     async def merge(self, i: int, rnd: int, timeout: float) -> tuple[float, str | None]:
         import grpc
 
-        from geotrain import transport
+        from geotrain.wire import transport
 
         msgs = list(transport.encode(self.update, site=self.names[i], round=rnd, kind="pseudo_grad", version=rnd))
         try:

@@ -1,6 +1,6 @@
 """How faithful is the user-space link emulator? Configured vs measured goodput and RTT.
 
-Each setting runs one ``geotrain link`` process (``geotrain.link.main``, as the launcher runs it);
+Each setting runs one ``geotrain link`` process (``geotrain.wan.link.main``, as the launcher runs it);
 this process pushes bytes through it to a sink and pings an echo server through it.
 
 * goodput = bytes / (time of the last byte at the sink - time of the first send - one-way latency),
@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from geotrain.link import MSS
+from geotrain.wan.link import MSS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "link_accuracy.json"
 
@@ -116,7 +116,7 @@ def rtts(port: int, n: int) -> list[float]:
 
 def start_link(target: int, bw: float, lat: float, loss: float, stats: Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from geotrain.link import main; raise SystemExit(main())", "--name", "bench",
+        [sys.executable, "-c", "from geotrain.wan.link import main; raise SystemExit(main())", "--name", "bench",
          "--target", f"127.0.0.1:{target}", "--bandwidth", f"{bw}mbit", "--latency", f"{lat}ms",
          "--loss", str(loss), "--stats-file", str(stats)],
         stdout=subprocess.PIPE, text=True)

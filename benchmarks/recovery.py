@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, save  # noqa: E402
 
 from geotrain.events import read_events  # noqa: E402
-from geotrain.procs import pid_alive  # noqa: E402
+from geotrain.run.procs import pid_alive  # noqa: E402
 
 DEMO = REPO / "topologies" / "demo.yaml"
 CKPT_ROUNDS = 10

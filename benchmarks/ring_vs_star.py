@@ -5,7 +5,7 @@
 
 Every site merges a pseudo-gradient of ``numel`` float32 (8 MB by default); all links are equal
 (``bandwidth-mbps``, ``latency-ms`` one way, both directions), emulated in-process by
-:class:`geotrain.link.LinkProxy` (bandwidth is shared by all connections going the same way
+:class:`geotrain.wan.link.LinkProxy` (bandwidth is shared by all connections going the same way
 over one proxy). Three setups, each timed from "go" until the last site has the merged vector:
 
 * ``star`` (the physical model): the sites reach the hub (geotrain's real gRPC coordinator,
@@ -16,7 +16,7 @@ over one proxy). Three setups, each timed from "go" until the last site has the 
   bottleneck; they are left out.
 * ``star_dedicated`` (a best case for the star, for reference): one link per site to the hub,
   i.e. a hub whose access bandwidth is ``k`` times a site's. Each link carries ``N`` each way.
-* ``ring``: ``geotrain.ring.RingPeer`` leaders, one link per ring edge (site i -> site i+1).
+* ``ring``: ``geotrain.wan.ring.RingPeer`` leaders, one link per ring edge (site i -> site i+1).
   Every edge carries ``2(k-1)/k * N`` in its forward direction, all edges in parallel, in
   ``2(k-1)`` dependent steps pipelined in pieces of 256 KiB (a piece is passed on as soon as it
   has arrived, so a link idles only while the first pieces travel).
@@ -45,9 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
-from geotrain.link import LinkParams, LinkProxy  # noqa: E402
+from geotrain.wan.link import LinkParams, LinkProxy  # noqa: E402
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server  # noqa: E402
-from geotrain.ring import PIECE, RingPeer, ring_all_reduce_bytes  # noqa: E402
+from geotrain.wan.ring import PIECE, RingPeer, ring_all_reduce_bytes  # noqa: E402
 from geotrain.worker.client import CoordinatorClient  # noqa: E402
 
 LOOP = "127.0.0.1"

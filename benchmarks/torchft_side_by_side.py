@@ -244,7 +244,7 @@ def _ensure_venv() -> tuple[dict | None, str | None]:
 
 def workload() -> dict:
     """The demo topology's recipe (with the overrides used for geotrain), for the torchft workers."""
-    from geotrain.topology import load_topology
+    from geotrain.config.topology import load_topology
     from geotrain.worker.main import worker_seed
 
     topo = load_topology(TOPOLOGY, ["sites[0].workers=1", "sites[1].workers=1", *LOOPBACK_LINKS])

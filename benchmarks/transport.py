@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/transport.py [--bandwidth-mbit 100] [--latency-ms 50]
 
-(a) One merge through the WAN link emulator (geotrain.link.LinkProxy, in this process, default
+(a) One merge through the WAN link emulator (geotrain.wan.link.LinkProxy, in this process, default
     100 Mbit/s and 50 ms one way, no jitter or loss) against the physical minimum, for the demo model's
     payload (482 KB) and a 40 MB one. The coordinator (in-process gRPC server, one site) and the site's
     CoordinatorClient are geotrain's own; the site joins and provides the initial model first, so the
@@ -45,7 +45,7 @@ BIG = 40_000_000  # bytes
 
 
 def demo_payload_bytes() -> int:
-    from geotrain.topology import load_topology
+    from geotrain.config.topology import load_topology
     from geotrain.worker.model import GPTConfig, build_model
 
     m = load_topology(HERE.parent / "topologies" / "demo.yaml").model
@@ -60,7 +60,7 @@ def merges(nbytes: int, link: tuple[float, float] | None, n_merges: int = 2) -> 
     """Time ``n_merges`` consecutive merges of one site (through a LinkProxy when ``link`` is given)."""
     import torch
 
-    from geotrain.link import LinkParams, LinkProxy
+    from geotrain.wan.link import LinkParams, LinkProxy
     from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
     from geotrain.worker.client import CoordinatorClient
 
@@ -193,7 +193,7 @@ def wire_format_costs(nbytes: int) -> dict:
     protobuf messages) and decode (reassembly, CRC32s), plus protobuf serialization and parsing."""
     import torch
 
-    from geotrain import transport
+    from geotrain.wire import transport
     from geotrain._proto import coordinator_pb2 as pb
 
     x = torch.full((nbytes // 4,), 1e-3)

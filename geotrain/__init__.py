@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 # The SDK pulls in torch (a second or two): load it on first use, so that the `geotrain` command and
 # the processes that never train (links, the launcher's helpers) start fast.
 _LAZY = {"DiLoCo": "geotrain.sdk", "SiteContext": "geotrain.sdk", "init": "geotrain.sdk",
-         "Topology": "geotrain.topology", "load_topology": "geotrain.topology"}
+         "Topology": "geotrain.config.topology", "load_topology": "geotrain.config.topology"}
 
 
 def __getattr__(name: str):

@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args) -> int:
-    from geotrain.topology import load_topology
+    from geotrain.config.topology import load_topology
 
     topo = load_topology(args.topology, args.overrides)
     if args.json:
@@ -103,9 +103,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from geotrain.launch import LaunchPlan, launch, make_run_dir
-    from geotrain.progress import make_progress
-    from geotrain.topology import load_topology
+    from geotrain.run.launch import LaunchPlan, launch, make_run_dir
+    from geotrain.run.progress import make_progress
+    from geotrain.config.topology import load_topology
 
     topo = load_topology(args.topology, args.overrides)
     if args.script is not None and not args.script:
@@ -126,13 +126,13 @@ def cmd_launch(args) -> int:
 
 
 def _expected_parts(topo) -> list[str]:
-    from geotrain.checkpoint import COORDINATOR_PART
+    from geotrain.storage.checkpoint import COORDINATOR_PART
 
     return [COORDINATOR_PART] + [f"{s.name}.{r}" for s in topo.sites for r in range(s.workers)]
 
 
 def _run_topology(run_dir: Path):
-    from geotrain.topology import load_any
+    from geotrain.config.topology import load_any
 
     path = run_dir / "topology.json"
     if not path.exists():
@@ -141,10 +141,10 @@ def _run_topology(run_dir: Path):
 
 
 def cmd_resume(args) -> int:
-    from geotrain.checkpoint import latest_complete, verify_checkpoint
-    from geotrain.launch import LaunchPlan, launch
-    from geotrain.progress import make_progress
-    from geotrain.site import checkpoint_dir
+    from geotrain.storage.checkpoint import latest_complete, verify_checkpoint
+    from geotrain.run.launch import LaunchPlan, launch
+    from geotrain.run.progress import make_progress
+    from geotrain.run.site import checkpoint_dir
 
     run_dir = args.run_dir.resolve()
     topo = _run_topology(run_dir)
@@ -169,9 +169,9 @@ def cmd_resume(args) -> int:
 
 
 def cmd_checkpoint(args) -> int:
-    from geotrain.checkpoint import ROUND_RE, list_rounds, verify_checkpoint
+    from geotrain.storage.checkpoint import ROUND_RE, list_rounds, verify_checkpoint
     from geotrain.errors import CheckpointCorrupt
-    from geotrain.site import checkpoint_dir
+    from geotrain.run.site import checkpoint_dir
 
     if args.checkpoint_command == "ls":
         run_dir = args.run_dir.resolve()
@@ -203,8 +203,8 @@ def cmd_checkpoint(args) -> int:
 
 
 def cmd_chaos(args) -> int:
-    from geotrain.faults import request_live_fault
-    from geotrain.topology import FaultSpec, fault_problem
+    from geotrain.run.faults import request_live_fault
+    from geotrain.config.topology import FaultSpec, fault_problem
 
     run_dir = args.run_dir.resolve()
     topo = _run_topology(run_dir)
@@ -232,27 +232,27 @@ def main(argv: list[str] | None = None) -> int:
 
         return coordinator_main(argv[1:])
     if argv and argv[0] == "link":
-        from geotrain.link import main as link_main
+        from geotrain.wan.link import main as link_main
 
         return link_main(argv[1:])
     if argv and argv[0] == "site":
-        from geotrain.site import main as site_main
+        from geotrain.run.site import main as site_main
 
         return site_main(argv[1:])
     if argv and argv[0] == "report":
-        from geotrain.report import main as report_main
+        from geotrain.analysis.report import main as report_main
 
         return report_main(argv[1:])
     if argv and argv[0] == "sweep":
-        from geotrain.sweep import main as sweep_main
+        from geotrain.analysis.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
     if argv and argv[0] == "compose":
-        from geotrain.compose import main as compose_main
+        from geotrain.run.compose import main as compose_main
 
         return compose_main(argv[1:])
     if argv and argv[0] == "check":
-        from geotrain.check import main as check_main
+        from geotrain.analysis.check import main as check_main
 
         return check_main(argv[1:])
     args = _parser().parse_args(argv)

@@ -5,7 +5,8 @@
     ├── ControlPlaneError      etcd unreachable or a control-plane operation failed
     ├── CoordinatorUnavailable the coordinator could not be reached within the deadline
     ├── QuorumLost             too few sites reported within the round deadline
-    ├── StaleRound             a pseudo-gradient for a round that is already committed
+    ├── StaleRound             an update the round cannot take (stale, future, duplicate, not a member)
+    ├── RingAbandoned          a ring round is merged through the star instead
     ├── TransferCorrupt        a tensor stream failed its checksum or was incomplete
     ├── CheckpointCorrupt      a checkpoint failed verification
     ├── LinkError              the WAN link emulator could not start or forward
@@ -20,9 +21,14 @@ from __future__ import annotations
 
 
 class GeotrainError(Exception):
-    """Base class of every error geotrain raises on purpose."""
+    """Base class of every error geotrain raises on purpose.
+
+    ``outcome`` is the typed reason (geotrain.wire.outcomes.Outcome) when the coordinator refused
+    a call; code decides on it, never on the message text.
+    """
 
     exit_code = 1
+    outcome = None
 
 
 class TopologyError(GeotrainError):
@@ -44,7 +50,12 @@ class QuorumLost(GeotrainError):
 
 
 class StaleRound(GeotrainError):
-    """An update for a round that was already committed (it is refused, never applied twice)."""
+    """An update the round being collected cannot take: for a committed round (never applied twice),
+    a future round, a second copy, or from a site that is not a member of the round."""
+
+
+class RingAbandoned(GeotrainError):
+    """A ring (or hierarchical) round could not be merged in the ring: it goes through the star."""
 
 
 class TransferCorrupt(GeotrainError):

@@ -20,8 +20,8 @@ from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
-from geotrain.site import checkpoint_dir
-from geotrain.topology import Topology, load_any
+from geotrain.run.site import checkpoint_dir
+from geotrain.config.topology import Topology, load_any
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None
     """Where this incarnation starts: a checkpoint (``geotrain resume``), the state persisted at the last
     commit (a restart inside a run), or nothing (a fresh run)."""
     if resume_round is not None and run_dir is not None:
-        from geotrain.checkpoint import COORDINATOR_PART, load_part
+        from geotrain.storage.checkpoint import COORDINATOR_PART, load_part
 
         tensors, state = load_part(checkpoint_dir(topo, run_dir), resume_round, COORDINATOR_PART)
         return CoordinatorState(round=state["round"], params=tensors["model"]["params"],
@@ -48,7 +48,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
     epoch = 0
     host = bind.rsplit(":", 1)[0]
     if etcd:
-        from geotrain.controlplane import ControlPlane
+        from geotrain.control.plane import ControlPlane
 
         control = ControlPlane(etcd, topo.name)
     resume = initial_state(topo, run_dir, resume_round)
@@ -67,7 +67,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
     store = StateStore(run_dir / "coordinator") if run_dir else None
     writer = None
     if run_dir is not None and topo.checkpoint.every_rounds:
-        from geotrain.checkpoint import COORDINATOR_PART, BackgroundWriter
+        from geotrain.storage.checkpoint import COORDINATOR_PART, BackgroundWriter
 
         writer = BackgroundWriter(checkpoint_dir(topo, run_dir), COORDINATOR_PART, topo.digest(), keep=topo.checkpoint.keep,
                                   on_saved=lambda r, p, sec, size: events.emit("checkpoint_saved", round=r, path=str(p),
@@ -88,7 +88,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
     exporter, metrics_url = None, None
     if topo.coordinator.prometheus_port is not None and run_dir is not None:
         try:
-            from geotrain.exporters import PrometheusExporter
+            from geotrain.analysis.exporters import PrometheusExporter
 
             exporter = PrometheusExporter(port=topo.coordinator.prometheus_port, host=host)
             metrics_url = f"http://{host}:{exporter.start()}/metrics"

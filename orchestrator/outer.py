@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from geotrain.topology import OuterOptimizerConfig
+from geotrain.config.topology import OuterOptimizerConfig
 
 
 def mean_of(updates: dict[str, torch.Tensor]) -> torch.Tensor:

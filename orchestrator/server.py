@@ -11,7 +11,7 @@ Algorithms (docs/algorithms.md):
   each with its own rounds, membership and slice of the outer momentum;
 - ``async-diloco``: no rounds: every update is applied as it arrives (delayed Nesterov, weighted
   by staleness) and answered at once with the current global parameters.
-Compression: updates may arrive encoded (geotrain.compress); they are decoded and summed in fp32.
+Compression: updates may arrive encoded (geotrain.wire.compress); they are decoded and summed in fp32.
 With a codec other than fp32, a synchronous merge answers with the *change* of the global
 parameters, encoded with the same codec (with error feedback), and the coordinator applies
 exactly the decoded change to its own copy, so that it and every site hold identical weights.
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from geotrain import transport
+from geotrain.wire import transport
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import TransferCorrupt
@@ -38,7 +38,7 @@ from geotrain.events import EventLog
 from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer, mean_of, staleness_weight
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.rounds import RoundState, admit, join, next_round, record_arrival, ring_reform, round_ready
-from geotrain.topology import OuterOptimizerConfig
+from geotrain.config.topology import OuterOptimizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.params = new
                 result = self.params[sl]
             else:  # send the change, compressed; apply exactly what the sites will apply
-                from geotrain.compress import ErrorFeedback, decode, encode
+                from geotrain.wire.compress import ErrorFeedback, decode, encode
 
                 delta = (new[sl] - self.params[sl]).contiguous()
                 if self.cfg.error_feedback:
@@ -439,7 +439,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _send(self, result, *, kind: str, version: int, round: int, fragment: int = 0, staleness: int = 0,
               count: bool = True, ring_round: int = 0):
-        from geotrain.compress import Encoded
+        from geotrain.wire.compress import Encoded
 
         encoded = result if isinstance(result, Encoded) else None
         if count:

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import torch
 
-from geotrain import transport
+from geotrain.wire import transport
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import CoordinatorUnavailable, GeotrainError, QuorumLost, StaleRound, TransferCorrupt

@@ -18,7 +18,7 @@ import torch
 from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.sdk import DiLoCo, SiteContext, init
-from geotrain.topology import Topology
+from geotrain.config.topology import Topology
 from geotrain.worker.data import BatchSampler, DataSpec, TextCorpus, eval_batches, evaluate
 from geotrain.worker.model import GPTConfig, build_model
 from geotrain.worker.slowdown import Slowdown

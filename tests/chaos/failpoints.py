@@ -15,8 +15,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from geotrain.compose import link_files, link_service, remote_sites, site_service
-from geotrain.topology import Topology
+from geotrain.run.compose import link_files, link_service, remote_sites, site_service
+from geotrain.config.topology import Topology
 
 
 @dataclass
@@ -255,7 +255,7 @@ class DelayLink(Failpoint):
 
 class FillCheckpointVolume(Failpoint):
     """Make the checkpoint volume full: geotrain's ``disk_full`` file failpoint on the shared run
-    directory (``checkpoints/.failpoints/disk_full``, geotrain.faults) makes every checkpoint write in
+    directory (``checkpoints/.failpoints/disk_full``, geotrain.run.faults) makes every checkpoint write in
     every container fail with ENOSPC, as a full volume would; removing it frees the volume."""
 
     name, kind = "fill_checkpoint_volume", "checkpoints"

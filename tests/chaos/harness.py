@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geotrain.compose import OFFLINE_IMAGE, site_service, write_deployment
+from geotrain.run.compose import OFFLINE_IMAGE, site_service, write_deployment
 from geotrain.events import EventLog, read_events
-from geotrain.topology import Topology, load_topology
+from geotrain.config.topology import Topology, load_topology
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "topologies" / "demo.yaml"

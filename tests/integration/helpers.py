@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from geotrain.events import read_events
-from geotrain.procs import pid_alive
+from geotrain.run.procs import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,7 @@
 
 Sites are threads with one worker each (SiteContext), their inner steps are known in advance
 (a fake gradient), and the expected weights are computed here independently, in float64 where
-the protocol is exact, with geotrain.compress's codec where the protocol quantises.
+the protocol is exact, with geotrain.wire.compress's codec where the protocol quantises.
 """
 
 import threading
@@ -12,7 +12,7 @@ import torch
 
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server, fragment_slices
 from geotrain.sdk import DiLoCo, SiteContext
-from geotrain.topology import OuterOptimizerConfig
+from geotrain.config.topology import OuterOptimizerConfig
 
 LR_IN, LR_OUT, MU = 0.1, 0.7, 0.9
 
@@ -199,7 +199,7 @@ def test_streaming_fragments_with_mixing_match_a_direct_computation():
 
 
 def test_int8_merge_with_error_feedback_matches_the_protocol():
-    from geotrain.compress import ErrorFeedback, decode
+    from geotrain.wire.compress import ErrorFeedback, decode
 
     sites, H, rounds = ["a", "b"], 3, 3
     service, server, port = start(CoordinatorConfig(sites=tuple(sites), codec="int8", block=4))

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from geotrain.check import VIOLATED, check_run
+from geotrain.analysis.check import VIOLATED, check_run
 from geotrain.events import read_events
 from tests.integration.helpers import REPO, leftover, start_launch, started_pids, summary, wait_for_event
 

@@ -12,7 +12,7 @@ import torch
 
 from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
 from geotrain.sdk import DiLoCo, SiteContext
-from geotrain.topology import OuterOptimizerConfig
+from geotrain.config.topology import OuterOptimizerConfig
 
 SITES = ["asia", "eu"]
 H, ROUNDS, INNER_LR = 3, 3, 0.1

@@ -1,7 +1,7 @@
 import torch
 
 from geotrain.orchestrator.outer import OuterOptimizer, mean_of
-from geotrain.topology import OuterOptimizerConfig
+from geotrain.config.topology import OuterOptimizerConfig
 
 
 def test_outer_step_matches_torch_sgd_nesterov():

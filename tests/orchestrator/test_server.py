@@ -70,7 +70,7 @@ def test_async_restart_keeps_delayed_nesterovs_pending_updates(tmp_path):
     """Delayed Nesterov folds every N updates into its momentum; the ones not yet folded in are
     persisted with each commit, so a coordinator restarted between two updates ends where an
     uninterrupted one does, bit for bit."""
-    from geotrain.topology import OuterOptimizerConfig
+    from geotrain.config.topology import OuterOptimizerConfig
     from geotrain.orchestrator.persist import StateStore
 
     cfg = CoordinatorConfig(sites=("a", "b"), algorithm="async-diloco", outer=OuterOptimizerConfig(lr=0.7, momentum=0.9))

@@ -1,0 +1,1 @@
+"""Reading runs back: history checker, report, sweeps, exporters."""

@@ -1,0 +1,1 @@
+"""The typed topology and what is derived from it."""

@@ -1,0 +1,1 @@
+"""The control plane: etcd membership, leases, fenced run state."""

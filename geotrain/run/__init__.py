@@ -1,0 +1,1 @@
+"""Running a run: launcher, site groups, processes, supervision, faults, progress, summary."""

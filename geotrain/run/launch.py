@@ -1,0 +1,434 @@
+"""``geotrain launch``: run a whole topology on this machine, for real.
+
+Order of start: etcd (unless the topology names one) → the coordinator → one WAN link emulator
+per site whose datacenter differs from the coordinator's → each site's worker processes. Every
+child is started with :func:`geotrain.run.procs.spawn`, so it dies with the launcher, and its output
+goes to ``<run_dir>/logs/<name>.log``.
+
+The launcher watches every child and applies the topology's recovery policy
+(:mod:`geotrain.run.supervise`): a dead worker restarts its whole site, which rejoins at the next
+round; a dead coordinator restarts on the same port from the state it persisted at its last
+commit; a frozen coordinator (its etcd lease expired while the process lives) is killed and
+restarted; etcd and link emulators restart on the same ports. Every failure and recovery is
+recorded in metrics.jsonl. The run succeeds when every worker exits 0. When the policy says
+fail, or on Ctrl-C / SIGTERM, everything is stopped (SIGTERM, then SIGKILL) and launch fails
+with an error naming the process, its pid and how it died. Finally ``summary.json`` is written
+from the recorded events and link counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geotrain.run import procs
+from geotrain.errors import GeotrainError, RunFailed
+from geotrain.events import EventLog, EventTail
+from geotrain.run.site import checkpoint_dir, free_port, worker_env
+from geotrain.run.summary import write_summary
+from geotrain.config.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    name: str  # e.g. "worker us-east/1", "coordinator", "link us-east<->hub", "etcd"
+    role: str  # worker | coordinator | link | etcd
+    proc: subprocess.Popen
+    log_path: Path | None = None
+    group: str = ""  # restarts happen per group: "site:us-east", "coordinator", "link:us-east", "etcd"
+    retired: bool = False  # stopped on purpose (replaced by a restart): its exit means nothing
+    done: bool = False
+
+
+@dataclass
+class LaunchPlan:
+    topo: Topology
+    run_dir: Path
+    script: list[str] | None = None  # a user's entrypoint instead of the built-in trainer
+    quiet: bool = False
+    resume_round: int | None = None  # geotrain resume: start every part from this checkpoint round
+    children: list[Child] = field(default_factory=list)
+
+
+def make_run_dir(base: Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = base / f"{name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = base / f"{name}-{stamp}-{n}"
+    return path
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _read_ready(child: Child, timeout_s: float) -> int:
+    """Wait for the child's 'READY <port>' line on stdout."""
+    deadline = time.monotonic() + timeout_s
+    assert child.proc.stdout is not None
+    fd = child.proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    buf = b""
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            buf += chunk
+            for line in buf.decode(errors="replace").splitlines():
+                if line.startswith("READY "):
+                    return int(line.split()[1])
+        elif chunk == b"" or child.proc.poll() is not None:
+            raise RunFailed(f"{child.name} (pid {child.proc.pid}) exited with {_how(child.proc.poll())} before it was ready"
+                            f"{_log_tail(child)}")
+        time.sleep(0.02)
+    raise RunFailed(f"{child.name} (pid {child.proc.pid}) not ready within {timeout_s:.0f}s{_log_tail(child)}")
+
+
+def _how(rc: int | None) -> str:
+    if rc is None:
+        return "no exit yet"
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _log_tail(child: Child, lines: int = 5) -> str:
+    if child.log_path is None or not child.log_path.exists():
+        return ""
+    tail = child.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+    return ("; last lines of " + str(child.log_path) + ":\n    " + "\n    ".join(tail)) if tail else ""
+
+
+class Launcher:
+    def __init__(self, plan: LaunchPlan):
+        self.plan = plan
+        self.topo = plan.topo
+        self.run_dir = plan.run_dir
+        self.children: list[Child] = []
+        self.events = EventLog(self.run_dir / "metrics.jsonl", "launcher")
+        self.tail = EventTail(self.run_dir / "metrics.jsonl")
+        self.etcd = None
+        self.control = None
+        self.link_stats: dict[str, Path] = {}
+        self.link_ports: dict[str, int] = {}
+        self.ring_env: dict[str, list[dict]] = {}  # site -> its leader's ring memberships (GEOTRAIN_RINGS)
+        self.ring_links: dict[str, tuple] = {}  # ring link group -> how to start it again (same ports)
+        self.restarts: dict[str, int] = {}
+        self.pending: dict[str, dict] = {}  # group -> failure waiting for its recovery event
+        self.coord_port = 0
+        self.coord_seen: float | None = None
+        self.last_merge_version: dict[str, int] = {}
+        self.faults = None
+
+    # ---- starting ----
+    def _spawn(self, name: str, role: str, argv: list[str], env: dict | None = None, ready: bool = False,
+               group: str = "") -> Child:
+        log_path = self.run_dir / "logs" / (name.replace(" ", "-").replace("/", "-").replace("<->", "--") + ".log")
+        log_f = open(log_path, "ab")
+        proc = procs.spawn(argv, env=env or procs.env_with(), stdout=subprocess.PIPE if ready else log_f, stderr=log_f)
+        log_f.close()
+        child = Child(name, role, proc, log_path, group=group or role)
+        self.children.append(child)
+        self.events.emit("process_started", name=name, role=role, pid=proc.pid)
+        return child
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return checkpoint_dir(self.topo, self.run_dir)
+
+    # ---- what failpoints act on (geotrain.run.faults.FaultEnv) ----
+    def pids(self, target: str) -> list[int]:
+        kind, _, name = target.partition(" ")
+        live = [c for c in self.children if not c.retired and not c.done and c.proc.poll() is None]
+        if kind == "worker":
+            return [c.proc.pid for c in live if c.name == target]
+        if kind == "site":
+            return [c.proc.pid for c in live if c.group == f"site:{name}"]
+        return [c.proc.pid for c in live if c.role == kind]
+
+    def link_control_file(self, site: str) -> Path:
+        return self.run_dir / "links" / f"{site}--{self.topo.coordinator.at}.control.json"
+
+    def start(self) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.topo_json = self.run_dir / "topology.json"
+        self.topo_json.write_text(json.dumps(self.topo.model_dump(mode="json"), indent=2))
+        self.events.emit("run_started", run=self.topo.name, topology_sha256=self.topo.digest(),
+                         sites=self.topo.site_names, algorithm=self.topo.training.algorithm,
+                         resume_round=self.plan.resume_round)
+
+        etcd_endpoint = self.topo.etcd.endpoint
+        if etcd_endpoint is None:
+            from geotrain.control.plane import EtcdServer
+
+            self.etcd = EtcdServer(self.run_dir / "etcd", log_path=self.run_dir / "logs" / "etcd.log")
+            etcd_endpoint = self._start_etcd()
+        self.etcd_endpoint = etcd_endpoint.replace("http://", "")
+        from geotrain.control.plane import ControlPlane
+
+        self.control = ControlPlane(self.etcd_endpoint, self.topo.name, timeout_s=1.0)
+        self._start_coordinator(resume_round=self.plan.resume_round)
+        self.ring_env = self._start_rings()
+        for site in self.topo.sites:
+            # A resumed run's leaders build their rings when the coordinator says (after a star round).
+            self._start_site(site, resume_round=self.plan.resume_round, rings_at_start=self.plan.resume_round is None)
+        from geotrain.run.faults import FaultScheduler
+
+        self.faults = FaultScheduler(self, self.topo, self.events, started_at=time.time())
+
+    def _start_etcd(self) -> str:
+        endpoint = self.etcd.start()
+        self.children.append(Child("etcd", "etcd", self.etcd.process, self.run_dir / "logs" / "etcd.log", group="etcd"))
+        self.events.emit("process_started", name="etcd", role="etcd", pid=self.etcd.pid, endpoint=endpoint)
+        return endpoint
+
+    def _start_coordinator(self, resume_round: int | None = None) -> None:
+        argv = [_python(), "-m", "geotrain.orchestrator.main", str(self.topo_json), "--run-dir", str(self.run_dir),
+                "--etcd", self.etcd_endpoint, "--bind", f"{self.topo.coordinator.host}:{self.coord_port}"]
+        if resume_round is not None:
+            argv += ["--resume-round", str(resume_round)]
+        coord = self._spawn("coordinator", "coordinator", argv, ready=True)
+        self.coord_port = _read_ready(coord, 60)
+        self.coord_seen = time.time()
+
+    def _coordinator_address(self, site) -> str:
+        """The coordinator as seen from ``site``: through its WAN link emulator, or directly if co-located."""
+        spec = self.topo.link(site.name, self.topo.coordinator.at)
+        coord_addr = f"{self.topo.coordinator.host}:{self.coord_port}"
+        if spec is None:
+            return coord_addr
+        if site.name not in self.link_ports or not self._link_alive(site.name):
+            self._start_link(site, spec, coord_addr)
+        return f"127.0.0.1:{self.link_ports[site.name]}"
+
+    def _link_alive(self, site_name: str) -> bool:
+        return any(c.group == f"link:{site_name}" and not c.retired and c.proc.poll() is None for c in self.children)
+
+    def _spawn_link(self, name: str, label: str, stats: Path, spec, target: str, group: str,
+                    listen_port: int = 0, control: bool = False) -> int:
+        """One WAN link emulator process; returns the port it listens on."""
+        stats.parent.mkdir(exist_ok=True)
+        self.link_stats[name] = stats
+        argv = [_python(), "-m", "geotrain.cli", "link", "--name", label, "--listen", f"127.0.0.1:{listen_port}",
+                "--target", target, "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
+                "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss), "--seed", str(self.topo.seed),
+                "--stats-file", str(stats)]
+        if control:
+            argv += ["--control-file", str(stats.with_suffix(".control.json"))]
+        return _read_ready(self._spawn(name, "link", argv, ready=True, group=group), 30)
+
+    def _start_link(self, site, spec, coord_addr: str) -> None:
+        at = self.topo.coordinator.at
+        self.link_ports[site.name] = self._spawn_link(
+            f"link {site.name}<->{at}", f"{site.name}<->{at}", self.run_dir / "links" / f"{site.name}--{at}.json",
+            spec, coord_addr, f"link:{site.name}", listen_port=self.link_ports.get(site.name, 0), control=True)
+
+    def _start_rings(self) -> dict[str, list[dict]]:
+        """Ring / hierarchical merges: a listening port per ring member, a link emulator per ring edge."""
+        from geotrain.wan.merge_plan import ring_plan
+
+        plan = ring_plan(self.topo)
+        ports = {(m.ring, m.site): free_port() for members in plan.values() for m in members}
+        out: dict[str, list[dict]] = {}
+        for site, members in plan.items():
+            for m in members:
+                args = (f"link {m.ring}: {site}->{m.successor}", f"{m.ring}:{site}->{m.successor}",
+                        self.run_dir / "links" / f"ring-{m.ring.replace(':', '-')}-{site}--{m.successor}.json",
+                        self.topo.link(site, m.successor), f"127.0.0.1:{ports[(m.ring, m.successor)]}",
+                        f"ringlink:{m.ring}:{site}")
+                port = self._spawn_link(*args)
+                self.ring_links[args[-1]] = (*args, port)
+                out.setdefault(site, []).append(m.as_env(ports[(m.ring, site)], f"127.0.0.1:{port}"))
+        return out
+
+    def _start_site(self, site, resume_round: int | None = None, rings_at_start: bool = False) -> None:
+        """Start a site's workers. ``rings_at_start``: its leader builds its rings at once (the run's
+        first start); otherwise (a restarted site, a resumed run) when the coordinator says."""
+        rings = [dict(m, at_start=rings_at_start) for m in self.ring_env.get(site.name, [])]
+        address = self._coordinator_address(site)
+        master_port = free_port()
+        entry = self.plan.script or [_python(), "-m", "geotrain.worker.main"]
+        for rank in range(site.workers):
+            env = worker_env(self.topo, site, rank, run_dir=self.run_dir, topology_json=self.topo_json,
+                             coordinator=address, etcd=self.etcd_endpoint, checkpoint_dir=self.checkpoint_dir,
+                             master_port=master_port, resume_round=resume_round)
+            if rings and rank == 0:
+                env["GEOTRAIN_RINGS"] = json.dumps(rings)
+            self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env, group=f"site:{site.name}")
+
+    # ---- watching and recovering ----
+    def watch(self, progress=None) -> None:
+        """Block until every worker exits 0, recovering from failures as the policy says; raise RunFailed otherwise."""
+        from geotrain.run.supervise import on_exit
+
+        while True:
+            for child in list(self.children):
+                if child.retired or child.done:
+                    continue
+                rc = child.proc.poll()
+                if rc is None:
+                    continue
+                action = on_exit(child.role, child.name, rc, _how(rc), self.restarts.get(child.group, 0),
+                                 self.topo.recovery)
+                if action.action == "done":
+                    child.done = True
+                elif action.action == "fail":
+                    raise RunFailed(f"{child.name} (pid {child.proc.pid}) died with {_how(rc)}"
+                                    f"{'' if 'restarted' not in action.reason else ' (' + action.reason.split(', and ')[1] + ')'}"
+                                    f"{_log_tail(child)}")
+                else:
+                    self._restart(child, action.reason)
+            self._check_heartbeats()
+            self._observe_events()
+            self.faults.tick()
+            if progress is not None:
+                progress()
+            workers = [c for c in self.children if c.role == "worker" and not c.retired]
+            if workers and all(c.done for c in workers):
+                return
+            time.sleep(0.2)
+
+    def _restart(self, child: Child, reason: str) -> None:
+        now = time.time()
+        group = child.group
+        self.restarts[group] = self.restarts.get(group, 0) + 1
+        what = {"worker": "worker", "coordinator": "coordinator", "etcd": "etcd", "link": "link"}[child.role]
+        self.events.emit("failure", what=what, target=child.name, happened_t=now, detected_t=now, reason=reason,
+                         pid=child.proc.pid)
+        for c in self.children:  # stop the rest of the group (a site's surviving workers)
+            if c.group == group and not c.retired:
+                c.retired = True
+        procs.terminate_all([c.proc for c in self.children if c.group == group], grace_s=0.5)
+        self.pending[group] = {"what": what, "target": child.name, "failure_t": now}
+        if child.role == "worker":
+            site = self.topo.site(group.split(":", 1)[1])
+            self.pending[group]["last_version"] = self.last_merge_version.get(site.name, 0)
+            self._start_site(site)
+        elif child.role == "coordinator":
+            self._start_coordinator()
+        elif child.role == "etcd":
+            self._start_etcd()
+            self._recovered(group, time.time())
+        elif child.role == "link" and group.startswith("ringlink:"):
+            # The leaders merge through the star meanwhile and rebuild their rings when the coordinator says.
+            *args, port = self.ring_links[group]
+            self._spawn_link(*args, listen_port=port)
+            self._recovered(group, time.time())
+        elif child.role == "link":
+            site = self.topo.site(group.split(":", 1)[1])
+            self._start_link(site, self.topo.link(site.name, self.topo.coordinator.at),
+                             f"{self.topo.coordinator.host}:{self.coord_port}")
+            self._recovered(group, time.time())
+
+    def _recovered(self, group: str, t: float, rounds_lost: int = 0) -> None:
+        f = self.pending.pop(group, None)
+        if f is not None:
+            self.events.emit("recovery", what=f["what"], target=f["target"], failure_t=f["failure_t"], recovered_t=t,
+                             seconds=round(t - f["failure_t"], 3), rounds_lost=rounds_lost)
+
+    def _observe_events(self) -> None:
+        for e in self.tail.read():
+            kind = e.get("event")
+            self.faults.observe(e)
+            if kind == "merge":
+                self.last_merge_version[e["site"]] = e.get("version", 0)
+            elif kind == "site_ready" and f"site:{e['site']}" in self.pending:
+                group = f"site:{e['site']}"
+                lost = max(0, e.get("version", 0) - self.pending[group].get("last_version", 0))
+                self._recovered(group, e["t"], rounds_lost=lost)
+            elif kind == "coordinator_started" and "coordinator" in self.pending:
+                self._recovered("coordinator", e["t"])
+
+    def _check_heartbeats(self) -> None:
+        """A coordinator whose etcd lease lapsed while its process lives is frozen: kill it (then it restarts)."""
+        from geotrain.errors import ControlPlaneError
+        from geotrain.run.supervise import heartbeat_lost
+
+        coord = next((c for c in self.children if c.role == "coordinator" and not c.retired and not c.done), None)
+        if coord is None or self.control is None:
+            return
+        now = time.time()
+        if self.coord_seen is not None and now - self.coord_seen < 1.0:
+            return
+        try:
+            info = self.control.coordinator()
+        except ControlPlaneError:
+            self.coord_seen = now  # etcd unreachable: no verdict, and a full grace period once it is back
+            return
+        if info and info.get("pid") == coord.proc.pid:
+            self.coord_seen = now
+            return
+        verdict = heartbeat_lost(now, self.coord_seen, coord.proc.poll() is None, self.topo.recovery.heartbeat_ttl_s)
+        if verdict is not None:
+            self.events.emit("heartbeat_lost", target="coordinator", pid=coord.proc.pid, reason=verdict.reason)
+            coord.proc.kill()  # the next poll sees it dead and restarts it
+
+    # ---- stopping ----
+    def stop(self) -> None:
+        """Stop everything: workers first, then links and the coordinator (they flush stats), etcd last."""
+        if self.faults is not None:
+            self.faults.heal_all()  # never leave a process stopped or a link cut behind
+        if self.control is not None:
+            self.control.close()
+        order = {"worker": 0, "link": 1, "coordinator": 1, "etcd": 2}
+        for level in (0, 1, 2):
+            procs.terminate_all([c.proc for c in self.children if order[c.role] == level], grace_s=5.0)
+        if self.etcd is not None:
+            self.etcd.stop()
+
+
+def launch(plan: LaunchPlan, progress_factory=None) -> dict:
+    """Run the plan to completion. Returns the summary; raises RunFailed (and stops everything) on failure."""
+    launcher = Launcher(plan)
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    t0 = time.time()
+    error: GeotrainError | None = None
+    try:
+        launcher.start()
+        progress = progress_factory(launcher) if progress_factory else None
+        try:
+            launcher.watch(progress=progress.update if progress else None)
+        finally:
+            if progress:
+                progress.close()
+    except KeyboardInterrupt:
+        error = RunFailed("interrupted (Ctrl-C or SIGTERM); every process of the run was stopped")
+    except GeotrainError as exc:
+        error = exc if isinstance(exc, RunFailed) else RunFailed(str(exc))
+    finally:
+        launcher.stop()
+        signal.signal(signal.SIGTERM, previous)
+    status = "failed" if error else "completed"
+    launcher.events.emit("run_finished", status=status, reason=str(error) if error else None)
+    summary = write_summary(plan.run_dir, plan.topo, wall_seconds=time.time() - t0, link_stats=launcher.link_stats,
+                            status=status, reason=str(error) if error else None)
+    try:  # TensorBoard event files next to metrics.jsonl (tensorboard --logdir RUN_DIR/tensorboard)
+        from geotrain.analysis.exporters import export_tensorboard
+
+        export_tensorboard(plan.run_dir)
+    except Exception as exc:  # noqa: BLE001 - a convenience export must never fail a finished run
+        log.warning("TensorBoard export failed: %s", exc)
+    if error:
+        raise error
+    return summary
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt

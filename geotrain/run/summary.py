@@ -1,0 +1,98 @@
+"""summary.json: the numbers of a run, computed from its metrics.jsonl and link counters.
+
+Fields (stable): ``status`` (completed | failed), ``reason``, ``rounds_completed``,
+``initial_eval_loss``, ``final_eval_loss``, ``eval_losses`` ([round, inner step, loss] per eval),
+``wan_bytes`` (every byte that crossed an emulated link, both directions), ``links`` (bytes per
+link and direction), ``wall_seconds``, ``inner_steps`` (per site), ``tokens_per_second`` and
+``sites`` with, per site, ``compute_seconds``, ``wan_wait_seconds``, ``merges`` and ``bytes_sent``;
+``failures``, ``recoveries``, ``rounds_lost`` (rounds a recovering part missed), ``recovery_seconds``
+(one per recovery, failure to recovered) and ``checkpoint_stall_seconds`` (training time spent
+snapshotting state for background checkpoint writes, summed over site leaders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from geotrain.events import read_events
+from geotrain.config.topology import Topology
+
+
+def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, link_stats: dict[str, dict]) -> dict:
+    tr = topo.training
+    commits = [e for e in events if e["event"] == "commit"]
+    evals = sorted((e for e in events if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
+    steps = [e for e in events if e["event"] == "inner_step"]
+    merges = [e for e in events if e["event"] == "merge"]
+    # distinct commits: a resumed run redoes the rounds after its checkpoint
+    committed = len({(c.get("fragment", 0), c["round"]) for c in commits})
+    if tr.algorithm == "ddp":
+        rounds = committed // tr.inner_steps
+    elif tr.algorithm == "streaming-diloco":
+        rounds = committed // tr.streaming.fragments
+    elif tr.algorithm == "async-diloco":  # every site did this many merges at least
+        rounds = min((sum(1 for e in events if e["event"] == "merge" and e.get("site") == s.name) for s in topo.sites),
+                     default=0)
+    else:
+        rounds = committed
+    sites = {}
+    for s in topo.sites:
+        mine = [e for e in steps if e.get("site") == s.name]
+        my_merges = [e for e in merges if e.get("site") == s.name]
+        compute = sum(e.get("compute_s") or 0.0 for e in mine)
+        sites[s.name] = {
+            "workers": s.workers,
+            "inner_steps": len(mine),
+            "compute_seconds": round(compute, 3),
+            "wan_wait_seconds": round(sum(e["seconds"] for e in my_merges), 3),
+            "merges": len(my_merges),
+            "bytes_sent": sum(e.get("bytes_sent", 0) for e in my_merges),
+            "bytes_received": sum(e.get("bytes_received", 0) for e in my_merges),
+        }
+    tokens = sum(len([e for e in steps if e.get("site") == s.name]) * s.workers for s in topo.sites) \
+        * tr.batch_size * topo.model.block_size
+    failures = [e for e in events if e["event"] == "failure"]
+    recoveries = [e for e in events if e["event"] == "recovery"]
+    done = [e for e in events if e["event"] == "site_done"]
+    links = {name: {"bytes_forward": st.get("bytes_forward", 0), "bytes_backward": st.get("bytes_backward", 0)}
+             for name, st in link_stats.items()}
+    return {
+        "run": topo.name,
+        "algorithm": tr.algorithm,
+        "rounds_planned": tr.rounds,
+        "rounds_completed": rounds,
+        "initial_eval_loss": evals[0]["loss"] if evals and evals[0]["step"] == 0 else None,
+        "final_eval_loss": evals[-1]["loss"] if evals else None,
+        "eval_losses": [[e["round"], e["step"], e["loss"]] for e in evals],
+        "wan_bytes": sum(v["bytes_forward"] + v["bytes_backward"] for v in links.values()),
+        "links": links,
+        "wall_seconds": round(wall_seconds, 3),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / wall_seconds, 1) if wall_seconds > 0 else None,
+        "sites": sites,
+        "failures": len(failures),
+        "recoveries": len(recoveries),
+        "rounds_lost": sum(e.get("rounds_lost", 0) for e in recoveries),
+        "recovery_seconds": [round(e["seconds"], 3) for e in recoveries],
+        "failure_log": [{"what": e.get("what"), "target": e.get("target"), "t": e["t"], "reason": e.get("reason")}
+                        for e in failures],
+        "checkpoint_stall_seconds": round(sum(e.get("checkpoint_stall_s", 0.0) for e in done), 6),
+    }
+
+
+def write_summary(run_dir: Path, topo: Topology, *, wall_seconds: float, link_stats: dict[str, Path],
+                  status: str, reason: str | None) -> dict:
+    stats = {}
+    for name, path in link_stats.items():
+        try:
+            stats[name] = json.loads(Path(path).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            stats[name] = {}
+    summary = {"status": status, "reason": reason,
+               **compute_summary(read_events(run_dir / "metrics.jsonl"), topo, wall_seconds=wall_seconds, link_stats=stats)}
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, run_dir / "summary.json")
+    return summary

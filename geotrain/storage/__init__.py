@@ -1,0 +1,1 @@
+"""Checkpoints: parts, manifests, verification, background writes."""

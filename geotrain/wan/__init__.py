@@ -1,0 +1,1 @@
+"""The WAN: link emulators, site-to-site rings, merge plans."""

@@ -1,0 +1,750 @@
+"""Ring all-reduce among site leaders over the site-to-site WAN links (``merge: ring``/``hierarchical``).
+
+A star merge sends every site's full pseudo-gradient to the coordinator and the full result back,
+so the hub's access link carries ``2 * sites * N`` bytes per round. A ring all-reduce has no hub:
+the ``k`` leaders form a ring (leader ``i`` sends to ``i+1``), split the vector into ``k`` chunks
+and run
+
+* reduce-scatter, ``k-1`` steps: send a chunk to the successor, receive one from the predecessor,
+  add it (float32) into the local copy. Afterwards leader ``r`` holds the complete sum of chunk
+  ``(r+1) % k`` (its "owned" chunk; for ``mean`` the owner divides it by ``k``);
+* all-gather, ``k-1`` steps: pass the finished chunks around; a received chunk is copied, never
+  re-added.
+
+Every leader sends (and receives) ``2(k-1)/k * N`` bytes, every ring edge carries that much in
+parallel, whatever ``k`` is (:func:`ring_all_reduce_bytes`). Each finished chunk is computed by
+exactly one owner and then copied, so every peer ends with IDENTICAL bits (the sum of chunk ``c``
+is always associated in ring order starting at leader ``c``).
+
+``hierarchical``: sites of one region reduce among themselves first (a ring inside the region),
+the region leaders run the ring across regions, and the result goes back down the region's ring
+(:meth:`RingPeer.broadcast`, pipelined). :func:`hierarchical_groups` groups sites by region;
+:func:`hierarchical_all_reduce` composes the three phases.
+
+Wire format (TCP, one connection per ring edge, peer ``i`` dials ``i+1``; in a run the address
+dialled is the link emulator's in front of the successor):
+
+* handshake: the dialler sends ``HELLO`` (magic, protocol, rank, world, crc32); the acceptor
+  answers ``ACK`` (magic, rank, world). A dial through a link emulator whose target is not up yet
+  is closed by the emulator without an ``ACK`` and retried until the timeout;
+* a chunk travels as messages of at most :data:`PIECE` elements (256 KiB), and a piece is passed
+  on as soon as it has arrived, so a step does not wait for the whole previous chunk and the links
+  do not idle one latency per step;
+* every message is a 56-byte header (magic, kind, world, round, sender rank, step, chunk index,
+  piece index, numel of the whole vector, payload length, payload crc32, header crc32) and the raw
+  float32 payload. A receiver checks every field against what it expects, so a byte flipped in
+  transit, a peer at another round or step, or a peer with a vector of another size raises
+  :class:`~geotrain.errors.TransferCorrupt` naming the predecessor, the round and the step.
+
+Failures: no byte from the predecessor for ``timeout_s`` (inactivity, not a total deadline), a
+closed connection, or a send that cannot make progress for ``timeout_s`` raises
+:class:`~geotrain.errors.LinkError` naming the peer rank and address. A peer that fails closes
+both of its connections at once, so its neighbours fail fast too instead of waiting for their
+timeout; the ring cannot be reused after an error (build a new one).
+
+Send and receive overlap: frames go out on a per-peer sender thread while the caller receives, so
+chunks larger than the TCP buffers do not deadlock the ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+
+import numpy as np
+import torch
+
+from geotrain.errors import LinkError, TransferCorrupt
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = 1
+_MSG_MAGIC = b"GTRM"
+_HELLO_MAGIC = b"GTRH"
+_ACK_MAGIC = b"GTRA"
+# magic, kind, pad, world, round, sender, step, chunk, piece, numel, nbytes, payload crc32
+_HDR = struct.Struct("!4sBxHqIIIIQQI")
+_HDR_CRC = struct.Struct("!I")
+HEADER_BYTES = _HDR.size + _HDR_CRC.size          # framing bytes per message (56)
+_HELLO = struct.Struct("!4sHIII")                  # magic, protocol, rank, world, crc32 of the rest
+_ACK = struct.Struct("!4sII")                      # magic, rank, world
+HELLO_BYTES = _HELLO.size
+ACK_BYTES = _ACK.size
+
+KIND_REDUCE_SCATTER = 0
+KIND_ALL_GATHER = 1
+KIND_BROADCAST = 2
+_KIND_NAMES = {KIND_REDUCE_SCATTER: "reduce-scatter", KIND_ALL_GATHER: "all-gather", KIND_BROADCAST: "broadcast"}
+
+SEND_SLICE = 1 << 20            # sendall() in slices: its timeout is per slice, i.e. an inactivity timeout
+RECV_SLICE = 1 << 20
+PIECE = 1 << 16                 # elements per message (256 KiB): chunks travel as pieces, pipelined
+_OPS = ("sum", "mean")
+
+
+def _chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering ``range(numel)``; the first ``numel % parts`` are one longer."""
+    base, rem = divmod(numel, parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < rem else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _piece_bounds(lo: int, hi: int, piece: int = PIECE) -> list[tuple[int, int]]:
+    """``[lo, hi)`` in messages of at most ``piece`` elements; always at least one (possibly empty)."""
+    if hi <= lo:
+        return [(lo, lo)]
+    return [(s, min(s + piece, hi)) for s in range(lo, hi, piece)]
+
+
+def ring_all_reduce_bytes(numel: int, world: int, itemsize: int = 4, rank: int | None = None) -> int:
+    """Bytes one peer sends in one :meth:`RingPeer.all_reduce` of ``numel`` elements, framing included.
+
+    The payload is ``2 * (world-1)/world * numel * itemsize``; the framing one header of
+    :data:`HEADER_BYTES` per message (a chunk travels as messages of at most :data:`PIECE`
+    elements, so ``2 * (world-1)`` headers for small vectors, about one per 256 KiB for large ones).
+    With ``rank`` the exact count for that peer (chunks differ by one element when
+    ``numel % world != 0``); without, the mean over peers rounded up. The one-off handshake
+    (:data:`HELLO_BYTES` per connection) is not included.
+    """
+    if numel < 0 or world < 1 or itemsize < 1:
+        raise ValueError(f"numel >= 0, world >= 1, itemsize >= 1 required, got {numel}, {world}, {itemsize}")
+    if world == 1:
+        return 0
+    if rank is None:
+        return math.ceil(sum(ring_all_reduce_bytes(numel, world, itemsize, r) for r in range(world)) / world)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    bounds = _chunk_bounds(numel, world)
+    # reduce-scatter sends every chunk but (rank+1), all-gather every chunk but (rank+2)
+    total = 0
+    for skip in ((rank + 1) % world, (rank + 2) % world):
+        for c, (lo, hi) in enumerate(bounds):
+            if c != skip:
+                total += (hi - lo) * itemsize + len(_piece_bounds(lo, hi)) * HEADER_BYTES
+    return total
+
+
+def hierarchical_groups(regions: Mapping[str, str]) -> list[list[str]]:
+    """Group sites by region: ``{site: region}`` -> ``[[sites of region A], [sites of region B], ...]``.
+
+    Regions appear in the order of their first site in ``regions`` and sites keep their order, so
+    every process that reads the same topology builds the same groups. The first site of each group
+    is the region's leader (it joins the ring across regions); the leaders' ring runs in group order.
+    """
+    if not isinstance(regions, Mapping):
+        raise TypeError(f"regions must be a mapping site -> region, got {type(regions).__name__}")
+    groups: dict[str, list[str]] = {}
+    for site, region in regions.items():
+        if not isinstance(site, str) or not site:
+            raise ValueError(f"site names must be non-empty strings, got {site!r}")
+        if not isinstance(region, str) or not region:
+            raise ValueError(f"site {site!r}: region must be a non-empty string, got {region!r}")
+        groups.setdefault(region, []).append(site)
+    return list(groups.values())
+
+
+def _check_vector(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
+        raise ValueError(f"{what}: expected a 1-D float32 CPU tensor, got {x.dtype} of shape "
+                         f"{tuple(x.shape)} on {x.device}")
+
+
+class RingPeer:
+    """One site leader's end of a ring. Listens on its own TCP port; connects to its successor's address
+    (which, in a real run, is the address of the link emulator in front of the successor).
+
+    Usage, on every peer ``rank`` of ``world``::
+
+        peer = RingPeer(rank, world, listen=("0.0.0.0", 0), timeout_s=60)
+        port = peer.start()                       # publish it; the link to us targets it
+        peer.connect(successor_address)           # dial i+1, accept i-1
+        out = peer.all_reduce(pseudo_grad, op="mean", round=r)
+        peer.close()
+
+    ``timeout_s`` bounds connecting (the whole handshake) and, afterwards, any wait without progress
+    on either connection. One collective at a time per peer (calls are serialized).
+    """
+
+    def __init__(self, rank: int, world: int, listen: tuple[str, int] = ("127.0.0.1", 0),
+                 timeout_s: float = 120.0) -> None:
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise ValueError(f"world must be an int >= 1, got {world!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+            raise ValueError(f"rank must be an int in [0, {world}), got {rank!r}")
+        if world > 0xFFFF:
+            raise ValueError(f"world must be <= 65535, got {world}")
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
+        self.rank = rank
+        self.world = world
+        self.listen = (listen[0], int(listen[1]))
+        self.timeout_s = float(timeout_s)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.successor: tuple[str, int] | None = None
+        self.predecessor_addr: str | None = None
+        self._port: int | None = None
+        self._listener: socket.socket | None = None
+        self._send_sock: socket.socket | None = None
+        self._recv_sock: socket.socket | None = None
+        self._sender: ThreadPoolExecutor | None = None
+        self._send_error: LinkError | None = None
+        self._broken: BaseException | None = None
+        self._connected = False
+        self._closed = False
+        self._op_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+
+    # -- naming --------------------------------------------------------------------------------
+    @property
+    def successor_rank(self) -> int:
+        return (self.rank + 1) % self.world
+
+    @property
+    def predecessor_rank(self) -> int:
+        return (self.rank - 1) % self.world
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise LinkError(f"{self._me()}: not started")
+        return self._port
+
+    def _me(self) -> str:
+        return f"ring peer {self.rank}/{self.world}"
+
+    def _succ(self) -> str:
+        addr = f"{self.successor[0]}:{self.successor[1]}" if self.successor else "?"
+        return f"successor rank {self.successor_rank} at {addr}"
+
+    def _pred(self) -> str:
+        return f"predecessor rank {self.predecessor_rank} at {self.predecessor_addr or '?'}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> int:
+        """Bind and listen on ``listen``; return the port. Idempotent."""
+        with self._state_lock:
+            if self._closed:
+                raise LinkError(f"{self._me()}: closed")
+            if self._port is not None:
+                return self._port
+            family = socket.AF_INET6 if ":" in self.listen[0] else socket.AF_INET
+            ls = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                ls.bind(self.listen)
+                ls.listen(16)
+            except OSError as exc:
+                ls.close()
+                raise LinkError(f"{self._me()}: cannot listen on {self.listen[0]}:{self.listen[1]}: {exc}") from exc
+            self._listener = ls
+            self._port = ls.getsockname()[1]
+            return self._port
+
+    def connect(self, successor: tuple[str, int]) -> None:
+        """Dial the successor (retrying until ``timeout_s``) and accept the predecessor's connection.
+
+        Both happen concurrently; returns when both handshakes are done. Raises :class:`LinkError`
+        naming the peer that could not be reached (or did not call in) within the timeout.
+        """
+        if self._closed:
+            raise LinkError(f"{self._me()}: closed")
+        if self._connected:
+            raise LinkError(f"{self._me()}: already connected")
+        self.successor = (successor[0], int(successor[1]))
+        if self.world == 1:
+            self._connected = True
+            return
+        self.start()
+        deadline = time.monotonic() + self.timeout_s
+        cancel = threading.Event()
+        accepted: dict[str, object] = {}
+
+        def accept() -> None:
+            try:
+                accepted["sock"] = self._accept_predecessor(deadline, cancel)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                accepted["error"] = exc
+                cancel.set()
+
+        t = threading.Thread(target=accept, name=f"ring{self.rank}-accept", daemon=True)
+        t.start()
+        try:
+            send_sock = self._dial(deadline, cancel)
+        except BaseException:
+            cancelled_by_accept = cancel.is_set()  # the accept side failed first and stopped the dial
+            cancel.set()
+            t.join()
+            if isinstance(accepted.get("sock"), socket.socket):
+                accepted["sock"].close()  # type: ignore[union-attr]
+            if cancelled_by_accept and isinstance(accepted.get("error"), BaseException):
+                raise accepted["error"]  # type: ignore[misc]  # the cause, not "dial cancelled"
+            raise
+        t.join()
+        if "error" in accepted:
+            send_sock.close()
+            raise accepted["error"]  # type: ignore[misc]
+        recv_sock = accepted["sock"]
+        assert isinstance(recv_sock, socket.socket)
+        for s in (send_sock, recv_sock):
+            with suppress(OSError):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(self.timeout_s)
+        with self._state_lock:
+            if self._closed:
+                send_sock.close()
+                recv_sock.close()
+                raise LinkError(f"{self._me()}: closed while connecting")
+            self._send_sock, self._recv_sock = send_sock, recv_sock
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ring{self.rank}-send")
+            self._connected = True
+            if self._listener is not None:   # the ring is formed: nobody else may call in
+                with suppress(OSError):
+                    self._listener.close()
+                self._listener = None
+        log.debug("%s: connected (%s, %s)", self._me(), self._succ(), self._pred())
+
+    def _dial(self, deadline: float, cancel: threading.Event) -> socket.socket:
+        host, port = self.successor  # type: ignore[misc]
+        hello = _HELLO.pack(_HELLO_MAGIC, PROTOCOL, self.rank, self.world, 0)
+        hello = hello[:-4] + struct.pack("!I", zlib.crc32(hello[:-4]))
+        delay, last = 0.02, "no attempt"
+        while True:
+            if cancel.is_set():
+                raise LinkError(f"{self._me()}: connecting to {self._succ()} cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkError(f"{self._me()}: cannot connect to {self._succ()} within {self.timeout_s:g}s "
+                                f"(last attempt: {last})")
+            s = None
+            try:
+                s = socket.create_connection((host, port), timeout=min(left, 5.0))
+                s.settimeout(max(0.05, min(deadline - time.monotonic(), 0.5)))
+                s.sendall(hello)
+                # The successor answers once its connect() runs; wait for it in short slices so a
+                # cancel (our own accept failed) is noticed.
+                ack = bytearray()
+                while len(ack) < ACK_BYTES:
+                    try:
+                        part = s.recv(ACK_BYTES - len(ack))
+                    except socket.timeout:
+                        if cancel.is_set() or time.monotonic() >= deadline:
+                            raise
+                        continue
+                    if not part:
+                        raise ConnectionError("closed before the handshake was acknowledged")
+                    ack += part
+                magic, rank, world = _ACK.unpack(bytes(ack))
+                if magic != _ACK_MAGIC:
+                    raise ConnectionError(f"not a ring peer (handshake answer {bytes(ack)!r})")
+                if rank != self.successor_rank or world != self.world:
+                    s.close()
+                    raise LinkError(f"{self._me()}: {self._succ()} is rank {rank} of a ring of {world}, "
+                                    f"expected rank {self.successor_rank} of {self.world}")
+                return s
+            except LinkError:
+                raise
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if s is not None:
+                    s.close()
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
+
+    def _accept_predecessor(self, deadline: float, cancel: threading.Event) -> socket.socket:
+        ls = self._listener
+        assert ls is not None
+        ls.settimeout(0.1)
+        while True:
+            if cancel.is_set():
+                raise LinkError(f"{self._me()}: waiting for {self._pred()} cancelled")
+            if time.monotonic() >= deadline:
+                raise LinkError(f"{self._me()}: predecessor rank {self.predecessor_rank} did not connect to "
+                                f"port {self._port} within {self.timeout_s:g}s")
+            try:
+                c, addr = ls.accept()
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                raise LinkError(f"{self._me()}: accepting the predecessor's connection failed: {exc}") from exc
+            try:
+                c.settimeout(max(0.05, min(deadline - time.monotonic(), 10.0)))
+                raw = _recv_exact(c, HELLO_BYTES)
+            except (OSError, EOFError) as exc:
+                log.debug("%s: dropped a connection from %s before its handshake: %s", self._me(), addr, exc)
+                c.close()
+                continue
+            magic, proto, rank, world, crc = _HELLO.unpack(raw)
+            if magic != _HELLO_MAGIC or crc != zlib.crc32(raw[:-4]):
+                log.warning("%s: dropped a connection from %s:%s that is not a ring peer", self._me(), addr[0], addr[1])
+                c.close()
+                continue
+            with suppress(OSError):
+                c.sendall(_ACK.pack(_ACK_MAGIC, self.rank, self.world))
+            if proto != PROTOCOL or rank != self.predecessor_rank or world != self.world:
+                c.close()
+                raise LinkError(f"{self._me()}: a peer at {addr[0]}:{addr[1]} called in as rank {rank} of a ring of "
+                                f"{world} (protocol {proto}); expected rank {self.predecessor_rank} of {self.world} "
+                                f"(protocol {PROTOCOL})")
+            self.predecessor_addr = f"{addr[0]}:{addr[1]}"
+            return c
+
+    def close(self) -> None:
+        """Close both connections and the listener; stop the sender thread. Idempotent."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            socks = [s for s in (self._send_sock, self._recv_sock, self._listener) if s is not None]
+            sender = self._sender
+        for s in socks:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        if sender is not None:
+            sender.shutdown(wait=True, cancel_futures=True)
+        for s in socks:
+            with suppress(OSError):
+                s.close()
+
+    def __enter__(self) -> RingPeer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- collectives ---------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor, op: str = "mean", round: int = 0, codec: str = "fp32",
+                   block: int = 256) -> torch.Tensor:
+        """Sum or mean of ``x`` over the ring; returns a new tensor, bitwise identical on every peer.
+
+        ``x`` (1-D float32 CPU, the same numel on every peer) is not modified. ``round`` tags every
+        message: a peer at another round raises :class:`TransferCorrupt`. ``codec`` (fp16, bf16,
+        int8, int4; :mod:`geotrain.wire.compress`, every peer must use the same): each piece travels
+        encoded. In reduce-scatter a peer decodes the partial sum it receives, adds its own part in
+        float32 and encodes the new partial sum for its successor; the owner of a finished chunk
+        encodes it once, keeps exactly what it encoded (decoded), and all-gather passes those same
+        bytes on, so every peer still ends with identical bits.
+        """
+        _check_vector(x, f"{self._me()}: all_reduce")
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+        from geotrain.wire.compress import _check_codec
+
+        _check_codec(codec)
+        work = x.detach().contiguous().clone().numpy()
+        if self.world == 1:
+            return torch.from_numpy(work)
+        with self._op_lock:
+            self._check_usable()
+            try:
+                self._all_reduce(work, op, int(round), _Codec(codec, block))
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+        return torch.from_numpy(work)
+
+    def broadcast(self, x: torch.Tensor, root: int = 0, round: int = 0, codec: str = "fp32",
+                  block: int = 256) -> torch.Tensor:
+        """``root``'s ``x`` on every peer (pipelined down the ring in 256 KiB frames); returns a new tensor.
+
+        Every peer passes a tensor of the same numel (non-roots' values are ignored). With a ``codec``
+        the root encodes ``x`` once and every peer, the root included, returns the decoded bytes.
+        """
+        _check_vector(x, f"{self._me()}: broadcast")
+        if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.world:
+            raise ValueError(f"root must be an int in [0, {self.world}), got {root!r}")
+        from geotrain.wire.compress import Encoded, decode, encode, wire_bytes
+
+        n = x.numel()
+        if self.world == 1:
+            return x.detach().contiguous().clone()
+        if codec == "fp32":
+            out = x.detach().contiguous().clone().numpy() if self.rank == root else np.empty(n, dtype=np.float32)
+        elif self.rank == root:
+            out = np.frombuffer(bytearray(encode(x.detach().contiguous(), codec, block).payload), dtype=np.uint8)
+        else:
+            out = np.empty(wire_bytes(n, codec, block), dtype=np.uint8)
+        with self._op_lock:
+            self._check_usable()
+            try:
+                self._broadcast(out, root, int(round))
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+        if codec != "fp32":
+            return decode(Encoded(codec, n, block, out.tobytes()))
+        return torch.from_numpy(out)
+
+    def _all_reduce(self, work: np.ndarray, op: str, rnd: int, codec: _Codec) -> None:
+        """Reduce-scatter then all-gather, pipelined: each chunk travels as pieces, and a piece is passed
+        on as soon as it has arrived (and, in reduce-scatter, been added to), so the links stay busy
+        instead of idling one latency per step."""
+        w, r, n = self.world, self.rank, work.size
+        steps = w - 1
+        pieces = [_piece_bounds(lo, hi) for lo, hi in _chunk_bounds(n, w)]
+        scratch = np.empty(max(hi - lo for lo, hi in pieces[0]), dtype=np.float32)  # chunk 0 is the largest
+        pending: list[Future] = []
+        rs_sent: dict[tuple[int, int], Future] = {}     # (chunk, piece) -> its reduce-scatter send
+
+        def post(kind: int, step: int, chunk: int, j: int, arr: np.ndarray) -> None:
+            f = self._post(kind, rnd, step, chunk, j, n, arr)
+            pending.append(f)
+            if kind == KIND_REDUCE_SCATTER:
+                rs_sent[(chunk, j)] = f
+
+        def recv(kind: int, step: int, chunk: int, j: int, out: np.ndarray) -> np.ndarray | None:
+            """Receive a piece into ``out`` (float32); with a codec return the bytes as received."""
+            if codec.plain:
+                self._recv(kind, rnd, step, chunk, j, n, out)
+                return None
+            raw = np.empty(codec.size(out.size), dtype=np.uint8)
+            self._recv(kind, rnd, step, chunk, j, n, raw)
+            out[:] = codec.decode(raw, out.size)
+            return raw
+
+        # reduce-scatter: at step s send chunk (r-s), receive chunk (r-s-1) and add our own part into it;
+        # a received piece is the piece we send at step s+1. After the last step chunk (r+1) is final.
+        for j, (lo, hi) in enumerate(pieces[r]):
+            post(KIND_REDUCE_SCATTER, 0, r, j, codec.wire(work[lo:hi]))
+        for s in range(steps):
+            rc = (r - s - 1) % w
+            for j, (lo, hi) in enumerate(pieces[rc]):
+                incoming = scratch[:hi - lo]
+                recv(KIND_REDUCE_SCATTER, s, rc, j, incoming)
+                mine = work[lo:hi]
+                np.add(incoming, mine, out=mine)
+                if s + 1 < steps:
+                    post(KIND_REDUCE_SCATTER, s + 1, rc, j, codec.wire(mine))
+                else:
+                    # chunk (r+1) is ours: computed here once, then only copied around
+                    if op == "mean":
+                        np.divide(mine, np.float32(w), out=mine)
+                    wire = codec.wire(mine)
+                    if not codec.plain:  # keep exactly what the others will decode
+                        mine[:] = codec.decode(wire, hi - lo)
+                    post(KIND_ALL_GATHER, steps, rc, j, wire)
+        # all-gather: at step s send chunk (r+1-s), receive chunk (r-s) (final) and copy it
+        for s in range(steps):
+            rc = (r - s) % w
+            step = steps + s
+            for j, (lo, hi) in enumerate(pieces[rc]):
+                sent = rs_sent.get((rc, j))
+                if sent is not None:        # we sent this piece in reduce-scatter: it must be out first
+                    sent.result()
+                raw = recv(KIND_ALL_GATHER, step, rc, j, work[lo:hi])
+                if s + 1 < steps:  # pass on the bytes as received: never re-encoded
+                    post(KIND_ALL_GATHER, step + 1, rc, j, work[lo:hi] if raw is None else raw)
+        self._drain(pending)
+
+    def _broadcast(self, out: np.ndarray, root: int, rnd: int) -> None:
+        n = out.size
+        last = (root - 1) % self.world        # the peer before the root does not forward
+        pending: list[Future] = []
+        for j, (lo, hi) in enumerate(_piece_bounds(0, n)):
+            if self.rank != root:
+                self._recv(KIND_BROADCAST, rnd, 0, 0, j, n, out[lo:hi])
+            if self.rank != last:
+                pending.append(self._post(KIND_BROADCAST, rnd, 0, 0, j, n, out[lo:hi]))
+        self._drain(pending)
+
+    # -- framing -------------------------------------------------------------------------------
+    def _post(self, kind: int, rnd: int, step: int, chunk: int, piece: int, numel: int, arr: np.ndarray) -> Future:
+        """Queue one frame for the sender thread (FIFO). ``arr`` must not change until it is sent."""
+        assert self._sender is not None
+        return self._sender.submit(self._send_frame, kind, rnd, step, chunk, piece, numel, arr)
+
+    def _send_frame(self, kind: int, rnd: int, step: int, chunk: int, piece: int, numel: int,
+                    arr: np.ndarray) -> None:
+        if self._send_error is not None:
+            raise self._send_error
+        payload = memoryview(np.ascontiguousarray(arr)).cast("B")
+        hdr = _HDR.pack(_MSG_MAGIC, kind, self.world, rnd, self.rank, step, chunk, piece, numel, len(payload),
+                        zlib.crc32(payload))
+        hdr += _HDR_CRC.pack(zlib.crc32(hdr))
+        sock = self._send_sock
+        assert sock is not None
+        try:
+            if len(payload) <= 65536:
+                sock.sendall(hdr + payload.tobytes())
+            else:
+                sock.sendall(hdr)
+                for off in range(0, len(payload), SEND_SLICE):
+                    sock.sendall(payload[off:off + SEND_SLICE])
+        except OSError as exc:
+            why = f"no progress for {self.timeout_s:g}s" if isinstance(exc, socket.timeout) else \
+                (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            err = LinkError(f"{self._me()}: sending round {rnd} step {step} ({_KIND_NAMES[kind]}) to "
+                            f"{self._succ()} failed: {why}")
+            if self._send_error is None:
+                self._send_error = err
+            self._abort_sockets()       # unblock the receiving caller at once
+            raise err from exc
+        self.bytes_sent += len(hdr) + len(payload)
+
+    def _recv(self, kind: int, rnd: int, step: int, chunk: int, piece: int, numel: int, out: np.ndarray) -> None:
+        """Receive one frame into ``out`` and check every header field and the payload crc32."""
+        where = f"round {rnd} step {step} ({_KIND_NAMES[kind]})"
+        raw = self._recv_bytes(HEADER_BYTES, where)
+        hdr, (hcrc,) = raw[:_HDR.size], _HDR_CRC.unpack(raw[_HDR.size:])
+        if zlib.crc32(hdr) != hcrc:
+            raise TransferCorrupt(f"{self._me()}: corrupt message header from {self._pred()} at {where} "
+                                  f"(header crc32 mismatch)")
+        magic, k, world, r_rnd, sender, r_step, r_chunk, r_piece, r_numel, nbytes, pcrc = _HDR.unpack(hdr)
+        expected = {"magic": (_MSG_MAGIC, magic), "kind": (kind, k), "world": (self.world, world),
+                    "round": (rnd, r_rnd), "sender": (self.predecessor_rank, sender), "step": (step, r_step),
+                    "chunk": (chunk, r_chunk), "piece": (piece, r_piece), "numel": (numel, r_numel),
+                    "bytes": (out.nbytes, nbytes)}
+        bad = [f"{name} {got!r} (expected {want!r})" for name, (want, got) in expected.items() if want != got]
+        if bad:
+            hint = ""
+            if r_numel != numel:
+                hint = f"; the predecessor reduces a vector of {r_numel} elements, this peer {numel}"
+            elif r_rnd != rnd:
+                hint = f"; the predecessor is at round {r_rnd}"
+            raise TransferCorrupt(f"{self._me()}: unexpected message from {self._pred()} at {where}: "
+                                  f"{', '.join(bad)}{hint}")
+        view = memoryview(out).cast("B")
+        self._recv_into(view, where)
+        if zlib.crc32(view) != pcrc:
+            raise TransferCorrupt(f"{self._me()}: payload from {self._pred()} failed its crc32 at {where} "
+                                  f"(chunk {chunk} piece {piece}, {nbytes} bytes)")
+        self.bytes_received += HEADER_BYTES + nbytes
+
+    def _recv_bytes(self, n: int, where: str) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf), where)
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview, where: str) -> None:
+        sock = self._recv_sock
+        assert sock is not None
+        got, total = 0, len(view)
+        while got < total:
+            try:
+                k = sock.recv_into(view[got:], min(total - got, RECV_SLICE))
+            except OSError as exc:
+                raise self._recv_failure(exc, where) from exc
+            if k == 0:
+                raise self._recv_failure(None, where)
+            got += k
+
+    def _recv_failure(self, exc: OSError | None, where: str) -> LinkError:
+        if self._send_error is not None:
+            return self._send_error
+        if exc is None:
+            why = "closed the connection (it died or gave up)"
+        elif isinstance(exc, socket.timeout):
+            why = f"sent nothing for {self.timeout_s:g}s (dead, stalled or partitioned)"
+        else:
+            why = f"connection failed: {type(exc).__name__}: {exc}" if str(exc) else \
+                f"connection failed: {type(exc).__name__}"
+        return LinkError(f"{self._me()}: {self._pred()} {why}, at {where}")
+
+    def _drain(self, pending: list[Future]) -> None:
+        """Wait for queued frames to be written (each send has its own inactivity timeout)."""
+        for f in pending:
+            f.result()
+        pending.clear()
+
+    # -- failure -------------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LinkError(f"{self._me()}: closed")
+        if not self._connected:
+            raise LinkError(f"{self._me()}: not connected (call start() and connect() first)")
+        if self._broken is not None:
+            raise LinkError(f"{self._me()}: unusable after an earlier failure ({self._broken}); build a new ring")
+
+    def _abort_sockets(self) -> None:
+        for s in (self._send_sock, self._recv_sock):
+            if s is not None:
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def _fail(self, exc: BaseException) -> None:
+        """After any error the stream position is unknown: close both connections so the neighbours
+        fail fast too, and refuse further collectives."""
+        self._broken = exc
+        self._abort_sockets()
+        if self._sender is not None:
+            self._sender.shutdown(wait=False, cancel_futures=True)
+
+
+class _Codec:
+    """How the pieces of one all-reduce travel: float32 as they are, or encoded (geotrain.wire.compress)."""
+
+    def __init__(self, codec: str, block: int) -> None:
+        self.codec, self.block, self.plain = codec, block, codec == "fp32"
+
+    def size(self, numel: int) -> int:
+        from geotrain.wire.compress import wire_bytes
+
+        return wire_bytes(numel, self.codec, self.block)
+
+    def wire(self, arr: np.ndarray) -> np.ndarray:
+        """What to send for ``arr``: ``arr`` itself (fp32; it must not change until sent) or its encoding."""
+        if self.plain:
+            return arr
+        from geotrain.wire.compress import encode
+
+        return np.frombuffer(encode(torch.from_numpy(np.ascontiguousarray(arr)), self.codec, self.block).payload,
+                             dtype=np.uint8)
+
+    def decode(self, raw: np.ndarray, numel: int) -> np.ndarray:
+        from geotrain.wire.compress import Encoded, decode
+
+        return decode(Encoded(self.codec, numel, self.block, raw.tobytes())).numpy()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += part
+    return bytes(buf)
+
+
+def hierarchical_all_reduce(x: torch.Tensor, *, local: RingPeer | None, leaders: RingPeer | None, world: int,
+                            op: str = "mean", round: int = 0, codec: str = "fp32", block: int = 256) -> torch.Tensor:
+    """Two-level all-reduce: inside the region, across region leaders, back down the region.
+
+    ``local`` is this site's ring inside its region (rank 0 = the region's leader; None when the
+    region has one site); ``leaders`` the ring of region leaders (only on a leader; None when there
+    is one region). ``world`` is the total number of sites (for ``mean``). Every site of every region
+    ends with identical bits: the leaders' ring makes the leaders' results identical and the
+    region's broadcast copies the leader's result.
+    """
+    _check_vector(x, "hierarchical_all_reduce")
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be an int >= 1, got {world!r}")
+    is_leader = local is None or local.rank == 0
+    if leaders is not None and not is_leader:
+        raise ValueError("only a region's leader (local rank 0) takes part in the leaders' ring")
+    partial = local.all_reduce(x, "sum", round, codec, block) if local is not None else x.detach().contiguous().clone()
+    if is_leader:
+        total = leaders.all_reduce(partial, "sum", round, codec, block) if leaders is not None else partial
+        if op == "mean":
+            arr = total.numpy()
+            np.divide(arr, np.float32(world), out=arr)
+    else:
+        total = partial
+    return local.broadcast(total, root=0, round=round, codec=codec, block=block) if local is not None else total

@@ -1,0 +1,1 @@
+"""What crosses the wire: tensor streams and codecs."""

@@ -1,0 +1,70 @@
+"""Typed outcomes of coordinator calls, and the one place they become exceptions.
+
+A refusal crosses the wire as a value (an :class:`Outcome`), never as message text that the
+other side parses. The coordinator names the outcome when it refuses a call; the client turns
+it into the matching :mod:`geotrain.errors` exception with :func:`error_for`; code that must
+decide what to do next asks :func:`outcome_of` (or the exception's ``outcome``), never ``str(exc)``.
+
+    Outcome            exception               what the site does next (geotrain.worker.retry)
+    STALE              StaleRound              rejoin: the round was committed without this update
+    FUTURE             StaleRound              rejoin: fetch the version the round needs first
+    DUPLICATE          StaleRound              fetch the commit: the coordinator holds this update
+    NOT_MEMBER         StaleRound              rejoin: the site was dropped from the round
+    ROUND_FAILED       QuorumLost              send again: too few sites, the round reopened
+    RING_ABANDONED     RingAbandoned           merge this round through the star
+    FENCED             CoordinatorUnavailable  retry: a newer coordinator takes over
+    UNAVAILABLE        CoordinatorUnavailable  retry with backoff until the deadline
+    CORRUPT            TransferCorrupt         retry (idempotent calls) or fail
+    INVALID            GeotrainError           fail: the request itself is wrong
+    NOT_IN_TOPOLOGY    GeotrainError           fail: this site is not in the run's topology
+"""
+
+from __future__ import annotations
+
+import enum
+
+from geotrain import errors
+
+
+class Outcome(enum.IntEnum):
+    """Why a call did not succeed (OK: it did). Numbers are the wire's (protos: ``Outcome``)."""
+
+    OK = 0
+    STALE = 1
+    FUTURE = 2
+    DUPLICATE = 3
+    NOT_MEMBER = 4
+    ROUND_FAILED = 5
+    RING_ABANDONED = 6
+    FENCED = 7
+    UNAVAILABLE = 8
+    CORRUPT = 9
+    INVALID = 10
+    NOT_IN_TOPOLOGY = 11
+
+
+_EXCEPTION = {
+    Outcome.STALE: errors.StaleRound,
+    Outcome.FUTURE: errors.StaleRound,
+    Outcome.DUPLICATE: errors.StaleRound,
+    Outcome.NOT_MEMBER: errors.StaleRound,
+    Outcome.ROUND_FAILED: errors.QuorumLost,
+    Outcome.RING_ABANDONED: errors.RingAbandoned,
+    Outcome.FENCED: errors.CoordinatorUnavailable,
+    Outcome.UNAVAILABLE: errors.CoordinatorUnavailable,
+    Outcome.CORRUPT: errors.TransferCorrupt,
+    Outcome.INVALID: errors.GeotrainError,
+    Outcome.NOT_IN_TOPOLOGY: errors.GeotrainError,
+}
+
+
+def error_for(outcome: Outcome, message: str) -> errors.GeotrainError:
+    """The exception for a refused call; it carries the outcome (``exc.outcome``)."""
+    exc = _EXCEPTION.get(Outcome(outcome), errors.GeotrainError)(message)
+    exc.outcome = Outcome(outcome)
+    return exc
+
+
+def outcome_of(exc: BaseException) -> Outcome | None:
+    """The outcome a geotrain exception carries (None: not a refusal by the coordinator)."""
+    return getattr(exc, "outcome", None)

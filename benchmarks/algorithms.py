@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, launch, save  # noqa: E402
 
 from geotrain.wire.compress import wire_bytes  # noqa: E402
-from geotrain.orchestrator.server import fragment_slices  # noqa: E402
+from geotrain.wire.fragments import fragment_slices  # noqa: E402
 
 DEMO = REPO / "topologies" / "demo.yaml"
 THREE = REPO / "topologies" / "three-continents.yaml"

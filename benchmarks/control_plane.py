@@ -124,7 +124,7 @@ class Sites:
         import numpy as np
 
         from geotrain._proto import coordinator_pb2_grpc as pb_grpc
-        from geotrain.orchestrator.server import GRPC_OPTIONS
+        from geotrain.wire.channel import GRPC_OPTIONS
 
         self.names = [f"s{i:04d}" for i in range(n)]
         opts = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]

@@ -108,7 +108,7 @@ class DiLoCo:
         if algorithm == "streaming-diloco":
             from concurrent.futures import ThreadPoolExecutor
 
-            from geotrain.orchestrator.server import fragment_slices
+            from geotrain.wire.fragments import fragment_slices
 
             self._slices = fragment_slices(self.global_flat.numel(), self.P)
             self._offsets = [((f + 1) * self.H // self.P) % self.H for f in range(self.P)]

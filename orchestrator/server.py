@@ -26,11 +26,12 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geotrain.wire import transport
+from geotrain.wire.channel import GRPC_OPTIONS
+from geotrain.wire.fragments import fragment_slices
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import TransferCorrupt
@@ -42,10 +43,6 @@ from geotrain.config.topology import OuterOptimizerConfig
 
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.max_receive_message_length", 16 << 20),
-]
 
 
 @dataclass
@@ -64,12 +61,6 @@ class CoordinatorConfig:
     staleness_weight: str = "inverse"  # async-diloco
     delayed_nesterov: bool = True  # async-diloco
     rings: bool = False  # training.merge is ring or hierarchical: leaders rebuild their rings when told to
-
-
-def fragment_slices(numel: int, fragments: int) -> list[slice]:
-    """P contiguous, near-equal slices of the flat parameter vector (sites compute the same)."""
-    bounds = np.linspace(0, numel, fragments + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass

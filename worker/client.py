@@ -20,17 +20,10 @@ from geotrain.wire import transport
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import CoordinatorUnavailable, GeotrainError, QuorumLost, StaleRound, TransferCorrupt
-from geotrain.orchestrator.server import GRPC_OPTIONS
+from geotrain.wire.channel import CLIENT_OPTIONS, GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
-# Reconnect fast after a coordinator restart (gRPC's default backoff grows to two minutes), and
-# never through an HTTP proxy from the environment.
-CLIENT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.enable_http_proxy", 0),
-]
 
 
 class CoordinatorClient:

@@ -304,3 +304,27 @@ def mean_decoded(encoded: list[Encoded]) -> torch.Tensor:
         acc.add_(decode(e))
     return acc.div_(len(encoded))
 
+
+
+class UpdateEncoder:
+    """Encodes the vectors one sender puts on the wire: with its codec and, unless turned off, with
+    error feedback kept per vector (``key``: a fragment, say). The one place both the sites (their
+    updates) and the coordinator (the change it sends back) compress.
+    """
+
+    def __init__(self, codec: str, block: int = 256, error_feedback: bool = True) -> None:
+        self.codec, self.block, self.error_feedback = codec, block, error_feedback
+        self._feedback: dict[int, ErrorFeedback] = {}
+
+    def encode(self, x: torch.Tensor, key: int = 0) -> Encoded | None:
+        """``x`` encoded for the wire, or None for fp32 (sent as it is)."""
+        if self.codec == "fp32":
+            return None
+        if not self.error_feedback:
+            return encode(x, self.codec, self.block)
+        ef = self._feedback.setdefault(key, ErrorFeedback(x.numel()))
+        return ef.encode(x, self.codec, self.block)
+
+    def forget(self, key: int = 0) -> None:
+        """Drop what error feedback held for ``key`` (it belonged to an update that was discarded)."""
+        self._feedback.pop(key, None)

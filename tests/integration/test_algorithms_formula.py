@@ -10,7 +10,8 @@ import threading
 import pytest
 import torch
 
-from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server, fragment_slices
+from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+from geotrain.wire.fragments import fragment_slices
 from geotrain.sdk import DiLoCo, SiteContext
 from geotrain.config.topology import OuterOptimizerConfig
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
-from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+from geotrain.config.derive import coordinator_config
+from geotrain.orchestrator.server import CoordinatorService, create_server
 from geotrain.run.site import checkpoint_dir
 from geotrain.config.topology import Topology, load_any
 
@@ -74,15 +75,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                                                                seconds=round(sec, 6), bytes=size),
                                   on_error=lambda r, exc: events.emit("checkpoint_failed", round=r, part=COORDINATOR_PART,
                                                                       reason=str(exc)))
-    cfg = CoordinatorConfig(sites=tuple(topo.site_names), algorithm=topo.training.algorithm,
-                            outer=topo.training.outer_optimizer, round_timeout_s=topo.training.round_timeout_s,
-                            min_sites=topo.recovery.min_sites, checkpoint_every=topo.checkpoint.every_rounds,
-                            codec=topo.training.compression.codec, block=topo.training.compression.block,
-                            error_feedback=topo.training.compression.error_feedback,
-                            fragments=topo.training.streaming.fragments,
-                            staleness_weight=topo.training.asynchronous.staleness_weight,
-                            delayed_nesterov=topo.training.asynchronous.delayed_nesterov,
-                            rings=topo.training.merge != "star" and len(topo.sites) > 1)
+    cfg = coordinator_config(topo)
     service = CoordinatorService(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
     server, port = create_server(service, bind)
     exporter, metrics_url = None, None

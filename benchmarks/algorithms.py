@@ -64,6 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, launch, save  # noqa: E402
 
+from geotrain.events import read_events  # noqa: E402
 from geotrain.wire.compress import wire_bytes  # noqa: E402
 from geotrain.wire.fragments import fragment_slices  # noqa: E402
 
@@ -100,8 +101,7 @@ TMP = Path(tempfile.mkdtemp(prefix="geotrain-algorithms-"))
 def run(tag: str, topology: Path, *overrides: str) -> dict:
     t = time.perf_counter()
     s = launch(topology, *overrides, run_dir=TMP / tag)
-    s["events"] = [json.loads(line) for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()]
+    s["events"] = read_events(Path(s["run_dir"]) / "metrics.jsonl")
     s["bench_seconds"] = time.perf_counter() - t
     print(f"  ran {tag:24} {s['bench_seconds']:6.1f} s  final eval loss {s['final_eval_loss']:.4f}", flush=True)
     return s
@@ -143,7 +143,7 @@ def run_until_evaluator_done(tag: str, topology: Path, *overrides: str) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
     s["run_dir"] = str(run_dir)
     s["stopped_after_evaluator_done"] = stopped
-    s["events"] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    s["events"] = read_events(metrics)
     s["bench_seconds"] = time.perf_counter() - t
     print(f"  ran {tag:24} {s['bench_seconds']:6.1f} s  final eval loss {s['final_eval_loss']:.4f}"
           f"{'  (stopped once ' + evaluator + ' was done)' if stopped else ''}", flush=True)

@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/control_plane.py [--sites 100 1000] [--numel 1000] [--rounds 3]
 
-The coordinator is geotrain's CoordinatorService served by ``create_server`` (real gRPC on loopback,
+The coordinator is geotrain's CoordinatorEngine served by ``create_server`` (real gRPC on loopback,
 its default thread pool of max(16, 4 * sites + 8) workers), in a process of its own so that its memory,
 CPU time, threads and file descriptors (read from its /proc/self/status, /proc/self/stat and
 /proc/self/fd; psutil is not installed here) are its own and not the simulated sites'. Its
-``CoordinatorConfig(sites=...)`` lists N sites ``s0000 .. s<N-1>``; its model is ``--numel`` float32s.
+``EngineConfig(sites=...)`` lists N sites ``s0000 .. s<N-1>``; its model is ``--numel`` float32s.
 
 The N simulated sites live in this process: one asyncio loop issuing N concurrent Merge calls with
 geotrain's stub and wire format (``geotrain.wire.transport.encode``/``decode``), each site on a gRPC channel
@@ -66,10 +66,11 @@ def _coordinator(n_sites: int, numel: int, events_path: str, max_workers: int | 
     import torch
 
     from geotrain.events import EventLog
-    from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+    from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
+    from geotrain.orchestrator.server import create_server
 
     names = tuple(f"s{i:04d}" for i in range(n_sites))
-    svc = CoordinatorService(CoordinatorConfig(sites=names, round_timeout_s=round_timeout_s),
+    svc = CoordinatorEngine(EngineConfig(sites=names, round_timeout_s=round_timeout_s),
                              events=EventLog(events_path, "coordinator"))
     svc.params = torch.zeros(numel)
     before = proc_status()

@@ -9,7 +9,7 @@ Every site merges a pseudo-gradient of ``numel`` float32 (8 MB by default); all 
 over one proxy). Three setups, each timed from "go" until the last site has the merged vector:
 
 * ``star`` (the physical model): the sites reach the hub (geotrain's real gRPC coordinator,
-  ``CoordinatorService`` with algorithm "ddp", which averages; the sites use
+  ``CoordinatorEngine`` with algorithm "ddp", which averages; the sites use
   ``CoordinatorClient.merge`` as the SDK does) through ONE link in front of the hub: the hub's
   access link. All ``k`` sites upload ``N`` bytes over it and download ``N`` bytes back, so it
   carries ``k*N`` each way. The sites' own access links carry ``N`` each way and are not the
@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
 from geotrain.wan.link import LinkParams, LinkProxy  # noqa: E402
-from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server  # noqa: E402
+from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig  # noqa: E402
+from geotrain.orchestrator.server import create_server  # noqa: E402
 from geotrain.wan.ring import PIECE, RingPeer, ring_all_reduce_bytes  # noqa: E402
 from geotrain.worker.client import CoordinatorClient  # noqa: E402
 
@@ -91,7 +92,7 @@ def _check(results: list, xs: list[torch.Tensor]) -> dict:
 def bench_star(xs: list[torch.Tensor], params: LinkParams, shared: bool, warmup: int, repeats: int) -> dict:
     k = len(xs)
     sites = tuple(f"site{i}" for i in range(k))
-    service = CoordinatorService(CoordinatorConfig(sites=sites, algorithm="ddp", round_timeout_s=300.0))
+    service = CoordinatorEngine(EngineConfig(sites=sites, algorithm="ddp", round_timeout_s=300.0))
     server, port = create_server(service)
     names = ["hub"] if shared else [f"hub-{s}" for s in sites]
     proxies = [LinkProxy(name, (LOOP, port), params) for name in names]

@@ -347,22 +347,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_log(path: Path) -> list[dict]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.endswith("\n"):
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass
-    except FileNotFoundError:
-        pass
-    return out
-
-
 def run_torchft(work_cfg: dict, rounds: int, kill_step: int | None, work: Path) -> dict:
+    from geotrain.events import read_events  # the torchft replicas write JSONL logs too
+
     py = VENV / "bin" / "python"
     tag = "torchft-fault" if kill_step else "torchft"
     d = work / tag
@@ -413,7 +400,7 @@ def run_torchft(work_cfg: dict, rounds: int, kill_step: int | None, work: Path) 
                 else:
                     raise RuntimeError(f"torchft replica {i} exited {rc}:\n    {_tail(d / f'replica{i}.out')}")
             if kill_step is not None and killed is None:
-                steps = [e for e in _read_log(d / "replica1.jsonl") if e["e"] == "step"]
+                steps = [e for e in read_events(d / "replica1.jsonl") if e["e"] == "step"]
                 if steps and steps[-1]["gstep"] >= kill_step:
                     os.kill(procs[1].pid, signal.SIGKILL)
                     killed = {"t": time.time(), "pid": procs[1].pid, "at_step": steps[-1]["gstep"]}
@@ -434,7 +421,7 @@ def run_torchft(work_cfg: dict, rounds: int, kill_step: int | None, work: Path) 
         lh_out.close()
         for f in outs:
             f.close()
-    logs = {i: _read_log(d / f"replica{i}.jsonl") for i in (0, 1)}
+    logs = {i: read_events(d / f"replica{i}.jsonl") for i in (0, 1)}
     return {"logs": logs, "wall": wall, "killed": killed, "restarted": restarted, "dir": str(d), "loadavg": load,
             "t0": t0}
 

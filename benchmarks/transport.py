@@ -61,11 +61,12 @@ def merges(nbytes: int, link: tuple[float, float] | None, n_merges: int = 2) -> 
     import torch
 
     from geotrain.wan.link import LinkParams, LinkProxy
-    from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+    from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
+    from geotrain.orchestrator.server import create_server
     from geotrain.worker.client import CoordinatorClient
 
     n = nbytes // 4
-    svc = CoordinatorService(CoordinatorConfig(sites=("site",)))
+    svc = CoordinatorEngine(EngineConfig(sites=("site",)))
     server, port = create_server(svc)
     proxy = None
     try:
@@ -123,10 +124,11 @@ def geotrain_loopback(nbytes: int, rounds: int) -> list[float]:
     """Seconds per round (the slower site's merge), two site processes, coordinator in this process."""
     import torch
 
-    from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+    from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
+    from geotrain.orchestrator.server import create_server
 
     n = nbytes // 4
-    svc = CoordinatorService(CoordinatorConfig(sites=("a", "b")))
+    svc = CoordinatorEngine(EngineConfig(sites=("a", "b")))
     svc.params = torch.zeros(n)
     server, port = create_server(svc)
     ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads

@@ -81,3 +81,22 @@ class EventTail:
             except json.JSONDecodeError:
                 continue
         return out
+
+
+def log_tail(path: str | Path | None, lines: int = 6) -> str:
+    """The last ``lines`` lines of a process's console log, for an error message: ``"; last lines
+    of PATH:\\n    ..."``, or ``""`` when there is no such log or it is empty or unreadable."""
+    if path is None:
+        return ""
+    try:
+        tail = Path(path).read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return ("; last lines of " + str(path) + ":\n    " + "\n    ".join(tail)) if tail else ""
+
+
+def number(value: Any) -> float | None:
+    """An event field as a float, or None where it is missing or not a number (bools excluded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)

@@ -20,7 +20,8 @@ from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.config.derive import coordinator_config
-from geotrain.orchestrator.server import CoordinatorService, create_server
+from geotrain.orchestrator.engine import CoordinatorEngine
+from geotrain.orchestrator.server import create_server
 from geotrain.run.site import checkpoint_dir
 from geotrain.config.topology import Topology, load_any
 
@@ -76,8 +77,8 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                   on_error=lambda r, exc: events.emit("checkpoint_failed", round=r, part=COORDINATOR_PART,
                                                                       reason=str(exc)))
     cfg = coordinator_config(topo)
-    service = CoordinatorService(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
-    server, port = create_server(service, bind)
+    engine = CoordinatorEngine(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
+    server, port = create_server(engine, bind)
     exporter, metrics_url = None, None
     if topo.coordinator.prometheus_port is not None and run_dir is not None:
         try:
@@ -93,9 +94,9 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                                ttl_s=topo.recovery.heartbeat_ttl_s)
         epoch = int(registration.info["epoch"])
         cfg.epoch = epoch
-    lanes = {"lane_rounds": [lane.state.round for lane in service.lanes]} if len(service.lanes) > 1 else {}
+    lanes = {"lane_rounds": [lane.state.round for lane in engine.lanes]} if len(engine.lanes) > 1 else {}
     events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names),
-                epoch=epoch, round=service.state.round, resumed=resume is not None, metrics_url=metrics_url, **lanes)
+                epoch=epoch, round=engine.state.round, resumed=resume is not None, metrics_url=metrics_url, **lanes)
     ready(f"READY {port}")
     sys.stdout.flush()
 
@@ -103,11 +104,11 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
-        if service.fenced:
-            events.emit("coordinator_stopped", round=service.state.round, reason="fenced", epoch=epoch)
+        if engine.fenced:
+            events.emit("coordinator_stopped", round=engine.state.round, reason="fenced", epoch=epoch)
             server.stop(grace=0)
             return 3
-    events.emit("coordinator_stopped", round=service.state.round, bytes_in=service.bytes_in, bytes_out=service.bytes_out)
+    events.emit("coordinator_stopped", round=engine.state.round, bytes_in=engine.bytes_in, bytes_out=engine.bytes_out)
     server.stop(grace=2.0).wait()
     if exporter is not None:
         exporter.stop()

@@ -41,7 +41,7 @@ class RoundState:
 class Decision:
     action: str
     """accept | stale | future | unknown_site | duplicate | commit | commit_partial | wait | timeout |
-    member | join_now | join_next"""
+    member | join_now | join_next; ring rounds: ring | star | ring_abandoned | abandon_ring | abandon"""
     reason: str
 
     def __bool__(self) -> bool:
@@ -132,3 +132,70 @@ def ring_reform(committed: int, *, sites: frozenset[str], arrived: frozenset[str
         return Decision("star", f"the rings failed {failures} time(s) in a row, last at round {abandoned_at}: "
                                 f"next attempt at round {abandoned_at + wait}")
     return Decision("ring", f"every site reported round {committed}: the leaders rebuild their rings for round {nxt}")
+
+
+# ---- ring rounds ----
+
+def merge_mode(recorded: str | None, ring_update: bool, round: int, collecting: int) -> Decision:
+    """How an update meets the way its round is merged (ring and hierarchical runs).
+
+    A round's first update pins its mode: ``ring`` (a ``ring_mean``/``ring_ack``) or ``star``.
+    Then a ring update for a round merged through the star is refused (``ring_abandoned``); a star
+    update for the round being collected in a ring means the ring broke (``abandon_ring``: the round
+    goes through the star, the ring updates are dropped). Otherwise the action is the round's mode.
+    """
+    if recorded is None:
+        mode = "ring" if ring_update else "star"
+        return Decision(mode, f"round {round}'s first update: merged {'in a ring' if ring_update else 'through the star'}")
+    if ring_update and recorded != "ring":
+        return Decision("ring_abandoned", f"round {round} is merged through the star")
+    if not ring_update and recorded == "ring" and round == collecting:
+        return Decision("abandon_ring", f"a star update for round {round}, being merged in a ring: "
+                                        f"the ring broke; the round goes through the star")
+    return Decision(recorded, f"round {round} is merged {'in a ring' if recorded == 'ring' else 'through the star'}")
+
+
+def ring_commit(round: int, ready: Decision, uploaded: tuple[int, ...], claimed: frozenset[int]) -> Decision:
+    """Can ring round ``round`` commit? ``ready`` is :func:`round_ready`'s decision, ``uploaded`` the
+    CRC32s of the means uploaded, ``claimed`` the CRC32s the leaders claimed for the mean they computed.
+
+    It commits only if every member reported (a ring cannot lose a site), exactly one mean was
+    uploaded and every leader claims that mean; otherwise (``abandon``) it is retried through the star.
+    """
+    if len(uploaded) != 1 or ready.action != "commit" or claimed != {uploaded[0]}:
+        return Decision("abandon", f"ring round {round} cannot commit ({ready.action}; {len(uploaded)} means uploaded; "
+                                   f"claimed mean CRC32s {sorted(claimed)}): retried through the star")
+    return Decision("commit", f"ring round {round}: every leader claims the uploaded mean (CRC32 {uploaded[0]})")
+
+
+# ---- asynchronous DiLoCo ----
+
+def admit_async(site: str, round: int, *, sites: frozenset[str], applied: int, has_model: bool) -> Decision:
+    """May an async update join? ``round`` is the site's own count of its updates, ``applied`` how many
+    of them the coordinator applied: a lower count is a retry of an applied update (``duplicate``)."""
+    if site not in sites or not has_model:
+        return Decision("unknown_site", f"{site!r} cannot merge here")
+    if round < applied:
+        return Decision("duplicate", f"update {round} of {site!r} was applied before ({applied} of its updates are); "
+                                     f"refused, never applied twice")
+    return Decision("accept", f"update {round} of {site!r} is applied now")
+
+
+@dataclass(frozen=True)
+class AsyncWeight:
+    """How an async update counts: ``staleness`` versions behind, scaled by ``weight``."""
+
+    staleness: int
+    weight: float
+    reason: str
+
+
+def async_weight(kind: str, version: int, based_on: int, n_sites: int) -> AsyncWeight:
+    """The staleness of an update based on version ``based_on`` when the coordinator is at ``version``,
+    and its weight (``training.async.staleness_weight``: geotrain.orchestrator.outer.staleness_weight)."""
+    from geotrain.orchestrator.outer import staleness_weight
+
+    staleness = max(0, version - based_on)
+    weight = staleness_weight(kind, staleness, n_sites)
+    return AsyncWeight(staleness, weight, f"based on version {based_on} at version {version}: "
+                                          f"{staleness} behind, weight {weight:.6g} ({kind})")

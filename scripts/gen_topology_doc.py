@@ -1,4 +1,4 @@
-"""Writes docs/topology.md from the typed topology (geotrain/config/topology.py), so the reference never drifts.
+"""Writes docs/topology.md from the typed topology (geotrain/config/schema.py), so the reference never drifts.
 
     .venv/bin/python scripts/gen_topology_doc.py          # write
     .venv/bin/python scripts/gen_topology_doc.py --check  # fail if docs/topology.md is stale
@@ -24,7 +24,7 @@ A topology is a YAML file: `geotrain validate FILE` checks it, `geotrain launch 
 Durations take units (`80ms`, `1.5s`; a bare number is milliseconds) and bandwidths too
 (`100mbit`, `1gbit`, `12.5MB/s`; a bare number is Mbit/s). Examples: `topologies/`.
 
-This page is generated from `geotrain/config/topology.py` by `scripts/gen_topology_doc.py`.
+This page is generated from `geotrain/config/schema.py` by `scripts/gen_topology_doc.py`.
 """
 
 

@@ -1,9 +1,12 @@
 """The site leader's client of the coordinator (users never import the generated stubs).
 
-Every call has a deadline. gRPC errors are converted here, at the boundary, into geotrain
-errors that carry the site, the round and the address. Only idempotent calls (Join, GetModel,
-Status) are retried; a Merge is never retried blindly: the coordinator refuses a duplicate or
-stale update, so the caller decides.
+Every call has a deadline. gRPC errors are converted here, in one place (:func:`_convert`), at
+the boundary, into geotrain errors that carry the site, the round, the address and the typed
+outcome (``exc.outcome``): the coordinator's ``Refusal`` from the trailing metadata when it refused
+the call, else the gRPC status code alone (a dead server, the client's own deadline). Never the
+message text. Only idempotent calls (Join, GetModel, Status) are retried, as the retry policy
+(geotrain.worker.retry) says; a Merge is never retried blindly: the coordinator refuses a
+duplicate or stale update, so the caller decides.
 """
 
 from __future__ import annotations
@@ -16,14 +19,26 @@ import grpc
 import numpy as np
 import torch
 
-from geotrain.wire import transport
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
-from geotrain.errors import CoordinatorUnavailable, GeotrainError, QuorumLost, StaleRound, TransferCorrupt
+from geotrain.errors import GeotrainError, TransferCorrupt
+from geotrain.wire import transport
 from geotrain.wire.channel import CLIENT_OPTIONS, GRPC_OPTIONS
+from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, error_for, outcome_of
+from geotrain.worker.retry import Retry, next_action
+
+_BY_STATUS = {
+    grpc.StatusCode.UNAVAILABLE: Outcome.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Outcome.UNAVAILABLE,
+    grpc.StatusCode.DATA_LOSS: Outcome.CORRUPT,
+}
+"""The outcome of an error that carries no Refusal (the coordinator did not answer), by status code."""
+
+_PLAIN = frozenset({Outcome.STALE, Outcome.FUTURE, Outcome.DUPLICATE, Outcome.NOT_MEMBER, Outcome.ROUND_FAILED,
+                    Outcome.CORRUPT})
+"""Outcomes whose message is the coordinator's alone; the others also name the status code."""
 
 log = logging.getLogger(__name__)
-
 
 
 class CoordinatorClient:
@@ -40,7 +55,8 @@ class CoordinatorClient:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
             self._channel.close()
-            raise CoordinatorUnavailable(f"site {site}: coordinator at {address} not reachable within {connect_timeout_s:.0f}s") from None
+            raise error_for(Outcome.UNAVAILABLE, f"site {site}: coordinator at {address} not reachable within "
+                                                 f"{connect_timeout_s:.0f}s") from None
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
@@ -82,7 +98,10 @@ class CoordinatorClient:
             yield m
 
     def _decode(self, stream, what: str) -> transport.Payload:
-        payload = transport.decode(stream, where=f"site {self.site}: {what} from {self.address}")
+        try:
+            payload = transport.decode(stream, where=f"site {self.site}: {what} from {self.address}")
+        except TransferCorrupt as exc:  # checked here, on receipt: the answer itself is corrupt
+            raise error_for(Outcome.CORRUPT, str(exc)) from exc
         self.bytes_received += payload.data.nbytes
         return payload
 
@@ -93,30 +112,37 @@ class CoordinatorClient:
             raise _convert(exc, what, self.site, self.address, round) from exc
 
     def _retry(self, what: str, fn):
-        """Retry an idempotent call with exponential backoff until ``retry_deadline_s`` has passed."""
+        """Retry an idempotent call with backoff (geotrain.worker.retry) until ``retry_deadline_s`` has passed."""
         deadline = time.monotonic() + self.retry_deadline_s
-        delay = 0.2
+        attempt = 0
         while True:
             try:
                 return self._call(what, fn)
-            except (CoordinatorUnavailable, TransferCorrupt):
-                if time.monotonic() + delay > deadline:
+            except GeotrainError as exc:
+                action = next_action(outcome_of(exc), attempt, time.monotonic(), deadline, idempotent=True)
+                if not isinstance(action, Retry):
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.debug("site %s: %s: %s", self.site, what, action.reason)
+                time.sleep(action.delay_s)
+                attempt += 1
+
+
+def _refusal(exc: grpc.RpcError) -> pb.Refusal | None:
+    """The coordinator's Refusal in the trailing metadata, if it sent one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == REFUSAL_KEY:
+            return pb.Refusal.FromString(value)
+    return None
 
 
 def _convert(exc: grpc.RpcError, what: str, site: str, address: str, round: int | None) -> GeotrainError:
-    code = exc.code() if hasattr(exc, "code") else None
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    """The one place a gRPC error becomes a geotrain error: by the Refusal's outcome, else by status code."""
+    code = exc.code()
+    detail = exc.details() or ""
     where = f"site {site}" + (f", round {round}" if round is not None else "") + f": {what} to coordinator at {address}"
-    if (code == grpc.StatusCode.FAILED_PRECONDITION and detail.startswith(("stale", "future", "duplicate"))) or \
-            (code == grpc.StatusCode.PERMISSION_DENIED and detail.startswith("unknown_site")):
-        return StaleRound(f"{where}: {detail}")
-    if code == grpc.StatusCode.ABORTED and detail.startswith("round_failed"):
-        return QuorumLost(f"{where}: {detail}")
-    if code == grpc.StatusCode.DATA_LOSS:
-        return TransferCorrupt(f"{where}: {detail}")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return CoordinatorUnavailable(f"{where}: {code.name}: {detail}")
-    return GeotrainError(f"{where}: {code.name if code else 'error'}: {detail}")
+    refusal = _refusal(exc)
+    outcome = Outcome(refusal.outcome) if refusal is not None else _BY_STATUS.get(code)
+    if outcome is None:  # neither a refusal nor the coordinator out of reach: a bug, a message too large, ...
+        return GeotrainError(f"{where}: {code.name}: {detail}")
+    message = f"{where}: {detail}" if outcome in _PLAIN else f"{where}: {code.name}: {detail}"
+    return error_for(outcome, message)

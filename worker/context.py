@@ -1,6 +1,21 @@
-"""Who this process is in a run: its site, rank and addresses, and what the topology asks of it.
+"""Who this process is in a run, and what it was told: its :class:`SiteContext`.
 
-Read once, from the environment that ``geotrain launch`` (or ``geotrain site``) sets, torchrun-style.
+``geotrain launch`` (or ``geotrain site``) starts every worker with two things, torchrun-style:
+
+* its **identity** in the environment, the variables of :data:`ENV_VARS` (site, rank, addresses,
+  the run directory, a resume round, a site leader's ring memberships): what differs from one
+  process to the next, or from one start of a site to its restart;
+* its **settings** in one document, ``GEOTRAIN_WORKER_CONFIG`` naming
+  ``RUN_DIR/worker-config.<site>.json``: a :class:`~geotrain.config.components.WorkerConfig`
+  derived from the topology (:func:`geotrain.config.derive.worker_config`), the same for every process.
+
+Ring memberships stay in the environment: they hold the ports the launcher gave this leader's ring
+peers and whether to build the rings at start, which differs between the first start of a site and a
+restart; the document is a function of the topology alone.
+
+Precedence: an explicit :class:`SiteContext` (``init(context)``, ``DiLoCo(context=...)``) > the
+environment and its document > the defaults below (a variable unset or empty is the default; with no
+document, the settings are ``WorkerConfig()``'s). ``ctx.<setting>`` reads ``ctx.config.<setting>``.
 """
 
 from __future__ import annotations
@@ -10,52 +25,19 @@ import datetime
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-
+from geotrain.config.components import WorkerConfig
 from geotrain.errors import GeotrainError
 
 log = logging.getLogger(__name__)
 
-ENV_VARS = {
-    "GEOTRAIN_RUN": "run name (etcd key prefix)",
-    "GEOTRAIN_RUN_DIR": "run directory; events go to its metrics.jsonl",
-    "GEOTRAIN_SITE": "this process's site",
-    "GEOTRAIN_SITE_RANK": "rank inside the site (0 = leader)",
-    "GEOTRAIN_SITE_WORKERS": "number of worker processes in the site",
-    "GEOTRAIN_COORDINATOR": "host:port of the coordinator as seen from this site (its WAN link)",
-    "GEOTRAIN_ETCD": "etcd endpoint host:port (membership); optional",
-    "GEOTRAIN_TOPOLOGY": "path of the run's validated topology (JSON); optional",
-    "GEOTRAIN_DEVICE": "cpu or cuda",
-    "GEOTRAIN_ALGORITHM": "diloco or ddp (the topology's training.algorithm)",
-    "GEOTRAIN_INNER_STEPS": "H, the topology's training.inner_steps",
-    "GEOTRAIN_ROUNDS": "the topology's training.rounds",
-    "GEOTRAIN_CHECKPOINT_DIR": "where this worker writes its checkpoint parts; unset = no worker checkpoints",
-    "GEOTRAIN_CHECKPOINT_EVERY": "checkpoint every N rounds (0 = never)",
-    "GEOTRAIN_CHECKPOINT_KEEP": "checkpoint parts each worker keeps",
-    "GEOTRAIN_TOPOLOGY_SHA256": "the topology's digest, written into checkpoint manifests",
-    "GEOTRAIN_RESUME_ROUND": "resume exactly from this checkpoint round (geotrain resume)",
-    "GEOTRAIN_RETRY_DEADLINE_S": "how long the leader retries an unreachable coordinator",
-    "GEOTRAIN_RPC_TIMEOUT_S": "deadline of one Merge/GetModel call",
-    "GEOTRAIN_CODEC": "wire codec of merges: fp32, fp16, bf16, int8, int4",
-    "GEOTRAIN_CODEC_BLOCK": "elements per scale block (int8/int4)",
-    "GEOTRAIN_ERROR_FEEDBACK": "1: keep quantisation error for the next update",
-    "GEOTRAIN_FRAGMENTS": "streaming-diloco: P fragments",
-    "GEOTRAIN_OVERLAP_STEPS": "streaming/async-diloco: τ inner steps overlapping a merge's exchange",
-    "GEOTRAIN_ALPHA": "streaming-diloco: mixing weight of the local fragment",
-    "GEOTRAIN_RINGS": "ring/hierarchical merges: JSON list of this leader's ring memberships",
-    "GEOTRAIN_NUM_SITES": "number of sites in the run",
-    "GEOTRAIN_RING_UPLOADER": "the site that uploads a ring's mean to the coordinator",
-    "GEOTRAIN_OUTER": "the outer optimizer's settings (JSON), mirrored by ring leaders",
-}
 
-
-@dataclass
+@dataclass(frozen=True)
 class SiteContext:
-    """Who this process is in the run."""
+    """Who this process is in the run (``config``: what it was told; its fields read as ``ctx.<name>`` too)."""
 
     run: str
     site: str
@@ -68,26 +50,9 @@ class SiteContext:
     device: str = "cpu"
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    algorithm: str = "diloco"
-    inner_steps: int = 10
-    rounds: int = 1
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 0
-    checkpoint_keep: int = 2
-    topology_sha256: str = ""
     resume_round: int | None = None
-    retry_deadline_s: float = 120.0
-    rpc_timeout_s: float = 300.0
-    codec: str = "fp32"
-    block: int = 256
-    error_feedback: bool = True
-    fragments: int = 1
-    overlap_steps: int = 0
-    alpha: float = 0.5
     rings: tuple = ()
-    num_sites: int = 1
-    ring_uploader: str = ""
-    outer_optimizer: dict | None = None
+    config: WorkerConfig = field(default_factory=WorkerConfig)
 
     @property
     def part(self) -> str:
@@ -104,50 +69,92 @@ class SiteContext:
 
     @classmethod
     def from_env(cls, env=None) -> "SiteContext":
+        """Identity from ``env`` (default os.environ), settings from the document it names."""
         env = os.environ if env is None else env
-        missing = [k for k in ("GEOTRAIN_SITE", "GEOTRAIN_COORDINATOR") if not env.get(k)]
+        missing = [v.name for v in _IDENTITY if v.required and not env.get(v.name)]
         if missing:
             raise GeotrainError(f"geotrain.init(): {', '.join(missing)} not set; run this script through "
                                 f"`geotrain launch` (or set the variables yourself, see geotrain.sdk.ENV_VARS)")
-        return cls(
-            run=env.get("GEOTRAIN_RUN", "geotrain"),
-            site=env["GEOTRAIN_SITE"],
-            rank=int(env.get("GEOTRAIN_SITE_RANK", "0")),
-            workers=int(env.get("GEOTRAIN_SITE_WORKERS", "1")),
-            coordinator=env["GEOTRAIN_COORDINATOR"],
-            run_dir=Path(env["GEOTRAIN_RUN_DIR"]) if env.get("GEOTRAIN_RUN_DIR") else None,
-            etcd=env.get("GEOTRAIN_ETCD") or None,
-            topology_path=env.get("GEOTRAIN_TOPOLOGY") or None,
-            device=env.get("GEOTRAIN_DEVICE", "cpu"),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
-            algorithm=env.get("GEOTRAIN_ALGORITHM", "diloco"),
-            inner_steps=int(env.get("GEOTRAIN_INNER_STEPS", "10")),
-            rounds=int(env.get("GEOTRAIN_ROUNDS", "1")),
-            checkpoint_dir=Path(env["GEOTRAIN_CHECKPOINT_DIR"]) if env.get("GEOTRAIN_CHECKPOINT_DIR") else None,
-            checkpoint_every=int(env.get("GEOTRAIN_CHECKPOINT_EVERY", "0")),
-            checkpoint_keep=int(env.get("GEOTRAIN_CHECKPOINT_KEEP", "2")),
-            topology_sha256=env.get("GEOTRAIN_TOPOLOGY_SHA256", ""),
-            resume_round=int(env["GEOTRAIN_RESUME_ROUND"]) if env.get("GEOTRAIN_RESUME_ROUND") else None,
-            retry_deadline_s=float(env.get("GEOTRAIN_RETRY_DEADLINE_S", "120")),
-            rpc_timeout_s=float(env.get("GEOTRAIN_RPC_TIMEOUT_S", "300")),
-            codec=env.get("GEOTRAIN_CODEC", "fp32"),
-            block=int(env.get("GEOTRAIN_CODEC_BLOCK", "256")),
-            error_feedback=env.get("GEOTRAIN_ERROR_FEEDBACK", "1") == "1",
-            fragments=int(env.get("GEOTRAIN_FRAGMENTS", "1")),
-            overlap_steps=int(env.get("GEOTRAIN_OVERLAP_STEPS", "0")),
-            alpha=float(env.get("GEOTRAIN_ALPHA", "0.5")),
-            rings=tuple(json.loads(env["GEOTRAIN_RINGS"])) if env.get("GEOTRAIN_RINGS") else (),
-            num_sites=int(env.get("GEOTRAIN_NUM_SITES", "1")),
-            ring_uploader=env.get("GEOTRAIN_RING_UPLOADER", ""),
-            outer_optimizer=json.loads(env["GEOTRAIN_OUTER"]) if env.get("GEOTRAIN_OUTER") else None,
-        )
+        given = {}
+        for v in _IDENTITY:
+            text = env.get(v.name)
+            if not text:
+                if v.default is not None:
+                    given[v.field] = v.default
+                continue
+            try:
+                given[v.field] = v.parse(text)
+            except ValueError as exc:  # json.JSONDecodeError included
+                raise GeotrainError(f"geotrain.init(): {v.name}={text!r}: {exc}") from None
+        path = env.get(CONFIG_VAR)
+        return cls(**given, config=WorkerConfig.read(path) if path else WorkerConfig())
+
+    def identity_env(self) -> dict[str, str]:
+        """This context's identity as the variables :meth:`from_env` reads (unset fields are left out)."""
+        out = {}
+        for v in _IDENTITY:
+            value = getattr(self, v.field)
+            if value is not None and value != ():
+                out[v.name] = v.format(value)
+        return out
+
+
+# The settings, readable as ctx.<name> (ctx.inner_steps is ctx.config.inner_steps): declared once, by WorkerConfig.
+for _name, _info in WorkerConfig.model_fields.items():
+    setattr(SiteContext, _name, property(lambda self, _n=_name: getattr(self.config, _n), doc=_info.description))
+
+
+@dataclass(frozen=True)
+class _Var:
+    """One identity variable: the SiteContext field it fills, how to read and write it, what it means."""
+
+    name: str
+    field: str
+    doc: str
+    parse: Callable[[str], Any] = str
+    format: Callable[[Any], str] = str
+    required: bool = False
+    default: Any = None
+    """Used when the variable is unset or empty; None: the SiteContext field's own default."""
+
+
+def _rings(text: str) -> tuple:
+    rings = json.loads(text)
+    if not isinstance(rings, list) or not all(isinstance(m, dict) for m in rings):
+        raise ValueError("expected a JSON list of ring memberships (objects)")
+    return tuple(rings)
+
+
+_IDENTITY = (
+    _Var("GEOTRAIN_RUN", "run", "run name (etcd key prefix); default geotrain", default="geotrain"),
+    _Var("GEOTRAIN_RUN_DIR", "run_dir", "run directory; events go to its metrics.jsonl", Path),
+    _Var("GEOTRAIN_SITE", "site", "this process's site", required=True),
+    _Var("GEOTRAIN_SITE_RANK", "rank", "rank inside the site (0 = leader); default 0", int, default=0),
+    _Var("GEOTRAIN_SITE_WORKERS", "workers", "number of worker processes in the site; default 1", int, default=1),
+    _Var("GEOTRAIN_COORDINATOR", "coordinator", "host:port of the coordinator as seen from this site (its WAN link)",
+         required=True),
+    _Var("GEOTRAIN_ETCD", "etcd", "etcd endpoint host:port (membership); optional"),
+    _Var("GEOTRAIN_TOPOLOGY", "topology_path", "path of the run's validated topology (JSON); optional"),
+    _Var("GEOTRAIN_DEVICE", "device", "cpu or cuda; default cpu"),
+    _Var("MASTER_ADDR", "master_addr", "the site's process group rendezvous host; default 127.0.0.1"),
+    _Var("MASTER_PORT", "master_port", "the site's process group rendezvous port; default 29500", int),
+    _Var("GEOTRAIN_RESUME_ROUND", "resume_round", "resume exactly from this checkpoint round (geotrain resume)", int),
+    _Var("GEOTRAIN_RINGS", "rings", "ring/hierarchical merges: JSON list of this site leader's ring memberships",
+         _rings, lambda rings: json.dumps(list(rings))),
+)
+CONFIG_VAR = "GEOTRAIN_WORKER_CONFIG"
+
+ENV_VARS = {v.name: v.doc for v in _IDENTITY} | {
+    CONFIG_VAR: "path of this worker's settings, a WorkerConfig JSON document (RUN_DIR/worker-config.<site>.json)"}
+
 
 
 _registration = None
 
 
 def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -158,6 +165,9 @@ def _destroy_process_group() -> None:
 def init(context: SiteContext | None = None) -> SiteContext:
     """Join this process to its site: the site's process group, and etcd membership (under a lease)."""
     global _registration
+    import torch  # here, not at the top: the launcher imports this module to write the environment
+    import torch.distributed as dist
+
     ctx = context or SiteContext.from_env()
     if ctx.workers > 1 and not dist.is_initialized():
         backend = "nccl" if ctx.device == "cuda" else "gloo"

@@ -1,10 +1,38 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_OK: _ClassVar[Outcome]
+    OUTCOME_STALE: _ClassVar[Outcome]
+    OUTCOME_FUTURE: _ClassVar[Outcome]
+    OUTCOME_DUPLICATE: _ClassVar[Outcome]
+    OUTCOME_NOT_MEMBER: _ClassVar[Outcome]
+    OUTCOME_ROUND_FAILED: _ClassVar[Outcome]
+    OUTCOME_RING_ABANDONED: _ClassVar[Outcome]
+    OUTCOME_FENCED: _ClassVar[Outcome]
+    OUTCOME_UNAVAILABLE: _ClassVar[Outcome]
+    OUTCOME_CORRUPT: _ClassVar[Outcome]
+    OUTCOME_INVALID: _ClassVar[Outcome]
+    OUTCOME_NOT_IN_TOPOLOGY: _ClassVar[Outcome]
+OUTCOME_OK: Outcome
+OUTCOME_STALE: Outcome
+OUTCOME_FUTURE: Outcome
+OUTCOME_DUPLICATE: Outcome
+OUTCOME_NOT_MEMBER: Outcome
+OUTCOME_ROUND_FAILED: Outcome
+OUTCOME_RING_ABANDONED: Outcome
+OUTCOME_FENCED: Outcome
+OUTCOME_UNAVAILABLE: Outcome
+OUTCOME_CORRUPT: Outcome
+OUTCOME_INVALID: Outcome
+OUTCOME_NOT_IN_TOPOLOGY: Outcome
 
 class TensorHeader(_message.Message):
     __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness", "claimed_crc32", "params_crc32", "ring_round")
@@ -119,3 +147,15 @@ class StatusResponse(_message.Message):
     bytes_in: int
     bytes_out: int
     def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., sites: _Optional[_Iterable[str]] = ..., pending: _Optional[_Iterable[str]] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("outcome", "reason", "round", "site")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    outcome: Outcome
+    reason: str
+    round: int
+    site: str
+    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., reason: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ...) -> None: ...

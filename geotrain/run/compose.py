@@ -46,8 +46,9 @@ from pathlib import Path
 
 import yaml
 
-from geotrain.errors import GeotrainError
+from geotrain.config.derive import derive
 from geotrain.config.topology import Topology
+from geotrain.errors import GeotrainError
 
 DEFAULT_IMAGE = "geotrain:latest"
 OFFLINE_IMAGE = "geotrain-offline:latest"
@@ -173,13 +174,11 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
             # It binds its DNS name, not loopback: ask it there.
             _grpc_health_check("coordinator", COORDINATOR_PORT), ["etcd"], restart="on-failure"),
     }
+    links = derive(topo, Path(RUN_MOUNT)).site_links
     for site in remote_sites(topo):
-        spec = topo.link(site, topo.coordinator.at)
         stats, control = link_files(topo, site)
-        argv = ["geotrain", "link", "--name", link_name(topo, site), "--listen", f"0.0.0.0:{LINK_PORT}",
-                "--target", f"coordinator:{COORDINATOR_PORT}", "--bandwidth", f"{spec.bandwidth_mbps:g}mbit",
-                "--latency", f"{spec.latency_ms:g}ms", "--jitter", f"{spec.jitter_ms:g}ms", "--loss", f"{spec.loss:g}",
-                "--seed", str(topo.seed), "--stats-file", stats, "--control-file", control]
+        argv = ["geotrain", "link", *links[site].args(listen=f"0.0.0.0:{LINK_PORT}", target=f"coordinator:{COORDINATOR_PORT}",
+                                                      stats_file=stats, control_file=control)]
         # The stats file lies in the run directory, whose links/ folder may not exist yet.
         shell = f"mkdir -p {RUN_MOUNT}/links && exec " + shlex.join(argv)
         # No dependency: a link connects to its target only when a client connects through it, so

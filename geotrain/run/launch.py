@@ -22,19 +22,20 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geotrain.run import procs
-from geotrain.errors import GeotrainError, RunFailed
-from geotrain.events import EventLog, EventTail
-from geotrain.run.site import checkpoint_dir, free_port, worker_env
-from geotrain.run.summary import write_summary
+from geotrain.config.components import LinkConfig
+from geotrain.config.derive import checkpoint_dir, derive
 from geotrain.config.topology import Topology
+from geotrain.errors import GeotrainError, RunFailed
+from geotrain.events import EventLog, EventTail, log_tail
+from geotrain.run import procs
+from geotrain.run.site import free_port, worker_env, write_worker_config
+from geotrain.run.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ def _read_ready(child: Child, timeout_s: float) -> int:
                     return int(line.split()[1])
         elif chunk == b"" or child.proc.poll() is not None:
             raise RunFailed(f"{child.name} (pid {child.proc.pid}) exited with {_how(child.proc.poll())} before it was ready"
-                            f"{_log_tail(child)}")
+                            f"{log_tail(child.log_path, lines=5)}")
         time.sleep(0.02)
-    raise RunFailed(f"{child.name} (pid {child.proc.pid}) not ready within {timeout_s:.0f}s{_log_tail(child)}")
+    raise RunFailed(f"{child.name} (pid {child.proc.pid}) not ready within {timeout_s:.0f}s{log_tail(child.log_path, lines=5)}")
 
 
 def _how(rc: int | None) -> str:
@@ -109,13 +110,6 @@ def _how(rc: int | None) -> str:
     return f"exit code {rc}"
 
 
-def _log_tail(child: Child, lines: int = 5) -> str:
-    if child.log_path is None or not child.log_path.exists():
-        return ""
-    tail = child.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
-    return ("; last lines of " + str(child.log_path) + ":\n    " + "\n    ".join(tail)) if tail else ""
-
-
 class Launcher:
     def __init__(self, plan: LaunchPlan):
         self.plan = plan
@@ -126,9 +120,11 @@ class Launcher:
         self.tail = EventTail(self.run_dir / "metrics.jsonl")
         self.etcd = None
         self.control = None
+        self.configs = derive(self.topo, self.run_dir)  # what every worker and link is told
+        self.worker_configs: dict[str, Path] = {}  # site -> its workers' settings document
         self.link_stats: dict[str, Path] = {}
         self.link_ports: dict[str, int] = {}
-        self.ring_env: dict[str, list[dict]] = {}  # site -> its leader's ring memberships (GEOTRAIN_RINGS)
+        self.ring_env: dict[str, list[dict]] = {}  # site -> its leader's ring memberships (GEOTRAIN_RINGS: identity)
         self.ring_links: dict[str, tuple] = {}  # ring link group -> how to start it again (same ports)
         self.restarts: dict[str, int] = {}
         self.pending: dict[str, dict] = {}  # group -> failure waiting for its recovery event
@@ -170,6 +166,8 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.topo_json = self.run_dir / "topology.json"
         self.topo_json.write_text(json.dumps(self.topo.model_dump(mode="json"), indent=2))
+        self.worker_configs = {site: write_worker_config(self.run_dir, site, self.configs.worker)
+                               for site in self.topo.site_names}
         self.events.emit("run_started", run=self.topo.name, topology_sha256=self.topo.digest(),
                          sites=self.topo.site_names, algorithm=self.topo.training.algorithm,
                          resume_round=self.plan.resume_round)
@@ -210,35 +208,31 @@ class Launcher:
 
     def _coordinator_address(self, site) -> str:
         """The coordinator as seen from ``site``: through its WAN link emulator, or directly if co-located."""
-        spec = self.topo.link(site.name, self.topo.coordinator.at)
         coord_addr = f"{self.topo.coordinator.host}:{self.coord_port}"
-        if spec is None:
+        if site.name not in self.configs.site_links:
             return coord_addr
         if site.name not in self.link_ports or not self._link_alive(site.name):
-            self._start_link(site, spec, coord_addr)
+            self._start_link(site.name, coord_addr)
         return f"127.0.0.1:{self.link_ports[site.name]}"
 
     def _link_alive(self, site_name: str) -> bool:
         return any(c.group == f"link:{site_name}" and not c.retired and c.proc.poll() is None for c in self.children)
 
-    def _spawn_link(self, name: str, label: str, stats: Path, spec, target: str, group: str,
+    def _spawn_link(self, name: str, config: LinkConfig, stats: Path, target: str, group: str,
                     listen_port: int = 0, control: bool = False) -> int:
         """One WAN link emulator process; returns the port it listens on."""
         stats.parent.mkdir(exist_ok=True)
         self.link_stats[name] = stats
-        argv = [_python(), "-m", "geotrain.cli", "link", "--name", label, "--listen", f"127.0.0.1:{listen_port}",
-                "--target", target, "--bandwidth", f"{spec.bandwidth_mbps}mbit", "--latency", f"{spec.latency_ms}ms",
-                "--jitter", f"{spec.jitter_ms}ms", "--loss", str(spec.loss), "--seed", str(self.topo.seed),
-                "--stats-file", str(stats)]
-        if control:
-            argv += ["--control-file", str(stats.with_suffix(".control.json"))]
+        args = config.args(listen=f"127.0.0.1:{listen_port}", target=target, stats_file=str(stats),
+                           control_file=str(stats.with_suffix(".control.json")) if control else None)
+        argv = [_python(), "-m", "geotrain.cli", "link", *args]
         return _read_ready(self._spawn(name, "link", argv, ready=True, group=group), 30)
 
-    def _start_link(self, site, spec, coord_addr: str) -> None:
+    def _start_link(self, site: str, coord_addr: str) -> None:
         at = self.topo.coordinator.at
-        self.link_ports[site.name] = self._spawn_link(
-            f"link {site.name}<->{at}", f"{site.name}<->{at}", self.run_dir / "links" / f"{site.name}--{at}.json",
-            spec, coord_addr, f"link:{site.name}", listen_port=self.link_ports.get(site.name, 0), control=True)
+        self.link_ports[site] = self._spawn_link(
+            f"link {site}<->{at}", self.configs.site_links[site], self.run_dir / "links" / f"{site}--{at}.json",
+            coord_addr, f"link:{site}", listen_port=self.link_ports.get(site, 0), control=True)
 
     def _start_rings(self) -> dict[str, list[dict]]:
         """Ring / hierarchical merges: a listening port per ring member, a link emulator per ring edge."""
@@ -249,10 +243,9 @@ class Launcher:
         out: dict[str, list[dict]] = {}
         for site, members in plan.items():
             for m in members:
-                args = (f"link {m.ring}: {site}->{m.successor}", f"{m.ring}:{site}->{m.successor}",
+                args = (f"link {m.ring}: {site}->{m.successor}", self.configs.ring_links[(m.ring, site)],
                         self.run_dir / "links" / f"ring-{m.ring.replace(':', '-')}-{site}--{m.successor}.json",
-                        self.topo.link(site, m.successor), f"127.0.0.1:{ports[(m.ring, m.successor)]}",
-                        f"ringlink:{m.ring}:{site}")
+                        f"127.0.0.1:{ports[(m.ring, m.successor)]}", f"ringlink:{m.ring}:{site}")
                 port = self._spawn_link(*args)
                 self.ring_links[args[-1]] = (*args, port)
                 out.setdefault(site, []).append(m.as_env(ports[(m.ring, site)], f"127.0.0.1:{port}"))
@@ -261,16 +254,14 @@ class Launcher:
     def _start_site(self, site, resume_round: int | None = None, rings_at_start: bool = False) -> None:
         """Start a site's workers. ``rings_at_start``: its leader builds its rings at once (the run's
         first start); otherwise (a restarted site, a resumed run) when the coordinator says."""
-        rings = [dict(m, at_start=rings_at_start) for m in self.ring_env.get(site.name, [])]
+        rings = tuple(dict(m, at_start=rings_at_start) for m in self.ring_env.get(site.name, []))
         address = self._coordinator_address(site)
         master_port = free_port()
         entry = self.plan.script or [_python(), "-m", "geotrain.worker.main"]
         for rank in range(site.workers):
-            env = worker_env(self.topo, site, rank, run_dir=self.run_dir, topology_json=self.topo_json,
-                             coordinator=address, etcd=self.etcd_endpoint, checkpoint_dir=self.checkpoint_dir,
-                             master_port=master_port, resume_round=resume_round)
-            if rings and rank == 0:
-                env["GEOTRAIN_RINGS"] = json.dumps(rings)
+            env = worker_env(site, rank, run=self.topo.name, run_dir=self.run_dir, topology_json=self.topo_json,
+                             coordinator=address, etcd=self.etcd_endpoint, config_path=self.worker_configs[site.name],
+                             master_port=master_port, resume_round=resume_round, rings=rings if rank == 0 else ())
             self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env, group=f"site:{site.name}")
 
     # ---- watching and recovering ----
@@ -292,7 +283,7 @@ class Launcher:
                 elif action.action == "fail":
                     raise RunFailed(f"{child.name} (pid {child.proc.pid}) died with {_how(rc)}"
                                     f"{'' if 'restarted' not in action.reason else ' (' + action.reason.split(', and ')[1] + ')'}"
-                                    f"{_log_tail(child)}")
+                                    f"{log_tail(child.log_path, lines=5)}")
                 else:
                     self._restart(child, action.reason)
             self._check_heartbeats()
@@ -332,9 +323,7 @@ class Launcher:
             self._spawn_link(*args, listen_port=port)
             self._recovered(group, time.time())
         elif child.role == "link":
-            site = self.topo.site(group.split(":", 1)[1])
-            self._start_link(site, self.topo.link(site.name, self.topo.coordinator.at),
-                             f"{self.topo.coordinator.host}:{self.coord_port}")
+            self._start_link(group.split(":", 1)[1], f"{self.topo.coordinator.host}:{self.coord_port}")
             self._recovered(group, time.time())
 
     def _recovered(self, group: str, t: float, rounds_lost: int = 0) -> None:

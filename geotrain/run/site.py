@@ -1,4 +1,4 @@
-"""One site's worker group: the environment of each worker, and ``geotrain site`` for its own host.
+"""One site's worker group: each worker's environment and settings document, and ``geotrain site``.
 
 ``geotrain launch`` starts every site on one machine; ``geotrain site NAME TOPOLOGY`` starts one
 site's workers on the host it runs on (a Compose service, a machine of its own), finding the
@@ -16,10 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from geotrain.run import procs
+from geotrain.config.components import WorkerConfig
+from geotrain.config.derive import checkpoint_dir, worker_config  # noqa: F401 - checkpoint_dir: imported from here too
+from geotrain.config.topology import SiteConfig, Topology
 from geotrain.errors import GeotrainError, RunFailed
 from geotrain.events import EventLog
-from geotrain.config.topology import SiteConfig, Topology
+from geotrain.run import procs
+from geotrain.worker.context import CONFIG_VAR, SiteContext
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -28,38 +31,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def worker_env(topo: Topology, site: SiteConfig, rank: int, *, run_dir: Path, topology_json: Path, coordinator: str,
-               etcd: str, checkpoint_dir: Path, master_port: int, resume_round: int | None = None) -> dict[str, str]:
-    """Everything a worker learns from its environment (geotrain.sdk.ENV_VARS), torchrun-style."""
-    tr, ck, rec = topo.training, topo.checkpoint, topo.recovery
-    env = procs.env_with(
-        GEOTRAIN_RUN=topo.name, GEOTRAIN_RUN_DIR=str(run_dir), GEOTRAIN_SITE=site.name,
-        GEOTRAIN_SITE_RANK=str(rank), GEOTRAIN_SITE_WORKERS=str(site.workers),
-        GEOTRAIN_COORDINATOR=coordinator, GEOTRAIN_ETCD=etcd,
-        GEOTRAIN_TOPOLOGY=str(topology_json), GEOTRAIN_DEVICE=site.device,
-        GEOTRAIN_ALGORITHM=tr.algorithm, GEOTRAIN_INNER_STEPS=str(tr.inner_steps), GEOTRAIN_ROUNDS=str(tr.rounds),
-        GEOTRAIN_CHECKPOINT_DIR=str(checkpoint_dir), GEOTRAIN_CHECKPOINT_EVERY=str(ck.every_rounds),
-        GEOTRAIN_CHECKPOINT_KEEP=str(ck.keep), GEOTRAIN_TOPOLOGY_SHA256=topo.digest(),
-        GEOTRAIN_RETRY_DEADLINE_S=str(rec.retry_deadline_s),
-        GEOTRAIN_RPC_TIMEOUT_S=str(max(300.0, tr.round_timeout_s * 2)),
-        GEOTRAIN_CODEC=tr.compression.codec, GEOTRAIN_CODEC_BLOCK=str(tr.compression.block),
-        GEOTRAIN_ERROR_FEEDBACK="1" if tr.compression.error_feedback else "0",
-        GEOTRAIN_FRAGMENTS=str(tr.streaming.fragments),
-        GEOTRAIN_OVERLAP_STEPS=str(tr.asynchronous.overlap_steps if tr.algorithm == "async-diloco"
-                                   else tr.streaming.overlap_steps),
-        GEOTRAIN_ALPHA=str(tr.streaming.alpha),
-        GEOTRAIN_NUM_SITES=str(len(topo.sites)), GEOTRAIN_RING_UPLOADER=topo.sites[0].name,
-        GEOTRAIN_OUTER=json.dumps(tr.outer_optimizer.model_dump(mode="json")),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(site.workers),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-    )
-    if resume_round is not None:
-        env["GEOTRAIN_RESUME_ROUND"] = str(resume_round)
-    return env
+def worker_env(site: SiteConfig, rank: int, *, run: str, run_dir: Path, topology_json: Path, coordinator: str,
+               etcd: str, config_path: Path, master_port: int, resume_round: int | None = None,
+               rings: tuple = ()) -> dict[str, str]:
+    """A worker's environment, torchrun-style: its identity (geotrain.sdk.ENV_VARS) and the path of its
+    settings document (``config_path``, see :func:`write_worker_config`)."""
+    ctx = SiteContext(run=run, site=site.name, rank=rank, workers=site.workers, coordinator=coordinator,
+                      run_dir=run_dir, etcd=etcd, topology_path=str(topology_json), device=site.device,
+                      master_addr="127.0.0.1", master_port=master_port, resume_round=resume_round, rings=rings)
+    return procs.env_with(**ctx.identity_env(), **{CONFIG_VAR: str(config_path)},
+                          RANK=str(rank), WORLD_SIZE=str(site.workers), LOCAL_RANK=str(rank),
+                          OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def checkpoint_dir(topo: Topology, run_dir: Path) -> Path:
-    return Path(topo.checkpoint.path) if topo.checkpoint.path else run_dir / "checkpoints"
+def write_worker_config(run_dir: Path, site: str, config: WorkerConfig) -> Path:
+    """``RUN_DIR/worker-config.<site>.json``: per site, as ``topology.<site>.json`` is, so that sites
+    started on separate hosts (``geotrain site``) may share one run directory."""
+    return config.write(run_dir / f"worker-config.{site}.json")
 
 
 def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinator: str | None,
@@ -73,6 +61,7 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
     (run_dir / "logs").mkdir(exist_ok=True)
     topo_json = run_dir / f"topology.{site.name}.json"
     topo_json.write_text(json.dumps(topo.model_dump(mode="json")))
+    config_path = write_worker_config(run_dir, site.name, worker_config(topo, run_dir))
     events = EventLog(run_dir / "metrics.jsonl", f"site {site.name}")
     if coordinator is None:
         from geotrain.control.plane import ControlPlane
@@ -87,8 +76,8 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
         port = free_port()
         workers = []
         for rank in range(site.workers):
-            env = worker_env(topo, site, rank, run_dir=run_dir, topology_json=topo_json, coordinator=coordinator,
-                             etcd=etcd, checkpoint_dir=checkpoint_dir(topo, run_dir), master_port=port)
+            env = worker_env(site, rank, run=topo.name, run_dir=run_dir, topology_json=topo_json,
+                             coordinator=coordinator, etcd=etcd, config_path=config_path, master_port=port)
             log = open(run_dir / "logs" / f"worker-{site.name}-{rank}.log", "ab")
             workers.append(procs.spawn(list(entry), env=env, stdout=log, stderr=log))
             log.close()

@@ -16,25 +16,12 @@ parallel, whatever ``k`` is (:func:`ring_all_reduce_bytes`). Each finished chunk
 exactly one owner and then copied, so every peer ends with IDENTICAL bits (the sum of chunk ``c``
 is always associated in ring order starting at leader ``c``).
 
-``hierarchical``: sites of one region reduce among themselves first (a ring inside the region),
-the region leaders run the ring across regions, and the result goes back down the region's ring
-(:meth:`RingPeer.broadcast`, pipelined). :func:`hierarchical_groups` groups sites by region;
-:func:`hierarchical_all_reduce` composes the three phases.
+``hierarchical`` (a ring inside each region, then across region leaders, then back down) is
+composed from :class:`RingPeer` rings in geotrain.wan.hierarchical.
 
-Wire format (TCP, one connection per ring edge, peer ``i`` dials ``i+1``; in a run the address
-dialled is the link emulator's in front of the successor):
-
-* handshake: the dialler sends ``HELLO`` (magic, protocol, rank, world, crc32); the acceptor
-  answers ``ACK`` (magic, rank, world). A dial through a link emulator whose target is not up yet
-  is closed by the emulator without an ``ACK`` and retried until the timeout;
-* a chunk travels as messages of at most :data:`PIECE` elements (256 KiB), and a piece is passed
-  on as soon as it has arrived, so a step does not wait for the whole previous chunk and the links
-  do not idle one latency per step;
-* every message is a 56-byte header (magic, kind, world, round, sender rank, step, chunk index,
-  piece index, numel of the whole vector, payload length, payload crc32, header crc32) and the raw
-  float32 payload. A receiver checks every field against what it expects, so a byte flipped in
-  transit, a peer at another round or step, or a peer with a vector of another size raises
-  :class:`~geotrain.errors.TransferCorrupt` naming the predecessor, the round and the step.
+The wire format (a HELLO/ACK handshake per ring edge, pieces of at most :data:`PIECE` elements
+passed on as soon as they arrive, a 56-byte checked header per message) is described in
+geotrain.wan.ring_wire.
 
 Failures: no byte from the predecessor for ``timeout_s`` (inactivity, not a total deadline), a
 closed connection, or a send that cannot make progress for ``timeout_s`` raises
@@ -44,6 +31,11 @@ timeout; the ring cannot be reused after an error (build a new one).
 
 Send and receive overlap: frames go out on a per-peer sender thread while the caller receives, so
 chunks larger than the TCP buffers do not deadlock the ring.
+
+Modules: this one (:class:`RingPeer`: connections and collectives), geotrain.wan.ring_wire (the
+wire format, chunking, codecs, :func:`ring_all_reduce_bytes`) and geotrain.wan.hierarchical
+(:func:`hierarchical_groups`, :func:`hierarchical_all_reduce`); their public names are
+importable from here.
 """
 
 from __future__ import annotations
@@ -55,7 +47,6 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 
@@ -64,103 +55,16 @@ import torch
 
 from geotrain.errors import LinkError, TransferCorrupt
 
+from geotrain.wan.hierarchical import hierarchical_all_reduce, hierarchical_groups
+from geotrain.wan.ring_wire import (ACK, ACK_BYTES, ACK_MAGIC, HDR, HDR_CRC, HEADER_BYTES, HELLO, HELLO_BYTES, HELLO_MAGIC,
+                                    KIND_ALL_GATHER, KIND_BROADCAST, KIND_NAMES, KIND_REDUCE_SCATTER, MSG_MAGIC, OPS, PIECE,
+                                    PROTOCOL, RECV_SLICE, SEND_SLICE, Codec, check_vector, chunk_bounds, piece_bounds,
+                                    recv_exact, ring_all_reduce_bytes)
+
+__all__ = ["ACK_BYTES", "HEADER_BYTES", "HELLO_BYTES", "KIND_ALL_GATHER", "KIND_BROADCAST", "KIND_REDUCE_SCATTER", "PIECE",
+           "PROTOCOL", "RingPeer", "hierarchical_all_reduce", "hierarchical_groups", "ring_all_reduce_bytes"]
+
 log = logging.getLogger(__name__)
-
-PROTOCOL = 1
-_MSG_MAGIC = b"GTRM"
-_HELLO_MAGIC = b"GTRH"
-_ACK_MAGIC = b"GTRA"
-# magic, kind, pad, world, round, sender, step, chunk, piece, numel, nbytes, payload crc32
-_HDR = struct.Struct("!4sBxHqIIIIQQI")
-_HDR_CRC = struct.Struct("!I")
-HEADER_BYTES = _HDR.size + _HDR_CRC.size          # framing bytes per message (56)
-_HELLO = struct.Struct("!4sHIII")                  # magic, protocol, rank, world, crc32 of the rest
-_ACK = struct.Struct("!4sII")                      # magic, rank, world
-HELLO_BYTES = _HELLO.size
-ACK_BYTES = _ACK.size
-
-KIND_REDUCE_SCATTER = 0
-KIND_ALL_GATHER = 1
-KIND_BROADCAST = 2
-_KIND_NAMES = {KIND_REDUCE_SCATTER: "reduce-scatter", KIND_ALL_GATHER: "all-gather", KIND_BROADCAST: "broadcast"}
-
-SEND_SLICE = 1 << 20            # sendall() in slices: its timeout is per slice, i.e. an inactivity timeout
-RECV_SLICE = 1 << 20
-PIECE = 1 << 16                 # elements per message (256 KiB): chunks travel as pieces, pipelined
-_OPS = ("sum", "mean")
-
-
-def _chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges covering ``range(numel)``; the first ``numel % parts`` are one longer."""
-    base, rem = divmod(numel, parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + base + (1 if i < rem else 0)
-        out.append((start, end))
-        start = end
-    return out
-
-
-def _piece_bounds(lo: int, hi: int, piece: int = PIECE) -> list[tuple[int, int]]:
-    """``[lo, hi)`` in messages of at most ``piece`` elements; always at least one (possibly empty)."""
-    if hi <= lo:
-        return [(lo, lo)]
-    return [(s, min(s + piece, hi)) for s in range(lo, hi, piece)]
-
-
-def ring_all_reduce_bytes(numel: int, world: int, itemsize: int = 4, rank: int | None = None) -> int:
-    """Bytes one peer sends in one :meth:`RingPeer.all_reduce` of ``numel`` elements, framing included.
-
-    The payload is ``2 * (world-1)/world * numel * itemsize``; the framing one header of
-    :data:`HEADER_BYTES` per message (a chunk travels as messages of at most :data:`PIECE`
-    elements, so ``2 * (world-1)`` headers for small vectors, about one per 256 KiB for large ones).
-    With ``rank`` the exact count for that peer (chunks differ by one element when
-    ``numel % world != 0``); without, the mean over peers rounded up. The one-off handshake
-    (:data:`HELLO_BYTES` per connection) is not included.
-    """
-    if numel < 0 or world < 1 or itemsize < 1:
-        raise ValueError(f"numel >= 0, world >= 1, itemsize >= 1 required, got {numel}, {world}, {itemsize}")
-    if world == 1:
-        return 0
-    if rank is None:
-        return math.ceil(sum(ring_all_reduce_bytes(numel, world, itemsize, r) for r in range(world)) / world)
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    bounds = _chunk_bounds(numel, world)
-    # reduce-scatter sends every chunk but (rank+1), all-gather every chunk but (rank+2)
-    total = 0
-    for skip in ((rank + 1) % world, (rank + 2) % world):
-        for c, (lo, hi) in enumerate(bounds):
-            if c != skip:
-                total += (hi - lo) * itemsize + len(_piece_bounds(lo, hi)) * HEADER_BYTES
-    return total
-
-
-def hierarchical_groups(regions: Mapping[str, str]) -> list[list[str]]:
-    """Group sites by region: ``{site: region}`` -> ``[[sites of region A], [sites of region B], ...]``.
-
-    Regions appear in the order of their first site in ``regions`` and sites keep their order, so
-    every process that reads the same topology builds the same groups. The first site of each group
-    is the region's leader (it joins the ring across regions); the leaders' ring runs in group order.
-    """
-    if not isinstance(regions, Mapping):
-        raise TypeError(f"regions must be a mapping site -> region, got {type(regions).__name__}")
-    groups: dict[str, list[str]] = {}
-    for site, region in regions.items():
-        if not isinstance(site, str) or not site:
-            raise ValueError(f"site names must be non-empty strings, got {site!r}")
-        if not isinstance(region, str) or not region:
-            raise ValueError(f"site {site!r}: region must be a non-empty string, got {region!r}")
-        groups.setdefault(region, []).append(site)
-    return list(groups.values())
-
-
-def _check_vector(x: torch.Tensor, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
-        raise ValueError(f"{what}: expected a 1-D float32 CPU tensor, got {x.dtype} of shape "
-                         f"{tuple(x.shape)} on {x.device}")
 
 
 class RingPeer:
@@ -320,7 +224,7 @@ class RingPeer:
 
     def _dial(self, deadline: float, cancel: threading.Event) -> socket.socket:
         host, port = self.successor  # type: ignore[misc]
-        hello = _HELLO.pack(_HELLO_MAGIC, PROTOCOL, self.rank, self.world, 0)
+        hello = HELLO.pack(HELLO_MAGIC, PROTOCOL, self.rank, self.world, 0)
         hello = hello[:-4] + struct.pack("!I", zlib.crc32(hello[:-4]))
         delay, last = 0.02, "no attempt"
         while True:
@@ -348,8 +252,8 @@ class RingPeer:
                     if not part:
                         raise ConnectionError("closed before the handshake was acknowledged")
                     ack += part
-                magic, rank, world = _ACK.unpack(bytes(ack))
-                if magic != _ACK_MAGIC:
+                magic, rank, world = ACK.unpack(bytes(ack))
+                if magic != ACK_MAGIC:
                     raise ConnectionError(f"not a ring peer (handshake answer {bytes(ack)!r})")
                 if rank != self.successor_rank or world != self.world:
                     s.close()
@@ -383,18 +287,18 @@ class RingPeer:
                 raise LinkError(f"{self._me()}: accepting the predecessor's connection failed: {exc}") from exc
             try:
                 c.settimeout(max(0.05, min(deadline - time.monotonic(), 10.0)))
-                raw = _recv_exact(c, HELLO_BYTES)
+                raw = recv_exact(c, HELLO_BYTES)
             except (OSError, EOFError) as exc:
                 log.debug("%s: dropped a connection from %s before its handshake: %s", self._me(), addr, exc)
                 c.close()
                 continue
-            magic, proto, rank, world, crc = _HELLO.unpack(raw)
-            if magic != _HELLO_MAGIC or crc != zlib.crc32(raw[:-4]):
+            magic, proto, rank, world, crc = HELLO.unpack(raw)
+            if magic != HELLO_MAGIC or crc != zlib.crc32(raw[:-4]):
                 log.warning("%s: dropped a connection from %s:%s that is not a ring peer", self._me(), addr[0], addr[1])
                 c.close()
                 continue
             with suppress(OSError):
-                c.sendall(_ACK.pack(_ACK_MAGIC, self.rank, self.world))
+                c.sendall(ACK.pack(ACK_MAGIC, self.rank, self.world))
             if proto != PROTOCOL or rank != self.predecessor_rank or world != self.world:
                 c.close()
                 raise LinkError(f"{self._me()}: a peer at {addr[0]}:{addr[1]} called in as rank {rank} of a ring of "
@@ -440,9 +344,9 @@ class RingPeer:
         encodes it once, keeps exactly what it encoded (decoded), and all-gather passes those same
         bytes on, so every peer still ends with identical bits.
         """
-        _check_vector(x, f"{self._me()}: all_reduce")
-        if op not in _OPS:
-            raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+        check_vector(x, f"{self._me()}: all_reduce")
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
         from geotrain.wire.compress import _check_codec
 
         _check_codec(codec)
@@ -452,7 +356,7 @@ class RingPeer:
         with self._op_lock:
             self._check_usable()
             try:
-                self._all_reduce(work, op, int(round), _Codec(codec, block))
+                self._all_reduce(work, op, int(round), Codec(codec, block))
             except BaseException as exc:
                 self._fail(exc)
                 raise
@@ -465,7 +369,7 @@ class RingPeer:
         Every peer passes a tensor of the same numel (non-roots' values are ignored). With a ``codec``
         the root encodes ``x`` once and every peer, the root included, returns the decoded bytes.
         """
-        _check_vector(x, f"{self._me()}: broadcast")
+        check_vector(x, f"{self._me()}: broadcast")
         if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < self.world:
             raise ValueError(f"root must be an int in [0, {self.world}), got {root!r}")
         from geotrain.wire.compress import Encoded, decode, encode, wire_bytes
@@ -490,13 +394,13 @@ class RingPeer:
             return decode(Encoded(codec, n, block, out.tobytes()))
         return torch.from_numpy(out)
 
-    def _all_reduce(self, work: np.ndarray, op: str, rnd: int, codec: _Codec) -> None:
+    def _all_reduce(self, work: np.ndarray, op: str, rnd: int, codec: Codec) -> None:
         """Reduce-scatter then all-gather, pipelined: each chunk travels as pieces, and a piece is passed
         on as soon as it has arrived (and, in reduce-scatter, been added to), so the links stay busy
         instead of idling one latency per step."""
         w, r, n = self.world, self.rank, work.size
         steps = w - 1
-        pieces = [_piece_bounds(lo, hi) for lo, hi in _chunk_bounds(n, w)]
+        pieces = [piece_bounds(lo, hi) for lo, hi in chunk_bounds(n, w)]
         scratch = np.empty(max(hi - lo for lo, hi in pieces[0]), dtype=np.float32)  # chunk 0 is the largest
         pending: list[Future] = []
         rs_sent: dict[tuple[int, int], Future] = {}     # (chunk, piece) -> its reduce-scatter send
@@ -555,7 +459,7 @@ class RingPeer:
         n = out.size
         last = (root - 1) % self.world        # the peer before the root does not forward
         pending: list[Future] = []
-        for j, (lo, hi) in enumerate(_piece_bounds(0, n)):
+        for j, (lo, hi) in enumerate(piece_bounds(0, n)):
             if self.rank != root:
                 self._recv(KIND_BROADCAST, rnd, 0, 0, j, n, out[lo:hi])
             if self.rank != last:
@@ -573,9 +477,9 @@ class RingPeer:
         if self._send_error is not None:
             raise self._send_error
         payload = memoryview(np.ascontiguousarray(arr)).cast("B")
-        hdr = _HDR.pack(_MSG_MAGIC, kind, self.world, rnd, self.rank, step, chunk, piece, numel, len(payload),
+        hdr = HDR.pack(MSG_MAGIC, kind, self.world, rnd, self.rank, step, chunk, piece, numel, len(payload),
                         zlib.crc32(payload))
-        hdr += _HDR_CRC.pack(zlib.crc32(hdr))
+        hdr += HDR_CRC.pack(zlib.crc32(hdr))
         sock = self._send_sock
         assert sock is not None
         try:
@@ -588,7 +492,7 @@ class RingPeer:
         except OSError as exc:
             why = f"no progress for {self.timeout_s:g}s" if isinstance(exc, socket.timeout) else \
                 (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            err = LinkError(f"{self._me()}: sending round {rnd} step {step} ({_KIND_NAMES[kind]}) to "
+            err = LinkError(f"{self._me()}: sending round {rnd} step {step} ({KIND_NAMES[kind]}) to "
                             f"{self._succ()} failed: {why}")
             if self._send_error is None:
                 self._send_error = err
@@ -598,14 +502,14 @@ class RingPeer:
 
     def _recv(self, kind: int, rnd: int, step: int, chunk: int, piece: int, numel: int, out: np.ndarray) -> None:
         """Receive one frame into ``out`` and check every header field and the payload crc32."""
-        where = f"round {rnd} step {step} ({_KIND_NAMES[kind]})"
+        where = f"round {rnd} step {step} ({KIND_NAMES[kind]})"
         raw = self._recv_bytes(HEADER_BYTES, where)
-        hdr, (hcrc,) = raw[:_HDR.size], _HDR_CRC.unpack(raw[_HDR.size:])
+        hdr, (hcrc,) = raw[:HDR.size], HDR_CRC.unpack(raw[HDR.size:])
         if zlib.crc32(hdr) != hcrc:
             raise TransferCorrupt(f"{self._me()}: corrupt message header from {self._pred()} at {where} "
                                   f"(header crc32 mismatch)")
-        magic, k, world, r_rnd, sender, r_step, r_chunk, r_piece, r_numel, nbytes, pcrc = _HDR.unpack(hdr)
-        expected = {"magic": (_MSG_MAGIC, magic), "kind": (kind, k), "world": (self.world, world),
+        magic, k, world, r_rnd, sender, r_step, r_chunk, r_piece, r_numel, nbytes, pcrc = HDR.unpack(hdr)
+        expected = {"magic": (MSG_MAGIC, magic), "kind": (kind, k), "world": (self.world, world),
                     "round": (rnd, r_rnd), "sender": (self.predecessor_rank, sender), "step": (step, r_step),
                     "chunk": (chunk, r_chunk), "piece": (piece, r_piece), "numel": (numel, r_numel),
                     "bytes": (out.nbytes, nbytes)}
@@ -683,68 +587,3 @@ class RingPeer:
         self._abort_sockets()
         if self._sender is not None:
             self._sender.shutdown(wait=False, cancel_futures=True)
-
-
-class _Codec:
-    """How the pieces of one all-reduce travel: float32 as they are, or encoded (geotrain.wire.compress)."""
-
-    def __init__(self, codec: str, block: int) -> None:
-        self.codec, self.block, self.plain = codec, block, codec == "fp32"
-
-    def size(self, numel: int) -> int:
-        from geotrain.wire.compress import wire_bytes
-
-        return wire_bytes(numel, self.codec, self.block)
-
-    def wire(self, arr: np.ndarray) -> np.ndarray:
-        """What to send for ``arr``: ``arr`` itself (fp32; it must not change until sent) or its encoding."""
-        if self.plain:
-            return arr
-        from geotrain.wire.compress import encode
-
-        return np.frombuffer(encode(torch.from_numpy(np.ascontiguousarray(arr)), self.codec, self.block).payload,
-                             dtype=np.uint8)
-
-    def decode(self, raw: np.ndarray, numel: int) -> np.ndarray:
-        from geotrain.wire.compress import Encoded, decode
-
-        return decode(Encoded(self.codec, numel, self.block, raw.tobytes())).numpy()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += part
-    return bytes(buf)
-
-
-def hierarchical_all_reduce(x: torch.Tensor, *, local: RingPeer | None, leaders: RingPeer | None, world: int,
-                            op: str = "mean", round: int = 0, codec: str = "fp32", block: int = 256) -> torch.Tensor:
-    """Two-level all-reduce: inside the region, across region leaders, back down the region.
-
-    ``local`` is this site's ring inside its region (rank 0 = the region's leader; None when the
-    region has one site); ``leaders`` the ring of region leaders (only on a leader; None when there
-    is one region). ``world`` is the total number of sites (for ``mean``). Every site of every region
-    ends with identical bits: the leaders' ring makes the leaders' results identical and the
-    region's broadcast copies the leader's result.
-    """
-    _check_vector(x, "hierarchical_all_reduce")
-    if op not in _OPS:
-        raise ValueError(f"op must be one of {_OPS}, got {op!r}")
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ValueError(f"world must be an int >= 1, got {world!r}")
-    is_leader = local is None or local.rank == 0
-    if leaders is not None and not is_leader:
-        raise ValueError("only a region's leader (local rank 0) takes part in the leaders' ring")
-    partial = local.all_reduce(x, "sum", round, codec, block) if local is not None else x.detach().contiguous().clone()
-    if is_leader:
-        total = leaders.all_reduce(partial, "sum", round, codec, block) if leaders is not None else partial
-        if op == "mean":
-            arr = total.numpy()
-            np.divide(arr, np.float32(world), out=arr)
-    else:
-        total = partial
-    return local.broadcast(total, root=0, round=round, codec=codec, block=block) if local is not None else total

@@ -17,6 +17,12 @@ decide what to do next asks :func:`outcome_of` (or the exception's ``outcome``),
     CORRUPT            TransferCorrupt         retry (idempotent calls) or fail
     INVALID            GeotrainError           fail: the request itself is wrong
     NOT_IN_TOPOLOGY    GeotrainError           fail: this site is not in the run's topology
+
+On the wire (protos/geotrain/v1/coordinator.proto) a refused call ends with a gRPC status code and
+a serialized ``Refusal`` (outcome, reason, round, site) in its trailing metadata under
+:data:`REFUSAL_KEY`; the servicer (geotrain.orchestrator.server) sets it, the client
+(geotrain.worker.client) reads it. An error without one (the coordinator could not be reached, the
+client's own deadline) is known by its status code alone.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from __future__ import annotations
 import enum
 
 from geotrain import errors
+
+
+REFUSAL_KEY = "geotrain-refusal-bin"
+"""Trailing-metadata key of a refused call's serialized Refusal (binary: the name ends in -bin)."""
 
 
 class Outcome(enum.IntEnum):

@@ -10,8 +10,10 @@ import threading
 import pytest
 import torch
 
-from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
+from geotrain.orchestrator.server import create_server
 from geotrain.wire.fragments import fragment_slices
+from geotrain.config.components import WorkerConfig
 from geotrain.sdk import DiLoCo, SiteContext
 from geotrain.config.topology import OuterOptimizerConfig
 
@@ -22,8 +24,8 @@ def fake_grad(site: int, step: int, w: torch.Tensor) -> torch.Tensor:
     return 0.05 * (site + 1) * (step % 3 + 1) * torch.ones_like(w) + 0.1 * w
 
 
-def start(cfg: CoordinatorConfig):
-    service = CoordinatorService(cfg)
+def start(cfg: EngineConfig):
+    service = CoordinatorEngine(cfg)
     server, port = create_server(service)
     return service, server, port
 
@@ -33,7 +35,8 @@ def site(port, name, w0, **ctx_fields):
     with torch.no_grad():
         lin.weight.copy_(w0)
     opt = torch.optim.SGD(lin.parameters(), lr=LR_IN)
-    ctx = SiteContext(run="t", site=name, rank=0, workers=1, coordinator=f"127.0.0.1:{port}", **ctx_fields)
+    ctx = SiteContext(run="t", site=name, rank=0, workers=1, coordinator=f"127.0.0.1:{port}",
+                      config=WorkerConfig(**ctx_fields))
     return lin, opt, ctx
 
 
@@ -44,7 +47,7 @@ WEIGHTS = {"inverse": lambda s, n: 1.0 / (1.0 + s), "excess": lambda s, n: 1.0 /
 @pytest.mark.parametrize("kind", sorted(WEIGHTS))
 def test_async_delayed_nesterov_with_staleness_weights(kind):
     sites, H, merges = ["a", "b"], 2, 3
-    service, server, port = start(CoordinatorConfig(sites=tuple(sites), algorithm="async-diloco", staleness_weight=kind))
+    service, server, port = start(EngineConfig(sites=tuple(sites), algorithm="async-diloco", staleness_weight=kind))
     torch.manual_seed(0)
     w0 = torch.randn(4, 3)
     models = [site(port, s, w0) for s in sites]
@@ -93,7 +96,7 @@ def test_async_overlap_puts_the_overlapped_steps_on_the_new_global_model():
     site last received; the τ steps run meanwhile are then put on top of the answer, and go with the
     next update. The run's last merge is waited for."""
     sites, H, tau, rounds = ["a", "b"], 3, 1, 3
-    service, server, port = start(CoordinatorConfig(sites=tuple(sites), algorithm="async-diloco"))
+    service, server, port = start(EngineConfig(sites=tuple(sites), algorithm="async-diloco"))
     torch.manual_seed(1)
     w0 = torch.randn(4, 3)
     models = [site(port, s, w0, overlap_steps=tau, rounds=rounds) for s in sites]
@@ -150,7 +153,7 @@ def test_async_overlap_puts_the_overlapped_steps_on_the_new_global_model():
 
 def test_streaming_fragments_with_mixing_match_a_direct_computation():
     sites, H, P, alpha, rounds = ["a", "b"], 4, 2, 0.5, 3
-    service, server, port = start(CoordinatorConfig(sites=tuple(sites), algorithm="streaming-diloco", fragments=P))
+    service, server, port = start(EngineConfig(sites=tuple(sites), algorithm="streaming-diloco", fragments=P))
     torch.manual_seed(1)
     w0 = torch.randn(4, 3)
     results, errors = {}, []
@@ -203,7 +206,7 @@ def test_int8_merge_with_error_feedback_matches_the_protocol():
     from geotrain.wire.compress import ErrorFeedback, decode
 
     sites, H, rounds = ["a", "b"], 3, 3
-    service, server, port = start(CoordinatorConfig(sites=tuple(sites), codec="int8", block=4))
+    service, server, port = start(EngineConfig(sites=tuple(sites), codec="int8", block=4))
     torch.manual_seed(2)
     w0 = torch.randn(4, 3)
     seen, errors = {s: [] for s in sites}, []

@@ -10,7 +10,8 @@ import threading
 
 import torch
 
-from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
+from geotrain.orchestrator.server import create_server
 from geotrain.sdk import DiLoCo, SiteContext
 from geotrain.config.topology import OuterOptimizerConfig
 
@@ -40,7 +41,7 @@ def expected_trajectory(w0: torch.Tensor) -> list[torch.Tensor]:
 
 
 def run_sites(outer: OuterOptimizerConfig):
-    service = CoordinatorService(CoordinatorConfig(sites=tuple(SITES), outer=outer))
+    service = CoordinatorEngine(EngineConfig(sites=tuple(SITES), outer=outer))
     server, port = create_server(service)
     torch.manual_seed(0)
     w0 = torch.randn(4, 3)

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from geotrain.errors import QuorumLost, StaleRound
-from geotrain.orchestrator.server import CoordinatorConfig, CoordinatorService, create_server
+from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
+from geotrain.orchestrator.server import create_server
 from geotrain.worker.client import CoordinatorClient
 
 
 def test_a_failed_round_reopens_and_late_updates_start_a_new_attempt():
-    service = CoordinatorService(CoordinatorConfig(sites=("a", "b", "c"), algorithm="ddp", round_timeout_s=0.5, min_sites=3))
+    service = CoordinatorEngine(EngineConfig(sites=("a", "b", "c"), algorithm="ddp", round_timeout_s=0.5, min_sites=3))
     server, port = create_server(service)
     try:
         a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
@@ -39,9 +40,9 @@ def test_async_coordinator_counts_each_sites_merges_across_a_restart(tmp_path):
     every commit), so that it makes `rounds` merges in all, not `rounds` more."""
     from geotrain.orchestrator.persist import StateStore
 
-    cfg = CoordinatorConfig(sites=("a", "b"), algorithm="async-diloco")
+    cfg = EngineConfig(sites=("a", "b"), algorithm="async-diloco")
     store = StateStore(tmp_path / "state")
-    service = CoordinatorService(cfg, store=store)
+    service = CoordinatorEngine(cfg, store=store)
     server, port = create_server(service)
     try:
         a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
@@ -57,7 +58,7 @@ def test_async_coordinator_counts_each_sites_merges_across_a_restart(tmp_path):
         assert service.version == 4
     finally:
         server.stop(0)
-    restarted = CoordinatorService(cfg, store=store, resume=store.load())
+    restarted = CoordinatorEngine(cfg, store=store, resume=store.load())
     server, port = create_server(restarted)
     try:
         a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
@@ -73,7 +74,7 @@ def test_async_restart_keeps_delayed_nesterovs_pending_updates(tmp_path):
     from geotrain.config.topology import OuterOptimizerConfig
     from geotrain.orchestrator.persist import StateStore
 
-    cfg = CoordinatorConfig(sites=("a", "b"), algorithm="async-diloco", outer=OuterOptimizerConfig(lr=0.7, momentum=0.9))
+    cfg = EngineConfig(sites=("a", "b"), algorithm="async-diloco", outer=OuterOptimizerConfig(lr=0.7, momentum=0.9))
     updates = [("a", 0, torch.tensor([1.0, -2.0, 0.5])), ("b", 0, torch.tensor([0.25, 1.0, -1.0])),
                ("a", 1, torch.tensor([2.0, 0.5, 0.0])), ("b", 1, torch.tensor([-1.0, 3.0, 1.5]))]
 
@@ -82,7 +83,7 @@ def test_async_restart_keeps_delayed_nesterovs_pending_updates(tmp_path):
             CoordinatorClient(f"127.0.0.1:{port}", site, timeout_s=10).merge(
                 delta, round=rnd, kind="pseudo_grad", version=service.version)
 
-    straight = CoordinatorService(cfg)
+    straight = CoordinatorEngine(cfg)
     server, port = create_server(straight)
     try:
         CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10).init_model(torch.zeros(3))
@@ -91,7 +92,7 @@ def test_async_restart_keeps_delayed_nesterovs_pending_updates(tmp_path):
         server.stop(0)
 
     store = StateStore(tmp_path / "state")
-    first = CoordinatorService(cfg, store=store)
+    first = CoordinatorEngine(cfg, store=store)
     server, port = create_server(first)
     try:
         CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10).init_model(torch.zeros(3))
@@ -101,7 +102,7 @@ def test_async_restart_keeps_delayed_nesterovs_pending_updates(tmp_path):
         server.stop(0)
     resumed = store.load()
     assert resumed.pending_count == 1 and resumed.pending is not None
-    restarted = CoordinatorService(cfg, store=store, resume=resumed)
+    restarted = CoordinatorEngine(cfg, store=store, resume=resumed)
     server, port = create_server(restarted)
     try:
         apply(restarted, port, updates[3:])
@@ -117,8 +118,8 @@ def test_star_answer_tells_ring_leaders_when_to_rebuild_and_serves_the_outer_mom
     the leaders rebuild their rings; GetModel(what=momentum) gives them the outer momentum to mirror."""
     from geotrain.errors import GeotrainError
 
-    cfg = CoordinatorConfig(sites=("a", "b"), rings=True)
-    service = CoordinatorService(cfg)
+    cfg = EngineConfig(sites=("a", "b"), rings=True)
+    service = CoordinatorEngine(cfg)
     server, port = create_server(service)
     try:
         a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)
@@ -144,8 +145,8 @@ def test_star_answer_tells_ring_leaders_when_to_rebuild_and_serves_the_outer_mom
 
 
 def test_star_answer_of_a_round_without_every_site_does_not_rebuild_rings():
-    cfg = CoordinatorConfig(sites=("a", "b"), rings=True, round_timeout_s=0.3, min_sites=1)
-    service = CoordinatorService(cfg)
+    cfg = EngineConfig(sites=("a", "b"), rings=True, round_timeout_s=0.3, min_sites=1)
+    service = CoordinatorEngine(cfg)
     server, port = create_server(service)
     try:
         a = CoordinatorClient(f"127.0.0.1:{port}", "a", timeout_s=10)

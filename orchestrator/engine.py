@@ -1,0 +1,469 @@
+"""The coordinator engine: the global model, the rounds, and the commit pipeline.
+
+No gRPC here. The servicer (:mod:`geotrain.orchestrator.server`) decodes a call, hands the
+engine values (an :class:`~geotrain.orchestrator.results.Update`, the time ``now``) and gets
+values back: a :class:`~geotrain.orchestrator.results.CommitResult`, or a
+:class:`~geotrain.orchestrator.results.Refused` naming the typed outcome. The decisions are the
+pure functions of :mod:`geotrain.orchestrator.rounds`; the outer steps are
+:mod:`geotrain.orchestrator.outer`. One lock and one condition variable guard the state; a
+synchronous Merge blocks (in its own server thread) until its round is committed or fails.
+
+A synchronous merge runs through visible stages::
+
+    admit        merge_mode (ring or star), rounds.admit, record the arrival
+    ready        rounds.round_ready: wait | commit | commit_partial | timeout (the attempt fails)
+    aggregate    star: the mean of the updates (fp32, sorted sites); ring: rounds.ring_commit
+    outer step   Nesterov on the mean; with a codec the change is encoded (error feedback) and
+                 exactly its decoding applied here, so that the coordinator and the sites agree
+    persist      the state store, before anyone sees the result
+    publish      the run state in etcd, fenced by epoch (False: a newer coordinator exists)
+    result       one CommitResult per round, in the lane's RoundLog; events; checkpoint
+
+Algorithms (docs/algorithms.md): ``diloco``/``ddp`` use one lane of rounds, ``streaming-diloco``
+one lane per fragment (its own rounds, membership and slice of the outer momentum);
+``async-diloco`` has no rounds: every update is applied as it arrives (rounds.admit_async refuses
+a retried one; delayed Nesterov, weighted by rounds.async_weight) and answered at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from geotrain.config.topology import OuterOptimizerConfig
+from geotrain.events import EventLog
+from geotrain.orchestrator.lanes import Lane
+from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer, mean_of
+from geotrain.orchestrator.persist import CoordinatorState, StateStore
+from geotrain.orchestrator.results import CommitResult, JoinAnswer, ModelAnswer, Refused, StatusAnswer, Update
+from geotrain.orchestrator.rounds import (Decision, RoundState, admit, admit_async, async_weight, join, merge_mode,
+                                          next_round, record_arrival, ring_commit, ring_reform, round_ready)
+from geotrain.wire import transport
+from geotrain.wire.compress import UpdateEncoder, decode
+from geotrain.wire.fragments import fragment_slices
+from geotrain.wire.outcomes import Outcome
+
+FENCED_MESSAGE = "this coordinator was fenced off by a newer one"
+
+_REFUSED = {"stale": Outcome.STALE, "future": Outcome.FUTURE, "duplicate": Outcome.DUPLICATE,
+            "unknown_site": Outcome.NOT_MEMBER}
+"""rounds.admit's refusals, as outcomes."""
+
+
+@dataclass
+class EngineConfig:
+    """The coordinator engine's settings (geotrain.config.derive.coordinator_config makes them from a topology)."""
+
+    sites: tuple[str, ...]
+    algorithm: str = "diloco"
+    outer: OuterOptimizerConfig = OuterOptimizerConfig()
+    round_timeout_s: float = 120.0
+    min_sites: int | None = None  # None: every member must report (no partial commits)
+    epoch: int = 0
+    checkpoint_every: int = 0
+    codec: str = "fp32"
+    block: int = 256
+    error_feedback: bool = True
+    fragments: int = 1  # streaming-diloco: P
+    staleness_weight: str = "inverse"  # async-diloco
+    delayed_nesterov: bool = True  # async-diloco
+    rings: bool = False  # training.merge is ring or hierarchical: leaders rebuild their rings when told to
+
+
+class CoordinatorEngine:
+    """Holds the global model; commits rounds. ``store`` persists state at every commit (restart safety),
+    ``checkpoints`` (a BackgroundWriter) writes the coordinator's checkpoint part every N rounds, and
+    ``on_commit(round, version) -> bool`` publishes the run state (returning False means: fenced).
+    ``clock`` gives the wall time of what happens inside a call (a waiting round's deadline, durations)."""
+
+    def __init__(self, cfg: EngineConfig, events: EventLog | None = None, on_commit=None,
+                 store: StateStore | None = None, checkpoints=None, resume: CoordinatorState | None = None,
+                 clock=time.time):
+        self.cfg = cfg
+        self.events = events or EventLog(None, "coordinator")
+        self.on_commit = on_commit
+        self.store = store
+        self.checkpoints = checkpoints
+        self.clock = clock
+        self.params: torch.Tensor | None = None
+        self.outer = OuterOptimizer(cfg.outer)
+        self.async_outer = DelayedNesterov(cfg.outer, len(cfg.sites), cfg.delayed_nesterov)
+        self.is_async = cfg.algorithm == "async-diloco"
+        n_lanes = cfg.fragments if cfg.algorithm == "streaming-diloco" else 1
+        lane_rounds = [0] * n_lanes
+        self.version = 0
+        self.site_merges: dict[str, int] = {}  # async-diloco: each site's merges applied
+        if resume is not None:
+            self.site_merges = dict(resume.site_merges or {})
+            self.params = resume.params
+            self.outer.buf = resume.momentum
+            self.async_outer.buf = resume.momentum
+            if resume.pending is not None and resume.pending_count:
+                self.async_outer.acc, self.async_outer.count = resume.pending, resume.pending_count
+            lane_rounds = list(resume.lane_rounds) if resume.lane_rounds else [resume.round] * n_lanes
+            self.version = resume.round if not resume.lane_rounds else resume.version
+        self.lanes = [Lane(i, RoundState(round=r, expected=frozenset(cfg.sites))) for i, r in enumerate(lane_rounds)]
+        self.down = UpdateEncoder(cfg.codec, cfg.block, cfg.error_feedback)  # the change sent back, per lane
+        self.fenced = False
+        self.dropped: dict[str, tuple[float, int]] = {}  # site -> (when dropped, round dropped at)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.ring_failures = 0  # ring rounds abandoned in a row (rebuilding backs off on them)
+        self.ring_abandoned_at = -1
+        self._cond = threading.Condition()
+
+    @property
+    def state(self) -> RoundState:
+        """The round lane 0 collects (the only lane unless streaming)."""
+        return self.lanes[0].state
+
+    # ---- calls ----
+    def join(self, site: str, workers: int, pid: int, now: float) -> JoinAnswer:
+        with self._cond:
+            if site not in self.cfg.sites:
+                raise Refused(Outcome.NOT_IN_TOPOLOGY, f"site {site!r} is not in the topology "
+                                                       f"({', '.join(self.cfg.sites)})", site=site)
+            starts, decision = [], None
+            for lane in self.lanes:
+                lane.state, start, decision = join(lane.state, site)
+                starts.append(start)
+            start_version = self.version if self.is_async or len(self.lanes) > 1 else starts[0]
+            self.events.emit("site_joined", site=site, workers=workers, pid=pid, round=self.state.round,
+                             start_version=start_version, decision=decision.action)
+            if site in self.dropped:
+                failed_t, failed_round = self.dropped.pop(site)
+                self.events.emit("recovery", what="site", target=site, failure_t=failed_t, recovered_t=now,
+                                 seconds=round(now - failed_t, 3), rounds_lost=max(0, starts[0] - failed_round))
+            return JoinAnswer(round=self.state.round, version=self.version, start_version=start_version,
+                              has_model=self.params is not None, algorithm=self.cfg.algorithm, epoch=self.cfg.epoch,
+                              fragment_rounds=tuple(starts), site_merges=self.site_merges.get(site, 0))
+
+    def init_model(self, site: str, params: torch.Tensor) -> tuple[bool, int]:
+        """The first site's initial model becomes the global one. Returns (accepted, version)."""
+        with self._cond:
+            if self.params is not None:
+                return False, self.version
+            self.params = params
+            self.events.emit("model_initialised", site=site, numel=int(self.params.numel()))
+            self._cond.notify_all()
+            return True, self.version
+
+    def model(self, min_version: int, what: str, timeout_s: float, is_active) -> ModelAnswer:
+        """The global parameters (``what`` "" or "params") or the outer momentum ("momentum": ring leaders
+        rebuilding their rings mirror the outer step) once ``min_version`` is committed."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.params is None or self.version < min_version:
+                left = deadline - time.monotonic()
+                if left <= 0 or not is_active():
+                    raise Refused(Outcome.UNAVAILABLE, f"global version {min_version} not available (at {self.version})",
+                                  round=min_version)
+                self._cond.wait(timeout=min(left, 0.5))
+            values, version = self.params, self.version
+            if what == "momentum":
+                buf = self.outer.buf
+                values = buf.clone() if buf is not None else torch.zeros(0)
+            elif what not in ("", "params"):
+                raise Refused(Outcome.INVALID, f"GetModel: unknown what={what!r} (params or momentum)")
+            # a leader whose Merge answer was lost fetches the model: tell it about the rings too
+            record = self.lanes[0].log.get(version - 1) if len(self.lanes) == 1 else None
+            ring_round = record.ring_next if record is not None else 0
+        return ModelAnswer(kind=what or "params", values=values, version=version, ring_round=ring_round)
+
+    def merge(self, update: Update, now: float, is_active) -> CommitResult | None:
+        """Take ``update`` and block until its round commits (async: apply it at once). None: the
+        caller went away while waiting. Raises Refused (stale, future, duplicate, not a member,
+        ring abandoned, round failed, fenced, invalid fragment)."""
+        if self.is_async:
+            return self._merge_async(update)
+        with self._cond:
+            if self.fenced:
+                raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=update.round, site=update.site)
+            if not 0 <= update.fragment < len(self.lanes):
+                raise Refused(Outcome.INVALID, f"fragment {update.fragment} of {len(self.lanes)}",
+                              round=update.round, site=update.site)
+            lane = self.lanes[update.fragment]
+            self._admit(lane, update, now)
+            attempt = lane.attempt
+            self._advance(lane, now)
+            return self._await(lane, update, attempt, is_active)
+
+    def status(self) -> StatusAnswer:
+        with self._cond:
+            return StatusAnswer(round=self.state.round, version=self.version, sites=tuple(sorted(self.state.expected)),
+                                pending=tuple(sorted(self.state.arrived)), bytes_in=self.bytes_in,
+                                bytes_out=self.bytes_out)
+
+    def received(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes_in += nbytes
+
+    def sent(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes_out += nbytes
+
+    def answer_once(self, result: CommitResult, build) -> list:
+        """The wire messages of a synchronous round's answer: ``build()`` once per commit (kept in the
+        round's record), the same bytes for every waiting site; each answer counts in ``bytes_out``."""
+        with self._cond:
+            record = self.lanes[result.fragment].log.get(result.round)
+            messages = record.wire if record is not None else None
+            if messages is None:
+                messages = list(build())
+                if record is not None:
+                    record.wire = messages
+            self.bytes_out += sum(len(m.data) for m in messages)
+        return messages
+
+    # ---- the synchronous pipeline (called with the lock held) ----
+    def _admit(self, lane: Lane, update: Update, now: float) -> None:
+        """Stage 1: the update's round and mode may take it; it is recorded as arrived."""
+        site, rnd = update.site, update.round
+        record = lane.record(rnd)
+        mode = merge_mode(record.mode, update.ring, rnd, lane.state.round)
+        if mode.action == "ring_abandoned":
+            raise Refused(Outcome.RING_ABANDONED, f"ring_abandoned: {mode.reason}", round=rnd, site=site)
+        if mode.action == "abandon_ring":
+            self._abandon_ring(lane, rnd, site)
+        else:
+            record.mode = mode.action
+        decision = admit(lane.state, site, rnd)
+        if not decision:
+            self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason,
+                             fragment=lane.index)
+            raise Refused(_REFUSED[decision.action], f"{decision.action}: {decision.reason}", round=rnd, site=site)
+        lane.updates[site] = update.values
+        if update.ring:
+            lane.claims[site] = update.claimed_crc32
+        lane.state = record_arrival(lane.state, site, now)
+
+    def _await(self, lane: Lane, update: Update, attempt: int, is_active) -> CommitResult | None:
+        """Block until round ``update.round`` has a result, failed, or dropped this site's ring update."""
+        site, rnd = update.site, update.round
+        while True:
+            record = lane.log.get(rnd)
+            if record is not None and record.result is not None:
+                return record.result
+            if lane.attempt != attempt:
+                raise Refused(Outcome.ROUND_FAILED, f"round_failed: {lane.last_failure}", round=rnd, site=site)
+            if record is not None and site in record.abandoned:
+                record.abandoned.discard(site)
+                raise Refused(Outcome.RING_ABANDONED, f"ring_abandoned: a site merged round {rnd} through the star",
+                              round=rnd, site=site)
+            if record is not None and record.failed is not None:
+                raise Refused(Outcome.ROUND_FAILED, f"round_failed: {record.failed}", round=rnd, site=site)
+            if not is_active():
+                return None
+            self._cond.wait(timeout=0.2)
+            self._advance(lane, self.clock())
+
+    def _advance(self, lane: Lane, now: float) -> None:
+        """Stages 2-7 for the round ``lane`` collects: commit it if it is ready."""
+        ready = round_ready(now, lane.state, self.cfg.round_timeout_s, self.cfg.min_sites)
+        if ready.action == "wait":
+            return
+        rnd = lane.state.round
+        ring = lane.mode(rnd) == "ring"
+        if ready.action == "timeout":
+            if ring:
+                self._abandon_ring(lane, rnd, "deadline")
+            else:
+                self._fail_attempt(lane, ready)
+            return
+        t0 = self.clock()
+        mean = self._aggregate(lane, ready, ring)
+        if mean is None:
+            return
+        step = self._outer_step(lane, mean, ring)
+        if step is None:
+            return
+        arrived = lane.state.arrived
+        self._next_round(lane, ready)
+        self._persist()  # durable before anyone sees the result: a restart never loses it
+        if not self._publish(lane, rnd):
+            return
+        self._record_result(lane, step, ring, arrived, t0)
+
+    def _fail_attempt(self, lane: Lane, ready: Decision) -> None:
+        """Too few sites before the deadline: this attempt fails, the round reopens for a retry."""
+        lane.attempt += 1
+        lane.last_failure = ready.reason
+        lane.reopen()
+        self.events.emit("round_failed", round=lane.state.round, reason=ready.reason, fragment=lane.index,
+                         attempt=lane.attempt)
+        self._cond.notify_all()
+
+    def _aggregate(self, lane: Lane, ready: Decision, ring: bool) -> torch.Tensor | None:
+        """The round's mean update (None: a ring round that cannot commit went back to the star)."""
+        if not ring:
+            return mean_of(lane.updates)
+        rnd = lane.state.round
+        means = [u for u in lane.updates.values() if u is not None]
+        decision = ring_commit(rnd, ready, tuple(transport.fingerprint(m) for m in means),
+                               frozenset(lane.claims.values()))
+        if not decision:
+            self.events.emit("round_failed", round=rnd, reason=decision.reason)
+            self._abandon_ring(lane, rnd, "coordinator")
+            return None
+        return means[0]
+
+    def _outer_step(self, lane: Lane, mean: torch.Tensor, ring: bool) -> CommitResult | None:
+        """Apply the outer step; the result says what travels back (its version and plan come at commit)."""
+        rnd = lane.state.round
+        if self.cfg.algorithm == "ddp":
+            return CommitResult(kind="grad", round=rnd, version=0, crc32=0, values=mean, fragment=lane.index)
+        if self.params is None:
+            lane.record(rnd).failed = "no global model to apply the outer step to"
+            self._cond.notify_all()
+            return None
+        sl = self._slice(lane)
+        new = self.outer.step(self.params, mean, sl)
+        if ring:  # every leader computed the same outer step itself: only the fingerprint travels
+            self.params = new
+            return CommitResult(kind="ring_commit", round=rnd, version=0, crc32=0, values=torch.zeros(0),
+                                params_crc32=transport.fingerprint(self.params), fragment=lane.index)
+        if self.cfg.codec == "fp32":
+            self.params = new
+            return CommitResult(kind="params", round=rnd, version=0, crc32=0, values=self.params[sl], fragment=lane.index)
+        # send the change, compressed; apply exactly what the sites will apply
+        encoded = self.down.encode((new[sl] - self.params[sl]).contiguous(), key=lane.index)
+        self.params = self.params.clone()
+        self.params[sl] += decode(encoded)
+        return CommitResult(kind="delta", round=rnd, version=0, crc32=0, encoded=encoded, fragment=lane.index)
+
+    def _next_round(self, lane: Lane, ready: Decision) -> None:
+        """The round is committed: silent sites leave the membership, joiners come in, the version grows."""
+        rnd, arrived = lane.state.round, lane.state.arrived
+        dropped = frozenset(lane.state.expected - set(arrived))
+        lane.state = next_round(lane.state, dropped)
+        lane.log.prune(lane.state.round)
+        self.version += 1
+        now = self.clock()
+        for site in sorted(dropped):
+            self.dropped[site] = (now, rnd)
+            self.events.emit("failure", what="site", target=site, happened_t=min(arrived.values()), detected_t=now,
+                             reason=ready.reason)
+
+    def _publish(self, lane: Lane, rnd: int) -> bool:
+        """Publish the run state, fenced by epoch. False: a newer coordinator exists; the round's waiters are told."""
+        if self.on_commit is None or self.on_commit(rnd, self.version) is not False:
+            return True
+        self.fenced = True
+        lane.record(rnd).failed = f"coordinator epoch {self.cfg.epoch} was fenced off by a newer coordinator"
+        self.events.emit("fenced", round=rnd, epoch=self.cfg.epoch)
+        self._cond.notify_all()
+        return False
+
+    def _record_result(self, lane: Lane, step: CommitResult, ring: bool, arrived: dict[str, float], t0: float) -> None:
+        """The round's one result, for every waiter; the commit event; the checkpoint."""
+        rnd = step.round
+        ring_round = 0
+        if self.cfg.rings and ring:
+            self.ring_failures = 0
+        elif self.cfg.rings:
+            ring_round = self._plan_rings(lane, rnd, frozenset(arrived))
+        lane.updates, lane.claims = {}, {}
+        if self.cfg.algorithm == "ddp":
+            crc = transport.fingerprint(step.values)
+        else:  # the weights every site now holds (streaming: of this fragment)
+            crc = transport.fingerprint(self.params[self._slice(lane)] if len(self.lanes) > 1 else self.params)
+        version = self.version if len(self.lanes) == 1 else lane.state.round
+        lane.record(rnd).result = replace(step, version=version, crc32=crc, ring_round=ring_round)
+        extra = {"merge": "ring" if ring else "star"} if self.cfg.rings else {}
+        self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
+                         epoch=self.cfg.epoch, fragment=lane.index, **extra,
+                         wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(self.clock() - t0, 6))
+        self.maybe_checkpoint()
+        self._cond.notify_all()
+
+    def _plan_rings(self, lane: Lane, rnd: int, arrived: frozenset[str]) -> int:
+        """Round ``rnd`` was merged through the star: do the leaders rebuild their rings for the next
+        round (rounds.ring_reform)? Returns that round, or 0."""
+        decision = ring_reform(rnd, sites=frozenset(self.cfg.sites), arrived=arrived, next_expected=lane.state.expected,
+                               failures=self.ring_failures, abandoned_at=self.ring_abandoned_at)
+        if decision.action != "ring":
+            return 0
+        lane.record(rnd).ring_next = rnd + 1
+        self.events.emit("ring_reform", round=rnd + 1, reason=decision.reason)
+        return rnd + 1
+
+    def _abandon_ring(self, lane: Lane, rnd: int, by: str) -> None:
+        """The ring of round ``rnd`` broke (a star update, the deadline, or an inconsistent ring round):
+        the round is merged through the star; the sites whose ring update is dropped are told."""
+        if self.ring_abandoned_at != rnd:
+            self.ring_failures += 1
+            self.ring_abandoned_at = rnd
+        dropped = set(lane.state.arrived)
+        record = lane.record(rnd)
+        record.mode = "star"
+        record.abandoned = dropped
+        lane.reopen()
+        self.events.emit("ring_abandoned", round=rnd, by=by, dropped=sorted(dropped))
+        self._cond.notify_all()
+
+    # ---- asynchronous DiLoCo ----
+    def _merge_async(self, update: Update) -> CommitResult:
+        """Apply one site's update at once and answer with the new global parameters."""
+        site = update.site
+        with self._cond:
+            if self.fenced:
+                raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=update.round, site=site)
+            decision = admit_async(site, update.round, sites=frozenset(self.cfg.sites),
+                                   applied=self.site_merges.get(site, 0), has_model=self.params is not None)
+            if not decision:
+                if decision.action == "duplicate":
+                    self.events.emit("merge_refused", site=site, round=update.round, action=decision.action,
+                                     reason=decision.reason)
+                raise Refused(_REFUSED[decision.action], f"{decision.action}: {decision.reason}", round=update.round,
+                              site=site)
+            w = async_weight(self.cfg.staleness_weight, self.version, update.version, len(self.cfg.sites))
+            t0 = self.clock()
+            self.params = self.async_outer.step(self.params, update.values, w.weight)
+            rnd = self.version
+            self.version += 1
+            self.site_merges[site] = self.site_merges.get(site, 0) + 1
+            self.lanes[0].state = RoundState(round=self.version, expected=self.state.expected)
+            self._persist()
+            crc = transport.fingerprint(self.params)
+            self.events.emit("commit", round=rnd, version=self.version, sites=[site], staleness=w.staleness,
+                             weight=round(w.weight, 6), crc32=crc, epoch=self.cfg.epoch,
+                             wait_s=0.0, apply_s=round(self.clock() - t0, 6))
+            if self.on_commit is not None and self.on_commit(rnd, self.version) is False:
+                self.fenced = True
+                raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=rnd, site=site)
+            self.maybe_checkpoint()
+            self._cond.notify_all()
+            return CommitResult(kind="params", round=rnd, version=self.version, crc32=crc, values=self.params,
+                                staleness=w.staleness)
+
+    # ---- shared by both pipelines (lock held) ----
+    def _slice(self, lane: Lane) -> slice:
+        if len(self.lanes) == 1:
+            return slice(None)
+        return fragment_slices(self.params.numel(), len(self.lanes))[lane.index]
+
+    def _persist(self) -> None:
+        if self.store is None:
+            return
+        momentum = self.async_outer.buf if self.is_async else self.outer.buf
+        self.store.save(CoordinatorState(round=self.state.round, params=self.params, momentum=momentum,
+                                         epoch=self.cfg.epoch, members=tuple(sorted(self.state.expected)),
+                                         lane_rounds=tuple(l.state.round for l in self.lanes) if len(self.lanes) > 1 else (),
+                                         version=self.version, site_merges=dict(self.site_merges) if self.is_async else None,
+                                         pending=self.async_outer.acc if self.is_async else None,
+                                         pending_count=self.async_outer.count if self.is_async else 0))
+
+    def maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint_every
+        if self.checkpoints is None or not every or self.params is None or len(self.lanes) > 1 or self.is_async:
+            return  # streaming and async runs checkpoint for restarts (the state store), not for exact resume
+        if self.version % every:
+            return
+        tensors = {"model": {"params": self.params}}
+        if self.outer.buf is not None:
+            tensors["outer"] = {"momentum": self.outer.buf}
+        self.checkpoints.submit(self.version, tensors, {"round": self.version, "epoch": self.cfg.epoch,
+                                                        "members": sorted(self.state.expected)})

@@ -1,0 +1,100 @@
+"""The rounds of one lane, and what the coordinator remembers of each.
+
+A *lane* is the sequence of rounds over one fragment of the model (the whole model unless
+streaming-diloco). It holds the round being collected (``state``, its ``updates`` and ring
+``claims``, how many ``attempt``\\ s of it failed) and a :class:`RoundLog`: one
+:class:`RoundRecord` per round, with everything keyed by round (how it is merged, its result,
+why it failed, whose ring update was dropped, the ring plan, the encoded answer).
+
+One pruning rule bounds the log, whatever arrives: it keeps the rounds within ``keep`` of the
+round being collected (behind: answers still being streamed to slow waiters; ahead: an early
+update); a record outside that window is never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from geotrain.orchestrator.results import CommitResult
+from geotrain.orchestrator.rounds import RoundState
+
+KEEP_ROUNDS = 2
+"""Rounds kept on either side of the round being collected."""
+
+
+@dataclass
+class RoundRecord:
+    """What the coordinator remembers about one round of a lane."""
+
+    mode: str | None = None
+    """ring | star: pinned by the round's first update (None: no update yet)."""
+    result: CommitResult | None = None
+    """Set once the round is committed: every waiter gets it."""
+    failed: str | None = None
+    """Why the round cannot commit at all (no model; fenced): its waiters are told."""
+    abandoned: set[str] = field(default_factory=set)
+    """Sites whose ring update was dropped when the round went to the star (each is told once)."""
+    ring_next: int = 0
+    """A star round of a ring run: the round at which the leaders rebuild their rings (0: none)."""
+    wire: list | None = None
+    """The encoded answer, built once per commit by the servicer (opaque here)."""
+
+
+class RoundLog:
+    """Round -> RoundRecord, bounded by one rule (see the module docstring)."""
+
+    def __init__(self, keep: int = KEEP_ROUNDS) -> None:
+        self.keep = keep
+        self._records: dict[int, RoundRecord] = {}
+
+    def get(self, rnd: int) -> RoundRecord | None:
+        return self._records.get(rnd)
+
+    def at(self, rnd: int, current: int) -> RoundRecord:
+        """The record of ``rnd``, created if needed; outside the window a fresh one that is not kept."""
+        record = self._records.get(rnd)
+        if record is None:
+            record = RoundRecord()
+            if self._inside(rnd, current):
+                self._records[rnd] = record
+        return record
+
+    def prune(self, current: int) -> None:
+        for rnd in [r for r in self._records if not self._inside(r, current)]:
+            del self._records[rnd]
+
+    def rounds(self) -> list[int]:
+        return sorted(self._records)
+
+    def _inside(self, rnd: int, current: int) -> bool:
+        return current - self.keep <= rnd <= current + self.keep
+
+
+@dataclass
+class Lane:
+    """The rounds of one fragment (the whole model unless streaming)."""
+
+    index: int
+    state: RoundState
+    log: RoundLog = field(default_factory=RoundLog)
+    updates: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    """The round being collected: site -> its update (None: a ring acknowledgement)."""
+    claims: dict[str, int] = field(default_factory=dict)
+    """The round being collected, in a ring: site -> CRC32 of the mean it computed."""
+    attempt: int = 0
+    """Grows every time the round being collected fails; its waiters are told, the round reopens."""
+    last_failure: str = ""
+
+    def record(self, rnd: int) -> RoundRecord:
+        return self.log.at(rnd, self.state.round)
+
+    def mode(self, rnd: int) -> str | None:
+        record = self.log.get(rnd)
+        return record.mode if record is not None else None
+
+    def reopen(self) -> None:
+        """Forget the updates of the round being collected; it starts over (same round, same members)."""
+        self.updates, self.claims = {}, {}
+        self.state = RoundState(round=self.state.round, expected=self.state.expected, joining=self.state.joining)

@@ -198,3 +198,25 @@ def test_join_provides_the_initial_model_when_the_coordinator_has_none():
     assert len(inits) == 1 and torch.equal(inits[0], torch.ones(6))
     assert (joined.version, joined.site_merges, joined.fragment_rounds) == (0, 2, (0,))
     assert events.kinds() == ["site_ready"] and ex.ring_round == 3
+
+
+def test_sync_diloco_after_a_duplicate_waits_for_the_commit_of_its_own_round():
+    """A site that joined at version 0 and is at round 3 when its update comes back DUPLICATE (the
+    coordinator has it; the answer was lost) must wait for version 4, the commit of round 3, not take
+    whatever version > 0 the coordinator holds now (that made the site redo round 3)."""
+    from geotrain.worker.algorithms import Site, SyncDiLoCo
+    from geotrain.worker.context import SiteContext
+    from geotrain.worker.site_group import SiteGroup
+
+    model = torch.nn.Linear(2, 3)
+    params = list(model.parameters())
+    client = FakeClient([error_for(Outcome.DUPLICATE, "eu already contributed to round 3")],
+                        model=torch.zeros(9), model_version=4)
+    ex, events = star(client)
+    ctx = SiteContext(run="r", site="eu", rank=0, workers=1, coordinator="127.0.0.1:1")
+    algo = SyncDiLoCo(Site(ctx, SiteGroup(1, 0, "cpu"), params, 2, events, ex, ex))
+    algo.global_flat = torch.zeros(9)
+    algo.version, algo.round, algo.local_step = 0, 3, 8  # joined at version 0, now merging round 3
+    assert algo.due() and algo.sync()
+    assert ("get_model", 4) in client.calls
+    assert algo.round == 4

@@ -144,7 +144,7 @@ class Algorithm(ABC):
 
         def fetch():
             got = self.site.exchange.exchange(self.pseudo_gradient(), self.global_flat, round=self.round,
-                                              base_version=base_version, fetch_after=self.version)
+                                              base_version=base_version, fetch_after=base_version)
             return [got.version], got.new
 
         (version,), new = self.group.leader_then_broadcast(fetch, ints=1, numel=self.site.numel)

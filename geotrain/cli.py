@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from geotrain.errors import GeotrainError, RunFailed, TopologyError
+from geotrain.errors import GeotrainError, RunFailed, RunInterrupted, TopologyError
 
 
 def _add_topology_args(p: argparse.ArgumentParser) -> None:
@@ -118,7 +118,7 @@ def cmd_launch(args) -> int:
     except RunFailed as exc:
         print(f"geotrain launch: run failed: {exc}", file=sys.stderr)
         print(run_dir)
-        return 130 if "interrupted" in str(exc) else 1
+        return 130 if isinstance(exc, RunInterrupted) else 1
     print(f"geotrain launch: {summary['rounds_completed']} rounds, eval loss {summary['initial_eval_loss']} -> "
           f"{summary['final_eval_loss']}, WAN {summary['wan_bytes']:,} bytes, {summary['wall_seconds']:.1f}s", file=sys.stderr)
     print(run_dir)
@@ -162,7 +162,7 @@ def cmd_resume(args) -> int:
     except RunFailed as exc:
         print(f"geotrain resume: run failed: {exc}", file=sys.stderr)
         print(run_dir)
-        return 130 if "interrupted" in str(exc) else 1
+        return 130 if isinstance(exc, RunInterrupted) else 1
     print(f"geotrain resume: {summary['rounds_completed']} rounds, final eval loss {summary['final_eval_loss']}", file=sys.stderr)
     print(run_dir)
     return 0

@@ -11,6 +11,7 @@
     ├── CheckpointCorrupt      a checkpoint failed verification
     ├── LinkError              the WAN link emulator could not start or forward
     └── RunFailed              a process of the run died; names the process and its exit status
+        └── RunInterrupted     Ctrl-C or SIGTERM stopped the run (exit code 130)
 
 gRPC and etcd errors are converted at the boundary with ``raise X(...) from exc`` and carry
 the site, round and address they concern. The CLI turns a GeotrainError into one line on
@@ -72,3 +73,10 @@ class LinkError(GeotrainError):
 
 class RunFailed(GeotrainError):
     """A process of the run died or the run was interrupted; the message names it."""
+
+
+class RunInterrupted(RunFailed):
+    """The run was stopped by Ctrl-C or SIGTERM; every process of it was stopped."""
+
+    exit_code = 130
+

@@ -31,7 +31,7 @@ from pathlib import Path
 from geotrain.config.components import LinkConfig
 from geotrain.config.derive import checkpoint_dir, derive
 from geotrain.config.topology import Topology
-from geotrain.errors import GeotrainError, RunFailed
+from geotrain.errors import GeotrainError, RunFailed, RunInterrupted
 from geotrain.events import EventLog, EventTail, log_tail
 from geotrain.run import procs
 from geotrain.run.site import free_port, worker_env, write_worker_config
@@ -398,7 +398,7 @@ def launch(plan: LaunchPlan, progress_factory=None) -> dict:
             if progress:
                 progress.close()
     except KeyboardInterrupt:
-        error = RunFailed("interrupted (Ctrl-C or SIGTERM); every process of the run was stopped")
+        error = RunInterrupted("interrupted (Ctrl-C or SIGTERM); every process of the run was stopped")
     except GeotrainError as exc:
         error = exc if isinstance(exc, RunFailed) else RunFailed(str(exc))
     finally:

@@ -211,8 +211,8 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
 
 
 def _repo_root() -> Path:
-    """The checkout geotrain runs from (its package folder's parent)."""
-    return Path(__file__).resolve().parents[1]
+    """The checkout geotrain runs from (the folder above the geotrain package: this file is geotrain/run/compose.py)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def offline_mounts(repo: Path | None = None) -> OfflineMounts:

@@ -9,6 +9,8 @@ import sys
 import pytest
 import yaml
 
+import geotrain
+
 from geotrain.run.compose import (
     COMPOSE_VERSION,
     OfflineMounts,
@@ -128,6 +130,19 @@ def test_offline_mounts_of_this_host_cover_python_and_checkout(repo):
     # no path is mounted twice (nested under another)
     for a in m.paths:
         assert not any(a != b and a.startswith(b.rstrip("/") + "/") for b in m.paths), m.paths
+
+
+def test_default_offline_mounts_cover_every_folder_geotrain_imports_from():
+    """Without --repo, the checkout is found from the installed package: the mounts must cover the
+    folders of geotrain, geotrain.orchestrator and geotrain.worker (orchestrator/ and worker/ sit
+    beside geotrain/, not inside it). A container missing one fails with ModuleNotFoundError."""
+    import geotrain.orchestrator
+    import geotrain.worker
+
+    m = offline_mounts()
+    for pkg in (geotrain, geotrain.orchestrator, geotrain.worker):
+        folder = os.path.dirname(os.path.realpath(pkg.__file__))
+        assert any(folder == p or folder.startswith(p.rstrip("/") + "/") for p in m.paths), (pkg.__name__, m.paths)
 
 
 def test_cli_writes_a_loadable_topology_with_overrides(repo, tmp_path, capsys):

@@ -7,6 +7,7 @@
     ├── QuorumLost             too few sites reported within the round deadline
     ├── StaleRound             an update the round cannot take (stale, future, duplicate, not a member)
     ├── RingAbandoned          a ring round is merged through the star instead
+    ├── UpdateRefused          an update's values cannot count (wrong length, non-finite, norm bound)
     ├── TransferCorrupt        a tensor stream failed its checksum or was incomplete
     ├── CheckpointCorrupt      a checkpoint failed verification
     ├── LinkError              the WAN link emulator could not start or forward
@@ -57,6 +58,11 @@ class StaleRound(GeotrainError):
 
 class RingAbandoned(GeotrainError):
     """A ring (or hierarchical) round could not be merged in the ring: it goes through the star."""
+
+
+class UpdateRefused(GeotrainError):
+    """The coordinator refused an update's values (wrong length, a non-finite value, a norm far above
+    the recent updates'): the site failed this round, rejoins and starts from the current model."""
 
 
 class TransferCorrupt(GeotrainError):

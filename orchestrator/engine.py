@@ -10,14 +10,18 @@ synchronous Merge blocks (in its own server thread) until its round is committed
 
 A synchronous merge runs through visible stages::
 
+    validate     rounds.validate_update: length, dtype, every value finite, the norm bound; a refused
+                 update never counts (merge_refused), its site fails the round and may rejoin
     admit        merge_mode (ring or star), rounds.admit, record the arrival
     ready        rounds.round_ready: wait | commit | commit_partial | timeout (the attempt fails)
-    aggregate    star: the mean of the updates (fp32, sorted sites); ring: rounds.ring_commit
+    aggregate    star: training.aggregation over the updates (orchestrator.aggregate: mean, fp32,
+                 sorted sites; trimmed-mean; median); ring: rounds.ring_commit
     outer step   Nesterov on the mean; with a codec the change is encoded (error feedback) and
                  exactly its decoding applied here, so that the coordinator and the sites agree
     persist      the state store, before anyone sees the result
     publish      the run state in etcd, fenced by epoch (False: a newer coordinator exists)
-    result       one CommitResult per round, in the lane's RoundLog; events; checkpoint
+    result       one CommitResult per round, in the lane's RoundLog; the commit event with the
+                 model's digest (finite, norm; model_nonfinite if it is not); checkpoint
 
 Algorithms (docs/algorithms.md): ``diloco``/``ddp`` use one lane of rounds, ``streaming-diloco``
 one lane per fragment (its own rounds, membership and slice of the outer momentum);
@@ -27,6 +31,7 @@ a retried one; delayed Nesterov, weighted by rounds.async_weight) and answered a
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -35,12 +40,15 @@ import torch
 
 from geotrain.config.topology import OuterOptimizerConfig
 from geotrain.events import EventLog
+from geotrain.orchestrator.aggregate import aggregator
 from geotrain.orchestrator.lanes import Lane
-from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer, mean_of
+from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.results import CommitResult, JoinAnswer, ModelAnswer, Refused, StatusAnswer, Update
 from geotrain.orchestrator.rounds import (Decision, RoundState, admit, admit_async, async_weight, join, merge_mode,
-                                          next_round, record_arrival, ring_commit, ring_reform, round_ready)
+                                          next_round, record_arrival, refuse_update, ring_commit, ring_reform,
+                                          round_ready, validate_update)
+from geotrain.storage.checkpoint import COORDINATOR_PART
 from geotrain.wire import transport
 from geotrain.wire.compress import UpdateEncoder, decode
 from geotrain.wire.fragments import fragment_slices
@@ -51,6 +59,9 @@ FENCED_MESSAGE = "this coordinator was fenced off by a newer one"
 _REFUSED = {"stale": Outcome.STALE, "future": Outcome.FUTURE, "duplicate": Outcome.DUPLICATE,
             "unknown_site": Outcome.NOT_MEMBER}
 """rounds.admit's refusals, as outcomes."""
+
+MAX_STREAM_BYTES = transport.MAX_STREAM_BYTES
+"""What a stream may declare before the coordinator has a model (then: the model's size)."""
 
 
 @dataclass
@@ -71,6 +82,10 @@ class EngineConfig:
     staleness_weight: str = "inverse"  # async-diloco
     delayed_nesterov: bool = True  # async-diloco
     rings: bool = False  # training.merge is ring or hierarchical: leaders rebuild their rings when told to
+    aggregation: str = "mean"  # training.aggregation: mean | trimmed-mean | median
+    trim_fraction: float = 0.25  # trimmed-mean: dropped at each end of every coordinate
+    max_update_norm_ratio: float | None = 10.0  # security: the norm bound (None: none)
+    norm_history: int = 8  # security: accepted updates' norms the bound's median is taken over
 
 
 class CoordinatorEngine:
@@ -90,6 +105,7 @@ class CoordinatorEngine:
         self.clock = clock
         self.params: torch.Tensor | None = None
         self.outer = OuterOptimizer(cfg.outer)
+        self.aggregate = aggregator(cfg.aggregation, cfg.trim_fraction)
         self.async_outer = DelayedNesterov(cfg.outer, len(cfg.sites), cfg.delayed_nesterov)
         self.is_async = cfg.algorithm == "async-diloco"
         n_lanes = cfg.fragments if cfg.algorithm == "streaming-diloco" else 1
@@ -142,10 +158,20 @@ class CoordinatorEngine:
                               fragment_rounds=tuple(starts), site_merges=self.site_merges.get(site, 0))
 
     def init_model(self, site: str, params: torch.Tensor) -> tuple[bool, int]:
-        """The first site's initial model becomes the global one. Returns (accepted, version)."""
+        """The first site's initial model becomes the global one. Returns (accepted, version). A model
+        that is empty, not float32 or not all finite is refused (INVALID_UPDATE): the next site's counts."""
         with self._cond:
             if self.params is not None:
                 return False, self.version
+            norm = _norm(params) if params.dtype == torch.float32 else math.nan
+            decision = validate_update(site, -1, dtype=str(params.dtype).removeprefix("torch."),
+                                       expected_numel=None, declared_numel=params.numel(),
+                                       received_numel=params.numel(), norm=norm, history=(), ratio=None,
+                                       what=f"initial model from {site!r}")
+            if not decision:
+                self.events.emit("merge_refused", site=site, round=-1, action=decision.action, reason=decision.reason,
+                                 what="init_model")
+                raise Refused(Outcome.INVALID_UPDATE, f"{decision.action}: {decision.reason}", site=site)
             self.params = params
             self.events.emit("model_initialised", site=site, numel=int(self.params.numel()))
             self._cond.notify_all()
@@ -186,10 +212,17 @@ class CoordinatorEngine:
                 raise Refused(Outcome.INVALID, f"fragment {update.fragment} of {len(self.lanes)}",
                               round=update.round, site=update.site)
             lane = self.lanes[update.fragment]
-            self._admit(lane, update, now)
+            norm = self._validate(lane, update, now)
+            self._admit(lane, update, now, norm)
             attempt = lane.attempt
             self._advance(lane, now)
             return self._await(lane, update, attempt, is_active)
+
+    def max_stream_bytes(self) -> int:
+        """The most bytes a stream to this coordinator may declare: the model's size once it is known
+        (a compressed update is smaller than its float32 values), before that MAX_STREAM_BYTES."""
+        with self._cond:
+            return MAX_STREAM_BYTES if self.params is None else 4 * self.params.numel() + 4096
 
     def status(self) -> StatusAnswer:
         with self._cond:
@@ -219,7 +252,44 @@ class CoordinatorEngine:
         return messages
 
     # ---- the synchronous pipeline (called with the lock held) ----
-    def _admit(self, lane: Lane, update: Update, now: float) -> None:
+    def _validate(self, lane: Lane, update: Update, now: float) -> float:
+        """Stage 0: the update's values may count (rounds.validate_update); returns its L2 norm.
+
+        A refused update changes nothing but this: a ``merge_refused`` event, and when it was the
+        site's contribution to the round being collected, the site leaves that round (a ``failure``,
+        as a dropped site; it may rejoin) so that the round goes on with the others, and may commit now.
+        """
+        if update.values is None:  # a ring acknowledgement carries no values
+            return 0.0
+        ring = update.ring  # a ring's mean is not an update of one site: no norm bound, no history
+        decision, norm = self._check_values(lane, update, ratio=None if ring else self.cfg.max_update_norm_ratio)
+        if decision:
+            return norm
+        site, rnd = update.site, update.round
+        self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason,
+                         fragment=lane.index)
+        lane.state, dropped = refuse_update(lane.state, site, rnd, decision.action)
+        if dropped.action == "drop":
+            self.dropped.setdefault(site, (now, rnd))
+            self.events.emit("failure", what="site", target=site, happened_t=now, detected_t=now,
+                             reason=decision.reason, round=rnd, fragment=lane.index)
+            self._advance(lane, now)
+        raise Refused(Outcome.INVALID_UPDATE, f"{decision.action}: {decision.reason}", round=rnd, site=site)
+
+    def _check_values(self, lane: Lane, update: Update, ratio: float | None) -> tuple[Decision, float]:
+        values = update.values
+        dtype = str(values.dtype).removeprefix("torch.")
+        norm = _norm(values) if values.dtype == torch.float32 else math.nan
+        expected = None  # no model yet (ddp before InitModel): the length cannot be checked
+        if self.params is not None:
+            expected = len(range(self.params.numel())[self._slice(lane)])
+        declared = update.declared_numel if update.declared_numel >= 0 else values.numel()
+        decision = validate_update(update.site, update.round, dtype=dtype, expected_numel=expected,
+                                   declared_numel=declared, received_numel=values.numel(), norm=norm,
+                                   history=lane.norms, ratio=ratio)
+        return decision, norm
+
+    def _admit(self, lane: Lane, update: Update, now: float, norm: float = 0.0) -> None:
         """Stage 1: the update's round and mode may take it; it is recorded as arrived."""
         site, rnd = update.site, update.round
         record = lane.record(rnd)
@@ -238,6 +308,8 @@ class CoordinatorEngine:
         lane.updates[site] = update.values
         if update.ring:
             lane.claims[site] = update.claimed_crc32
+        else:
+            lane.pending_norms[site] = norm
         lane.state = record_arrival(lane.state, site, now)
 
     def _await(self, lane: Lane, update: Update, attempt: int, is_active) -> CommitResult | None:
@@ -299,7 +371,7 @@ class CoordinatorEngine:
     def _aggregate(self, lane: Lane, ready: Decision, ring: bool) -> torch.Tensor | None:
         """The round's mean update (None: a ring round that cannot commit went back to the star)."""
         if not ring:
-            return mean_of(lane.updates)
+            return self.aggregate(lane.updates)
         rnd = lane.state.round
         means = [u for u in lane.updates.values() if u is not None]
         decision = ring_commit(rnd, ready, tuple(transport.fingerprint(m) for m in means),
@@ -365,16 +437,18 @@ class CoordinatorEngine:
             self.ring_failures = 0
         elif self.cfg.rings:
             ring_round = self._plan_rings(lane, rnd, frozenset(arrived))
-        lane.updates, lane.claims = {}, {}
+        lane.remember_norms([lane.pending_norms[s] for s in sorted(lane.pending_norms)], self.cfg.norm_history)
+        lane.updates, lane.claims, lane.pending_norms = {}, {}, {}
         if self.cfg.algorithm == "ddp":
             crc = transport.fingerprint(step.values)
         else:  # the weights every site now holds (streaming: of this fragment)
             crc = transport.fingerprint(self.params[self._slice(lane)] if len(self.lanes) > 1 else self.params)
+        digest = self._digest(step.values if self.cfg.algorithm == "ddp" else self.params, rnd, lane.index)
         version = self.version if len(self.lanes) == 1 else lane.state.round
         lane.record(rnd).result = replace(step, version=version, crc32=crc, ring_round=ring_round)
         extra = {"merge": "ring" if ring else "star"} if self.cfg.rings else {}
         self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
-                         epoch=self.cfg.epoch, fragment=lane.index, **extra,
+                         epoch=self.cfg.epoch, fragment=lane.index, **extra, **digest,
                          wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(self.clock() - t0, 6))
         self.maybe_checkpoint()
         self._cond.notify_all()
@@ -419,6 +493,13 @@ class CoordinatorEngine:
                                      reason=decision.reason)
                 raise Refused(_REFUSED[decision.action], f"{decision.action}: {decision.reason}", round=update.round,
                               site=site)
+            lane = self.lanes[0]
+            valid, norm = self._check_values(lane, update, self.cfg.max_update_norm_ratio)
+            if not valid:
+                self.events.emit("merge_refused", site=site, round=update.round, action=valid.action,
+                                 reason=valid.reason)
+                raise Refused(Outcome.INVALID_UPDATE, f"{valid.action}: {valid.reason}", round=update.round, site=site)
+            lane.remember_norms([norm], self.cfg.norm_history)
             w = async_weight(self.cfg.staleness_weight, self.version, update.version, len(self.cfg.sites))
             t0 = self.clock()
             self.params = self.async_outer.step(self.params, update.values, w.weight)
@@ -428,8 +509,9 @@ class CoordinatorEngine:
             self.lanes[0].state = RoundState(round=self.version, expected=self.state.expected)
             self._persist()
             crc = transport.fingerprint(self.params)
+            digest = self._digest(self.params, rnd, 0)
             self.events.emit("commit", round=rnd, version=self.version, sites=[site], staleness=w.staleness,
-                             weight=round(w.weight, 6), crc32=crc, epoch=self.cfg.epoch,
+                             weight=round(w.weight, 6), crc32=crc, epoch=self.cfg.epoch, **digest,
                              wait_s=0.0, apply_s=round(self.clock() - t0, 6))
             if self.on_commit is not None and self.on_commit(rnd, self.version) is False:
                 self.fenced = True
@@ -440,6 +522,19 @@ class CoordinatorEngine:
                                 staleness=w.staleness)
 
     # ---- shared by both pipelines (lock held) ----
+    def _digest(self, values: torch.Tensor | None, rnd: int, fragment: int) -> dict:
+        """The commit event's digest of the global model (ddp: of the mean gradient): ``finite`` (every
+        value is) and ``norm`` (L2, 6 significant digits; None when not finite). One pass over the values.
+        A model that is not finite is never hidden: a ``model_nonfinite`` event says so."""
+        if values is None:
+            return {}
+        norm = _norm(values)
+        finite = math.isfinite(norm)
+        if not finite:
+            self.events.emit("model_nonfinite", round=rnd, version=self.version, fragment=fragment,
+                             reason=f"the global model after round {rnd} has a non-finite value")
+        return {"finite": finite, "norm": float(f"{norm:.6g}") if finite else None}
+
     def _slice(self, lane: Lane) -> slice:
         if len(self.lanes) == 1:
             return slice(None)
@@ -462,8 +557,22 @@ class CoordinatorEngine:
             return  # streaming and async runs checkpoint for restarts (the state store), not for exact resume
         if self.version % every:
             return
+        if not bool(torch.isfinite(self.params).all()):  # never a resume point (model_nonfinite said why)
+            self.events.emit("checkpoint_failed", round=self.version, part=COORDINATOR_PART,
+                             reason="the global model is non-finite: not checkpointed")
+            return
         tensors = {"model": {"params": self.params}}
         if self.outer.buf is not None:
             tensors["outer"] = {"momentum": self.outer.buf}
         self.checkpoints.submit(self.version, tensors, {"round": self.version, "epoch": self.cfg.epoch,
                                                         "members": sorted(self.state.expected)})
+
+
+def _norm(values: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """The L2 norm of float32 values, its squares summed in float64 a chunk at a time (bounded extra
+    memory; float32's largest value squared, summed over any real model, stays far inside float64's
+    range). NaN or infinity when a value is not finite."""
+    total = 0.0
+    for piece in values.reshape(-1).split(chunk):
+        total += float(piece.double().square().sum())
+    return math.sqrt(total)

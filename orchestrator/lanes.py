@@ -83,6 +83,11 @@ class Lane:
     """The round being collected: site -> its update (None: a ring acknowledgement)."""
     claims: dict[str, int] = field(default_factory=dict)
     """The round being collected, in a ring: site -> CRC32 of the mean it computed."""
+    norms: list[float] = field(default_factory=list)
+    """The L2 norms of the latest accepted updates (committed rounds, sorted site order), oldest first:
+    the norm bound's history (bounded by ``security.norm_history``; not persisted)."""
+    pending_norms: dict[str, float] = field(default_factory=dict)
+    """The round being collected: site -> its update's norm (joins ``norms`` when the round commits)."""
     attempt: int = 0
     """Grows every time the round being collected fails; its waiters are told, the round reopens."""
     last_failure: str = ""
@@ -90,11 +95,16 @@ class Lane:
     def record(self, rnd: int) -> RoundRecord:
         return self.log.at(rnd, self.state.round)
 
+    def remember_norms(self, norms, keep: int) -> None:
+        """Accepted updates' norms join the history; only the last ``keep`` are kept."""
+        self.norms.extend(norms)
+        del self.norms[:-keep]
+
     def mode(self, rnd: int) -> str | None:
         record = self.log.get(rnd)
         return record.mode if record is not None else None
 
     def reopen(self) -> None:
         """Forget the updates of the round being collected; it starts over (same round, same members)."""
-        self.updates, self.claims = {}, {}
+        self.updates, self.claims, self.pending_norms = {}, {}, {}
         self.state = RoundState(round=self.state.round, expected=self.state.expected, joining=self.state.joining)

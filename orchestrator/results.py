@@ -49,6 +49,8 @@ class Update:
     fragment: int = 0
     claimed_crc32: int = 0
     """Ring rounds: the CRC32 of the mean this site computed in the ring."""
+    declared_numel: int = -1
+    """How many values the stream's header declared (-1: not from a stream; the values' own count)."""
 
     @property
     def ring(self) -> bool:

@@ -14,6 +14,8 @@ collected becomes a member from the next round on and starts from the version th
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field, replace
 
 
@@ -41,7 +43,8 @@ class RoundState:
 class Decision:
     action: str
     """accept | stale | future | unknown_site | duplicate | commit | commit_partial | wait | timeout |
-    member | join_now | join_next; ring rounds: ring | star | ring_abandoned | abandon_ring | abandon"""
+    member | join_now | join_next; ring rounds: ring | star | ring_abandoned | abandon_ring | abandon;
+    an update's values: wrong_dtype | wrong_length | non_finite | norm_bound; a refused one: drop | ignore"""
     reason: str
 
     def __bool__(self) -> bool:
@@ -62,6 +65,56 @@ def admit(state: RoundState, site: str, round: int) -> Decision:
     if site in state.arrived:
         return Decision("duplicate", f"site {site!r} already contributed to round {round}")
     return Decision("accept", f"update from {site!r} accepted for round {round}")
+
+
+MIN_NORM_HISTORY = 2
+"""The norm bound applies once at least this many accepted updates' norms are known."""
+
+
+def validate_update(site: str, round: int, *, dtype: str, expected_numel: int | None, declared_numel: int,
+                    received_numel: int, norm: float, history: tuple[float, ...] | list[float],
+                    ratio: float | None, what: str = "") -> Decision:
+    """May the values of ``site``'s update for ``round`` count? (before any state changes)
+
+    ``expected_numel`` is the model's number of parameters (streaming: the fragment's; None while the
+    coordinator has no model); ``declared_numel`` what the stream's header said, ``received_numel``
+    what arrived; ``norm`` the update's L2 norm (not finite when any value is not);
+    ``history`` the norms of the last accepted updates, oldest first; ``ratio``
+    (``security.max_update_norm_ratio``, None: no bound) bounds ``norm`` by that multiple of the
+    history's median, once the history holds at least :data:`MIN_NORM_HISTORY` norms (and that
+    median is not 0). ``what`` names the values in the reason (default: the update). The history lives in the coordinator's memory only: after a restart the bound
+    starts over (it is not persisted; a few rounds rebuild it).
+    """
+    who = what or f"update from {site!r} for round {round}"
+    if received_numel == 0:
+        return Decision("wrong_length", f"{who} is empty; refused")
+    if dtype != "float32":
+        return Decision("wrong_dtype", f"{who} has dtype {dtype}, the model's is float32; refused")
+    if declared_numel != received_numel:
+        return Decision("wrong_length", f"{who} declares {declared_numel} values but carries {received_numel}; refused")
+    if expected_numel is not None and received_numel != expected_numel:
+        return Decision("wrong_length", f"{who} has {received_numel} values, the model {expected_numel}; refused")
+    if not math.isfinite(norm):
+        return Decision("non_finite", f"{who} carries a non-finite value (NaN or infinity); refused")
+    if ratio is not None and len(history) >= MIN_NORM_HISTORY:
+        median = statistics.median(history)
+        if median > 0 and norm > ratio * median:  # all-zero history: nothing to measure against
+            return Decision("norm_bound", f"{who} has L2 norm {norm:.6g}, more than {ratio:g} x the median "
+                                          f"{median:.6g} of the last {len(history)} accepted updates; refused")
+    return Decision("accept", f"{who}: {received_numel} finite values, L2 norm {norm:.6g}")
+
+
+def refuse_update(state: RoundState, site: str, round: int, why: str) -> tuple[RoundState, Decision]:
+    """An update whose values were refused (validate_update, for ``why``): if it was ``site``'s
+    contribution to the round being collected, the site fails that round: it leaves the round's
+    expected set (like a site dropped at the deadline; it may rejoin), so that the round goes on with
+    the others and a later honest copy is not a duplicate. Otherwise (a stale, future, duplicate or
+    stranger's update) nothing changes. Returns the new state and ``drop`` or ``ignore``."""
+    if round != state.round or site not in state.expected or site in state.arrived:
+        return state, Decision("ignore", f"the refused update of {site!r} ({why}) was not its contribution to "
+                                         f"round {state.round}: the round is unchanged")
+    return replace(state, expected=state.expected - {site}), \
+        Decision("drop", f"{site!r} fails round {round} ({why}): the round goes on without it; it may rejoin")
 
 
 def record_arrival(state: RoundState, site: str, now: float) -> RoundState:

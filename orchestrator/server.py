@@ -18,12 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
-from geotrain.errors import TransferCorrupt
+from geotrain.errors import GeotrainError
 from geotrain.orchestrator.engine import CoordinatorEngine
 from geotrain.orchestrator.results import CommitResult, Refused, Update
 from geotrain.wire import transport
 from geotrain.wire.channel import GRPC_OPTIONS
-from geotrain.wire.outcomes import REFUSAL_KEY, Outcome
+from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, outcome_of
 
 STATUS = {
     Outcome.STALE: grpc.StatusCode.FAILED_PRECONDITION,
@@ -38,6 +38,7 @@ STATUS = {
     Outcome.UNAVAILABLE: grpc.StatusCode.DEADLINE_EXCEEDED,
     Outcome.CORRUPT: grpc.StatusCode.DATA_LOSS,
     Outcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Outcome.INVALID_UPDATE: grpc.StatusCode.INVALID_ARGUMENT,
 }
 """The gRPC status code each refusal travels with."""
 
@@ -66,7 +67,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def InitModel(self, request_iterator, context):
         update = self._receive(request_iterator, context, "InitModel")
-        accepted, version = self.engine.init_model(update.site, update.values.clone())
+        if update.values is None:
+            refuse(context, Refused(Outcome.INVALID, f"InitModel from {context.peer()}: a {update.kind} carries no model"))
+        try:
+            accepted, version = self.engine.init_model(update.site, update.values.clone())
+        except Refused as refused:
+            refuse(context, refused)
         return pb.InitModelResponse(accepted=accepted, version=version)
 
     def GetModel(self, request, context):
@@ -99,15 +105,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                  bytes_in=s.bytes_in, bytes_out=s.bytes_out)
 
     def _receive(self, request_iterator, context, what: str) -> Update:
-        """Reassemble and check a tensor stream (a corrupt one is refused CORRUPT) and count its bytes."""
+        """Reassemble and check a tensor stream and count its bytes. A corrupt one is refused CORRUPT;
+        one that declares more than the model's size (or a negative size), or whose values cannot be
+        decoded from what it declares, INVALID (transport.decode refuses the size before allocating)."""
         try:
-            payload = transport.decode(request_iterator, where=f"{what} from {context.peer()}")
+            payload = transport.decode(request_iterator, where=f"{what} from {context.peer()}",
+                                       max_bytes=self.engine.max_stream_bytes())
             values = None if payload.kind == "ring_ack" else payload.tensor()
-        except TransferCorrupt as exc:
-            refuse(context, Refused(Outcome.CORRUPT, str(exc)))
+        except GeotrainError as exc:
+            refuse(context, Refused(outcome_of(exc) or Outcome.CORRUPT, str(exc)))
+        except (ValueError, ZeroDivisionError, OverflowError, RuntimeError) as exc:  # a header the codec cannot use
+            refuse(context, Refused(Outcome.INVALID, f"{what} from {context.peer()}: cannot decode the "
+                                                     f"{payload.codec!r} payload its header declares: {exc}"))
         self.engine.received(payload.wire_bytes)
         return Update(site=payload.site, round=payload.round, kind=payload.kind, version=payload.version,
-                      values=values, fragment=payload.fragment, claimed_crc32=payload.claimed_crc32)
+                      values=values, fragment=payload.fragment, claimed_crc32=payload.claimed_crc32,
+                      declared_numel=payload.numel if values is not None else -1)
 
 
 def _encode(result: CommitResult):

@@ -24,6 +24,14 @@ A topology is a YAML file: `geotrain validate FILE` checks it, `geotrain launch 
 Durations take units (`80ms`, `1.5s`; a bare number is milliseconds) and bandwidths too
 (`100mbit`, `1gbit`, `12.5MB/s`; a bare number is Mbit/s). Examples: `topologies/`.
 
+Loading is bounded, because a topology may come from anyone (`geotrain/config/safeyaml.py`): a
+file of at most 1 MiB, nesting at most 64 levels, at most 50,000 YAML nodes, and no YAML aliases
+(`*name`; an anchor alone is fine): an alias makes two places one shared object, and a "billion
+laughs" needs only a few of them. Every number has a range (seed in [0, 2^64), rounds up to 10^7,
+every duration finite and bounded; `.inf` and `.nan` are refused everywhere), a relative path may
+not climb out of its base with `..` (write an absolute path to go elsewhere), and an error quotes
+at most about 80 characters of a value. Each refusal is one line naming the file and the field.
+
 This page is generated from `geotrain/config/schema.py` by `scripts/gen_topology_doc.py`.
 """
 

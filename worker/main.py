@@ -3,13 +3,16 @@
 ``geotrain launch`` runs this as every worker's entrypoint unless the topology names a script.
 It is an ordinary SDK user: it builds the model, the inner optimizer and the data sampler, wraps
 them in :class:`geotrain.DiLoCo`, and loops. The first site's leader evaluates the global model
-on held-out text before training and after every round.
+on held-out text before training and after every round; an eval loss that is NaN or infinite
+(the global model diverged) is recorded and stops it with an error (exit 1), and the launcher then
+fails the run (geotrain.run.summary.nonfinite_model) rather than restarting the site.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 
@@ -27,6 +30,14 @@ from geotrain.worker.slowdown import Slowdown
 def worker_seed(seed: int, site: str, rank: int) -> int:
     """A data-order seed distinct for every worker, stable across runs."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{site}/{rank}".encode()).digest()[:4], "little")
+
+
+def require_finite_eval(loss: float, rnd: int, step: int) -> None:
+    """Raise when an eval loss is NaN or infinite: the global model diverged, and training on would
+    only spend time (the launcher fails the run from the recorded eval)."""
+    if not math.isfinite(loss):
+        raise GeotrainError(f"the eval loss at round {rnd} (inner step {step}) is {loss}: the global model "
+                            "diverged; stopping instead of training on (learning rates too high?)")
 
 
 def build_inner_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -56,6 +67,7 @@ def train(ctx: SiteContext, topo: Topology) -> None:
         t0 = time.perf_counter()
         loss = evaluate(model, held_out, device=device)
         events.emit("eval", round=rnd, step=step, loss=loss, seconds=round(time.perf_counter() - t0, 6), **extra)
+        require_finite_eval(loss, rnd, step)  # recorded first: the launcher reads why this worker stopped
 
     inner_steps = tr.inner_steps
     if tr.algorithm == "async-diloco" and tr.asynchronous.dynamic_local_steps:

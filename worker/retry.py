@@ -57,7 +57,7 @@ def next_action(outcome: Outcome | None, attempt: int, now: float, deadline: flo
     """Decide what follows a failed call. ``outcome`` None means an error the coordinator did not
     name (a bug, a refusal of the request itself): give up. ``idempotent`` calls (Join, GetModel,
     Status) are also retried after a corrupt transfer; a Merge is not (it may have counted)."""
-    if outcome in (Outcome.STALE, Outcome.FUTURE, Outcome.NOT_MEMBER):
+    if outcome in (Outcome.STALE, Outcome.FUTURE, Outcome.NOT_MEMBER, Outcome.INVALID_UPDATE):
         return Rejoin(f"{outcome.name.lower()}: the update cannot count in this round")
     if outcome == Outcome.DUPLICATE:
         return FetchCommitted("duplicate: the coordinator has this update; waiting for its commit")

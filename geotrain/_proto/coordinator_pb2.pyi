@@ -21,6 +21,7 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_CORRUPT: _ClassVar[Outcome]
     OUTCOME_INVALID: _ClassVar[Outcome]
     OUTCOME_NOT_IN_TOPOLOGY: _ClassVar[Outcome]
+    OUTCOME_INVALID_UPDATE: _ClassVar[Outcome]
 OUTCOME_OK: Outcome
 OUTCOME_STALE: Outcome
 OUTCOME_FUTURE: Outcome
@@ -33,6 +34,7 @@ OUTCOME_UNAVAILABLE: Outcome
 OUTCOME_CORRUPT: Outcome
 OUTCOME_INVALID: Outcome
 OUTCOME_NOT_IN_TOPOLOGY: Outcome
+OUTCOME_INVALID_UPDATE: Outcome
 
 class TensorHeader(_message.Message):
     __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness", "claimed_crc32", "params_crc32", "ring_round")

@@ -5,7 +5,7 @@ crashed; it reads ``<run_dir>/metrics.jsonl`` (docs/events.md) and the artifacts
 decides, for every promise, whether the history shows it **held**, shows it **violated** (with
 the first counter-example) or does not carry enough evidence either way (**unknown**)::
 
-    geotrain check RUN_DIR [--twin RUN_DIR] [--tolerance 0.02] [--json]
+    geotrain check RUN_DIR [--twin RUN_DIR] [--tolerance 0.02] [--max-eval-loss-jump X] [--json]
 
 Exit status: 0 when nothing is violated (``unknown`` is printed but does not fail), 1 when
 something is, 2 when the run directory (or the twin) cannot be read.
@@ -38,6 +38,14 @@ Invariants (stable ids):
 ``no_stale_update_applied``
     no commit lists a site twice or a site that was never part of the run, and no commit is for a
     round older than an earlier commit's.
+``global_model_finite``
+    every commit's digest says the global model is finite (``commit.finite``), and no
+    ``model_nonfinite`` was recorded; unknown for a history whose commits carry no ``finite``.
+``eval_loss_no_unexplained_jump``
+    every eval loss is finite, and it never grows by more than ``security.max_eval_loss_jump``
+    (the run's topology.json, else 4; ``--max-eval-loss-jump`` overrides) between consecutive evals
+    without a recorded cause in between (a fault, failure, recovery, restart, refused or discarded
+    update, failed round, ...: ``geotrain.analysis.check_model.CAUSES``).
 
 A launch (``run_started``) whose coordinator says it starts at round R (``geotrain resume`` from a
 checkpoint, ``coordinator_started.round``) rebases the timeline: rounds from R on are redone on
@@ -59,6 +67,7 @@ from typing import Iterable, Sequence
 
 from geotrain.analysis.check_outcomes import (checkpoints_verify, faults_survived, final_eval_loss, final_loss_matches_twin,
                                               sites_agree_after_merge, verify_manifest)
+from geotrain.analysis.check_model import DEFAULT_MAX_EVAL_LOSS_JUMP, eval_loss_no_unexplained_jump, global_model_finite
 from geotrain.analysis.check_rounds import (no_committed_round_lost, no_stale_update_applied, only_committed_versions_served,
                                             rounds_committed_once_in_order, version_never_backwards)
 from geotrain.analysis.history import HELD, INVARIANTS, UNKNOWN, VIOLATED, Verdict
@@ -66,7 +75,7 @@ from geotrain.errors import GeotrainError
 from geotrain.events import read_events
 
 __all__ = ["HELD", "INVARIANTS", "UNKNOWN", "VIOLATED", "HistoryUnreadable", "Verdict", "check_history", "check_run",
-           "final_eval_loss", "find_checkpoints", "format_table", "main", "verify_manifest"]
+           "final_eval_loss", "find_checkpoints", "format_table", "main", "run_max_eval_loss_jump", "verify_manifest"]
 
 
 class HistoryUnreadable(GeotrainError):
@@ -80,7 +89,8 @@ class HistoryUnreadable(GeotrainError):
 
 
 def check_history(events: list[dict], *, checkpoints: Sequence[Path] = (), twin_final_loss: float | None = None,
-                  loss_tolerance: float = 0.02, min_merges_around_fault: int = 1) -> list[Verdict]:
+                  loss_tolerance: float = 0.02, min_merges_around_fault: int = 1,
+                  max_eval_loss_jump: float = DEFAULT_MAX_EVAL_LOSS_JUMP) -> list[Verdict]:
     """Every invariant's verdict on a recorded history (events in file order). Pure: the only
     I/O is verifying the given checkpoint directories."""
     events = [e for e in events if isinstance(e, dict)]
@@ -102,6 +112,8 @@ def check_history(events: list[dict], *, checkpoints: Sequence[Path] = (), twin_
         final_loss_matches_twin(events, twin_final_loss, loss_tolerance),
         faults_survived(events, min_merges_around_fault),
         no_stale_update_applied(events),
+        global_model_finite(events),
+        eval_loss_no_unexplained_jump(events, max_eval_loss_jump),
     ]
 
 
@@ -176,9 +188,33 @@ def _twin_final_loss(twin: Path) -> float | None:
     return final_eval_loss(read_events(twin / "metrics.jsonl"))
 
 
-def check_run(run_dir: Path, twin: Path | None = None, loss_tolerance: float = 0.02) -> list[Verdict]:
+def run_max_eval_loss_jump(run_dir: Path) -> float:
+    """``security.max_eval_loss_jump`` of the run's topology.json; the default when the run has no
+    topology.json or its topology predates the field. Raises HistoryUnreadable for a value that is
+    not a finite number above 1."""
+    try:
+        topo = json.loads((Path(run_dir) / "topology.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_MAX_EVAL_LOSS_JUMP
+    security = topo.get("security") if isinstance(topo, dict) else None
+    value = security.get("max_eval_loss_jump") if isinstance(security, dict) else None
+    if value is None:
+        return DEFAULT_MAX_EVAL_LOSS_JUMP
+    if not _valid_jump(value):
+        raise HistoryUnreadable(f"{Path(run_dir) / 'topology.json'}: security.max_eval_loss_jump must be a finite "
+                                f"number above 1, not {str(value)[:80]!r}")
+    return float(value)
+
+
+def _valid_jump(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 1
+
+
+def check_run(run_dir: Path, twin: Path | None = None, loss_tolerance: float = 0.02,
+              max_eval_loss_jump: float | None = None) -> list[Verdict]:
     """Check a run directory: its metrics.jsonl, its checkpoints/*, and (optionally) a twin run's
-    final eval loss. Raises HistoryUnreadable when the run directory or its history is missing."""
+    final eval loss. ``max_eval_loss_jump`` overrides the run's ``security.max_eval_loss_jump``.
+    Raises HistoryUnreadable when the run directory or its history is missing."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise HistoryUnreadable(f"no run directory at {run_dir}")
@@ -186,8 +222,9 @@ def check_run(run_dir: Path, twin: Path | None = None, loss_tolerance: float = 0
     if not metrics.is_file():
         raise HistoryUnreadable(f"{run_dir} has no metrics.jsonl (not a run directory?)")
     twin_loss = _twin_final_loss(twin) if twin is not None else None
+    jump = run_max_eval_loss_jump(run_dir) if max_eval_loss_jump is None else max_eval_loss_jump
     verdicts = check_history(read_events(metrics), checkpoints=find_checkpoints(run_dir),
-                             twin_final_loss=twin_loss, loss_tolerance=loss_tolerance)
+                             twin_final_loss=twin_loss, loss_tolerance=loss_tolerance, max_eval_loss_jump=jump)
     if twin is not None and twin_loss is None:
         verdicts = [Verdict(v.invariant, v.status, f"twin {twin} has no final eval loss")
                     if v.invariant == "final_loss_matches_twin" and v.status == UNKNOWN
@@ -212,19 +249,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="the run directory")
     p.add_argument("--twin", type=Path, default=None, help="a twin run directory whose final eval loss this run must match")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance of the final loss (default 0.02)")
+    p.add_argument("--max-eval-loss-jump", type=float, default=None, metavar="X",
+                   help="the largest factor the eval loss may grow by between evals without a recorded cause "
+                        "(default: the run's security.max_eval_loss_jump, else 4)")
     p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``geotrain check RUN_DIR [--twin RUN_DIR] [--tolerance 0.02] [--json]``: 0 when nothing is
+    """``geotrain check RUN_DIR [--twin RUN_DIR] [--tolerance 0.02] [--max-eval-loss-jump X] [--json]``: 0 when nothing is
     violated, 1 when something is, 2 when the run directory cannot be read."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.tolerance < 0 or not math.isfinite(args.tolerance):
         print(f"geotrain check: --tolerance must be a non-negative number, not {args.tolerance}", file=sys.stderr)
         return 2
+    if args.max_eval_loss_jump is not None and not _valid_jump(args.max_eval_loss_jump):
+        print(f"geotrain check: --max-eval-loss-jump must be a finite number above 1, not {args.max_eval_loss_jump}",
+              file=sys.stderr)
+        return 2
     try:
-        verdicts = check_run(args.run_dir, twin=args.twin, loss_tolerance=args.tolerance)
+        verdicts = check_run(args.run_dir, twin=args.twin, loss_tolerance=args.tolerance,
+                             max_eval_loss_jump=args.max_eval_loss_jump)
     except HistoryUnreadable as exc:
         print(f"geotrain check: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -24,6 +24,8 @@ INVARIANTS = (
     "final_loss_matches_twin",
     "faults_survived",
     "no_stale_update_applied",
+    "global_model_finite",
+    "eval_loss_no_unexplained_jump",
 )
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from geotrain.config.safeyaml import MAX_BYTES, quote
 from geotrain.config.schema import OuterOptimizerConfig
 from geotrain.errors import GeotrainError
 
@@ -87,13 +88,18 @@ class WorkerConfig(BaseModel):
         """The document at ``path``, validated strictly (no "10" for 10). GeotrainError names the file and key."""
         path = Path(path)
         try:
-            text = path.read_text()
+            with path.open("rb") as f:
+                text = f.read(MAX_BYTES + 1)
         except OSError as exc:
             raise GeotrainError(f"{path}: cannot read the worker config: {exc.strerror or exc}") from None
+        if len(text) > MAX_BYTES:
+            raise GeotrainError(f"{path}: the worker config is larger than {MAX_BYTES // 1024} KiB")
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise GeotrainError(f"{path}: the worker config is not valid JSON: {exc}") from None
+        except (RecursionError, ValueError) as exc:  # nested too deeply, not UTF-8, an integer of over 4,300 digits
+            raise GeotrainError(f"{path}: the worker config is not valid JSON: {str(exc)[:80]}") from None
         if not isinstance(raw, dict):
             raise GeotrainError(f"{path}: the worker config must be a JSON object, got {type(raw).__name__}")
         try:
@@ -103,7 +109,7 @@ class WorkerConfig(BaseModel):
             key = ".".join(str(p) for p in first["loc"]) or "(top level)"
             if first["type"] == "extra_forbidden":
                 raise GeotrainError(f"{path}: {key}: unknown key (known keys: {', '.join(cls.model_fields)})") from None
-            raise GeotrainError(f"{path}: {key}: {first['msg'].rstrip('.').lower()}, got {first.get('input')!r}") from None
+            raise GeotrainError(f"{path}: {key}: {first['msg'].rstrip('.').lower()}, got {quote(first.get('input'))}") from None
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,8 @@ def worker_config(topo: Topology, run_dir: Path) -> WorkerConfig:
 
 
 def checkpoint_dir(topo: Topology, run_dir: Path) -> Path:
-    """checkpoint.path, else ``RUN_DIR/checkpoints`` (the coordinator's and every worker's parts)."""
-    return Path(topo.checkpoint.path) if topo.checkpoint.path else run_dir / "checkpoints"
+    """checkpoint.path (a relative one inside RUN_DIR), else ``RUN_DIR/checkpoints`` (every part's)."""
+    return run_dir / topo.checkpoint.path if topo.checkpoint.path else run_dir / "checkpoints"
 
 
 # The longest a Merge call may legitimately stay open is a whole round: it is answered only when the
@@ -105,4 +105,7 @@ def coordinator_config(topo: Topology, epoch: int = 0):
                         staleness_weight=tr.asynchronous.staleness_weight,
                         delayed_nesterov=tr.asynchronous.delayed_nesterov,
                         # ring or hierarchical merges: leaders rebuild their rings when the coordinator says so
-                        rings=tr.merge != "star" and len(topo.sites) > 1)
+                        rings=tr.merge != "star" and len(topo.sites) > 1,
+                        aggregation=tr.aggregation, trim_fraction=tr.trim_fraction,
+                        max_update_norm_ratio=topo.security.max_update_norm_ratio,
+                        norm_history=topo.security.norm_history)

@@ -28,9 +28,27 @@ Duration = Annotated[float, BeforeValidator(parse_duration_ms)]
 Bandwidth = Annotated[float, BeforeValidator(parse_bandwidth_mbps)]
 NAME_RE = r"^[a-z][a-z0-9-]{0,31}$"
 
+# Upper bounds of counts and durations (issue #11): far beyond any real run, small enough that no
+# later arithmetic, sleep or allocation overflows. A value past them is refused while loading, with
+# its field, instead of crashing the run later.
+MAX_ROUNDS = 10_000_000
+MAX_STEPS = 1_000_000
+"""Most inner steps per merge (H), and the longest overlap τ."""
+MAX_SITES = 256
+MAX_DAYS_S = 30 * 86_400.0
+"""The longest timeout or deadline: 30 days, in seconds."""
+MAX_LINK_DELAY_MS = 60_000.0
+"""The longest one-way latency or jitter of an emulated link: a minute (a geostationary hop is 270 ms)."""
+MAX_PATH = 4096
+MAX_TEXT = 256
+SEED_LIMIT = 2**64
+"""Seeds are in [0, 2^64): what torch.manual_seed takes (the built-in model's initialisation)."""
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+
 
 class _Node(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)  # no field means .inf or .nan: a null says "off"
 
 
 class SiteConfig(_Node):
@@ -42,37 +60,37 @@ class SiteConfig(_Node):
     """Where the site's workers compute. `cuda` uses NCCL inside the site; gloo otherwise."""
     slowdown: float = Field(default=1.0, ge=1.0, le=100.0)
     """Emulate a slower site: its inner step, collectives included, takes this many times as long (the site's rank 0 sleeps and the others wait for it; built-in trainer only). 1 = full speed."""
-    region: str | None = None
+    region: str | None = Field(default=None, max_length=64)
     """Region of the site, for `training.merge: hierarchical` (sites of a region reduce among themselves first)."""
 
 
 class LinkSpec(_Node):
-    bandwidth_mbps: Bandwidth = Field(alias="bandwidth")
-    """Bandwidth in each direction, e.g. "100mbit", "1gbit" (a bare number is Mbit/s)."""
-    latency_ms: Duration = Field(default=0.0, alias="latency")
-    """One-way latency, e.g. "40ms" (the round-trip time is twice this)."""
-    jitter_ms: Duration = Field(default=0.0, alias="jitter")
+    bandwidth_mbps: Bandwidth = Field(alias="bandwidth", le=10_000_000.0)
+    """Bandwidth in each direction, e.g. "100mbit", "1gbit" (a bare number is Mbit/s); at most 10 Tbit/s."""
+    latency_ms: Duration = Field(default=0.0, alias="latency", le=MAX_LINK_DELAY_MS)
+    """One-way latency, e.g. "40ms" (the round-trip time is twice this); at most a minute."""
+    jitter_ms: Duration = Field(default=0.0, alias="jitter", le=MAX_LINK_DELAY_MS)
     """Standard deviation of extra per-packet delay, e.g. "2ms"."""
     loss: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Packet (TCP segment) loss probability in [0, 1), felt as TCP feels it: retransmission delay and a lower throughput."""
 
 
 class LinkPair(LinkSpec):
-    between: tuple[str, str]
+    between: tuple[Text, Text]
     """The two places this link joins: site names, or the coordinator's place (`coordinator.at`)."""
 
 
 class LinksConfig(_Node):
     default: LinkSpec = LinkSpec(bandwidth_mbps=1000.0, latency_ms=10.0)
     """The link used for every pair of places not listed in `pairs`."""
-    pairs: tuple[LinkPair, ...] = ()
+    pairs: tuple[LinkPair, ...] = Field(default=(), max_length=MAX_SITES * (MAX_SITES + 1) // 2)
     """Links for specific pairs of places."""
 
 
 class CoordinatorConfig(_Node):
     at: str = Field(default="hub", pattern=NAME_RE)
     """Where the coordinator sits: a site's name, or a place of its own (default "hub")."""
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", max_length=253)
     """Address the coordinator binds to."""
     prometheus_port: int | None = Field(default=0, ge=0, le=65535)
     """Port of the coordinator's Prometheus /metrics endpoint (0 = any free port, shown in the
@@ -95,10 +113,10 @@ class ModelConfig(_Node):
 class DataConfig(_Node):
     source: Literal["stdlib", "files"] = "stdlib"
     """`stdlib`: the Python standard library's sources (present on every machine); `files`: `paths`."""
-    paths: tuple[str, ...] = ()
-    """Files or folders of text, for `source: files` (relative paths are relative to the topology file)."""
-    max_bytes: int = Field(default=4_000_000, ge=1_000)
-    """At most this many bytes of text are loaded (deterministically: the first of the sorted corpus)."""
+    paths: tuple[Annotated[str, Field(min_length=1, max_length=MAX_PATH)], ...] = Field(default=(), max_length=1000)
+    """Files or folders of text, for `source: files` (relative paths are relative to the topology file, and may not climb out of its folder with `..`; an absolute path is taken as written)."""
+    max_bytes: int = Field(default=4_000_000, ge=1_000, le=1 << 36)
+    """At most this many bytes of text are loaded (deterministically: the first of the sorted corpus); at most 64 GiB."""
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Share of documents held out for evaluation."""
 
@@ -110,7 +128,7 @@ class InnerOptimizerConfig(_Node):
     lr: float = Field(default=3e-3, gt=0.0)
     """Learning rate."""
     weight_decay: float = Field(default=0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.95)
     """AdamW betas (ignored for SGD)."""
 
 
@@ -146,7 +164,7 @@ class AsyncConfig(_Node):
     in between each update is applied as a plain step of lr/N."""
     dynamic_local_steps: bool = False
     """The paper's dynamic local updates: a site with `slowdown` f does H/f inner steps per merge."""
-    overlap_steps: int = Field(default=0, ge=0)
+    overlap_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     """τ > 0: a site's merge runs in the background while it does τ more inner steps; their progress is then put on top of the new global model and sent with the next update (0 = the paper's protocol: wait for the answer). Must be < H."""
 
 
@@ -155,7 +173,7 @@ class StreamingConfig(_Node):
 
     fragments: int = Field(default=4, ge=1, le=64)
     """P: the model's parameter tensors are split into P fragments synced in turn, H/P steps apart."""
-    overlap_steps: int = Field(default=1, ge=0)
+    overlap_steps: int = Field(default=1, ge=0, le=MAX_STEPS)
     """τ: inner steps that run while a fragment's exchange is in flight (must be < H)."""
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     """Mixing: θ_local ← α·θ_local + (1−α)·θ_global for the fragment when its result arrives."""
@@ -177,42 +195,48 @@ class TrainingConfig(_Node):
     """The optimizer of inner steps."""
     outer_optimizer: OuterOptimizerConfig = OuterOptimizerConfig()
     """The optimizer applied to the mean pseudo-gradient at every merge."""
-    inner_steps: int = Field(default=10, ge=1)
+    inner_steps: int = Field(default=10, ge=1, le=MAX_STEPS)
     """H: inner steps per site between merges. For `ddp` it only sets how often eval runs."""
-    rounds: int = Field(default=10, ge=1)
+    rounds: int = Field(default=10, ge=1, le=MAX_ROUNDS)
     """Number of outer rounds; the run does rounds * inner_steps inner steps per site."""
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1, le=65_536)
     """Sequences per worker per inner step."""
-    eval_batches: int = Field(default=8, ge=1)
+    eval_batches: int = Field(default=8, ge=1, le=100_000)
     """Held-out batches evaluated after every round."""
-    round_timeout_s: float = Field(default=120.0, gt=0.0)
-    """How long the coordinator waits for all sites' updates before the round fails."""
+    round_timeout_s: float = Field(default=120.0, gt=0.0, le=MAX_DAYS_S)
+    """How long the coordinator waits for all sites' updates before the round fails (at most 30 days)."""
+    aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
+    """How the coordinator combines the sites' updates, coordinate-wise: `mean`; `trimmed-mean` (drop the
+    `trim_fraction` largest and smallest values of each coordinate, average the rest); `median`. The last two
+    tolerate byzantine sites (docs/algorithms.md states how many); they need `merge: star` (rings average in the ring)."""
+    trim_fraction: float = Field(default=0.25, ge=0.0, lt=0.5)
+    """`trimmed-mean`: fraction of the sites' values dropped at each end of every coordinate, in [0, 0.5)."""
 
 
 class CheckpointConfig(_Node):
-    every_rounds: int = Field(default=1, ge=0)
+    every_rounds: int = Field(default=1, ge=0, le=MAX_ROUNDS)
     """Checkpoint every N rounds (0 = never). Written in the background; training does not wait."""
-    keep: int = Field(default=2, ge=1)
+    keep: int = Field(default=2, ge=1, le=10_000)
     """How many checkpoints each writer keeps."""
-    path: str | None = None
-    """Where checkpoints go (default: <run_dir>/checkpoints)."""
+    path: str | None = Field(default=None, min_length=1, max_length=MAX_PATH)
+    """Where checkpoints go (default: <run_dir>/checkpoints). A relative path is inside the run directory and may not climb out of it with `..`; an absolute path is taken as written."""
 
 
 class RecoveryConfig(_Node):
     """How a run reacts to failures (docs/assumptions.md relates the timeouts to each other)."""
 
-    min_sites: int = Field(default=1, ge=1)
+    min_sites: int = Field(default=1, ge=1, le=MAX_SITES)
     """A round commits after its deadline with the sites that reported, if at least this many did."""
     worker_failure: Literal["restart_site", "fail"] = "restart_site"
     """A dead worker: restart its whole site (which rejoins at the next round), or fail the run."""
     coordinator_failure: Literal["restart", "fail"] = "restart"
     """A dead or frozen coordinator: restart it from its persisted state, or fail the run."""
-    max_restarts: int = Field(default=10, ge=0)
+    max_restarts: int = Field(default=10, ge=0, le=10_000)
     """Restarts allowed per process group before the run fails."""
-    heartbeat_ttl_s: float = Field(default=3.0, gt=0.0)
-    """etcd lease TTL of every member; a frozen process disappears from membership after this."""
-    retry_deadline_s: float = Field(default=120.0, gt=0.0)
-    """How long a site keeps retrying an unreachable coordinator (with backoff) before it gives up."""
+    heartbeat_ttl_s: float = Field(default=3.0, gt=0.0, le=3600.0)
+    """etcd lease TTL of every member; a frozen process disappears from membership after this (at most an hour)."""
+    retry_deadline_s: float = Field(default=120.0, gt=0.0, le=MAX_DAYS_S)
+    """How long a site keeps retrying an unreachable coordinator (with backoff) before it gives up (at most 30 days)."""
 
 
 FAULT_KINDS = ("kill", "freeze", "partition", "degrade", "flap", "slow", "disk_full", "corrupt_checkpoint")
@@ -224,39 +248,51 @@ class FaultSpec(_Node):
     kind: Literal["kill", "freeze", "partition", "degrade", "flap", "slow", "disk_full", "corrupt_checkpoint"]
     """What to do: kill (SIGKILL), freeze (SIGSTOP for `duration`), partition / degrade / flap a link,
     slow a site's compute by `factor`, make checkpoint writes fail as on a full disk, corrupt the newest checkpoint."""
-    target: str = ""
+    target: str = Field(default="", max_length=MAX_TEXT)
     """`worker SITE/RANK`, `site SITE`, `coordinator`, `etcd`, `link SITE` (the SITE<->coordinator link), or `checkpoints`."""
-    at_round: int | None = Field(default=None, ge=0)
+    at_round: int | None = Field(default=None, ge=0, le=MAX_ROUNDS)
     """Inject once this many rounds are committed."""
-    at_step: int | None = Field(default=None, ge=0)
+    at_step: int | None = Field(default=None, ge=0, le=MAX_ROUNDS * MAX_STEPS)
     """Inject once the first site reaches this inner step."""
-    at_s: Duration | None = Field(default=None, alias="at")
-    """Inject this long after the run started, e.g. "20s"."""
-    duration_ms: Duration | None = Field(default=None, alias="duration")
+    at_s: Duration | None = Field(default=None, alias="at", le=MAX_DAYS_S * 1000)
+    """Inject this long after the run started, e.g. "20s" (at most 30 days; the value is kept in milliseconds)."""
+    duration_ms: Duration | None = Field(default=None, alias="duration", le=MAX_DAYS_S * 1000)
     """How long it lasts before it is undone (freeze, partition, degrade, flap, slow, disk_full)."""
     direction: Literal["both", "up", "down"] = "both"
     """Link faults: `up` = site to coordinator, `down` = coordinator to site."""
-    bandwidth_mbps: Bandwidth | None = Field(default=None, alias="bandwidth")
-    latency_ms: Duration | None = Field(default=None, alias="latency")
-    jitter_ms: Duration | None = Field(default=None, alias="jitter")
+    bandwidth_mbps: Bandwidth | None = Field(default=None, alias="bandwidth", le=10_000_000.0)
+    latency_ms: Duration | None = Field(default=None, alias="latency", le=MAX_LINK_DELAY_MS)
+    jitter_ms: Duration | None = Field(default=None, alias="jitter", le=MAX_LINK_DELAY_MS)
     loss: float | None = Field(default=None, ge=0.0, lt=1.0)
-    period_ms: Duration = Field(default=2000.0, alias="period")
+    period_ms: Duration = Field(default=2000.0, alias="period", ge=1.0, le=MAX_DAYS_S * 1000)
     """Flap: the link goes down and up every `period`."""
     factor: float = Field(default=3.0, ge=1.0, le=100.0)
     """Slow: compute takes `factor` times as long."""
 
 
+class SecurityConfig(_Node):
+    """What the coordinator refuses from a site, and the history checker's bounds (docs/security.md)."""
+
+    max_update_norm_ratio: float | None = Field(default=10.0, gt=1.0)
+    """An update whose L2 norm exceeds this multiple of the median norm of the recent accepted updates is
+    refused (`merge_refused`); null = no norm bound (shape, dtype, length and finiteness are always checked)."""
+    norm_history: int = Field(default=8, ge=2, le=10_000)
+    """How many recent accepted updates' norms the median of `max_update_norm_ratio` is taken over."""
+    max_eval_loss_jump: float = Field(default=4.0, gt=1.0)
+    """`geotrain check`: the eval loss may grow at most this many times between evaluated rounds without a recorded cause."""
+
+
 class EtcdConfig(_Node):
-    endpoint: str | None = None
+    endpoint: str | None = Field(default=None, max_length=MAX_TEXT)
     """An existing etcd cluster, "host:port". Absent: the launcher starts a local etcd server and stops it at the end."""
 
 
 class Topology(_Node):
     name: str = Field(pattern=NAME_RE)
     """Run name; also the etcd key prefix /geotrain/<name>/."""
-    seed: int = 0
-    """Seed for model initialisation and data order."""
-    sites: tuple[SiteConfig, ...] = Field(min_length=1)
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
+    """Seed for model initialisation and data order, in [0, 2^64) (what torch.manual_seed takes)."""
+    sites: tuple[SiteConfig, ...] = Field(min_length=1, max_length=MAX_SITES)
     """The datacenters: each a group of worker processes."""
     links: LinksConfig = LinksConfig()
     """The emulated WAN links between places (sites and the coordinator's place)."""
@@ -274,7 +310,9 @@ class Topology(_Node):
     """Checkpoint cadence and retention."""
     recovery: RecoveryConfig = RecoveryConfig()
     """Reactions to failures."""
-    faults: tuple[FaultSpec, ...] = ()
+    security: SecurityConfig = SecurityConfig()
+    """Bounds on what the coordinator accepts from sites, and on what `geotrain check` lets pass."""
+    faults: tuple[FaultSpec, ...] = Field(default=(), max_length=1000)
     """Faults injected on a schedule while the run goes on (docs/chaos.md)."""
 
     # ---- derived views (no state of their own) ----

@@ -7,6 +7,11 @@ here: ``from geotrain.config.topology import Topology`` works). Any problem beco
 offending value, e.g.::
 
     topologies/bad.yaml: links.pairs[1].latency: expected a duration like "80ms" or "1.5s", got 'fast'
+
+Whatever arrives, loading is bounded (issue #11): the YAML is read by :mod:`geotrain.config.safeyaml`
+(at most 1 MiB, 64 levels, 50,000 nodes, no aliases), every number has a range in the schema, a
+relative path may not climb out of its base (:func:`_confined`), and a message quotes at most about
+80 characters of a value (:func:`~geotrain.config.safeyaml.quote`).
 """
 
 from __future__ import annotations
@@ -14,24 +19,26 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from geotrain.config.schema import (
     FAULT_KINDS, NAME_RE, AsyncConfig, Bandwidth, CheckpointConfig, CompressionConfig, CoordinatorConfig, DataConfig,
     Duration, EtcdConfig, FaultSpec, InnerOptimizerConfig, LinkPair, LinksConfig, LinkSpec, ModelConfig,
-    OuterOptimizerConfig, RecoveryConfig, SiteConfig, StreamingConfig, Topology, TrainingConfig)
+    OuterOptimizerConfig, RecoveryConfig, SecurityConfig, SiteConfig, StreamingConfig, Topology, TrainingConfig)
+from geotrain.config.safeyaml import QUOTE_CHARS, check_depth, fmt_loc, load_yaml, quote, read_bounded
 from geotrain.errors import TopologyError
 
 __all__ = [  # the loader's names and, re-exported, the schema's
     "load_topology", "load_any", "parse_topology", "apply_override", "fault_problem",
     "FAULT_KINDS", "NAME_RE", "AsyncConfig", "Bandwidth", "CheckpointConfig", "CompressionConfig", "CoordinatorConfig",
     "DataConfig", "Duration", "EtcdConfig", "FaultSpec", "InnerOptimizerConfig", "LinkPair", "LinksConfig", "LinkSpec",
-    "ModelConfig", "OuterOptimizerConfig", "RecoveryConfig", "SiteConfig", "StreamingConfig", "Topology",
+    "ModelConfig", "OuterOptimizerConfig", "RecoveryConfig", "SecurityConfig", "SiteConfig", "StreamingConfig", "Topology",
     "TrainingConfig",
 ]
 
@@ -39,21 +46,7 @@ __all__ = [  # the loader's names and, re-exported, the schema's
 def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Topology:
     """Read, override and validate a topology file. Raises TopologyError naming file and field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise TopologyError(f"{path}: no such topology file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise TopologyError(f"{path}: cannot read the topology file: {exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" (line {mark.line + 1}, column {mark.column + 1})"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TopologyError(f"{path}: not valid YAML{where}: {problem}") from None
+    raw = load_yaml(read_bounded(path), str(path))
     if not isinstance(raw, dict):
         raise TopologyError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     for item in overrides:
@@ -61,7 +54,7 @@ def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     topo = parse_topology(raw, source=str(path))
     if topo.data.source == "files":
         base = path.parent
-        resolved = tuple(str(p if Path(p).is_absolute() else (base / p)) for p in topo.data.paths)
+        resolved = tuple(p if Path(p).is_absolute() else os.path.abspath(base / p) for p in topo.data.paths)
         topo = topo.model_copy(update={"data": topo.data.model_copy(update={"paths": resolved})})
     return topo
 
@@ -70,12 +63,19 @@ def load_any(path: str | Path) -> Topology:
     """A topology file (YAML), or the validated JSON a launcher writes into a run directory."""
     path = Path(path)
     if path.suffix == ".json":
+        text = read_bounded(path, "file")
         try:
-            return parse_topology(json.loads(path.read_text()), source=str(path))
-        except FileNotFoundError:
-            raise TopologyError(f"{path}: no such file") from None
+            raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise TopologyError(f"{path}: not valid JSON: {exc}") from None
+            raise TopologyError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        except RecursionError:
+            raise TopologyError(f"{path}: nested too deeply to read") from None
+        except ValueError as exc:  # an integer of over 4,300 digits
+            raise TopologyError(f"{path}: a value JSON cannot construct: {exc}"[:200]) from None
+        check_depth(raw, str(path))
+        if not isinstance(raw, dict):
+            raise TopologyError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        return parse_topology(raw, source=str(path))
     return load_topology(path)
 
 
@@ -85,7 +85,7 @@ def parse_topology(raw: dict[str, Any], source: str = "<topology>") -> Topology:
         topo = Topology.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise TopologyError(f"{source}: {_describe(first)}") from None
+        raise TopologyError(f"{source}: {_describe(first, raw)}") from None
     _cross_check(topo, raw, source)
     return topo
 
@@ -93,35 +93,35 @@ def parse_topology(raw: dict[str, Any], source: str = "<topology>") -> Topology:
 def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> dict[str, Any]:
     """Apply one ``path=value`` override (value parsed as YAML) to a copy of the raw tree."""
     if "=" not in item:
-        raise TopologyError(f"--set {item!r}: expected path=value, e.g. training.inner_steps=50")
+        raise TopologyError(f"--set {quote(item)}: expected path=value, e.g. training.inner_steps=50")
     path, _, value_text = item.partition("=")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(value_text, f"--set {path.strip()}") if value_text.strip() else ""
+    except TopologyError:  # not YAML within the bounds: taken as the plain string it is (bounded: it is the text)
         value = value_text
     tokens = _split_path(path.strip())
     if not tokens:
-        raise TopologyError(f"--set {item!r}: empty path")
+        raise TopologyError(f"--set {quote(item)}: empty path")
     out = copy.deepcopy(raw)
     node: Any = out
     for i, tok in enumerate(tokens[:-1]):
         nxt = tokens[i + 1]
         if isinstance(tok, int):
             if not isinstance(node, list) or not -len(node) <= tok < len(node):
-                raise TopologyError(f"--set {item!r}: {_fmt_loc(tokens[:i + 1])} does not exist in {source}")
+                raise TopologyError(f"--set {quote(item)}: {_fmt_loc(tokens[:i + 1])} does not exist in {source}")
             node = node[tok]
         else:
             if not isinstance(node, dict):
-                raise TopologyError(f"--set {item!r}: {_fmt_loc(tokens[:i])} is not a mapping")
+                raise TopologyError(f"--set {quote(item)}: {_fmt_loc(tokens[:i])} is not a mapping")
             node = node.setdefault(tok, [] if isinstance(nxt, int) else {})
     last = tokens[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or not -len(node) <= last < len(node):
-            raise TopologyError(f"--set {item!r}: {_fmt_loc(tokens)} does not exist in {source}")
+            raise TopologyError(f"--set {quote(item)}: {_fmt_loc(tokens)} does not exist in {source}")
         node[last] = value
     else:
         if not isinstance(node, dict):
-            raise TopologyError(f"--set {item!r}: {_fmt_loc(tokens[:-1])} is not a mapping")
+            raise TopologyError(f"--set {quote(item)}: {_fmt_loc(tokens[:-1])} is not a mapping")
         node[last] = value
     return out
 
@@ -131,42 +131,64 @@ def _split_path(path: str) -> list[str | int]:
     for part in path.split("."):
         m = re.fullmatch(r"([^\[\]]*)((?:\[-?\d+\])*)", part)
         if not m:
-            raise TopologyError(f"--set: cannot read the path {path!r}")
+            raise TopologyError(f"--set: cannot read the path {quote(path)}")
         if m.group(1):
             tokens.append(m.group(1))
         tokens.extend(int(i) for i in re.findall(r"\[(-?\d+)\]", m.group(2)))
     return tokens
 
 
-def _fmt_loc(loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
+_fmt_loc = fmt_loc
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, raw: Any = None) -> str:
     """Turn one pydantic error into 'path: message'."""
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+    loc = _yaml_loc(err["loc"], raw)
     kind = err["type"]
     where = _fmt_loc(loc)
     value = err.get("input")
     if kind == "extra_forbidden":
         known = _known_fields(loc[:-1])
-        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = difflib.get_close_matches(str(loc[-1])[:64], known, n=1)
         suggest = f" (did you mean {hint[0]!r}?)" if hint else (f" (known keys: {', '.join(known)})" if known else "")
         return f"{where}: unknown key{suggest}"
     if kind == "missing":
         return f"{where}: required field is missing"
     if kind == "value_error":
         msg = str(err.get("ctx", {}).get("error", err["msg"]))
-        return f"{where}: {msg}"
+        return f"{where}: {_bounded(msg, value)}"
     if kind == "string_pattern_mismatch":
-        return f"{where}: expected a name of lowercase letters, digits and '-' starting with a letter, got {value!r}"
-    return f"{where}: {err['msg'].rstrip('.').lower()}, got {value!r}"
+        return f"{where}: expected a name of lowercase letters, digits and '-' starting with a letter, got {quote(value)}"
+    return f"{where}: {_bounded(err['msg'].rstrip('.').lower(), value)}, got {quote(value)}"
+
+
+def _bounded(msg: str, value: Any) -> str:
+    """A validator's message with the value it quotes (whole, as ``repr``) cut to ``quote(value)``; one line."""
+    if len(msg) > 2 * QUOTE_CHARS:
+        whole = repr(value) if isinstance(value, (str, int, float)) else None  # bounded: the file is at most 1 MiB
+        msg = msg.replace(whole, quote(value)) if whole and whole in msg else msg[:2 * QUOTE_CHARS] + "..."
+    return " ".join(msg.split())
+
+
+def _yaml_loc(loc, raw: Any) -> list:
+    """Pydantic's error location as a YAML path: its own labels (``function-after[...]``, a union
+    member's ``list[...]``) dropped, the keys of the input kept, even one that looks like a label."""
+    out: list = []
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            if not isinstance(part, str):  # a key YAML read as a number, a bool, null: a key, not an index
+                out.append(quote(part))
+                continue
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and ("[" in part or part.startswith("function-")):
+            continue  # a label of pydantic's, not a place in the file
+        else:
+            node = None  # a missing field, or below a value that is not a container
+        out.append(part)
+    return out
 
 
 def _known_fields(loc) -> list[str]:
@@ -203,7 +225,7 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
         for j, end in enumerate(pair.between):
             if end not in places:
                 raise TopologyError(
-                    f"{source}: links.pairs[{i}].between[{j}]: unknown place {end!r}; "
+                    f"{source}: links.pairs[{i}].between[{j}]: unknown place {quote(end)}; "
                     f"known places are {', '.join(places)} (the sites and coordinator.at)")
         if pair.between[0] == pair.between[1]:
             raise TopologyError(f"{source}: links.pairs[{i}].between: a link joins two different places, got {list(pair.between)}")
@@ -216,6 +238,10 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
         raise TopologyError(f"{source}: model.n_embd: must be a multiple of model.n_head ({m.n_head}), got {m.n_embd}")
     if topo.data.source == "files" and not topo.data.paths:
         raise TopologyError(f"{source}: data.paths: `source: files` needs at least one path")
+    for i, data_path in enumerate(topo.data.paths):
+        _confined(data_path, f"data.paths[{i}]", "the topology file's folder", source)
+    if topo.checkpoint.path is not None:
+        _confined(topo.checkpoint.path, "checkpoint.path", "the run directory", source)
     st = topo.training.streaming
     if topo.training.algorithm == "streaming-diloco" and st.overlap_steps >= topo.training.inner_steps:
         raise TopologyError(f"{source}: training.streaming.overlap_steps: must be less than training.inner_steps "
@@ -227,6 +253,12 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     if topo.training.merge != "star" and topo.training.algorithm != "diloco":
         raise TopologyError(f"{source}: training.merge: {topo.training.merge!r} merges work with algorithm `diloco` "
                             f"(got {topo.training.algorithm!r}); use `star`")
+    if topo.training.aggregation != "mean" and topo.training.algorithm == "async-diloco":
+        raise TopologyError(f"{source}: training.aggregation: `async-diloco` applies each update as it arrives, "
+                            f"so there is nothing to aggregate; use `mean`, got {topo.training.aggregation!r}")
+    if topo.training.aggregation != "mean" and topo.training.merge != "star":
+        raise TopologyError(f"{source}: training.aggregation: {topo.training.aggregation!r} needs `merge: star` "
+                            f"(a {topo.training.merge} merge averages inside the ring), got merge {topo.training.merge!r}")
     if topo.training.algorithm == "ddp" and topo.training.compression.codec != "fp32":
         raise TopologyError(f"{source}: training.compression.codec: compression applies to DiLoCo merges; "
                             f"`ddp` sends fp32 gradients, got {topo.training.compression.codec!r}")
@@ -238,7 +270,27 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
         if problem:
             raise TopologyError(f"{source}: faults[{i}]{problem}")
     if topo.etcd.endpoint is not None and not re.fullmatch(r"(https?://)?[\w.\-]+:\d+", topo.etcd.endpoint):
-        raise TopologyError(f"{source}: etcd.endpoint: expected host:port, got {topo.etcd.endpoint!r}")
+        raise TopologyError(f"{source}: etcd.endpoint: expected host:port, got {quote(topo.etcd.endpoint)}")
+
+
+def _confined(path: str, field: str, base: str, source: str) -> None:
+    """Refuse a relative path that climbs out of its base with ``..`` (an absolute path is explicit: allowed).
+
+    Lexical, on purpose: the base may not exist yet (a run directory), and a symlink placed inside
+    it by whoever controls that folder is that person's explicit choice, like an absolute path."""
+    if "\0" in path:
+        raise TopologyError(f"{source}: {field}: a path cannot contain a NUL character, got {quote(path)}")
+    if posixpath.isabs(path) or Path(path).is_absolute():
+        return
+    parts: list[str] = []
+    for part in path.replace("\\", "/").split("/"):
+        if part == "..":
+            if not parts:
+                raise TopologyError(f"{source}: {field}: a relative path must stay inside {base} (write an absolute "
+                                    f"path to go elsewhere), got {quote(path)}")
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
 
 
 _FAULT_TARGETS = {
@@ -258,15 +310,15 @@ def fault_problem(topo: Topology, fault: FaultSpec) -> str | None:
     kind, _, name = target.partition(" ")
     allowed = _FAULT_TARGETS[fault.kind]
     if kind not in allowed:
-        return f".target: a {fault.kind} fault targets {' or '.join(repr(a) for a in allowed)}, got {fault.target!r}"
+        return f".target: a {fault.kind} fault targets {' or '.join(repr(a) for a in allowed)}, got {quote(fault.target)}"
     if kind in ("site", "link") and name not in topo.site_names:
-        return f".target: unknown site {name!r} (sites: {', '.join(topo.site_names)})"
+        return f".target: unknown site {quote(name)} (sites: {', '.join(topo.site_names)})"
     if kind == "link" and topo.link(name, topo.coordinator.at) is None:
         return f".target: site {name!r} shares the coordinator's datacenter: it has no WAN link"
     if kind == "worker":
         site, _, rank = name.partition("/")
         if site not in topo.site_names or not rank.isdigit() or int(rank) >= topo.site(site).workers:
-            return f".target: no worker {name!r} (give SITE/RANK of an existing worker)"
+            return f".target: no worker {quote(name)} (give SITE/RANK of an existing worker)"
     if fault.kind in ("freeze", "partition", "degrade", "flap", "slow", "disk_full") and fault.duration_ms is None:
         return f".duration: a {fault.kind} fault needs a duration, e.g. \"10s\""
     if fault.kind == "degrade" and all(getattr(fault, f) is None for f in ("bandwidth_mbps", "latency_ms", "jitter_ms", "loss")):

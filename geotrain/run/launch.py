@@ -10,7 +10,9 @@ The launcher watches every child and applies the topology's recovery policy
 round; a dead coordinator restarts on the same port from the state it persisted at its last
 commit; a frozen coordinator (its etcd lease expired while the process lives) is killed and
 restarted; etcd and link emulators restart on the same ports. Every failure and recovery is
-recorded in metrics.jsonl. The run succeeds when every worker exits 0. When the policy says
+recorded in metrics.jsonl. The run succeeds when every worker exits 0 and the global model stayed
+finite (no ``model_nonfinite``, no commit with ``finite: false``, no NaN or infinite eval loss in
+the history: the first such event fails the run at once). When the policy says
 fail, or on Ctrl-C / SIGTERM, everything is stopped (SIGTERM, then SIGKILL) and launch fails
 with an error naming the process, its pid and how it died. Finally ``summary.json`` is written
 from the recorded events and link counters.
@@ -32,10 +34,10 @@ from geotrain.config.components import LinkConfig
 from geotrain.config.derive import checkpoint_dir, derive
 from geotrain.config.topology import Topology
 from geotrain.errors import GeotrainError, RunFailed, RunInterrupted
-from geotrain.events import EventLog, EventTail, log_tail
+from geotrain.events import EventLog, EventTail, log_tail, read_events
 from geotrain.run import procs
 from geotrain.run.site import free_port, worker_env, write_worker_config
-from geotrain.run.summary import write_summary
+from geotrain.run.summary import model_failure, nonfinite_model, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -270,11 +272,11 @@ class Launcher:
         from geotrain.run.supervise import on_exit
 
         while True:
-            for child in list(self.children):
-                if child.retired or child.done:
-                    continue
-                rc = child.proc.poll()
-                if rc is None:
+            exited = [(c, rc) for c in list(self.children) if not (c.retired or c.done) and (rc := c.proc.poll()) is not None]
+            if exited:  # a worker that stopped because the model diverged wrote why before it exited: fail, not restart
+                self._observe_events()
+            for child, rc in exited:
+                if child.retired:  # its group was restarted for another member in this pass
                     continue
                 action = on_exit(child.role, child.name, rc, _how(rc), self.restarts.get(child.group, 0),
                                  self.topo.recovery)
@@ -333,8 +335,13 @@ class Launcher:
                              seconds=round(t - f["failure_t"], 3), rounds_lost=rounds_lost)
 
     def _observe_events(self) -> None:
+        """Follow the history: merges and recoveries; a sign that the global model went non-finite
+        (summary.nonfinite_model) fails the run at once: training on would only spend time."""
         for e in self.tail.read():
             kind = e.get("event")
+            diverged = nonfinite_model(e)
+            if diverged is not None:
+                raise RunFailed(f"the global model went non-finite: {diverged}")
             self.faults.observe(e)
             if kind == "merge":
                 self.last_merge_version[e["site"]] = e.get("version", 0)
@@ -404,6 +411,10 @@ def launch(plan: LaunchPlan, progress_factory=None) -> dict:
     finally:
         launcher.stop()
         signal.signal(signal.SIGTERM, previous)
+    if error is None:  # every worker exited 0: the history still has the last word on the model
+        diverged = model_failure(read_events(plan.run_dir / "metrics.jsonl"))
+        if diverged is not None:
+            error = RunFailed(f"the global model went non-finite: {diverged}")
     status = "failed" if error else "completed"
     launcher.events.emit("run_finished", status=status, reason=str(error) if error else None)
     summary = write_summary(plan.run_dir, plan.topo, wall_seconds=time.time() - t0, link_stats=launcher.link_stats,

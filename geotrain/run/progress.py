@@ -2,6 +2,7 @@
 
 It tails the run's metrics.jsonl (never blocks training: it only reads what was written) and
 the link counters. When stderr is not a terminal it prints one plain line per committed round.
+The first sign that the global model went non-finite is printed as one line, in either mode.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from geotrain.events import EventTail
+from geotrain.run.summary import nonfinite_model
 
 
 def _fmt_bytes(n: float) -> str:
@@ -34,6 +36,7 @@ class Progress:
         self.sites = {s.name: {"round": 0, "step": 0, "loss": None, "t0": None, "tokens": 0} for s in self.topo.sites}
         self.eval_loss = None
         self.commits = 0
+        self.diverged: str | None = None  # the first sign that the global model went non-finite
         self.t0 = time.time()
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False) \
             if self.console.is_terminal else None
@@ -57,6 +60,9 @@ class Progress:
         tr = self.topo.training
         for e in self._read():
             kind = e.get("event")
+            if self.diverged is None and (reason := nonfinite_model(e)) is not None:
+                self.diverged = reason
+                self.console.print(f"the global model went non-finite: {reason}", style="bold red", highlight=False)
             if kind == "inner_step" and e.get("site") in self.sites:
                 s = self.sites[e["site"]]
                 s.update(step=e["step"], round=e["round"], loss=e.get("loss"))

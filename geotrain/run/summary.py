@@ -8,16 +8,42 @@ link and direction), ``wall_seconds``, ``inner_steps`` (per site), ``tokens_per_
 ``failures``, ``recoveries``, ``rounds_lost`` (rounds a recovering part missed), ``recovery_seconds``
 (one per recovery, failure to recovered) and ``checkpoint_stall_seconds`` (training time spent
 snapshotting state for background checkpoint writes, summed over site leaders).
+
+A run whose global model went non-finite failed, whatever its processes' exit codes:
+:func:`nonfinite_model` says from one event whether it shows that (``model_nonfinite``, a ``commit``
+with ``finite: false``, an ``eval`` whose loss is NaN or infinite), :func:`model_failure` from a
+history; the launcher asks both (live, and once more when the run ends).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
-from geotrain.events import read_events
+from geotrain.events import number, read_events
 from geotrain.config.topology import Topology
+
+
+def nonfinite_model(event: dict) -> str | None:
+    """Why this event shows that the run's global model went non-finite, or None."""
+    kind = event.get("event")
+    where = f"round {event['round']}" if event.get("round") is not None else "a round"
+    if kind == "model_nonfinite":
+        return f"the coordinator holds a non-finite global model ({where})" + (
+            f": {str(event['reason'])[:200]}" if event.get("reason") else "")
+    if kind == "commit" and event.get("finite") is False:
+        return f"the commit of {where} left the global model non-finite"
+    loss = number(event.get("loss")) if kind == "eval" else None
+    if loss is not None and not math.isfinite(loss):
+        return f"the eval loss at {where} is {loss}"
+    return None
+
+
+def model_failure(events: list[dict]) -> str | None:
+    """The first sign in a history that the global model went non-finite, or None."""
+    return next((r for r in map(nonfinite_model, events) if r is not None), None)
 
 
 def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, link_stats: dict[str, dict]) -> dict:

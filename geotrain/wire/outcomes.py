@@ -17,6 +17,8 @@ decide what to do next asks :func:`outcome_of` (or the exception's ``outcome``),
     CORRUPT            TransferCorrupt         retry (idempotent calls) or fail
     INVALID            GeotrainError           fail: the request itself is wrong
     NOT_IN_TOPOLOGY    GeotrainError           fail: this site is not in the run's topology
+    INVALID_UPDATE     UpdateRefused           rejoin: the update's values cannot count (length,
+                                               a non-finite value, a norm far above the recent ones)
 
 On the wire (protos/geotrain/v1/coordinator.proto) a refused call ends with a gRPC status code and
 a serialized ``Refusal`` (outcome, reason, round, site) in its trailing metadata under
@@ -51,6 +53,7 @@ class Outcome(enum.IntEnum):
     CORRUPT = 9
     INVALID = 10
     NOT_IN_TOPOLOGY = 11
+    INVALID_UPDATE = 12
 
 
 _EXCEPTION = {
@@ -65,6 +68,7 @@ _EXCEPTION = {
     Outcome.CORRUPT: errors.TransferCorrupt,
     Outcome.INVALID: errors.GeotrainError,
     Outcome.NOT_IN_TOPOLOGY: errors.GeotrainError,
+    Outcome.INVALID_UPDATE: errors.UpdateRefused,
 }
 
 

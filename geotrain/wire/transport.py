@@ -17,6 +17,7 @@ import torch
 
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain.errors import TransferCorrupt
+from geotrain.wire.outcomes import Outcome, error_for
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: far under gRPC's 4 MiB message limit, large enough to be cheap
 
@@ -90,8 +91,18 @@ def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, k
         yield msg
 
 
-def decode(messages: Iterable[pb.TensorChunk], *, where: str = "") -> Payload:
-    """Reassemble one stream; raise TransferCorrupt naming ``where`` on any inconsistency."""
+MAX_STREAM_BYTES = 4 << 30
+"""The most a stream may declare before the receiver knows the model's size (4 GiB)."""
+
+
+def decode(messages: Iterable[pb.TensorChunk], *, where: str = "", max_bytes: int | None = None) -> Payload:
+    """Reassemble one stream; raise TransferCorrupt naming ``where`` on any inconsistency.
+
+    A header that declares a negative size, or more than ``max_bytes`` (the model's size once the
+    receiver knows it), is refused before anything is allocated, with an error whose outcome is
+    INVALID (the request itself is wrong). The buffer grows with the data received, never to the
+    declared size up front: a stream that declares 256 MiB and sends 4 bytes costs 4 bytes.
+    """
     it = iter(messages)
     try:
         first = next(it)
@@ -100,31 +111,49 @@ def decode(messages: Iterable[pb.TensorChunk], *, where: str = "") -> Payload:
     if not first.HasField("header"):
         raise TransferCorrupt(f"{where}: tensor stream does not start with a header")
     h = first.header
+    if h.total_bytes < 0:
+        raise _invalid(f"{where}: the header declares a negative size ({h.total_bytes} bytes)")
+    if max_bytes is not None and h.total_bytes > max_bytes:
+        raise _invalid(f"{where}: the header declares {h.total_bytes} bytes, more than the {max_bytes} "
+                       f"this stream may carry (site {_quote(h.site)}, round {h.round})")
     if not ((h.dtype == "float32" and h.total_bytes % 4 == 0) or h.dtype == "encoded"):
-        raise TransferCorrupt(f"{where}: unsupported payload dtype {h.dtype!r} / size {h.total_bytes}")
-    out = bytearray(h.total_bytes)
+        raise TransferCorrupt(f"{where}: unsupported payload dtype {_quote(h.dtype)} / size {h.total_bytes}")
+    if h.dtype == "float32" and h.numel and h.numel * 4 != h.total_bytes:
+        raise _invalid(f"{where}: the header declares {h.numel} float32 values in {h.total_bytes} bytes "
+                       f"(site {_quote(h.site)}, round {h.round})")
+    out = bytearray()
     received = 0
     for msg in _chain(first, it):
         if not msg.data and msg is first:
             continue
         if msg.offset != received:
-            raise TransferCorrupt(f"{where}: chunk at offset {msg.offset}, expected {received} (site {h.site!r}, round {h.round})")
+            raise TransferCorrupt(f"{where}: chunk at offset {msg.offset}, expected {received} (site {_quote(h.site)}, round {h.round})")
         if zlib.crc32(msg.data) != msg.crc32:
-            raise TransferCorrupt(f"{where}: chunk at offset {msg.offset} failed its CRC32 (site {h.site!r}, round {h.round})")
+            raise TransferCorrupt(f"{where}: chunk at offset {msg.offset} failed its CRC32 (site {_quote(h.site)}, round {h.round})")
         end = received + len(msg.data)
         if end > h.total_bytes:
             raise TransferCorrupt(f"{where}: stream longer than its header's {h.total_bytes} bytes")
-        out[received:end] = msg.data
+        out += msg.data
         received = end
     if received != h.total_bytes:
-        raise TransferCorrupt(f"{where}: stream ended after {received} of {h.total_bytes} bytes (site {h.site!r}, round {h.round})")
+        raise TransferCorrupt(f"{where}: stream ended after {received} of {h.total_bytes} bytes (site {_quote(h.site)}, round {h.round})")
     if zlib.crc32(out) != h.crc32:
-        raise TransferCorrupt(f"{where}: payload failed its CRC32 (site {h.site!r}, round {h.round})")
+        raise TransferCorrupt(f"{where}: payload failed its CRC32 (site {_quote(h.site)}, round {h.round})")
     data = np.frombuffer(out, dtype=np.float32 if h.dtype == "float32" else np.uint8)
     return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data, crc32=h.crc32,
                    codec=h.codec or "fp32", block=h.block, numel=h.numel or len(data), fragment=h.fragment,
                    staleness=h.staleness, claimed_crc32=h.claimed_crc32, params_crc32=h.params_crc32,
                    ring_round=h.ring_round)
+
+
+def _invalid(message: str):
+    """A stream the receiver refuses as a wrong request (outcome INVALID), not as a damaged one."""
+    return error_for(Outcome.INVALID, message)
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    """A header string as an error message shows it: quoted, at most ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _chain(first, rest):

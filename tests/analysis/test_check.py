@@ -561,7 +561,8 @@ def test_main_exit_codes(tmp_path, capsys):
     good = write_run(tmp_path / "good", good_history())
     assert main([str(good)]) == 0
     out = capsys.readouterr().out
-    assert "rounds_committed_once_in_order" in out and out.strip().endswith("7 held, 0 violated, 2 unknown")
+    # 3 unknown: no checkpoints, no twin, and these commits carry no `finite` digest (global_model_finite)
+    assert "rounds_committed_once_in_order" in out and out.strip().endswith("8 held, 0 violated, 3 unknown")
 
     bad = write_run(tmp_path / "bad", good_history(3) + [commit(1, version=9)])
     assert main([str(bad)]) == 1

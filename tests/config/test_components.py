@@ -47,6 +47,21 @@ def test_missing_document(tmp_path):
         WorkerConfig.read(tmp_path / "worker-config.x.json")
 
 
+@pytest.mark.parametrize("body, words", [
+    (b'{"a": "' + b"x" * (1 << 20) + b'"}', "larger than 1024 KiB"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    (b'{"inner_steps": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'{"caf\xe9": 1}', "not valid JSON"),  # not UTF-8
+])
+def test_a_hostile_document_is_one_bounded_error(tmp_path, body, words):
+    path = tmp_path / "worker-config.x.json"
+    path.write_bytes(body)
+    with pytest.raises(GeotrainError) as info:
+        WorkerConfig.read(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: ") and words in msg and "\n" not in msg and len(msg) < 300, msg
+
+
 @pytest.mark.parametrize("x", [100.0, 25.0, 0.01, 1234.5678, 1e-7, 1e7, 0.1 + 0.2, 123456789.125])
 def test_link_numbers_read_back_as_the_launcher_wrote_them(x):
     # the link emulator parses exactly the values of the old command line (f"{x}mbit", f"{x}ms", str(x))

@@ -65,6 +65,8 @@ def test_ring_uploader_is_rank_0_of_the_top_ring(merge):
 def test_checkpoint_dir_is_the_topologys_or_the_run_dirs():
     assert checkpoint_dir(topo(), Path("/run")) == Path("/run/checkpoints")
     assert checkpoint_dir(topo("checkpoint.path=/ck"), Path("/run")) == Path("/ck")
+    # a relative path is inside the run directory (one that climbs out of it is refused while loading)
+    assert checkpoint_dir(topo("checkpoint.path=ck/a/../b"), Path("/run")) == Path("/run/ck/a/../b")
 
 
 def test_a_link_per_remote_site_with_its_pair_spec():

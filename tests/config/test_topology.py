@@ -28,6 +28,7 @@ BAD_CASES = {
     "not_mapping.yaml": ("top level", "expected a mapping"),
     "async_overlap_too_long.yaml": ("training.async.overlap_steps", "must be less than training.inner_steps (10)"),
     "ring_with_async.yaml": ("training.merge", "merges work with algorithm `diloco` (got 'async-diloco')"),
+    "aggregation_with_ring.yaml": ("training.aggregation", "'median' needs `merge: star`"),
 }
 
 

@@ -106,6 +106,18 @@ def check_every_refusal(start):
     refused(lambda: a._call("Merge", lambda: a._decode(a._stub.Merge(iter(bad), timeout=5), "Merge")),
             errors.TransferCorrupt, Outcome.CORRUPT)
 
+    engine, address = start(sites=("a",))
+    a = client(address, "a")
+    a.init_model(torch.zeros(4))
+    refused(lambda: a.merge(torch.full((4,), float("nan")), round=0, kind="pseudo_grad"), errors.UpdateRefused,
+            Outcome.INVALID_UPDATE)
+    lying = list(transport.encode(torch.ones(1), site="a", kind="pseudo_grad"))  # declares 1 GiB, sends 4 bytes
+    lying[0].header.total_bytes, lying[0].header.numel = 1 << 30, 0
+    exc = refused(lambda: a._call("Merge", lambda: a._decode(a._stub.Merge(iter(lying), timeout=5), "Merge")),
+                  errors.GeotrainError, Outcome.INVALID)
+    assert "declares 1073741824 bytes" in str(exc) or "ceci" in str(exc)
+    assert a.status().round == 0  # still answering
+
 
 def test_each_refusal_arrives_as_its_exception_with_its_outcome(coordinator):
     check_every_refusal(coordinator)
@@ -121,7 +133,7 @@ def test_reworded_reasons_change_nothing(coordinator, monkeypatch):
 
     monkeypatch.setattr(server_module, "refuse", reworded)
     check_every_refusal(coordinator)
-    assert len(set(calls)) == 11  # every outcome but OK went through the rewording
+    assert len(set(calls)) == 12  # every outcome but OK went through the rewording
 
 
 def test_the_refusal_travels_in_the_trailing_metadata(coordinator):

@@ -29,6 +29,10 @@ Commands:
 ``arrive SITE round=N [at=T]``
     its update for round N arrives (at absolute time T, default: now); if admitted, the round is
     checked at once, as the servicer does after every arrival.
+``refuse SITE round=N [why=W]``
+    its update for round N arrives with values that cannot count (validate_update refused it, for
+    W, default non_finite): ``refuse_update`` says whether the site fails the round; if it does,
+    the round is checked at once (the others may all be in).
 ``tick D``
     D passes; the round is checked against its deadline.
 ``abandon``
@@ -48,7 +52,8 @@ from pathlib import Path
 
 import pytest
 
-from geotrain.orchestrator.rounds import RoundState, admit, join, next_round, record_arrival, ring_reform, round_ready
+from geotrain.orchestrator.rounds import (RoundState, admit, join, next_round, record_arrival, refuse_update, ring_reform,
+                                          round_ready)
 from geotrain.units import parse_duration_ms
 
 TESTDATA = Path(__file__).parent / "testdata"
@@ -221,7 +226,7 @@ def execute(coord: Coordinator | None, cmd: Command) -> Coordinator:
         coord = _config(cmd)
         coord.show()
         return coord
-    if cmd.name not in ("join", "arrive", "tick", "abandon"):
+    if cmd.name not in ("join", "arrive", "refuse", "tick", "abandon"):
         raise TranscriptError(f"{cmd.where}: unknown command")
     if coord is None:
         raise TranscriptError(f"{cmd.where}: 'config' must come first")
@@ -242,6 +247,16 @@ def execute(coord: Coordinator | None, cmd: Command) -> Coordinator:
         coord.say(decision)
         if decision:
             coord.state = record_arrival(coord.state, site, coord.now)
+            coord.check()
+    elif cmd.name == "refuse":
+        site = _one_site(cmd)
+        if "round" not in cmd.kwargs:
+            raise TranscriptError(f"{cmd.where}: needs round=")
+        coord.state, decision = refuse_update(coord.state, site, int(cmd.kwargs["round"]),
+                                              cmd.kwargs.get("why", "non_finite"))
+        coord.say(decision)
+        if decision.action == "drop":
+            coord.show()
             coord.check()
     elif cmd.name == "tick":
         if len(cmd.args) != 1:

@@ -18,6 +18,7 @@ def test_python_outcomes_are_the_protos_numbers():
     (Outcome.RING_ABANDONED, errors.RingAbandoned), (Outcome.FENCED, errors.CoordinatorUnavailable),
     (Outcome.UNAVAILABLE, errors.CoordinatorUnavailable), (Outcome.CORRUPT, errors.TransferCorrupt),
     (Outcome.INVALID, errors.GeotrainError), (Outcome.NOT_IN_TOPOLOGY, errors.GeotrainError),
+    (Outcome.INVALID_UPDATE, errors.UpdateRefused),
 ])
 def test_each_outcome_becomes_its_exception_and_carries_the_outcome(outcome, cls):
     exc = error_for(outcome, "why")

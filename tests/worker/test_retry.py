@@ -10,7 +10,7 @@ def test_backoff_doubles_up_to_two_seconds():
     assert [backoff(a) for a in range(6)] == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
 
 
-@pytest.mark.parametrize("outcome", [Outcome.STALE, Outcome.FUTURE, Outcome.NOT_MEMBER])
+@pytest.mark.parametrize("outcome", [Outcome.STALE, Outcome.FUTURE, Outcome.NOT_MEMBER, Outcome.INVALID_UPDATE])
 def test_an_update_that_cannot_count_rejoins(outcome):
     assert isinstance(next_action(outcome, 0, now=0.0, deadline=100.0), Rejoin)
 

@@ -9,7 +9,8 @@ policy of geotrain.worker.retry, from the outcome the coordinator named (geotrai
 - UNAVAILABLE / FENCED (no coordinator, or a new one taking over): one ``failure`` event, then the
   same update again with backoff until ``recovery.retry_deadline_s``; a ``recovery`` event once answered;
 - DUPLICATE (the coordinator has this update, its answer was lost): fetch the commit;
-- STALE / FUTURE / NOT_MEMBER (the update cannot count): a ``merge_discarded`` event, rejoin and
+- STALE / FUTURE / NOT_MEMBER / INVALID_UPDATE (the update cannot count; INVALID_UPDATE: the
+  coordinator refused its values, this site failed the round): a ``merge_discarded`` event, rejoin and
   fetch the current model. The local progress of the round is discarded, never applied late;
 - anything else: raised.
 

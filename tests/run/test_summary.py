@@ -1,0 +1,41 @@
+"""geotrain.run.summary: which events show that a run's global model went non-finite (the launcher fails
+the run on the first one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from geotrain.run.summary import model_failure, nonfinite_model
+
+
+@pytest.mark.parametrize("event, words", [
+    ({"event": "commit", "round": 3, "finite": False, "norm": math.nan}, ["commit of round 3", "non-finite"]),
+    ({"event": "model_nonfinite", "round": 2, "reason": "12 parameters are inf"}, ["round 2", "12 parameters are inf"]),
+    ({"event": "eval", "round": 1, "step": 10, "loss": math.nan}, ["eval loss at round 1 is nan"]),
+    ({"event": "eval", "round": 4, "step": 40, "loss": -math.inf}, ["eval loss at round 4 is -inf"]),
+])
+def test_a_nonfinite_sign_is_named(event, words):
+    reason = nonfinite_model(event)
+    assert reason is not None and all(w in reason for w in words), reason
+
+
+@pytest.mark.parametrize("event", [
+    {"event": "commit", "round": 3, "finite": True, "norm": 12.5},
+    {"event": "commit", "round": 3},  # an older coordinator: no digest, no verdict
+    {"event": "eval", "round": 1, "loss": 2.5},
+    {"event": "eval", "round": 1, "loss": None},
+    {"event": "inner_step", "site": "eu-west", "loss": math.nan},  # a site's own training loss is not the global model
+])
+def test_healthy_or_silent_events_are_not_a_failure(event):
+    assert nonfinite_model(event) is None
+
+
+def test_model_failure_is_the_first_sign():
+    history = [{"event": "eval", "round": 0, "loss": 5.5}, {"event": "commit", "round": 0, "finite": True},
+               {"event": "commit", "round": 1, "finite": False, "norm": math.inf},
+               {"event": "eval", "round": 2, "loss": math.nan}]
+    assert "commit of round 1" in model_failure(history)
+    assert model_failure(history[:2]) is None
+    assert model_failure([]) is None

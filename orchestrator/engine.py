@@ -450,7 +450,8 @@ class CoordinatorEngine:
         self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
                          epoch=self.cfg.epoch, fragment=lane.index, **extra, **digest,
                          wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(self.clock() - t0, 6))
-        self.maybe_checkpoint()
+        # ddp's digest is of the mean gradient; its global model is the validated initial one, unchanged
+        self.maybe_checkpoint(model_finite=digest["finite"] or self.cfg.algorithm == "ddp")
         self._cond.notify_all()
 
     def _plan_rings(self, lane: Lane, rnd: int, arrived: frozenset[str]) -> int:
@@ -516,7 +517,7 @@ class CoordinatorEngine:
             if self.on_commit is not None and self.on_commit(rnd, self.version) is False:
                 self.fenced = True
                 raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=rnd, site=site)
-            self.maybe_checkpoint()
+            self.maybe_checkpoint(model_finite=digest["finite"])
             self._cond.notify_all()
             return CommitResult(kind="params", round=rnd, version=self.version, crc32=crc, values=self.params,
                                 staleness=w.staleness)
@@ -551,13 +552,14 @@ class CoordinatorEngine:
                                          pending=self.async_outer.acc if self.is_async else None,
                                          pending_count=self.async_outer.count if self.is_async else 0))
 
-    def maybe_checkpoint(self) -> None:
+    def maybe_checkpoint(self, model_finite: bool) -> None:
+        """The coordinator's checkpoint part every N rounds; ``model_finite`` is the commit digest's verdict."""
         every = self.cfg.checkpoint_every
         if self.checkpoints is None or not every or self.params is None or len(self.lanes) > 1 or self.is_async:
             return  # streaming and async runs checkpoint for restarts (the state store), not for exact resume
         if self.version % every:
             return
-        if not bool(torch.isfinite(self.params).all()):  # never a resume point (model_nonfinite said why)
+        if not model_finite:  # never a resume point (model_nonfinite said why)
             self.events.emit("checkpoint_failed", round=self.version, part=COORDINATOR_PART,
                              reason="the global model is non-finite: not checkpointed")
             return

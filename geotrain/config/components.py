@@ -71,6 +71,9 @@ class WorkerConfig(BaseModel):
     """The site that uploads a ring's mean to the coordinator (geotrain.wan.merge_plan.uploader)."""
     outer_optimizer: dict[str, Any] | None = None
     """training.outer_optimizer as a mapping, mirrored by ring leaders; None = its defaults."""
+    certs_dir: Path | None = None
+    """The run's certificate directory (geotrain.security.pki); a site's processes use ``site.<name>`` from it.
+    None = plaintext (security.tls: false)."""
 
     @field_validator("outer_optimizer")
     @classmethod

@@ -58,7 +58,16 @@ def worker_config(topo: Topology, run_dir: Path) -> WorkerConfig:
         fragments=tr.streaming.fragments, overlap_steps=overlap_steps(topo), alpha=tr.streaming.alpha,
         num_sites=len(topo.sites), ring_uploader=uploader(topo),
         outer_optimizer=tr.outer_optimizer.model_dump(mode="json"),
+        certs_dir=certs_dir(topo, run_dir),
     )
+
+
+def certs_dir(topo: Topology, run_dir: Path) -> Path | None:
+    """Where a run's certificates are: security.certs if given, else ``RUN_DIR/certs`` (the launcher makes
+    them there, :func:`geotrain.security.pki.ensure_run_certs`); None when security.tls is false."""
+    if not topo.security.tls:
+        return None
+    return Path(topo.security.certs) if topo.security.certs else run_dir / "certs"
 
 
 def checkpoint_dir(topo: Topology, run_dir: Path) -> Path:

@@ -280,11 +280,24 @@ class SecurityConfig(_Node):
     """How many recent accepted updates' norms the median of `max_update_norm_ratio` is taken over."""
     max_eval_loss_jump: float = Field(default=4.0, gt=1.0)
     """`geotrain check`: the eval loss may grow at most this many times between evaluated rounds without a recorded cause."""
+    tls: bool = True
+    """Mutual TLS on every channel (coordinator, rings, etcd the launcher starts), each part identified by its
+    certificate. false = plaintext: only for a network you trust; the run says so in its progress and summary.json."""
+    certs: str | None = Field(default=None, min_length=1, max_length=MAX_PATH)
+    """A certificate directory written by `geotrain certs init` (relative to the topology file's folder);
+    absent: the launcher makes a fresh CA and certificates per run in RUN_DIR/certs."""
 
 
 class EtcdConfig(_Node):
     endpoint: str | None = Field(default=None, max_length=MAX_TEXT)
     """An existing etcd cluster, "host:port". Absent: the launcher starts a local etcd server and stops it at the end."""
+    ca_file: str | None = Field(default=None, min_length=1, max_length=MAX_PATH)
+    """TLS to an existing etcd: the CA that signed its server certificate (with cert_file and key_file, the
+    client certificate geotrain presents). Absent with an endpoint: plaintext to that etcd (a warning)."""
+    cert_file: str | None = Field(default=None, min_length=1, max_length=MAX_PATH)
+    """TLS to an existing etcd: geotrain's client certificate (PEM)."""
+    key_file: str | None = Field(default=None, min_length=1, max_length=MAX_PATH)
+    """TLS to an existing etcd: the key of cert_file (PEM)."""
 
 
 class Topology(_Node):

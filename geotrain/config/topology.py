@@ -56,6 +56,9 @@ def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         base = path.parent
         resolved = tuple(p if Path(p).is_absolute() else os.path.abspath(base / p) for p in topo.data.paths)
         topo = topo.model_copy(update={"data": topo.data.model_copy(update={"paths": resolved})})
+    if topo.security.certs is not None and not Path(topo.security.certs).is_absolute():
+        certs = os.path.abspath(path.parent / topo.security.certs)
+        topo = topo.model_copy(update={"security": topo.security.model_copy(update={"certs": certs})})
     return topo
 
 
@@ -242,6 +245,17 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
         _confined(data_path, f"data.paths[{i}]", "the topology file's folder", source)
     if topo.checkpoint.path is not None:
         _confined(topo.checkpoint.path, "checkpoint.path", "the run directory", source)
+    if topo.security.certs is not None:
+        _confined(topo.security.certs, "security.certs", "the topology file's folder", source)
+    etcd_tls = {f: getattr(topo.etcd, f) for f in ("ca_file", "cert_file", "key_file")}
+    if any(etcd_tls.values()):
+        if topo.etcd.endpoint is None:
+            raise TopologyError(f"{source}: etcd.ca_file: TLS files are for an existing etcd (etcd.endpoint); the etcd "
+                                f"the launcher starts uses the run's certificates")
+        if not all(etcd_tls.values()):
+            missing = [f for f, v in etcd_tls.items() if not v]
+            raise TopologyError(f"{source}: etcd.{missing[0]}: TLS to an existing etcd needs ca_file, cert_file "
+                                f"and key_file together")
     st = topo.training.streaming
     if topo.training.algorithm == "streaming-diloco" and st.overlap_steps >= topo.training.inner_steps:
         raise TopologyError(f"{source}: training.streaming.overlap_steps: must be less than training.inner_steps "

@@ -168,6 +168,11 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.topo_json = self.run_dir / "topology.json"
         self.topo_json.write_text(json.dumps(self.topo.model_dump(mode="json"), indent=2))
+        from geotrain.security.pki import ensure_run_certs
+
+        # mTLS by default: a fresh CA and a certificate per part, unless the topology names its own.
+        self.certs = ensure_run_certs(self.configs.worker.certs_dir, self.topo.site_names, self.topo.name,
+                                      hosts=(self.topo.coordinator.host,))
         self.worker_configs = {site: write_worker_config(self.run_dir, site, self.configs.worker)
                                for site in self.topo.site_names}
         self.events.emit("run_started", run=self.topo.name, topology_sha256=self.topo.digest(),

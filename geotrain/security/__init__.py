@@ -1,0 +1,1 @@
+"""Certificates and mTLS for a run's channels (docs/security.md)."""

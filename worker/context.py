@@ -60,6 +60,15 @@ class SiteContext:
         return f"{self.site}.{self.rank}"
 
     @property
+    def tls(self):
+        """This site's certificate files (geotrain.security.pki.TlsFiles ``site.<name>``); None = plaintext."""
+        if self.config.certs_dir is None:
+            return None
+        from geotrain.security.pki import CertDir, site_name
+
+        return CertDir(Path(self.config.certs_dir)).files(site_name(self.site))
+
+    @property
     def is_leader(self) -> bool:
         return self.rank == 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def cmd_launch(args) -> int:
         raise TopologyError("--script: give the command to run, e.g. --script python train.py")
     run_dir = args.run_dir or make_run_dir(args.runs_root, topo.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = LaunchPlan(topo=topo, run_dir=run_dir.resolve(), script=args.script, quiet=args.quiet)
+    plan = LaunchPlan(topo=topo, run_dir=run_dir.resolve(), script=args.script, quiet=args.quiet, cwd=os.getcwd())
     try:
         summary = launch(plan, progress_factory=None if args.quiet else make_progress)
     except RunFailed as exc:
@@ -142,11 +143,12 @@ def _run_topology(run_dir: Path):
 
 def cmd_resume(args) -> int:
     from geotrain.storage.checkpoint import latest_complete, verify_checkpoint
-    from geotrain.run.launch import LaunchPlan, launch
+    from geotrain.run.launch import LaunchPlan, launch, read_launch_record
     from geotrain.run.progress import make_progress
     from geotrain.run.site import checkpoint_dir
 
     run_dir = args.run_dir.resolve()
+    script, cwd = read_launch_record(run_dir)  # a script run resumes the same script, in the same folder
     topo = _run_topology(run_dir)
     info = latest_complete(checkpoint_dir(topo, run_dir), _expected_parts(topo))
     if info is None:
@@ -155,8 +157,9 @@ def cmd_resume(args) -> int:
     if manifest["topology_sha256"] != topo.digest():
         raise RunFailed(f"{info.path}: written for another topology (sha256 {manifest['topology_sha256'][:12]}, "
                         f"this run's is {topo.digest()[:12]})")
-    print(f"geotrain resume: continuing {topo.name} from round {info.round} ({info.path})", file=sys.stderr)
-    plan = LaunchPlan(topo=topo, run_dir=run_dir, quiet=args.quiet, resume_round=info.round)
+    print(f"geotrain resume: continuing {topo.name} from round {info.round} ({info.path})"
+          + (f" with {' '.join(script)}" if script else ""), file=sys.stderr)
+    plan = LaunchPlan(topo=topo, run_dir=run_dir, quiet=args.quiet, resume_round=info.round, script=script, cwd=cwd)
     try:
         summary = launch(plan, progress_factory=None if args.quiet else make_progress)
     except RunFailed as exc:

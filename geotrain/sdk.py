@@ -47,6 +47,7 @@ from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.wire.transport import flatten, unflatten_into
 from geotrain.worker.algorithms import Site, algorithm_class
+from geotrain.worker.crash import note_position
 from geotrain.worker.context import ENV_VARS, SiteContext, init  # noqa: F401 - the SDK's public names
 from geotrain.worker.exchange import open_exchange
 from geotrain.worker.site_group import SiteGroup
@@ -111,6 +112,7 @@ class DiLoCo:
         compute = time.perf_counter() - self._last - algo.step_wan_s
         self.compute_s += compute
         algo.local_step += 1
+        note_position(algo.round, algo.local_step)
         if self.ctx.is_leader:
             self.events.emit("inner_step", site=self.ctx.site, step=algo.local_step, round=algo.round,
                              loss=loss, compute_s=round(compute, 6), wan_s=round(algo.step_wan_s, 6))

@@ -178,6 +178,9 @@ def init(context: SiteContext | None = None) -> SiteContext:
     import torch.distributed as dist
 
     ctx = context or SiteContext.from_env()
+    from geotrain.worker import crash
+
+    crash.install(ctx)  # an uncaught exception leaves a worker_crashed event (the launcher's crash-loop rule)
     if ctx.workers > 1 and not dist.is_initialized():
         backend = "nccl" if ctx.device == "cuda" else "gloo"
         if ctx.device == "cuda":

@@ -37,7 +37,7 @@ from geotrain.errors import GeotrainError, RunFailed, RunInterrupted
 from geotrain.events import EventLog, EventTail, log_tail, read_events
 from geotrain.run import procs
 from geotrain.run.site import free_port, worker_env, write_worker_config
-from geotrain.run.summary import model_failure, nonfinite_model, write_summary
+from geotrain.run.summary import model_failure, nonfinite_model, shortfall, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Child:
     group: str = ""  # restarts happen per group: "site:us-east", "coordinator", "link:us-east", "etcd"
     retired: bool = False  # stopped on purpose (replaced by a restart): its exit means nothing
     done: bool = False
+    started_t: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class LaunchPlan:
     topo: Topology
     run_dir: Path
     script: list[str] | None = None  # a user's entrypoint instead of the built-in trainer
+    cwd: str | None = None  # where the script runs (its relative paths): the launching shell's folder, recorded
     quiet: bool = False
     resume_round: int | None = None  # geotrain resume: start every part from this checkpoint round
     children: list[Child] = field(default_factory=list)
@@ -71,6 +73,35 @@ def make_run_dir(base: Path, name: str) -> Path:
         n += 1
         path = base / f"{name}-{stamp}-{n}"
     return path
+
+
+LAUNCH_RECORD = "launch.json"
+"""RUN_DIR/launch.json: what the workers ran ({"script": argv or null, "cwd": folder}); `geotrain resume` reads it."""
+
+
+def write_launch_record(run_dir: Path, script: list[str] | None, cwd: str | None) -> None:
+    record = {"script": list(script) if script else None, "cwd": cwd}
+    tmp = run_dir / (LAUNCH_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, run_dir / LAUNCH_RECORD)
+
+
+def read_launch_record(run_dir: Path) -> tuple[list[str] | None, str | None]:
+    """(script, cwd) of the run in ``run_dir``; (None, None) for a run of the built-in trainer or one made
+    before runs recorded it. A record that is not what this module writes is refused, naming the file."""
+    path = run_dir / LAUNCH_RECORD
+    if not path.exists():
+        return None, None
+    try:
+        record = json.loads(path.read_text())
+        script, cwd = record.get("script"), record.get("cwd")
+        if script is not None and not (isinstance(script, list) and script and all(isinstance(a, str) for a in script)):
+            raise ValueError("script must be a list of strings")
+        if cwd is not None and not isinstance(cwd, str):
+            raise ValueError("cwd must be a string")
+    except (ValueError, AttributeError, OSError) as exc:
+        raise RunFailed(f"{path}: not a launch record geotrain wrote ({exc})") from None
+    return script, cwd
 
 
 def _python() -> str:
@@ -133,14 +164,17 @@ class Launcher:
         self.coord_port = 0
         self.coord_seen: float | None = None
         self.last_merge_version: dict[str, int] = {}
+        self.crashes: dict[str, dict] = {}  # worker name -> its latest worker_crashed event
+        self.restart_crash: dict[str, dict | None] = {}  # site group -> the crash that restarted it last (crash_loop)
         self.faults = None
 
     # ---- starting ----
     def _spawn(self, name: str, role: str, argv: list[str], env: dict | None = None, ready: bool = False,
-               group: str = "") -> Child:
+               group: str = "", cwd: str | None = None) -> Child:
         log_path = self.run_dir / "logs" / (name.replace(" ", "-").replace("/", "-").replace("<->", "--") + ".log")
         log_f = open(log_path, "ab")
-        proc = procs.spawn(argv, env=env or procs.env_with(), stdout=subprocess.PIPE if ready else log_f, stderr=log_f)
+        proc = procs.spawn(argv, env=env or procs.env_with(), cwd=cwd, stdout=subprocess.PIPE if ready else log_f,
+                           stderr=log_f)
         log_f.close()
         child = Child(name, role, proc, log_path, group=group or role)
         self.children.append(child)
@@ -168,6 +202,7 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.topo_json = self.run_dir / "topology.json"
         self.topo_json.write_text(json.dumps(self.topo.model_dump(mode="json"), indent=2))
+        write_launch_record(self.run_dir, self.plan.script, self.plan.cwd)
         from geotrain.security.pki import ensure_run_certs
 
         # mTLS by default: a fresh CA and a certificate per part, unless the topology names its own.
@@ -269,7 +304,8 @@ class Launcher:
             env = worker_env(site, rank, run=self.topo.name, run_dir=self.run_dir, topology_json=self.topo_json,
                              coordinator=address, etcd=self.etcd_endpoint, config_path=self.worker_configs[site.name],
                              master_port=master_port, resume_round=resume_round, rings=rings if rank == 0 else ())
-            self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env, group=f"site:{site.name}")
+            self._spawn(f"worker {site.name}/{rank}", "worker", list(entry), env=env, group=f"site:{site.name}",
+                        cwd=self.plan.cwd if self.plan.script else None)
 
     # ---- watching and recovering ----
     def watch(self, progress=None) -> None:
@@ -283,8 +319,10 @@ class Launcher:
             for child, rc in exited:
                 if child.retired:  # its group was restarted for another member in this pass
                     continue
-                action = on_exit(child.role, child.name, rc, _how(rc), self.restarts.get(child.group, 0),
-                                 self.topo.recovery)
+                action = self._crash_loop(child, rc) or on_exit(
+                    child.role, child.name, rc, _how(rc), self.restarts.get(child.group, 0), self.topo.recovery)
+                if action.action == "crash_loop":  # the user's bug: its traceback, not the log's tail
+                    raise RunFailed(action.reason)
                 if action.action == "done":
                     child.done = True
                 elif action.action == "fail":
@@ -303,9 +341,25 @@ class Launcher:
                 return
             time.sleep(0.2)
 
+    def _crash(self, child: Child) -> dict | None:
+        """The worker_crashed event ``child`` left in this start, if any."""
+        crash = self.crashes.get(child.name)
+        return crash if crash is not None and crash["t"] >= child.started_t - 1.0 else None
+
+    def _crash_loop(self, child: Child, rc: int):
+        from geotrain.run.supervise import crash_loop
+
+        if child.role != "worker" or rc == 0:
+            return None
+        members = [c for c in self.children if c.group == child.group and not c.retired]
+        signalled = any((c.proc.poll() or 0) < 0 for c in members)
+        return crash_loop(child.name, self._crash(child), self.restart_crash.get(child.group), signalled)
+
     def _restart(self, child: Child, reason: str) -> None:
         now = time.time()
         group = child.group
+        if child.role == "worker":
+            self.restart_crash[group] = self._crash(child)
         self.restarts[group] = self.restarts.get(group, 0) + 1
         what = {"worker": "worker", "coordinator": "coordinator", "etcd": "etcd", "link": "link"}[child.role]
         self.events.emit("failure", what=what, target=child.name, happened_t=now, detected_t=now, reason=reason,
@@ -350,6 +404,8 @@ class Launcher:
             self.faults.observe(e)
             if kind == "merge":
                 self.last_merge_version[e["site"]] = e.get("version", 0)
+            elif kind == "worker_crashed":
+                self.crashes[f"worker {e.get('site')}/{e.get('rank')}"] = e
             elif kind == "site_ready" and f"site:{e['site']}" in self.pending:
                 group = f"site:{e['site']}"
                 lost = max(0, e.get("version", 0) - self.pending[group].get("last_version", 0))
@@ -417,9 +473,13 @@ def launch(plan: LaunchPlan, progress_factory=None) -> dict:
         launcher.stop()
         signal.signal(signal.SIGTERM, previous)
     if error is None:  # every worker exited 0: the history still has the last word on the model
-        diverged = model_failure(read_events(plan.run_dir / "metrics.jsonl"))
+        history = read_events(plan.run_dir / "metrics.jsonl")
+        diverged = model_failure(history)
+        short = shortfall(history, plan.topo, script=plan.script is not None)
         if diverged is not None:
             error = RunFailed(f"the global model went non-finite: {diverged}")
+        elif short is not None:
+            error = RunFailed(short)
     status = "failed" if error else "completed"
     launcher.events.emit("run_finished", status=status, reason=str(error) if error else None)
     summary = write_summary(plan.run_dir, plan.topo, wall_seconds=time.time() - t0, link_stats=launcher.link_stats,

@@ -2,7 +2,8 @@
 
 It tails the run's metrics.jsonl (never blocks training: it only reads what was written) and
 the link counters. When stderr is not a terminal it prints one plain line per committed round.
-The first sign that the global model went non-finite is printed as one line, in either mode.
+The first sign that the global model went non-finite, and every failure and recovery (a restart as
+it happens), are printed as one line each, in either mode.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ class Progress:
                                        f"WAN {_fmt_bytes(self._wan_bytes())}", highlight=False)
             elif kind == "commit":
                 self.commits += 1
+            elif kind == "failure":  # restarts as they happen, in either mode
+                self.console.print(f"failure  {e.get('target')}: {str(e.get('reason'))[:200]}", style="yellow",
+                                   highlight=False)
+            elif kind == "recovery":
+                lost = e.get("rounds_lost") or 0
+                self.console.print(f"recovered  {e.get('target')} after {e.get('seconds', 0):.1f}s"
+                                   + (f", {lost} round{'s' if lost != 1 else ''} lost" if lost else ""), highlight=False)
             elif kind == "merge" and e.get("site") in self.sites and "fragment" not in e:
                 s = self.sites[e["site"]]
                 # async: a site counts its own merges; synchronous: the version it now holds

@@ -46,23 +46,41 @@ def model_failure(events: list[dict]) -> str | None:
     return next((r for r in map(nonfinite_model, events) if r is not None), None)
 
 
+def rounds_completed(events: list[dict], topo: Topology) -> int:
+    """The rounds a history completed, counted the way its algorithm merges."""
+    tr = topo.training
+    # distinct commits: a resumed run redoes the rounds after its checkpoint
+    committed = len({(c.get("fragment", 0), c["round"]) for c in events if c["event"] == "commit"})
+    if tr.algorithm == "ddp":
+        return committed // tr.inner_steps
+    if tr.algorithm == "streaming-diloco":
+        return committed // tr.streaming.fragments
+    if tr.algorithm == "async-diloco":  # every site did this many merges at least
+        return min((sum(1 for e in events if e["event"] == "merge" and e.get("site") == s.name) for s in topo.sites),
+                   default=0)
+    return committed
+
+
+def shortfall(events: list[dict], topo: Topology, script: bool = False) -> str | None:
+    """Why a run whose processes all exited 0 did not do what it was asked, or None: a run that completes
+    fewer rounds than planned has not completed (a script that never calls diloco.step(), or stops early)."""
+    planned = topo.training.rounds
+    if not any(e["event"] == "inner_step" for e in events):
+        return ("no site called diloco.step(): the script trained nothing through geotrain" if script
+                else "no site took an inner step")
+    done = rounds_completed(events, topo)
+    if done < planned:
+        who = "the script" if script else "the run"
+        return f"{who} exited after round {done} of {planned} (training.rounds)"
+    return None
+
+
 def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, link_stats: dict[str, dict]) -> dict:
     tr = topo.training
-    commits = [e for e in events if e["event"] == "commit"]
     evals = sorted((e for e in events if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
     steps = [e for e in events if e["event"] == "inner_step"]
     merges = [e for e in events if e["event"] == "merge"]
-    # distinct commits: a resumed run redoes the rounds after its checkpoint
-    committed = len({(c.get("fragment", 0), c["round"]) for c in commits})
-    if tr.algorithm == "ddp":
-        rounds = committed // tr.inner_steps
-    elif tr.algorithm == "streaming-diloco":
-        rounds = committed // tr.streaming.fragments
-    elif tr.algorithm == "async-diloco":  # every site did this many merges at least
-        rounds = min((sum(1 for e in events if e["event"] == "merge" and e.get("site") == s.name) for s in topo.sites),
-                     default=0)
-    else:
-        rounds = committed
+    rounds = rounds_completed(events, topo)
     sites = {}
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]

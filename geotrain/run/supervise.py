@@ -8,7 +8,10 @@ of the topology and how often that group was restarted already:
   ``fail`` or the site used up its restarts;
 - the coordinator is restarted (it takes up from its persisted state) unless the policy is
   ``fail``; etcd and link emulators are restarted on the same ports;
-- anything beyond ``max_restarts`` fails the run, naming the process.
+- anything beyond ``max_restarts`` fails the run, naming the process;
+- :func:`crash_loop`: a worker that raises the same error of the script's (type, line, message) as
+  the crash that caused its site's previous restart fails the run at once, with the traceback: that is
+  the user's bug, and restart budgets are for faults.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from geotrain.config.topology import RecoveryConfig
 
 @dataclass(frozen=True)
 class Action:
-    action: str  # done | restart | fail
+    action: str  # done | restart | fail | crash_loop (fail, with the script's traceback) | kill
     reason: str
 
 
@@ -50,3 +53,23 @@ def heartbeat_lost(now: float, last_seen: float | None, alive: bool, ttl_s: floa
     if now - last_seen > ttl_s * 2:
         return Action("kill", f"no heartbeat for {now - last_seen:.1f}s (lease TTL {ttl_s:g}s): frozen")
     return None
+
+
+def crash_signature(crash: dict) -> tuple:
+    """What makes two crashes "the same way": the error's type, where it was raised, and its message."""
+    return crash.get("error"), crash.get("location"), crash.get("message")
+
+
+def crash_loop(name: str, crash: dict | None, previous: dict | None, signalled: bool) -> Action | None:
+    """Fail at once when ``crash`` (this exit's ``worker_crashed`` event) repeats ``previous`` (the one that
+    restarted the site last time). Not a crash loop: no record (killed, or exited by itself), geotrain's own
+    errors (``ours``: faults of the infrastructure), or a group member that died of a signal this time (a
+    fault injected or the OOM killer; its peers' errors are consequences)."""
+    if crash is None or previous is None or signalled or crash.get("ours"):
+        return None
+    if crash_signature(crash) != crash_signature(previous):
+        return None
+    at = f"round {crash['round']}, step {crash['step']}" if crash.get("step") is not None else "start-up"
+    return Action("crash_loop", f"{name} failed the same way twice ({crash['error']} at {crash['location']}, {at}): "
+                          f"a bug in the script, not a fault, so it is not restarted again\n"
+                          f"{str(crash.get('traceback', '')).rstrip()}")

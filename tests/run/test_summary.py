@@ -39,3 +39,39 @@ def test_model_failure_is_the_first_sign():
     assert "commit of round 1" in model_failure(history)
     assert model_failure(history[:2]) is None
     assert model_failure([]) is None
+
+
+def _topo(rounds=4, algorithm="diloco"):
+    from geotrain.config.topology import parse_topology
+
+    return parse_topology({"name": "t", "sites": [{"name": "a", "workers": 1}, {"name": "b", "workers": 1}],
+                           "training": {"rounds": rounds, "algorithm": algorithm}}, source="t.yaml")
+
+
+def test_shortfall_no_step_early_exit_and_complete():
+    from geotrain.run.summary import shortfall
+
+    topo = _topo()
+    assert "no site called diloco.step()" in shortfall([], topo, script=True)
+    steps = [{"event": "inner_step", "site": "a", "step": 1, "round": 0}]
+    commits = [{"event": "commit", "round": r} for r in range(2)]
+    assert shortfall(steps + commits, topo, script=True) == "the script exited after round 2 of 4 (training.rounds)"
+    assert shortfall(steps + commits, topo) == "the run exited after round 2 of 4 (training.rounds)"
+    full = steps + [{"event": "commit", "round": r} for r in range(4)]
+    assert shortfall(full, topo, script=True) is None
+    # a resumed run commits some rounds twice: counted once
+    assert shortfall(full + commits, topo) is None
+
+
+def test_launch_record_round_trip_and_refusal(tmp_path):
+    import pytest
+
+    from geotrain.errors import RunFailed
+    from geotrain.run.launch import read_launch_record, write_launch_record
+
+    assert read_launch_record(tmp_path) == (None, None)
+    write_launch_record(tmp_path, ["python", "train.py"], "/work")
+    assert read_launch_record(tmp_path) == (["python", "train.py"], "/work")
+    (tmp_path / "launch.json").write_text('{"script": "rm -rf /"}')
+    with pytest.raises(RunFailed, match="launch.json: not a launch record"):
+        read_launch_record(tmp_path)

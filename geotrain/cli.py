@@ -120,10 +120,28 @@ def cmd_launch(args) -> int:
         print(f"geotrain launch: run failed: {exc}", file=sys.stderr)
         print(run_dir)
         return 130 if isinstance(exc, RunInterrupted) else 1
-    print(f"geotrain launch: {summary['rounds_completed']} rounds, eval loss {summary['initial_eval_loss']} -> "
-          f"{summary['final_eval_loss']}, WAN {summary['wan_bytes']:,} bytes, {summary['wall_seconds']:.1f}s", file=sys.stderr)
+    print(f"geotrain launch: {done_line(summary)}", file=sys.stderr)
+    print(f"geotrain launch: workers' output is in {run_dir / 'logs'}/worker-<site>-<rank>.log" if args.script else
+          f"geotrain launch: logs in {run_dir / 'logs'}", file=sys.stderr)
     print(run_dir)
     return 0
+
+
+def done_line(summary: dict) -> str:
+    """The last line of a finished run: rounds, the eval where there was one, WAN bytes, time."""
+    from geotrain.units import human_bytes
+
+    parts = [f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds"]
+    first, last = summary.get("initial_eval_loss"), summary.get("final_eval_loss")
+    if last is not None:
+        parts.append(f"eval loss {first:.4g} -> {last:.4g}" if first is not None else f"final eval loss {last:.4g}")
+    for name, m in sorted((summary.get("metrics") or {}).items())[:3]:
+        values = [v for v in m["sites"].values() if isinstance(v, (int, float))]
+        if values:
+            parts.append(f"{name} {sum(values) / len(values):.4g}")
+    parts.append(f"WAN {human_bytes(summary['wan_bytes'])}")
+    parts.append(f"{summary['wall_seconds']:.1f}s")
+    return ", ".join(parts)
 
 
 def _expected_parts(topo) -> list[str]:
@@ -166,7 +184,7 @@ def cmd_resume(args) -> int:
         print(f"geotrain resume: run failed: {exc}", file=sys.stderr)
         print(run_dir)
         return 130 if isinstance(exc, RunInterrupted) else 1
-    print(f"geotrain resume: {summary['rounds_completed']} rounds, final eval loss {summary['final_eval_loss']}", file=sys.stderr)
+    print(f"geotrain resume: {done_line(summary)}", file=sys.stderr)
     print(run_dir)
     return 0
 

@@ -48,6 +48,7 @@ from geotrain.events import EventLog
 from geotrain.wire.transport import flatten, unflatten_into
 from geotrain.worker.algorithms import Site, algorithm_class
 from geotrain.worker.crash import note_position
+from geotrain.worker.metrics import check_scalars, eval_fields
 from geotrain.worker.context import ENV_VARS, SiteContext, init  # noqa: F401 - the SDK's public names
 from geotrain.worker.exchange import open_exchange
 from geotrain.worker.site_group import SiteGroup
@@ -63,13 +64,16 @@ class DiLoCo:
     asynchronous DiLoCo after Async Local-SGD (arXiv 2401.09135), or ``ddp``. This facade keeps the
     inner-step bookkeeping and the worker's checkpoints; the algorithm decides when and how to merge.
 
+    ``tokens_per_step``: tokens one worker trains on per inner step, if the model has tokens; progress and
+    summary.json report tokens and tokens/s only when it is given.
+
     ``stateful`` names extra objects with ``state_dict()``/``load_state_dict()`` (a data sampler, say)
     that go into this worker's checkpoints with the inner optimizer, so a resumed run continues exactly.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, inner_steps: int | None = None,
                  algorithm: str | None = None, context: SiteContext | None = None, events: EventLog | None = None,
-                 stateful: dict | None = None):
+                 stateful: dict | None = None, tokens_per_step: int | None = None):
         self.ctx = context or init()
         inner_steps = self.ctx.inner_steps if inner_steps is None else inner_steps
         algorithm = self.ctx.algorithm if algorithm is None else algorithm
@@ -81,6 +85,10 @@ class DiLoCo:
         self.H = inner_steps
         self.algorithm = algorithm
         self.stateful = dict(stateful or {})
+        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or not isinstance(tokens_per_step, int)
+                                            or tokens_per_step < 1):
+            raise GeotrainError(f"DiLoCo(tokens_per_step={tokens_per_step!r}): expected a positive int")
+        self.tokens_per_step = tokens_per_step
         self.events = events or EventLog(self.ctx.run_dir / "metrics.jsonl" if self.ctx.run_dir else None, self.ctx.proc)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -115,7 +123,8 @@ class DiLoCo:
         note_position(algo.round, algo.local_step)
         if self.ctx.is_leader:
             self.events.emit("inner_step", site=self.ctx.site, step=algo.local_step, round=algo.round,
-                             loss=loss, compute_s=round(compute, 6), wan_s=round(algo.step_wan_s, 6))
+                             loss=loss, compute_s=round(compute, 6), wan_s=round(algo.step_wan_s, 6),
+                             **({"tokens": self.tokens_per_step} if self.tokens_per_step else {}))
         merged = False
         if algo.due():
             merged = algo.sync()
@@ -124,6 +133,23 @@ class DiLoCo:
         algo.step_wan_s = 0.0
         self._last = time.perf_counter()
         return merged
+
+    def log(self, step: int | None = None, **scalars) -> None:
+        """Record scalars of your own (``diloco.log(accuracy=acc, lr=lr)``): a ``metric`` event at ``step``
+        (default: this site's inner step) that progress, summary.json, TensorBoard, Prometheus and
+        ``geotrain report`` show, one line per site (geotrain.worker.metrics)."""
+        values = check_scalars("diloco.log", scalars)
+        self.events.emit("metric", site=self.ctx.site, rank=self.ctx.rank, round=self.algo.round,
+                         step=self.local_step if step is None else int(step), **values)
+
+    def log_eval(self, value, metric: str = "loss", step: int | None = None, **scalars) -> None:
+        """Record an evaluation of the model (``diloco.log_eval(mse, metric="mse")``), from the site leader
+        (other ranks' calls are ignored: every rank of a site holds the same model after a merge). A NaN
+        or infinite value fails the run: the model is damaged."""
+        fields = eval_fields(metric, value, scalars)
+        if self.ctx.is_leader:
+            self.events.emit("eval", site=self.ctx.site, round=self.algo.round,
+                             step=self.local_step if step is None else int(step), **fields)
 
     @property
     def overlapped(self) -> bool:

@@ -87,3 +87,14 @@ def parse_size_bytes(value: object) -> int:
     if n < 0:
         raise ValueError(f"a size cannot be negative, got {value!r}")
     return n
+
+
+def human_bytes(n: float) -> str:
+    """A byte count in the unit that fits it (decimal: 1 kB = 1000 B), three significant digits:
+    ``812 B``, ``24.6 kB``, ``1.34 MB``, ``2.05 GB``."""
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 999.5 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

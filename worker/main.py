@@ -73,7 +73,7 @@ def train(ctx: SiteContext, topo: Topology) -> None:
     if tr.algorithm == "async-diloco" and tr.asynchronous.dynamic_local_steps:
         inner_steps = max(1, round(tr.inner_steps / site_cfg.slowdown))  # slower sites do fewer steps per merge
     with DiLoCo(model, opt, inner_steps=inner_steps, algorithm=tr.algorithm, context=ctx, events=events,
-                stateful={"sampler": sampler}) as diloco:
+                stateful={"sampler": sampler}, tokens_per_step=tr.batch_size * topo.model.block_size) as diloco:
         if evaluator and diloco.round == 0:
             run_eval(0, 0)
         elif evaluator and diloco.round < tr.rounds:

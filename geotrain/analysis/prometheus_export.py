@@ -114,6 +114,10 @@ class PrometheusExporter:
         self.staleness = pc.Gauge("geotrain_staleness", "Global versions the site's latest contribution was behind.",
                                   ["site"], registry=r)
         self.eval_loss = pc.Gauge("geotrain_eval_loss", "Loss of the latest evaluation.", registry=r)
+        self.script_metric = pc.Gauge("geotrain_script_metric", "Latest value of a script's own scalar "
+                                      "(DiLoCo.log, DiLoCo.log_eval as eval/<name>), by name and site.",
+                                      ["name", "site"], registry=r)
+        self._script_series: set[tuple[str, str]] = set()
         self.failures = pc.Counter("geotrain_failures", "Failures detected, by what failed.", ["what"], registry=r)
         self.recoveries = pc.Counter("geotrain_recoveries", "Recoveries completed, by what recovered.", ["what"],
                                      registry=r)
@@ -198,7 +202,17 @@ class PrometheusExporter:
         elif kind == "eval":
             loss = number(event.get("loss"))
             if loss is not None:
-                self.eval_loss.set(loss)
+                if event.get("metric"):
+                    self._script_metric(f"eval/{event['metric']}", str(event.get("site") or ""), loss)
+                else:
+                    self.eval_loss.set(loss)
+        elif kind == "metric" and not event.get("rank"):
+            from geotrain.worker.metrics import RESERVED
+
+            for name, value in event.items():
+                v = number(value)
+                if name not in RESERVED and v is not None:
+                    self._script_metric(name, str(event.get("site") or ""), v)
         elif kind == "failure":
             what = str(event.get("what") or "unknown")
             self.failures.labels(what=what).inc()
@@ -220,6 +234,16 @@ class PrometheusExporter:
             self.merges_refused.labels(action=str(event.get("action") or "unknown")).inc()
         elif kind == "fault_injected":
             self.faults_injected.labels(fault=str(event.get("fault") or "unknown")).inc()
+
+    MAX_SCRIPT_METRICS = 256
+    """Distinct (name, site) series of scripts' own scalars; more are dropped (label cardinality is bounded)."""
+
+    def _script_metric(self, name: str, site: str, value: float) -> None:
+        key = (name, site)
+        if key not in self._script_series and len(self._script_series) >= self.MAX_SCRIPT_METRICS:
+            return
+        self._script_series.add(key)
+        self.script_metric.labels(name=name, site=site).set(value)
 
     def observe_all(self, events: Iterable[dict]) -> None:
         for event in events:

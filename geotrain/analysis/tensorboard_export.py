@@ -11,6 +11,8 @@ TensorBoard tags (x axis in brackets):
 
 ========================================  ==============================================
 ``eval/loss``                             ``eval`` loss [inner step]
+``eval/<metric>/<site>``                  a script's named ``eval`` (DiLoCo.log_eval) [inner step]
+``metric/<name>/<site>[/<rank>]``         a script's ``metric`` scalars (DiLoCo.log) [step]
 ``train/loss/<site>``                     ``inner_step`` loss [step]
 ``train/compute_s/<site>``                ``inner_step`` compute seconds [step]
 ``train/wan_s/<site>``                    ``inner_step`` WAN seconds [step]
@@ -98,6 +100,7 @@ class TensorBoardExporter:
         self._faults_active: set[tuple[str, str]] = set()
         self._handlers = {
             "eval": self._eval,
+            "metric": self._metric,
             "inner_step": self._inner_step,
             "merge": self._merge,
             "commit": self._commit,
@@ -163,7 +166,19 @@ class TensorBoardExporter:
     # -- one handler per event kind -----------------------------------------------------------
 
     def _eval(self, e: dict, t: float | None) -> None:
-        self._scalar("eval/loss", e.get("loss"), _int(e.get("step")), t)
+        if e.get("metric"):  # a script's named evaluation (DiLoCo.log_eval), per site
+            self._scalar(f"eval/{e['metric']}/{self._site(e)}", e.get("loss"), _int(e.get("step")), t)
+        else:
+            self._scalar("eval/loss", e.get("loss"), _int(e.get("step")), t)
+
+    def _metric(self, e: dict, t: float | None) -> None:
+        from geotrain.worker.metrics import RESERVED
+
+        site, step = self._site(e), _int(e.get("step"))
+        rank = f"/{e['rank']}" if e.get("rank") else ""
+        for name, value in e.items():
+            if name not in RESERVED:
+                self._scalar(f"metric/{name}/{site}{rank}", value, step, t)
 
     def _inner_step(self, e: dict, t: float | None) -> None:
         site, step = self._site(e), _int(e.get("step"))

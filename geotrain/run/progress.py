@@ -28,6 +28,14 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _num(v) -> str:
+    """A number with 4 significant digits (``2.831``, ``0.08467``, ``1.23e-05``)."""
+    return "-" if v is None else f"{v:.4g}"
+
+
+_RESERVED = frozenset({"t", "event", "proc", "site", "rank", "round", "step"})
+
+
 class Progress:
     def __init__(self, launcher, console: Console | None = None):
         self.launcher = launcher
@@ -36,6 +44,7 @@ class Progress:
         self._tail = EventTail(launcher.run_dir / "metrics.jsonl")
         self.sites = {s.name: {"round": 0, "step": 0, "loss": None, "t0": None, "tokens": 0} for s in self.topo.sites}
         self.eval_loss = None
+        self.eval_name = "loss"
         self.commits = 0
         self.diverged: str | None = None  # the first sign that the global model went non-finite
         self.t0 = time.time()
@@ -68,15 +77,26 @@ class Progress:
                 s = self.sites[e["site"]]
                 s.update(step=e["step"], round=e["round"], loss=e.get("loss"))
                 s["t0"] = s["t0"] or e["t"]
-                s["tokens"] = e["step"] * self.topo.site(e["site"]).workers * tr.batch_size * self.topo.model.block_size
+                if e.get("tokens"):  # only when the model declared its tokens per step
+                    s["tokens"] += int(e["tokens"]) * self.topo.site(e["site"]).workers
                 s["t"] = e["t"]
             elif kind == "eval":
                 self.eval_loss = e["loss"]
+                self.eval_name = e.get("metric") or "loss"
                 if not self.live:
-                    self.console.print(f"eval  round {e['round']:>4}  step {e['step']:>6}  loss {e['loss']:.4f}  "
-                                       f"WAN {_fmt_bytes(self._wan_bytes())}", highlight=False)
+                    where = f"  {e['site']}" if e.get("site") else ""
+                    self.console.print(f"eval{where}  round {e['round']:>4}  step {e['step']:>6}  {self.eval_name} "
+                                       f"{_num(e['loss'])}  WAN {_fmt_bytes(self._wan_bytes())}", highlight=False)
+            elif kind == "metric" and e.get("site") in self.sites and e.get("rank", 0) == 0:
+                self.sites[e["site"]]["metrics"] = {k: v for k, v in e.items() if k not in _RESERVED}
             elif kind == "commit":
                 self.commits += 1
+                ddp = tr.algorithm == "ddp"  # commits every step: one line per H of them
+                if not self.live and e.get("fragment") is None and (not ddp or (e["round"] + 1) % tr.inner_steps == 0):
+                    shown = (e["round"] + 1) // tr.inner_steps if ddp else e["round"] + 1
+                    self.console.print(f"round {shown:>4}/{tr.rounds} committed  "
+                                       f"sites {len(e.get('sites') or ()) or '-'}  WAN {_fmt_bytes(self._wan_bytes())}"
+                                       + self._metrics_text(), highlight=False)
             elif kind == "failure":  # restarts as they happen, in either mode
                 self.console.print(f"failure  {e.get('target')}: {str(e.get('reason'))[:200]}", style="yellow",
                                    highlight=False)
@@ -91,17 +111,23 @@ class Progress:
         if self.live:
             self.live.update(self._table())
 
+    def _metrics_text(self) -> str:
+        """The scripts' latest scalars (diloco.log), per site: "  paris acc 0.91"."""
+        parts = [f"{site} " + " ".join(f"{k} {_num(v)}" for k, v in list(s["metrics"].items())[:4])
+                 for site, s in self.sites.items() if s.get("metrics")]
+        return ("  " + "  ".join(parts)) if parts else ""
+
     def _table(self) -> Table:
         tr = self.topo.training
         total = tr.rounds * tr.inner_steps
         t = Table(title=f"geotrain {self.topo.name}: {tr.algorithm}, H={tr.inner_steps}, "
-                        f"eval loss {self.eval_loss if self.eval_loss is None else round(self.eval_loss, 4)}, "
+                        f"eval {self.eval_name} {_num(self.eval_loss)}, "
                         f"WAN {_fmt_bytes(self._wan_bytes())}, {time.time() - self.t0:.0f}s", title_justify="left")
         for col in ("site", "round", "step", "loss", "tokens/s"):
             t.add_column(col, justify="right" if col != "site" else "left")
         for name, s in self.sites.items():
             elapsed = (s.get("t") or 0) - (s["t0"] or 0)
-            tps = f"{s['tokens'] / elapsed:,.0f}" if elapsed > 0 else "-"
+            tps = f"{s['tokens'] / elapsed:,.0f}" if elapsed > 0 and s["tokens"] else "-"
             t.add_row(name, f"{s['round']}/{tr.rounds}", f"{s['step']}/{total}",
                       "-" if s["loss"] is None else f"{s['loss']:.3f}", tps)
         return t

@@ -75,6 +75,33 @@ def shortfall(events: list[dict], topo: Topology, script: bool = False) -> str |
     return None
 
 
+def last_metrics(events: list[dict]) -> dict:
+    """The scripts' own scalars (``metric`` events, geotrain.worker.metrics) and named evals: per name, the
+    last value at each site (rank 0's where several ranks log), and the last step it was logged at."""
+    from geotrain.worker.metrics import RESERVED
+
+    out: dict[str, dict] = {}
+    leaders = {e.get("site") for e in events if e.get("event") == "metric" and e.get("rank", 0) == 0}
+    for e in events:
+        kind = e.get("event")
+        if kind == "metric":
+            if e.get("rank", 0) != 0 and e.get("site") in leaders:
+                continue
+            items = [(k, v) for k, v in e.items() if k not in RESERVED]
+        elif kind == "eval" and e.get("metric"):
+            items = [(f"eval/{e['metric']}", e.get("loss"))]
+        else:
+            continue
+        for name, value in items:
+            v = number(value)
+            if v is None:
+                continue
+            m = out.setdefault(name, {"sites": {}, "step": None})
+            m["sites"][str(e.get("site"))] = v if math.isfinite(v) else str(v)
+            m["step"] = e.get("step")
+    return out
+
+
 def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, link_stats: dict[str, dict]) -> dict:
     tr = topo.training
     evals = sorted((e for e in events if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
@@ -95,8 +122,10 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
             "bytes_sent": sum(e.get("bytes_sent", 0) for e in my_merges),
             "bytes_received": sum(e.get("bytes_received", 0) for e in my_merges),
         }
-    tokens = sum(len([e for e in steps if e.get("site") == s.name]) * s.workers for s in topo.sites) \
-        * tr.batch_size * topo.model.block_size
+    # tokens only where the model declared them (DiLoCo(tokens_per_step=...); the built-in trainer does)
+    workers = {s.name: s.workers for s in topo.sites}
+    declared = [e for e in steps if number(e.get("tokens")) is not None]
+    tokens = sum(int(e["tokens"]) * workers.get(e.get("site"), 1) for e in declared) if declared else None
     failures = [e for e in events if e["event"] == "failure"]
     recoveries = [e for e in events if e["event"] == "recovery"]
     done = [e for e in events if e["event"] == "site_done"]
@@ -114,7 +143,8 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
         "links": links,
         "wall_seconds": round(wall_seconds, 3),
         "tokens": tokens,
-        "tokens_per_second": round(tokens / wall_seconds, 1) if wall_seconds > 0 else None,
+        "tokens_per_second": round(tokens / wall_seconds, 1) if tokens is not None and wall_seconds > 0 else None,
+        "metrics": last_metrics(events),
         "sites": sites,
         "failures": len(failures),
         "recoveries": len(recoveries),

@@ -57,6 +57,18 @@ def test_a_clean_script_run_completes(topology, tmp_path):
     s = summary(run_dir)
     assert s["status"] == "completed" and s["rounds_completed"] == 4
     assert json.loads((run_dir / "launch.json").read_text())["script"][-1] == str(SCRIPT)
+    # the script's own metrics (DiLoCo.log / log_eval), and no invented tokens
+    assert set(s["metrics"]) == {"train_mse", "lr", "eval/mse"}
+    assert set(s["metrics"]["eval/mse"]["sites"]) == {"paris", "tokyo"}
+    assert s["metrics"]["lr"]["sites"]["paris"] == 0.05
+    assert s["tokens"] is None and s["tokens_per_second"] is None
+    assert "mse" in r.stderr.splitlines()[-2] and "4/4 rounds" in r.stderr
+    evals = [e for e in read_events(run_dir / "metrics.jsonl") if e["event"] == "eval"]
+    assert len(evals) == 8 and {e["metric"] for e in evals} == {"mse"}
+    from geotrain.analysis.tensorboard_export import read_scalars
+
+    tags = set(read_scalars(run_dir / "tensorboard"))
+    assert {"metric/train_mse/paris", "metric/lr/tokyo", "eval/mse/paris"} <= tags, tags
 
 
 def test_a_script_that_never_steps_fails_with_the_reason(topology, tmp_path):

@@ -42,8 +42,11 @@ def main() -> None:
             mine += 1
             if MODE == "crash" and mine == 3:
                 raise ValueError("my batch has the wrong shape")
-            if MODE != "no-step":
-                diloco.step(loss=loss.item())
+            if MODE != "no-step" and diloco.step(loss=loss.item()):
+                diloco.log(train_mse=loss.item(), lr=opt.param_groups[0]["lr"])
+                with torch.no_grad():
+                    x, y = batch("held-out", 0, 0, size=256)
+                    diloco.log_eval(F.mse_loss(model(x), y), metric="mse")
     if ctx.is_leader:
         print(f"{ctx.site} done after {rounds} rounds", flush=True)
 

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("coordinator", help="run the coordinator on this host", add_help=False)
     sub.add_parser("link", help="run one WAN link emulator", add_help=False)
     sub.add_parser("site", help="run one site's worker group on this host", add_help=False)
+    sub.add_parser("run-local", help="run a training script as one site in this process, to debug it", add_help=False)
     rp = sub.add_parser("resume", help="continue a stopped run from its latest good checkpoint")
     rp.add_argument("run_dir", type=Path, help="the run directory of the stopped run")
     rp.add_argument("--quiet", action="store_true", help="no live progress")
@@ -133,9 +134,12 @@ def done_line(summary: dict) -> str:
 
     parts = [f"{summary['rounds_completed']}/{summary['rounds_planned']} rounds"]
     first, last = summary.get("initial_eval_loss"), summary.get("final_eval_loss")
+    name = summary.get("eval_metric") or "eval loss"
     if last is not None:
-        parts.append(f"eval loss {first:.4g} -> {last:.4g}" if first is not None else f"final eval loss {last:.4g}")
+        parts.append(f"{name} {first:.4g} -> {last:.4g}" if first is not None else f"final {name} {last:.4g}")
     for name, m in sorted((summary.get("metrics") or {}).items())[:3]:
+        if name.startswith("eval/"):  # shown above
+            continue
         values = [v for v in m["sites"].values() if isinstance(v, (int, float))]
         if values:
             parts.append(f"{name} {sum(values) / len(values):.4g}")
@@ -260,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         from geotrain.run.site import main as site_main
 
         return site_main(argv[1:])
+    if argv and argv[0] == "run-local":
+        from geotrain.run.local import main as local_main
+
+        return local_main(argv[1:])
     if argv and argv[0] == "report":
         from geotrain.analysis.report import main as report_main
 

@@ -21,8 +21,13 @@ def open_exchange(ctx: SiteContext, events: EventLog, *, rings: bool) -> tuple[S
     rings when the topology gives this leader some and the algorithm can use them (``rings``), else the star."""
     from geotrain.worker.client import CoordinatorClient
 
-    client = CoordinatorClient(ctx.coordinator, ctx.site, timeout_s=ctx.rpc_timeout_s,
-                               retry_deadline_s=ctx.retry_deadline_s)
+    if ctx.coordinator == "local":  # geotrain run-local: the coordinator's engine in this process
+        from geotrain.run.local import local_client
+
+        client = local_client(ctx)
+    else:
+        client = CoordinatorClient(ctx.coordinator, ctx.site, timeout_s=ctx.rpc_timeout_s,
+                                   retry_deadline_s=ctx.retry_deadline_s)
     star = StarExchange(client, site=ctx.site, workers=ctx.workers, codec=ctx.codec, block=ctx.block,
                         error_feedback=ctx.error_feedback, retry_deadline_s=ctx.retry_deadline_s, events=events)
     if not (rings and ctx.rings):

@@ -8,6 +8,7 @@
     ├── StaleRound             an update the round cannot take (stale, future, duplicate, not a member)
     ├── RingAbandoned          a ring round is merged through the star instead
     ├── UpdateRefused          an update's values cannot count (wrong length, non-finite, norm bound)
+    ├── ModelMismatch          a site's model is not the run's (its fingerprint differs, at Join)
     ├── TransferCorrupt        a tensor stream failed its checksum or was incomplete
     ├── CheckpointCorrupt      a checkpoint failed verification
     ├── LinkError              the WAN link emulator could not start or forward
@@ -63,6 +64,10 @@ class RingAbandoned(GeotrainError):
 class UpdateRefused(GeotrainError):
     """The coordinator refused an update's values (wrong length, a non-finite value, a norm far above
     the recent updates'): the site failed this round, rejoins and starts from the current model."""
+
+
+class ModelMismatch(GeotrainError):
+    """A site trains another model than the run's: names the first differing tensor on both sides."""
 
 
 class TransferCorrupt(GeotrainError):

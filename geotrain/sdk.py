@@ -47,6 +47,7 @@ from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.wire.transport import flatten, unflatten_into
 from geotrain.worker.algorithms import Site, algorithm_class
+from geotrain.orchestrator.fingerprint import encode_spec, model_spec
 from geotrain.worker.crash import note_position
 from geotrain.worker.metrics import check_scalars, eval_fields
 from geotrain.worker.context import ENV_VARS, SiteContext, init  # noqa: F401 - the SDK's public names
@@ -105,6 +106,8 @@ class DiLoCo:
         self._group = SiteGroup(self.ctx.workers, self.ctx.rank, self.ctx.device)
         self._star, self._exchange = open_exchange(self.ctx, self.events, rings=cls.uses_rings) \
             if self.ctx.is_leader else (None, None)
+        if self._star is not None:  # the coordinator refuses a site whose model is not the run's
+            self._star.model_spec = encode_spec(model_spec(model))
         self.algo = cls(Site(self.ctx, self._group, self.params, self.H, self.events, self._star, self._exchange))
         self.algo.join()
         self._restore_own_state()

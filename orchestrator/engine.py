@@ -44,6 +44,7 @@ from geotrain.orchestrator.aggregate import aggregator
 from geotrain.orchestrator.lanes import Lane
 from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
+from geotrain.orchestrator.fingerprint import decode_spec, first_difference
 from geotrain.orchestrator.results import CommitResult, JoinAnswer, ModelAnswer, Refused, StatusAnswer, Update
 from geotrain.orchestrator.rounds import (Decision, RoundState, admit, admit_async, async_weight, join, merge_mode,
                                           next_round, record_arrival, refuse_update, ring_commit, ring_reform,
@@ -130,6 +131,8 @@ class CoordinatorEngine:
         self.ring_failures = 0  # ring rounds abandoned in a row (rebuilding backs off on them)
         self.ring_abandoned_at = -1
         self._cond = threading.Condition()
+        self.model_spec = None  # the run's model fingerprint: the first site's to join (fingerprint.py)
+        self.model_spec_site = ""
 
     @property
     def state(self) -> RoundState:
@@ -137,11 +140,13 @@ class CoordinatorEngine:
         return self.lanes[0].state
 
     # ---- calls ----
-    def join(self, site: str, workers: int, pid: int, now: float) -> JoinAnswer:
+    def join(self, site: str, workers: int, pid: int, now: float, model_spec: str | None = None) -> JoinAnswer:
         with self._cond:
             if site not in self.cfg.sites:
                 raise Refused(Outcome.NOT_IN_TOPOLOGY, f"site {site!r} is not in the topology "
                                                        f"({', '.join(self.cfg.sites)})", site=site)
+            if model_spec is not None:
+                self._check_model(site, model_spec)
             starts, decision = [], None
             for lane in self.lanes:
                 lane.state, start, decision = join(lane.state, site)
@@ -156,6 +161,20 @@ class CoordinatorEngine:
             return JoinAnswer(round=self.state.round, version=self.version, start_version=start_version,
                               has_model=self.params is not None, algorithm=self.cfg.algorithm, epoch=self.cfg.epoch,
                               fragment_rounds=tuple(starts), site_merges=self.site_merges.get(site, 0))
+
+    def _check_model(self, site: str, text: str) -> None:
+        """The site trains the run's model (geotrain.orchestrator.fingerprint): the first fingerprint is the run's."""
+        try:
+            spec = decode_spec(text)
+        except ValueError as exc:
+            raise Refused(Outcome.INVALID, f"site {site}: {exc}", site=site) from None
+        if self.model_spec is None:
+            self.model_spec, self.model_spec_site = spec, site
+            return
+        why = first_difference(self.model_spec, spec, site, self.model_spec_site)
+        if why is not None:
+            self.events.emit("model_mismatch", site=site, reason=why)
+            raise Refused(Outcome.MODEL_MISMATCH, f"site {site} trains another model than the run's: {why}", site=site)
 
     def init_model(self, site: str, params: torch.Tensor) -> tuple[bool, int]:
         """The first site's initial model becomes the global one. Returns (accepted, version). A model

@@ -39,6 +39,7 @@ STATUS = {
     Outcome.CORRUPT: grpc.StatusCode.DATA_LOSS,
     Outcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     Outcome.INVALID_UPDATE: grpc.StatusCode.INVALID_ARGUMENT,
+    Outcome.MODEL_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
 }
 """The gRPC status code each refusal travels with."""
 
@@ -58,7 +59,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def Join(self, request, context):
         try:
-            a = self.engine.join(request.site, request.workers, request.pid, time.time())
+            a = self.engine.join(request.site, request.workers, request.pid, time.time(),
+                                 model_spec=request.model_spec or None)
         except Refused as refused:
             refuse(context, refused)
         return pb.JoinResponse(round=a.round, version=a.version, start_version=a.start_version, has_model=a.has_model,

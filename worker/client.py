@@ -63,9 +63,10 @@ class CoordinatorClient:
         self._channel.close()
 
     # ---- calls ----
-    def join(self, workers: int) -> pb.JoinResponse:
+    def join(self, workers: int, model_spec: str = "") -> pb.JoinResponse:
+        """Join the run; ``model_spec`` is the site's model fingerprint (geotrain.orchestrator.fingerprint)."""
         return self._retry("Join", lambda: self._stub.Join(
-            pb.JoinRequest(site=self.site, workers=workers, pid=os.getpid()), timeout=30.0))
+            pb.JoinRequest(site=self.site, workers=workers, pid=os.getpid(), model_spec=model_spec), timeout=30.0))
 
     def init_model(self, flat: torch.Tensor) -> bool:
         msgs = self._counted(transport.encode(flat, site=self.site, kind="params"))

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgeotrain/v1/coordinator.proto\x12\x0bgeotrain.v1\"\x90\x02\n\x0cTensorHeader\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\r\n\x05\x62lock\x18\t \x01(\x05\x12\r\n\x05numel\x18\n \x01(\x03\x12\x10\n\x08\x66ragment\x18\x0b \x01(\x05\x12\x11\n\tstaleness\x18\x0c \x01(\x03\x12\x15\n\rclaimed_crc32\x18\r \x01(\r\x12\x14\n\x0cparams_crc32\x18\x0e \x01(\r\x12\x12\n\nring_round\x18\x0f \x01(\x03\"e\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.geotrain.v1.TensorHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"9\n\x0bJoinRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x03\"\xa8\x01\n\x0cJoinResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\thas_model\x18\x03 \x01(\x08\x12\x11\n\talgorithm\x18\x04 \x01(\t\x12\x15\n\rstart_version\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x17\n\x0f\x66ragment_rounds\x18\x07 \x03(\x03\x12\x13\n\x0bsite_merges\x18\x08 \x01(\x03\"6\n\x11InitModelResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"B\n\x0fGetModelRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\x12\x0c\n\x04what\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"u\n\x0eStatusResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05sites\x18\x03 \x03(\t\x12\x0f\n\x07pending\x18\x04 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x03\x12\x11\n\tbytes_out\x18\x06 \x01(\x03\"]\n\x07Refusal\x12%\n\x07outcome\x18\x01 \x01(\x0e\x32\x14.geotrain.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0c\n\x04site\x18\x04 \x01(\t*\xb5\x02\n\x07Outcome\x12\x0e\n\nOUTCOME_OK\x10\x00\x12\x11\n\rOUTCOME_STALE\x10\x01\x12\x12\n\x0eOUTCOME_FUTURE\x10\x02\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x03\x12\x16\n\x12OUTCOME_NOT_MEMBER\x10\x04\x12\x18\n\x14OUTCOME_ROUND_FAILED\x10\x05\x12\x1a\n\x16OUTCOME_RING_ABANDONED\x10\x06\x12\x12\n\x0eOUTCOME_FENCED\x10\x07\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x08\x12\x13\n\x0fOUTCOME_CORRUPT\x10\t\x12\x13\n\x0fOUTCOME_INVALID\x10\n\x12\x1b\n\x17OUTCOME_NOT_IN_TOPOLOGY\x10\x0b\x12\x1a\n\x16OUTCOME_INVALID_UPDATE\x10\x0c\x32\xdd\x02\n\x0b\x43oordinator\x12;\n\x04Join\x12\x18.geotrain.v1.JoinRequest\x1a\x19.geotrain.v1.JoinResponse\x12G\n\tInitModel\x12\x18.geotrain.v1.TensorChunk\x1a\x1e.geotrain.v1.InitModelResponse(\x01\x12\x44\n\x08GetModel\x12\x1c.geotrain.v1.GetModelRequest\x1a\x18.geotrain.v1.TensorChunk0\x01\x12?\n\x05Merge\x12\x18.geotrain.v1.TensorChunk\x1a\x18.geotrain.v1.TensorChunk(\x01\x30\x01\x12\x41\n\x06Status\x12\x1a.geotrain.v1.StatusRequest\x1a\x1b.geotrain.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgeotrain/v1/coordinator.proto\x12\x0bgeotrain.v1\"\x90\x02\n\x0cTensorHeader\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\r\n\x05\x62lock\x18\t \x01(\x05\x12\r\n\x05numel\x18\n \x01(\x03\x12\x10\n\x08\x66ragment\x18\x0b \x01(\x05\x12\x11\n\tstaleness\x18\x0c \x01(\x03\x12\x15\n\rclaimed_crc32\x18\r \x01(\r\x12\x14\n\x0cparams_crc32\x18\x0e \x01(\r\x12\x12\n\nring_round\x18\x0f \x01(\x03\"e\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.geotrain.v1.TensorHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"M\n\x0bJoinRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x12\n\nmodel_spec\x18\x04 \x01(\t\"\xa8\x01\n\x0cJoinResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\thas_model\x18\x03 \x01(\x08\x12\x11\n\talgorithm\x18\x04 \x01(\t\x12\x15\n\rstart_version\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x17\n\x0f\x66ragment_rounds\x18\x07 \x03(\x03\x12\x13\n\x0bsite_merges\x18\x08 \x01(\x03\"6\n\x11InitModelResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"B\n\x0fGetModelRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\x12\x0c\n\x04what\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"u\n\x0eStatusResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05sites\x18\x03 \x03(\t\x12\x0f\n\x07pending\x18\x04 \x03(\t\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x03\x12\x11\n\tbytes_out\x18\x06 \x01(\x03\"]\n\x07Refusal\x12%\n\x07outcome\x18\x01 \x01(\x0e\x32\x14.geotrain.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0c\n\x04site\x18\x04 \x01(\t*\xd1\x02\n\x07Outcome\x12\x0e\n\nOUTCOME_OK\x10\x00\x12\x11\n\rOUTCOME_STALE\x10\x01\x12\x12\n\x0eOUTCOME_FUTURE\x10\x02\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x03\x12\x16\n\x12OUTCOME_NOT_MEMBER\x10\x04\x12\x18\n\x14OUTCOME_ROUND_FAILED\x10\x05\x12\x1a\n\x16OUTCOME_RING_ABANDONED\x10\x06\x12\x12\n\x0eOUTCOME_FENCED\x10\x07\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x08\x12\x13\n\x0fOUTCOME_CORRUPT\x10\t\x12\x13\n\x0fOUTCOME_INVALID\x10\n\x12\x1b\n\x17OUTCOME_NOT_IN_TOPOLOGY\x10\x0b\x12\x1a\n\x16OUTCOME_INVALID_UPDATE\x10\x0c\x12\x1a\n\x16OUTCOME_MODEL_MISMATCH\x10\r2\xdd\x02\n\x0b\x43oordinator\x12;\n\x04Join\x12\x18.geotrain.v1.JoinRequest\x1a\x19.geotrain.v1.JoinResponse\x12G\n\tInitModel\x12\x18.geotrain.v1.TensorChunk\x1a\x1e.geotrain.v1.InitModelResponse(\x01\x12\x44\n\x08GetModel\x12\x1c.geotrain.v1.GetModelRequest\x1a\x18.geotrain.v1.TensorChunk0\x01\x12?\n\x05Merge\x12\x18.geotrain.v1.TensorChunk\x1a\x18.geotrain.v1.TensorChunk(\x01\x30\x01\x12\x41\n\x06Status\x12\x1a.geotrain.v1.StatusRequest\x1a\x1b.geotrain.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'geotrain.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1010
-  _globals['_OUTCOME']._serialized_end=1319
+  _globals['_OUTCOME']._serialized_start=1030
+  _globals['_OUTCOME']._serialized_end=1367
   _globals['_TENSORHEADER']._serialized_start=47
   _globals['_TENSORHEADER']._serialized_end=319
   _globals['_TENSORCHUNK']._serialized_start=321
   _globals['_TENSORCHUNK']._serialized_end=422
   _globals['_JOINREQUEST']._serialized_start=424
-  _globals['_JOINREQUEST']._serialized_end=481
-  _globals['_JOINRESPONSE']._serialized_start=484
-  _globals['_JOINRESPONSE']._serialized_end=652
-  _globals['_INITMODELRESPONSE']._serialized_start=654
-  _globals['_INITMODELRESPONSE']._serialized_end=708
-  _globals['_GETMODELREQUEST']._serialized_start=710
-  _globals['_GETMODELREQUEST']._serialized_end=776
-  _globals['_STATUSREQUEST']._serialized_start=778
-  _globals['_STATUSREQUEST']._serialized_end=793
-  _globals['_STATUSRESPONSE']._serialized_start=795
-  _globals['_STATUSRESPONSE']._serialized_end=912
-  _globals['_REFUSAL']._serialized_start=914
-  _globals['_REFUSAL']._serialized_end=1007
-  _globals['_COORDINATOR']._serialized_start=1322
-  _globals['_COORDINATOR']._serialized_end=1671
+  _globals['_JOINREQUEST']._serialized_end=501
+  _globals['_JOINRESPONSE']._serialized_start=504
+  _globals['_JOINRESPONSE']._serialized_end=672
+  _globals['_INITMODELRESPONSE']._serialized_start=674
+  _globals['_INITMODELRESPONSE']._serialized_end=728
+  _globals['_GETMODELREQUEST']._serialized_start=730
+  _globals['_GETMODELREQUEST']._serialized_end=796
+  _globals['_STATUSREQUEST']._serialized_start=798
+  _globals['_STATUSREQUEST']._serialized_end=813
+  _globals['_STATUSRESPONSE']._serialized_start=815
+  _globals['_STATUSRESPONSE']._serialized_end=932
+  _globals['_REFUSAL']._serialized_start=934
+  _globals['_REFUSAL']._serialized_end=1027
+  _globals['_COORDINATOR']._serialized_start=1370
+  _globals['_COORDINATOR']._serialized_end=1719
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,7 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_INVALID: _ClassVar[Outcome]
     OUTCOME_NOT_IN_TOPOLOGY: _ClassVar[Outcome]
     OUTCOME_INVALID_UPDATE: _ClassVar[Outcome]
+    OUTCOME_MODEL_MISMATCH: _ClassVar[Outcome]
 OUTCOME_OK: Outcome
 OUTCOME_STALE: Outcome
 OUTCOME_FUTURE: Outcome
@@ -35,6 +36,7 @@ OUTCOME_CORRUPT: Outcome
 OUTCOME_INVALID: Outcome
 OUTCOME_NOT_IN_TOPOLOGY: Outcome
 OUTCOME_INVALID_UPDATE: Outcome
+OUTCOME_MODEL_MISMATCH: Outcome
 
 class TensorHeader(_message.Message):
     __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness", "claimed_crc32", "params_crc32", "ring_round")
@@ -83,14 +85,16 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("site", "workers", "pid")
+    __slots__ = ("site", "workers", "pid", "model_spec")
     SITE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     site: str
     workers: int
     pid: int
-    def __init__(self, site: _Optional[str] = ..., workers: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    model_spec: str
+    def __init__(self, site: _Optional[str] = ..., workers: _Optional[int] = ..., pid: _Optional[int] = ..., model_spec: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("round", "version", "has_model", "algorithm", "start_version", "epoch", "fragment_rounds", "site_merges")

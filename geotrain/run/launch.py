@@ -404,6 +404,8 @@ class Launcher:
             self.faults.observe(e)
             if kind == "merge":
                 self.last_merge_version[e["site"]] = e.get("version", 0)
+            elif kind == "model_mismatch":  # a site trains another model: no restart can cure that
+                raise RunFailed(f"site {e.get('site')} trains another model than the run's: {e.get('reason')}")
             elif kind == "worker_crashed":
                 self.crashes[f"worker {e.get('site')}/{e.get('rank')}"] = e
             elif kind == "site_ready" and f"site:{e['site']}" in self.pending:

@@ -74,9 +74,9 @@ class LocalCoordinator:
     def _refused(self, refused: Refused) -> GeotrainError:
         return error_for(refused.outcome, f"site {self.site}: {refused.message}")
 
-    def join(self, workers: int) -> pb.JoinResponse:
+    def join(self, workers: int, model_spec: str = "") -> pb.JoinResponse:
         try:
-            a = self.engine.join(self.site, workers, os.getpid(), time.time())
+            a = self.engine.join(self.site, workers, os.getpid(), time.time(), model_spec=model_spec or None)
         except Refused as refused:
             raise self._refused(refused) from None
         return pb.JoinResponse(round=a.round, version=a.version, start_version=a.start_version, has_model=a.has_model,

@@ -19,6 +19,8 @@ decide what to do next asks :func:`outcome_of` (or the exception's ``outcome``),
     NOT_IN_TOPOLOGY    GeotrainError           fail: this site is not in the run's topology
     INVALID_UPDATE     UpdateRefused           rejoin: the update's values cannot count (length,
                                                a non-finite value, a norm far above the recent ones)
+    MODEL_MISMATCH     ModelMismatch           fail: the site trains another model than the run's
+                                               (parameter names, shapes, dtypes; at Join)
 
 On the wire (protos/geotrain/v1/coordinator.proto) a refused call ends with a gRPC status code and
 a serialized ``Refusal`` (outcome, reason, round, site) in its trailing metadata under
@@ -54,6 +56,7 @@ class Outcome(enum.IntEnum):
     INVALID = 10
     NOT_IN_TOPOLOGY = 11
     INVALID_UPDATE = 12
+    MODEL_MISMATCH = 13
 
 
 _EXCEPTION = {
@@ -69,6 +72,7 @@ _EXCEPTION = {
     Outcome.INVALID: errors.GeotrainError,
     Outcome.NOT_IN_TOPOLOGY: errors.GeotrainError,
     Outcome.INVALID_UPDATE: errors.UpdateRefused,
+    Outcome.MODEL_MISMATCH: errors.ModelMismatch,
 }
 
 

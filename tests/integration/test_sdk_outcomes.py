@@ -127,3 +127,16 @@ def test_a_killed_script_run_resumes_exactly_with_its_script(topology, tmp_path)
     worker_log = (run_dir / "logs" / "worker-paris-0.log").read_text()
     assert "paris done after 4 rounds" in worker_log
     assert torch.equal(final_params(run_dir), final_params(base)), "resumed weights differ from the uninterrupted run"
+
+
+def test_two_sites_with_different_models_are_refused_naming_both_tensors(topology, tmp_path):
+    run_dir = tmp_path / "run"
+    r = launch(topology, run_dir, mode="mismatch")
+    assert r.returncode == 1, r.stderr
+    assert "trains another model than the run's" in r.stderr
+    assert "'0.weight' [16, 4] float32" in r.stderr and "'b.weight' [1, 16] float32" in r.stderr
+    assert "97 parameters" in r.stderr
+    events = read_events(run_dir / "metrics.jsonl")
+    assert not [e for e in events if e["event"] == "commit"]  # nothing was averaged
+    assert not [e for e in events if e["event"] == "failure"]  # and nothing restarted
+    assert not leftover(run_dir, wait_s=5)

@@ -64,11 +64,13 @@ class StarExchange:
         self.encoder = UpdateEncoder(codec, block, error_feedback)
         self.ring_round = 0
         """The round at which the coordinator last told this site to (re)build its rings (0: none)."""
+        self.model_spec = ""
+        """This site's model fingerprint, sent at every Join (geotrain.orchestrator.fingerprint; "": unchecked)."""
 
     # ---- joining and fetching ----
     def join(self, initial: torch.Tensor) -> Joined:
         """Join the run and fetch the global model to start from (providing ``initial`` if there is none)."""
-        resp = self.client.join(self.workers)
+        resp = self.client.join(self.workers, model_spec=self.model_spec)
         if not resp.has_model:
             self.client.init_model(initial)
         payload = self.client.get_model(min_version=resp.start_version)
@@ -142,7 +144,7 @@ class StarExchange:
             p = self.client.get_model(min_version=fetch_after + 1)
         else:
             self.events.emit("merge_discarded", site=self.site, round=round, reason=str(exc))
-            resp = self.client.join(self.workers)
+            resp = self.client.join(self.workers, model_spec=self.model_spec)
             p = self.client.get_model(min_version=resp.start_version)
             if resp.fragment_rounds:  # streaming: the round this fragment goes on from
                 resumes_at = int(resp.fragment_rounds[fragment])

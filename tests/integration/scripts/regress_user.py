@@ -1,7 +1,8 @@
 """A user's own script, written for the SDK tests: a small regression MLP (MSE) on synthetic data.
 
 REGRESS_MODE picks how this user gets it wrong: ``normal`` (right), ``no-step`` (never calls
-diloco.step()), ``early`` (stops after REGRESS_ROUNDS rounds), ``crash`` (a bug: raises at its 3rd step).
+diloco.step()), ``early`` (stops after REGRESS_ROUNDS rounds), ``crash`` (a bug: raises at its 3rd step), ``mismatch``
+(site tokyo builds its layers in another order: the same number of parameters, another model).
 Batches depend only on (site, rank, step), so a resumed run sees the same data as an uninterrupted one.
 """
 
@@ -24,11 +25,25 @@ def batch(site: str, rank: int, step: int, size: int = 32):
     return x, x @ W_TRUE.T + 0.1 * torch.randn(size, 1, generator=g)
 
 
+class Reordered(nn.Module):
+    """The same layers as the others' Sequential, registered last layer first (97 parameters as well)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(16, 1)
+        self.a = nn.Linear(4, 16)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     ctx = geotrain.init()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    if MODE == "mismatch" and ctx.site == "tokyo":
+        model = Reordered()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rounds = int(os.environ.get("REGRESS_ROUNDS", ctx.rounds))
     with geotrain.DiLoCo(model, opt, context=ctx) as diloco:

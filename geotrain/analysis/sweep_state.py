@@ -42,11 +42,11 @@ def input_digest(topology: Path, overrides: Sequence[str]) -> str:
     """
     import hashlib
 
-    import yaml
-
+    from geotrain.config.safeyaml import load_yaml, read_bounded
     from geotrain.config.topology import apply_override
 
-    raw = yaml.safe_load(Path(topology).read_text())
+    # the same bounded reader as the topology loader (aliases refused, size and depth limited)
+    raw = load_yaml(read_bounded(Path(topology)), str(topology))
     for item in overrides:
         raw = apply_override(raw, item, source=str(topology))
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()

@@ -243,7 +243,7 @@ FAULT_KINDS = ("kill", "freeze", "partition", "degrade", "flap", "slow", "disk_f
 
 
 class FaultSpec(_Node):
-    """One scheduled fault (docs/chaos.md). Exactly one of at_round, at_step, at_s says when."""
+    """One scheduled fault (docs/chaos.md). Exactly one of at_round, at_step, at (at_ms) says when."""
 
     kind: Literal["kill", "freeze", "partition", "degrade", "flap", "slow", "disk_full", "corrupt_checkpoint"]
     """What to do: kill (SIGKILL), freeze (SIGSTOP for `duration`), partition / degrade / flap a link,
@@ -254,7 +254,7 @@ class FaultSpec(_Node):
     """Inject once this many rounds are committed."""
     at_step: int | None = Field(default=None, ge=0, le=MAX_ROUNDS * MAX_STEPS)
     """Inject once the first site reaches this inner step."""
-    at_s: Duration | None = Field(default=None, alias="at", le=MAX_DAYS_S * 1000)
+    at_ms: Duration | None = Field(default=None, alias="at", le=MAX_DAYS_S * 1000)
     """Inject this long after the run started, e.g. "20s" (at most 30 days; the value is kept in milliseconds)."""
     duration_ms: Duration | None = Field(default=None, alias="duration", le=MAX_DAYS_S * 1000)
     """How long it lasts before it is undone (freeze, partition, degrade, flap, slow, disk_full)."""

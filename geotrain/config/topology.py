@@ -317,7 +317,7 @@ _FAULT_TARGETS = {
 
 def fault_problem(topo: Topology, fault: FaultSpec) -> str | None:
     """Why a fault cannot apply to this topology (as ``.field: message``), or None."""
-    triggers = [t for t in ("at_round", "at_step", "at_s") if getattr(fault, t) is not None]
+    triggers = [t for t in ("at_round", "at_step", "at_ms") if getattr(fault, t) is not None]
     if len(triggers) != 1:
         return f": give exactly one of at_round, at_step, at (got {len(triggers)})"
     target = fault.target or ("checkpoints" if fault.kind in ("disk_full", "corrupt_checkpoint") else "")

@@ -200,7 +200,7 @@ class FaultScheduler:
             return self.rounds >= spec.at_round
         if spec.at_step is not None:
             return self.step >= spec.at_step
-        return now - self.started_at >= (spec.at_s or 0.0) / 1000.0
+        return now - self.started_at >= (spec.at_ms or 0.0) / 1000.0
 
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now

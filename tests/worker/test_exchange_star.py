@@ -65,7 +65,7 @@ class FakeClient:
         self.calls.append(("get_model", min_version))
         return FakePayload(self.model.clone(), self.model_version, ring_round=3)
 
-    def join(self, workers):
+    def join(self, workers, model_spec=""):
         self.calls.append(("join", workers))
         return self.join_answer
 

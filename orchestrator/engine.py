@@ -79,6 +79,10 @@ class EngineConfig:
     codec: str = "fp32"
     block: int = 256
     error_feedback: bool = True
+    density: float = 0.02
+    """topk: the fraction of each chunk a site sends (the change sent back may hold every site's: ``density * sites``)."""
+    bits: int = 2
+    error_feedback_decay: float = 1.0
     fragments: int = 1  # streaming-diloco: P
     staleness_weight: str = "inverse"  # async-diloco
     delayed_nesterov: bool = True  # async-diloco
@@ -123,7 +127,10 @@ class CoordinatorEngine:
             lane_rounds = list(resume.lane_rounds) if resume.lane_rounds else [resume.round] * n_lanes
             self.version = resume.round if not resume.lane_rounds else resume.version
         self.lanes = [Lane(i, RoundState(round=r, expected=frozenset(cfg.sites))) for i, r in enumerate(lane_rounds)]
-        self.down = UpdateEncoder(cfg.codec, cfg.block, cfg.error_feedback)  # the change sent back, per lane
+        # the change sent back, per lane. topk: the mean of M sparse updates has up to M times their
+        # nonzeros, so the way back may send M times the density (what SparseLoCo's all-gather delivers)
+        self.down = UpdateEncoder(cfg.codec, cfg.block, cfg.error_feedback, density=min(1.0, cfg.density * len(cfg.sites)),
+                                  bits=cfg.bits, decay=cfg.error_feedback_decay)
         self.fenced = False
         self.dropped: dict[str, tuple[float, int]] = {}  # site -> (when dropped, round dropped at)
         self.bytes_in = 0

@@ -53,8 +53,14 @@ class WorkerConfig(BaseModel):
     """recovery.retry_deadline_s: how long the leader retries an unreachable coordinator."""
     rpc_timeout_s: float = 300.0
     """Deadline of one Merge/GetModel call (derive.rpc_timeout_s)."""
-    codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = "fp32"
+    codec: Literal["fp32", "fp16", "bf16", "int8", "int4", "topk"] = "fp32"
     """training.compression.codec: what a merge sends."""
+    density: float = 0.02
+    """training.compression.density (topk)."""
+    bits: int = 2
+    """training.compression.bits (topk)."""
+    error_feedback_decay: float = 1.0
+    """training.compression.error_feedback_decay."""
     block: int = 256
     """training.compression.block: elements per scale block (int8/int4)."""
     error_feedback: bool = True

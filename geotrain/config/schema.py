@@ -147,11 +147,20 @@ class OuterOptimizerConfig(_Node):
 class CompressionConfig(_Node):
     """What crosses the WAN in a merge (docs/algorithms.md). The sum is always accumulated in float32."""
 
-    codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = "fp32"
+    codec: Literal["fp32", "fp16", "bf16", "int8", "int4", "topk"] = "fp32"
+    """How an update is encoded. `topk` is SparseLoCo's (arXiv 2508.15706): in each chunk of `block` elements
+    only the `density` largest by magnitude, their values in `bits` bits (geotrain/wire/compress.py)."""
     block: int = Field(default=256, ge=1, le=1 << 20)
-    """Elements per scale block for int8/int4."""
+    """Elements per scale block for int8/int4; per top-k chunk for topk (SparseLoCo uses 4096)."""
     error_feedback: bool = True
     """Keep what quantisation lost and add it to the next update (per site, and on the way back)."""
+    density: float = Field(default=0.02, gt=0.0, le=1.0)
+    """topk: the fraction of each chunk's elements sent (SparseLoCo: 1-3 %)."""
+    bits: Literal[1, 2, 4, 8] = 2
+    """topk: bits per sent value (SparseLoCo: 2)."""
+    error_feedback_decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    """The residual kept by error feedback is multiplied by this before the next update is added
+    (SparseLoCo's error-feedback accumulation, beta about 0.95; 1 = plain error feedback)."""
 
 
 class AsyncConfig(_Node):

@@ -273,6 +273,13 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     if topo.training.aggregation != "mean" and topo.training.merge != "star":
         raise TopologyError(f"{source}: training.aggregation: {topo.training.aggregation!r} needs `merge: star` "
                             f"(a {topo.training.merge} merge averages inside the ring), got merge {topo.training.merge!r}")
+    if topo.training.compression.codec == "topk" and topo.training.merge != "star":
+        raise TopologyError(f"{source}: training.compression.codec: `topk` updates are sparse per site and are merged "
+                            f"by the coordinator; a ring sums dense partial sums at every hop, so use `merge: star` "
+                            f"(got merge {topo.training.merge!r})")
+    if topo.training.compression.codec == "topk" and not topo.training.compression.error_feedback:
+        raise TopologyError(f"{source}: training.compression.error_feedback: `topk` drops 1 - density of every update; "
+                            f"without error feedback that part is lost for good (SparseLoCo keeps it): set it true")
     if topo.training.algorithm == "ddp" and topo.training.compression.codec != "fp32":
         raise TopologyError(f"{source}: training.compression.codec: compression applies to DiLoCo merges; "
                             f"`ddp` sends fp32 gradients, got {topo.training.compression.codec!r}")

@@ -10,6 +10,8 @@ Codecs (wire bytes / fp32 bytes for large vectors, block 256):
     bf16   bfloat16 (raw 16 bits, little-endian), round to nearest even      0.500
     int8   per block: one float32 scale, then codes in [-127, 127]           0.254  (260/1024)
     int4   per block: one float32 scale, then codes in [-7, 7], 2 per byte   0.129  (132/1024)
+    topk   per chunk of ``block``: the ``density`` largest |x|, their 12-bit     0.0096 (density 0.02,
+           in-chunk indices and ``bits``-bit codes, one float32 scale         2 bits, block 4096: 104x)
 
 Wire layout of int8 / int4: ``ceil(numel / block)`` float32 scales (little-endian), then the
 codes: int8 one signed byte per element; int4 ``code + 8`` in a nibble, element ``2i`` in the low
@@ -42,12 +44,25 @@ raises :class:`TransferCorrupt`.
 :class:`ErrorFeedback` keeps, per site, what quantisation lost and adds it to the next update
 (its residual belongs in the site's checkpoint: ``state_dict`` / ``load_state_dict``).
 
+Wire layout of topk (SparseLoCo, arXiv 2508.15706): an 8-byte header (``k`` per full chunk as uint32,
+``bits`` uint8, index width uint8 (12 for chunks up to 4096 elements, 16 up to 65536, else 32), 2 zero
+bytes), then one float32 scale per chunk (the largest selected |x|), then every chunk's indices (in-chunk,
+sorted ascending), packed (12-bit: two indices in 3 bytes, little-endian nibbles, an odd count padded
+with one index 0), then every selected value's code in ``bits`` bits (``8 // bits`` codes per byte, the first in
+the lowest bits). The last, partial chunk of ``r`` elements selects ``min(r, ceil(k * r / block))``.
+A code ``c`` of ``L = 2**bits`` levels decodes to ``scale * (2c / (L - 1) - 1)`` (levels evenly spread
+over [-scale, scale]: for 2 bits -1, -1/3, 1/3, 1 times the scale); the other elements decode to 0.
+Error feedback carries what was not sent (or was rounded) to the next round, which is what makes
+the 98 % that are dropped converge (the paper's Algorithm 1, with the residual's decay
+``error_feedback_decay``). Sizes: :func:`wire_bytes` computes them exactly without encoding.
+
 All work is vectorised torch/numpy; nothing loops over elements in Python.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +73,9 @@ from geotrain.errors import GeotrainError, TransferCorrupt
 
 __all__ = ["CODECS", "Encoded", "ErrorFeedback", "decode", "encode", "mean_decoded", "wire_bytes"]
 
-CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "topk")
+TOPK_HEADER = struct.Struct("<IBBH")  # k per full chunk, bits, index bits, reserved (0)
+TOPK_BITS = (1, 2, 4, 8)
 
 _QMAX = {"int8": 127, "int4": 7}
 _FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -92,7 +109,7 @@ def _check_block(block: object) -> int:
     return block
 
 
-def wire_bytes(numel: int, codec: str, block: int = 256) -> int:
+def wire_bytes(numel: int, codec: str, block: int = 256, density: float = 0.02, bits: int = 2) -> int:
     """Size of the payload :func:`encode` produces for ``numel`` elements, without encoding."""
     _check_codec(codec)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
@@ -100,6 +117,8 @@ def wire_bytes(numel: int, codec: str, block: int = 256) -> int:
     if codec in _FLOAT_BYTES:
         return numel * _FLOAT_BYTES[codec]
     block = _check_block(block)
+    if codec == "topk":
+        return _topk_size(numel, block, topk_k(block, density), bits)
     scales = -(-numel // block) * _SCALE_BYTES
     codes = numel if codec == "int8" else (numel + 1) // 2
     return scales + codes
@@ -181,8 +200,154 @@ def _dequantise(codes: torch.Tensor, scale: torch.Tensor, block: int) -> torch.T
     return out
 
 
-def encode(x: torch.Tensor, codec: str, block: int = 256) -> Encoded:
-    """Encode a 1-D float32 CPU tensor with ``codec``; ``block`` is used by int8/int4 only.
+# ---- topk (SparseLoCo) ----
+
+def topk_k(block: int, density: float) -> int:
+    """Elements a full chunk of ``block`` sends at ``density`` (at least 1)."""
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise GeotrainError(f"topk density must be in (0, 1], got {density!r}")
+    return min(block, max(1, math.ceil(density * block)))
+
+
+def _index_bits(block: int) -> int:
+    return 12 if block <= 4096 else 16 if block <= 65536 else 32
+
+
+def _topk_counts(numel: int, block: int, k: int) -> tuple[int, int, int]:
+    """(full chunks, elements of the last partial chunk, what that one selects)."""
+    full, rest = divmod(numel, block)
+    return full, rest, (min(rest, -(-k * rest // block)) if rest else 0)
+
+
+def _topk_size(numel: int, block: int, k: int, bits: int) -> int:
+    if bits not in TOPK_BITS:
+        raise GeotrainError(f"topk bits must be one of {TOPK_BITS}, got {bits!r}")
+    full, rest, k_tail = _topk_counts(numel, block, k)
+    chunks = full + (1 if rest else 0)
+    sent = full * k + k_tail
+    ib = _index_bits(block)
+    index_bytes = 3 * -(-sent // 2) if ib == 12 else sent * ib // 8  # 12-bit: two indices per 3 bytes
+    return TOPK_HEADER.size + chunks * _SCALE_BYTES + index_bytes + -(-sent * bits // 8)
+
+
+def _pack12(idx: np.ndarray) -> bytes:
+    if idx.size % 2:
+        idx = np.append(idx, 0)
+    a, b = idx[0::2].astype(np.uint16), idx[1::2].astype(np.uint16)
+    out = np.empty((a.size, 3), dtype=np.uint8)
+    out[:, 0] = a & 0xFF
+    out[:, 1] = ((a >> 8) & 0xF) | ((b & 0xF) << 4)
+    out[:, 2] = (b >> 4) & 0xFF
+    return out.tobytes()
+
+
+def _unpack12(buf: np.ndarray, count: int) -> np.ndarray:
+    t = buf.reshape(-1, 3).astype(np.uint16)
+    a = t[:, 0] | ((t[:, 1] & 0xF) << 8)
+    b = (t[:, 1] >> 4) | (t[:, 2] << 4)
+    return np.stack((a, b), axis=1).reshape(-1)[:count].astype(np.int64)
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    per = 8 // bits
+    pad = (-codes.size) % per
+    c = np.concatenate((codes.astype(np.uint8), np.zeros(pad, dtype=np.uint8))).reshape(-1, per)
+    shifts = (np.arange(per, dtype=np.uint8) * bits)
+    return np.bitwise_or.reduce(c << shifts, axis=1).astype(np.uint8).tobytes()
+
+
+def _unpack_codes(buf: np.ndarray, count: int, bits: int) -> np.ndarray:
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits)
+    return ((buf[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+
+
+def _topk_select(x: torch.Tensor, block: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-chunk start offsets [chunks], in-chunk indices [sent], values [sent]), chunk by chunk."""
+    n = x.numel()
+    full, rest, k_tail = _topk_counts(n, block, k)
+    idx_parts, val_parts = [], []
+    if full:
+        head = x[:full * block].view(full, block)
+        _, i = head.abs().topk(k, dim=1, sorted=False)
+        i, _ = i.sort(dim=1)
+        idx_parts.append(i.reshape(-1))
+        val_parts.append(head.gather(1, i).reshape(-1))
+    if rest:
+        tail = x[full * block:]
+        _, i = tail.abs().topk(k_tail, sorted=False)
+        i, _ = i.sort()
+        idx_parts.append(i)
+        val_parts.append(tail[i])
+    idx = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.int64)
+    val = torch.cat(val_parts) if val_parts else torch.zeros(0)
+    return idx, val, torch.tensor([k] * full + ([k_tail] if rest else []), dtype=torch.int64)
+
+
+def _encode_topk(x: torch.Tensor, block: int, density: float, bits: int) -> Encoded:
+    if bits not in TOPK_BITS:
+        raise GeotrainError(f"topk bits must be one of {TOPK_BITS}, got {bits!r}")
+    k = topk_k(block, density)
+    idx, val, per_chunk = _topk_select(x, block, k)
+    chunk_of = torch.repeat_interleave(torch.arange(per_chunk.numel()), per_chunk)
+    scale = torch.zeros(per_chunk.numel())
+    if val.numel():
+        scale.scatter_reduce_(0, chunk_of, val.abs(), reduce="amax", include_self=True)
+    levels = (1 << bits) - 1
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[chunk_of]
+    codes = ((val / safe + 1) * (levels / 2)).round_().clamp_(0, levels).to(torch.uint8)
+    ib = _index_bits(block)
+    idx_np = idx.numpy()
+    index_bytes = _pack12(idx_np) if ib == 12 else idx_np.astype("<u2" if ib == 16 else "<u4").tobytes()
+    payload = (TOPK_HEADER.pack(k, bits, ib, 0) + _le(scale.numpy(), "<f4") + index_bytes
+               + _pack_codes(codes.numpy(), bits))
+    return Encoded("topk", x.numel(), block, payload)
+
+
+def _decode_topk(e: Encoded) -> torch.Tensor:
+    n, block = e.numel, e.block
+    if block < 1 or len(e.payload) < TOPK_HEADER.size:
+        raise TransferCorrupt(f"topk payload for {n} elements: block {block}, {len(e.payload)} bytes")
+    k, bits, ib, reserved = TOPK_HEADER.unpack_from(e.payload)
+    if bits not in TOPK_BITS or ib != _index_bits(block) or reserved or not 1 <= k <= block:
+        raise TransferCorrupt(f"topk payload header is invalid (k {k}, bits {bits}, index bits {ib}, block {block})")
+    expected = _topk_size(n, block, k, bits)
+    if len(e.payload) != expected:
+        raise TransferCorrupt(f"topk payload for {n} elements (block {block}, k {k}, {bits} bits) is "
+                              f"{len(e.payload)} bytes, expected {expected}")
+    full, rest, k_tail = _topk_counts(n, block, k)
+    chunks, sent = full + (1 if rest else 0), full * k + k_tail
+    buf = np.frombuffer(e.payload, dtype=np.uint8)
+    off = TOPK_HEADER.size
+    scale = torch.from_numpy(buf[off:off + chunks * 4].view("<f4").astype(np.float32))
+    off += chunks * 4
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise TransferCorrupt("topk payload carries an invalid scale")
+    if ib == 12:  # two indices per 3 bytes; an odd count ends with a padding index
+        nbytes = 3 * -(-sent // 2)
+        idx = _unpack12(buf[off:off + nbytes], sent)
+        off += nbytes
+    else:
+        width = ib // 8
+        idx = buf[off:off + sent * width].view("<u2" if ib == 16 else "<u4").astype(np.int64)
+        off += sent * width
+    per_chunk = np.array([k] * full + ([k_tail] if rest else []), dtype=np.int64)
+    chunk_of = np.repeat(np.arange(chunks), per_chunk)
+    lengths = np.array([block] * full + ([rest] if rest else []), dtype=np.int64)
+    if sent and bool((idx >= lengths[chunk_of]).any()):
+        raise TransferCorrupt("topk payload carries an index outside its chunk")
+    codes = torch.from_numpy(_unpack_codes(buf[off:], sent, bits).astype(np.float32))
+    levels = (1 << bits) - 1
+    values = scale[torch.from_numpy(chunk_of)] * (codes * (2.0 / levels) - 1)
+    out = torch.zeros(n, dtype=torch.float32)
+    if sent:
+        out[torch.from_numpy(chunk_of * block + idx)] = values
+    return out
+
+
+def encode(x: torch.Tensor, codec: str, block: int = 256, density: float = 0.02, bits: int = 2) -> Encoded:
+    """Encode a 1-D float32 CPU tensor with ``codec``; ``block`` is used by int8/int4/topk only,
+    ``density`` and ``bits`` by topk only.
 
     Raises :class:`GeotrainError` for an unknown codec, a bad block size, a tensor that is not
     1-D float32 on the CPU, or any non-finite element (the message names the first one).
@@ -200,6 +365,8 @@ def encode(x: torch.Tensor, codec: str, block: int = 256) -> Encoded:
             raise GeotrainError(f"element {i} = {float(x[i])} overflows {codec}; use fp32, int8 or int4")
         return Encoded(codec, n, 0, _le(y.view(torch.int16).numpy(), "<i2"))
     block = _check_block(block)
+    if codec == "topk":
+        return _encode_topk(x, block, density, bits)
     scale, codes = _quantise(x, _QMAX[codec], block)
     if codec == "int8":
         body = codes.numpy().tobytes()
@@ -220,6 +387,8 @@ def decode(e: Encoded) -> torch.Tensor:
     """
     codec = _check_codec(e.codec)
     n = e.numel
+    if codec == "topk":
+        return _decode_topk(e)
     expected = wire_bytes(n, codec, e.block if codec in _QMAX else 256)
     if len(e.payload) != expected:
         raise TransferCorrupt(
@@ -261,20 +430,23 @@ class ErrorFeedback:
     part of the site's state: save it with ``state_dict`` in the checkpoint.
     """
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, numel: int, decay: float = 1.0) -> None:
         if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
             raise GeotrainError(f"numel must be a non-negative integer, got {numel!r}")
+        if not 0 < decay <= 1:
+            raise GeotrainError(f"error feedback decay must be in (0, 1], got {decay!r}")
         self.numel = numel
+        self.decay = float(decay)
         self._residual = torch.zeros(numel, dtype=torch.float32)
 
-    def encode(self, x: torch.Tensor, codec: str, block: int = 256) -> Encoded:
-        """Add the residual to ``x``, encode, and store the new residual. On error nothing changes."""
+    def encode(self, x: torch.Tensor, codec: str, block: int = 256, density: float = 0.02, bits: int = 2) -> Encoded:
+        """Add the (decayed) residual to ``x``, encode, and store the new residual. On error nothing changes."""
         _check_codec(codec)
         x = _check_input(x)
         if x.numel() != self.numel:
             raise GeotrainError(f"error feedback holds {self.numel} elements, got a vector of {x.numel()}")
-        compensated = x + self._residual
-        e = encode(compensated, codec, block)
+        compensated = x + self._residual * self.decay if self.decay != 1.0 else x + self._residual
+        e = encode(compensated, codec, block, density, bits)
         self._residual = compensated.sub_(decode(e))
         return e
 
@@ -312,8 +484,10 @@ class UpdateEncoder:
     updates) and the coordinator (the change it sends back) compress.
     """
 
-    def __init__(self, codec: str, block: int = 256, error_feedback: bool = True) -> None:
+    def __init__(self, codec: str, block: int = 256, error_feedback: bool = True, *, density: float = 0.02,
+                 bits: int = 2, decay: float = 1.0) -> None:
         self.codec, self.block, self.error_feedback = codec, block, error_feedback
+        self.density, self.bits, self.decay = density, bits, decay
         self._feedback: dict[int, ErrorFeedback] = {}
 
     def encode(self, x: torch.Tensor, key: int = 0) -> Encoded | None:
@@ -321,9 +495,9 @@ class UpdateEncoder:
         if self.codec == "fp32":
             return None
         if not self.error_feedback:
-            return encode(x, self.codec, self.block)
-        ef = self._feedback.setdefault(key, ErrorFeedback(x.numel()))
-        return ef.encode(x, self.codec, self.block)
+            return encode(x, self.codec, self.block, self.density, self.bits)
+        ef = self._feedback.setdefault(key, ErrorFeedback(x.numel(), self.decay))
+        return ef.encode(x, self.codec, self.block, self.density, self.bits)
 
     def forget(self, key: int = 0) -> None:
         """Drop what error feedback held for ``key`` (it belonged to an update that was discarded)."""

@@ -275,3 +275,18 @@ def test_a_key_that_is_not_a_string_is_named_as_a_key(tmp_path):
     assert ": training.1: keys should be strings" in msg, msg
     msg = refusal(tmp_path, BASE + "training: {'a[0]': 2}\n")  # a key that looks like a label of pydantic's
     assert ": training.a[0]: unknown key" in msg, msg
+
+
+def test_topk_needs_the_star_and_error_feedback():
+    from geotrain.config.topology import parse_topology
+    from geotrain.errors import TopologyError
+
+    base = {"name": "t", "sites": [{"name": "a", "workers": 1}, {"name": "b", "workers": 1}]}
+    ok = parse_topology({**base, "training": {"compression": {"codec": "topk", "density": 0.01, "bits": 2}}})
+    assert ok.training.compression.codec == "topk"
+    with pytest.raises(TopologyError, match="training.compression.codec: `topk` .* use `merge: star`"):
+        parse_topology({**base, "training": {"merge": "ring", "compression": {"codec": "topk"}}})
+    with pytest.raises(TopologyError, match="training.compression.error_feedback"):
+        parse_topology({**base, "training": {"compression": {"codec": "topk", "error_feedback": False}}})
+    with pytest.raises(TopologyError, match="bits"):
+        parse_topology({**base, "training": {"compression": {"codec": "topk", "bits": 3}}})

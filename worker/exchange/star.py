@@ -55,13 +55,15 @@ class StarExchange:
     """A site leader's merges through the coordinator (``client``: a CoordinatorClient)."""
 
     def __init__(self, client, *, site: str, workers: int, codec: str, block: int, error_feedback: bool,
-                 retry_deadline_s: float, events: EventLog):
+                 retry_deadline_s: float, events: EventLog, density: float = 0.02, bits: int = 2,
+                 error_feedback_decay: float = 1.0):
         self.client = client
         self.site = site
         self.workers = workers
         self.retry_deadline_s = retry_deadline_s
         self.events = events
-        self.encoder = UpdateEncoder(codec, block, error_feedback)
+        self.encoder = UpdateEncoder(codec, block, error_feedback, density=density, bits=bits,
+                                     decay=error_feedback_decay)
         self.ring_round = 0
         """The round at which the coordinator last told this site to (re)build its rings (0: none)."""
         self.model_spec = ""

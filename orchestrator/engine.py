@@ -13,7 +13,7 @@ A synchronous merge runs through visible stages::
     validate     rounds.validate_update: length, dtype, every value finite, the norm bound; a refused
                  update never counts (merge_refused), its site fails the round and may rejoin
     admit        merge_mode (ring or star), rounds.admit, record the arrival
-    ready        rounds.round_ready: wait | commit | commit_partial | timeout (the attempt fails)
+    ready        rounds.round_ready: wait | commit | commit_partial | commit_quorum | timeout (the attempt fails)
     aggregate    star: training.aggregation over the updates (orchestrator.aggregate: mean, fp32,
                  sorted sites; trimmed-mean; median); ring: rounds.ring_commit
     outer step   Nesterov on the mean; with a codec the change is encoded (error feedback) and
@@ -46,8 +46,8 @@ from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.fingerprint import decode_spec, first_difference
 from geotrain.orchestrator.results import CommitResult, JoinAnswer, ModelAnswer, Refused, StatusAnswer, Update
-from geotrain.orchestrator.rounds import (Decision, RoundState, admit, admit_async, async_weight, join, merge_mode,
-                                          next_round, record_arrival, refuse_update, ring_commit, ring_reform,
+from geotrain.orchestrator.rounds import (Decision, RoundState, admit, admit_async, async_weight, join, leaving,
+                                          merge_mode, next_round, record_arrival, refuse_update, ring_commit, ring_reform,
                                           round_ready, validate_update)
 from geotrain.storage.checkpoint import COORDINATOR_PART
 from geotrain.wire import transport
@@ -83,6 +83,9 @@ class EngineConfig:
     """topk: the fraction of each chunk a site sends (the change sent back may hold every site's: ``density * sites``)."""
     bits: int = 2
     error_feedback_decay: float = 1.0
+    quorum: int | None = None
+    """training.quorum.min_sites: a round may commit once this many sites reported and ``quorum_grace_s`` passed."""
+    quorum_grace_s: float = 0.0
     fragments: int = 1  # streaming-diloco: P
     staleness_weight: str = "inverse"  # async-diloco
     delayed_nesterov: bool = True  # async-diloco
@@ -360,7 +363,8 @@ class CoordinatorEngine:
 
     def _advance(self, lane: Lane, now: float) -> None:
         """Stages 2-7 for the round ``lane`` collects: commit it if it is ready."""
-        ready = round_ready(now, lane.state, self.cfg.round_timeout_s, self.cfg.min_sites)
+        ready = round_ready(now, lane.state, self.cfg.round_timeout_s, self.cfg.min_sites, self.cfg.quorum,
+                            self.cfg.quorum_grace_s)
         if ready.action == "wait":
             return
         rnd = lane.state.round
@@ -435,7 +439,11 @@ class CoordinatorEngine:
     def _next_round(self, lane: Lane, ready: Decision) -> None:
         """The round is committed: silent sites leave the membership, joiners come in, the version grows."""
         rnd, arrived = lane.state.round, lane.state.arrived
-        dropped = frozenset(lane.state.expected - set(arrived))
+        dropped = leaving(lane.state, ready)
+        if ready.action == "commit_quorum":
+            late = sorted(lane.state.expected - set(arrived))
+            self.events.emit("quorum_commit", round=rnd, sites=sorted(arrived), late=late, reason=ready.reason,
+                             fragment=lane.index)
         lane.state = next_round(lane.state, dropped)
         lane.log.prune(lane.state.round)
         self.version += 1

@@ -48,7 +48,7 @@ class Decision:
     reason: str
 
     def __bool__(self) -> bool:
-        return self.action in ("accept", "commit", "commit_partial")
+        return self.action in ("accept", "commit", "commit_partial", "commit_quorum")
 
 
 def admit(state: RoundState, site: str, round: int) -> Decision:
@@ -123,11 +123,27 @@ def record_arrival(state: RoundState, site: str, now: float) -> RoundState:
     return replace(state, arrived=arrived, started_at=state.started_at if state.started_at is not None else now)
 
 
-def round_ready(now: float, state: RoundState, timeout_s: float, min_sites: int | None = None) -> Decision:
-    """Is the round complete, still waiting, or past its deadline (and then: enough sites or not)?"""
+def round_ready(now: float, state: RoundState, timeout_s: float, min_sites: int | None = None,
+                quorum: int | None = None, grace_s: float = 0.0) -> Decision:
+    """Is the round complete, still waiting, or past its deadline (and then: enough sites or not)?
+
+    With a ``quorum`` (training.quorum, after Decoupled DiLoCo, arXiv 2604.21428) the round also commits
+    once ``quorum`` sites have reported and ``grace_s`` has passed since the quorum-th arrival
+    (``commit_quorum``); the late sites stay members (:func:`leaving`), their late update is refused
+    as stale and they rejoin at the next round's version."""
     missing = sorted(state.expected - set(state.arrived))
     if not missing and state.arrived:
         return Decision("commit", f"all {len(state.expected)} sites reported for round {state.round}")
+    grace_wait = None
+    if quorum is not None and len(state.arrived) >= quorum:
+        kth = sorted(state.arrived.values())[quorum - 1]
+        since = kth - (state.started_at if state.started_at is not None else kth)
+        if now - kth >= grace_s:
+            return Decision("commit_quorum", f"round {state.round}: quorum of {quorum} reached {since:.1f}s after its "
+                                             f"first update and the grace of {grace_s:g}s passed; committing with "
+                                             f"{', '.join(sorted(state.arrived))}; late: {', '.join(missing)}")
+        grace_wait = Decision("wait", f"round {state.round}: quorum of {quorum} reached; waiting up to "
+                                      f"{kth + grace_s - now:.1f}s more for {', '.join(missing)}")
     if state.started_at is not None and now - state.started_at > timeout_s:
         need = len(state.expected) if min_sites is None else min_sites
         if len(state.arrived) >= need:
@@ -136,7 +152,18 @@ def round_ready(now: float, state: RoundState, timeout_s: float, min_sites: int 
         return Decision("timeout", f"round {state.round}: no update from {', '.join(missing)} within "
                                    f"{timeout_s:.1f}s of the first arrival, and {len(state.arrived)} sites "
                                    f"are fewer than the {need} required")
+    if grace_wait is not None:
+        return grace_wait
     return Decision("wait", f"round {state.round}: waiting for {', '.join(missing)}")
+
+
+def leaving(state: RoundState, ready: Decision) -> frozenset[str]:
+    """Who leaves the membership when the round commits with ``ready``: the silent sites at a deadline
+    (``commit_partial``: they failed, and rejoin when they come back); nobody at a quorum commit
+    (``commit_quorum``: the late sites are slow, not gone) or when all reported."""
+    if ready.action == "commit_partial":
+        return frozenset(state.expected - set(state.arrived))
+    return frozenset()
 
 
 def join(state: RoundState, site: str) -> tuple[RoundState, int, Decision]:

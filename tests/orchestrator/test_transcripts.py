@@ -21,7 +21,7 @@ decisions it got as ``action: reason`` and, where the state changed, ``state: ..
 
 Commands:
 
-``config sites=A,B [members=A,B] [round=N] timeout=D [min_sites=N] [rings]``
+``config sites=A,B [members=A,B] [round=N] timeout=D [min_sites=N] [quorum=K grace=D] [rings]``
     a fresh coordinator; ``sites`` is the topology, ``members`` who round N waits for (default:
     every site); ``rings``: a ring run (star rounds are followed by ``ring_reform``).
 ``join SITE``
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import pytest
 
-from geotrain.orchestrator.rounds import (RoundState, admit, join, next_round, record_arrival, refuse_update, ring_reform,
+from geotrain.orchestrator.rounds import (RoundState, admit, join, leaving, next_round, record_arrival, refuse_update, ring_reform,
                                           round_ready)
 from geotrain.units import parse_duration_ms
 
@@ -143,6 +143,8 @@ class Coordinator:
     timeout_s: float
     min_sites: int | None
     rings: bool
+    quorum: int | None = None
+    grace_s: float = 0.0
     now: float = 0.0
     ring_round: int | None = None
     """The round the leaders merge in a ring (ring_reform said so), if any."""
@@ -163,7 +165,7 @@ class Coordinator:
         self.out.append("state: " + " ".join(words + list(extra)))
 
     def check(self) -> None:
-        decision = round_ready(self.now, self.state, self.timeout_s, self.min_sites)
+        decision = round_ready(self.now, self.state, self.timeout_s, self.min_sites, self.quorum, self.grace_s)
         self.say(decision)
         rnd = self.state.round
         if decision.action == "wait":
@@ -176,7 +178,7 @@ class Coordinator:
             self.show("(reopened: the round is retried)")
             return
         arrived = frozenset(self.state.arrived)
-        self.state = next_round(self.state, frozenset(self.state.expected - arrived))
+        self.state = next_round(self.state, leaving(self.state, decision))
         if self.ring_round == rnd:  # the ring held: the leaders keep merging in rings
             self.ring_failures = 0
             self.ring_round = rnd + 1
@@ -203,7 +205,7 @@ class Coordinator:
 
 
 def _config(cmd: Command) -> Coordinator:
-    allowed = {"sites", "members", "round", "timeout", "min_sites"}
+    allowed = {"sites", "members", "round", "timeout", "min_sites", "quorum", "grace"}
     unknown = set(cmd.kwargs) - allowed | (set(cmd.args) - {"rings"})
     if unknown or "sites" not in cmd.kwargs or "timeout" not in cmd.kwargs:
         raise TranscriptError(f"{cmd.where}: needs sites= and timeout=; unknown: {sorted(unknown)}")
@@ -211,7 +213,10 @@ def _config(cmd: Command) -> Coordinator:
     members = _sites(cmd.kwargs["members"]) if "members" in cmd.kwargs else sites
     min_sites = int(cmd.kwargs["min_sites"]) if "min_sites" in cmd.kwargs else None
     state = RoundState(round=int(cmd.kwargs.get("round", "0")), expected=members)
-    return Coordinator(sites, state, _seconds(cmd.kwargs["timeout"], cmd), min_sites, "rings" in cmd.args)
+    quorum = int(cmd.kwargs["quorum"]) if "quorum" in cmd.kwargs else None
+    grace_s = _seconds(cmd.kwargs["grace"], cmd) if "grace" in cmd.kwargs else 0.0
+    return Coordinator(sites, state, _seconds(cmd.kwargs["timeout"], cmd), min_sites, "rings" in cmd.args,
+                       quorum=quorum, grace_s=grace_s)
 
 
 def _one_site(cmd: Command) -> str:

@@ -92,7 +92,8 @@ class Progress:
             elif kind == "commit":
                 self.commits += 1
                 ddp = tr.algorithm == "ddp"  # commits every step: one line per H of them
-                if not self.live and e.get("fragment") is None and (not ddp or (e["round"] + 1) % tr.inner_steps == 0):
+                every_h = not ddp or (e["round"] + 1) % tr.inner_steps == 0
+                if not self.live and tr.algorithm != "streaming-diloco" and every_h:
                     shown = (e["round"] + 1) // tr.inner_steps if ddp else e["round"] + 1
                     self.console.print(f"round {shown:>4}/{tr.rounds} committed  "
                                        f"sites {len(e.get('sites') or ()) or '-'}  WAN {_fmt_bytes(self._wan_bytes())}"

@@ -92,3 +92,28 @@ def test_param_groups_reach_the_parts():
     for g in opt.param_groups:
         g["lr"] = 5e-3
     assert opt.muon.param_groups[0]["lr"] == 5e-3 and opt.adamw.param_groups[0]["lr"] == 5e-3
+
+
+def test_checkpoint_parts_round_trip_exactly():
+    """Through the worker's checkpoint format (geotrain.worker.state), as a resumed run loads it."""
+    import json
+
+    from geotrain.worker.state import optimizer_from_parts, optimizer_to_parts
+
+    torch.manual_seed(0)
+    a = Net()
+    opt = MuonAdamW(a.named_parameters(), lr=1e-2)
+    _loss(a, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    tensors, meta = optimizer_to_parts(opt)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+    b = Net()
+    b.load_state_dict(a.state_dict())
+    opt_b = MuonAdamW(b.named_parameters(), lr=1e-2)
+    optimizer_from_parts(opt_b, tensors, meta)
+    for m, o in ((a, opt), (b, opt_b)):
+        _loss(m, 1).backward()
+        o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

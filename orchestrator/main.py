@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from geotrain.errors import GeotrainError
@@ -42,8 +43,25 @@ def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None
     return None
 
 
+def run_done(engine: CoordinatorEngine, topo: Topology) -> bool:
+    """Has the run committed every round it plans (training.rounds, counted as its algorithm merges)?"""
+    tr = topo.training
+    if tr.algorithm == "ddp":
+        return engine.version >= tr.rounds * tr.inner_steps
+    if tr.algorithm == "async-diloco":
+        return all(engine.site_merges.get(s, 0) >= tr.rounds for s in topo.site_names)
+    return min(lane.state.round for lane in engine.lanes) >= tr.rounds
+
+
+def should_exit(done: bool, idle_s: float, linger_s: float | None) -> bool:
+    """A coordinator on its own host exits once the run is done and nothing was committed for ``linger_s``
+    (the sites fetch the final model meanwhile; a script that merges past training.rounds keeps it up).
+    ``linger_s`` None (``--stay``, and under the launcher, which stops it): never by itself."""
+    return linger_s is not None and done and idle_s >= linger_s
+
+
 def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, ready=print,
-          resume_round: int | None = None) -> int:
+          resume_round: int | None = None, linger_s: float | None = None) -> int:
     events = EventLog(run_dir / "metrics.jsonl" if run_dir else None, "coordinator")
     control = None
     registration = None
@@ -103,12 +121,20 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    seen_version, since = engine.version, time.monotonic()
+    reason = None
     while not stop.wait(0.5):
         if engine.fenced:
             events.emit("coordinator_stopped", round=engine.state.round, reason="fenced", epoch=epoch)
             server.stop(grace=0)
             return 3
-    events.emit("coordinator_stopped", round=engine.state.round, bytes_in=engine.bytes_in, bytes_out=engine.bytes_out)
+        if engine.version != seen_version:
+            seen_version, since = engine.version, time.monotonic()
+        if should_exit(run_done(engine, topo), time.monotonic() - since, linger_s):
+            reason = "done"
+            break
+    events.emit("coordinator_stopped", round=engine.state.round, bytes_in=engine.bytes_in, bytes_out=engine.bytes_out,
+                **({"reason": reason} if reason else {}))
     server.stop(grace=2.0).wait()
     if exporter is not None:
         exporter.stop()
@@ -129,12 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--etcd", default=None, help="etcd endpoint host:port (default: the topology's, if any)")
     p.add_argument("--bind", default=None, help="host:port to serve on (default: coordinator.host, port 0)")
     p.add_argument("--resume-round", type=int, default=None, help="start from this checkpoint round (geotrain resume)")
+    p.add_argument("--linger", type=float, default=30.0, metavar="SECONDS",
+                   help="once every round of the run is committed, exit after this long without a new commit "
+                        "(the sites fetch the final model meanwhile); default 30")
+    p.add_argument("--stay", action="store_true", help="keep serving after the run is done, until SIGTERM/Ctrl-C "
+                                                       "(geotrain launch runs it so and stops it itself)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s coordinator %(levelname)s %(message)s")
     try:
         topo = load_any(args.topology)
         bind = args.bind or f"{topo.coordinator.host}:0"
-        return serve(topo, args.run_dir, args.etcd or topo.etcd.endpoint, bind, resume_round=args.resume_round)
+        if args.run_dir is not None:
+            try:
+                args.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                print(f"geotrain coordinator: --run-dir {args.run_dir}: cannot create it: {exc.strerror or exc}",
+                      file=sys.stderr)
+                return 2
+        return serve(topo, args.run_dir, args.etcd or topo.etcd.endpoint, bind, resume_round=args.resume_round,
+                     linger_s=None if args.stay else args.linger)
     except GeotrainError as exc:
         print(f"geotrain coordinator: {exc}", file=sys.stderr)
         return exc.exit_code

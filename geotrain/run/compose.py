@@ -170,7 +170,8 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
         "coordinator": service(
             ["geotrain", "coordinator", TOPOLOGY_MOUNT, "--run-dir", RUN_MOUNT, "--etcd", f"etcd:{ETCD_PORT}",
              # Bound to its DNS name: that is also the address it advertises in etcd.
-             "--bind", f"coordinator:{COORDINATOR_PORT}"],
+             "--bind", f"coordinator:{COORDINATOR_PORT}",
+             "--stay"],  # serves until `docker-compose down`: a site restarted late still finds it
             # It binds its DNS name, not loopback: ask it there.
             _grpc_health_check("coordinator", COORDINATOR_PORT), ["etcd"], restart="on-failure"),
     }

@@ -241,7 +241,7 @@ class Launcher:
 
     def _start_coordinator(self, resume_round: int | None = None) -> None:
         argv = [_python(), "-m", "geotrain.orchestrator.main", str(self.topo_json), "--run-dir", str(self.run_dir),
-                "--etcd", self.etcd_endpoint, "--bind", f"{self.topo.coordinator.host}:{self.coord_port}"]
+                "--etcd", self.etcd_endpoint, "--bind", f"{self.topo.coordinator.host}:{self.coord_port}", "--stay"]
         if resume_round is not None:
             argv += ["--resume-round", str(resume_round)]
         coord = self._spawn("coordinator", "coordinator", argv, ready=True)

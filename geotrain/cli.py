@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("link", help="run one WAN link emulator", add_help=False)
     sub.add_parser("site", help="run one site's worker group on this host", add_help=False)
     sub.add_parser("run-local", help="run a training script as one site in this process, to debug it", add_help=False)
+    kp = sub.add_parser("certs", help="make a run's CA and certificates (mTLS), or show them")
+    ksub = kp.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    ki = ksub.add_parser("init", help="write a CA and a certificate per part of a run of TOPOLOGY")
+    _add_topology_args(ki)
+    ki.add_argument("-o", "--out", type=Path, required=True, help="the directory to write (keys are 0600)")
+    ki.add_argument("--hosts", default="", help="comma-separated extra names/addresses on every certificate "
+                                                "(the machines the parts run on)")
+    ki.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    ki.add_argument("--ca", type=Path, default=None, help="issue under this existing CA certificate (rotation) ...")
+    ki.add_argument("--ca-key", type=Path, default=None, help="... and its key")
+    ks = ksub.add_parser("show", help="list a certificate directory: names and expiry")
+    ks.add_argument("dir", type=Path)
     rp = sub.add_parser("resume", help="continue a stopped run from its latest good checkpoint")
     rp.add_argument("run_dir", type=Path, help="the run directory of the stopped run")
     rp.add_argument("--quiet", action="store_true", help="no live progress")
@@ -227,6 +239,32 @@ def cmd_checkpoint(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_certs(args) -> int:
+    from geotrain.security.pki import CertDir, init_certs
+
+    if args.certs_command == "init":
+        from geotrain.config.topology import load_topology
+
+        topo = load_topology(args.topology, args.overrides)
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+        certs = init_certs(args.out, topo.site_names, run=topo.name, hosts=[topo.coordinator.host, *hosts],
+                           days=args.days, ca_cert=args.ca, ca_key=args.ca_key)
+        print(f"geotrain certs: wrote {'a new CA and ' if args.ca is None else ''}{len(certs.names())} certificates "
+              f"to {certs.path} ({', '.join(certs.names())}); give each part only ca.pem and its own pair",
+              file=sys.stderr)
+        print(certs.path)
+        return 0
+    from cryptography import x509
+
+    certs = CertDir(args.dir)
+    if not (args.dir / "ca.pem").is_file():
+        raise TopologyError(f"{args.dir}: not a certificate directory (no ca.pem)")
+    for name in ["ca", *certs.names()]:
+        cert = x509.load_pem_x509_certificate((args.dir / f"{name}.pem").read_bytes())
+        print(f"{name:24} expires {cert.not_valid_after_utc:%Y-%m-%d}  {cert.subject.rfc4514_string()}")
+    return 0
+
+
 def cmd_chaos(args) -> int:
     from geotrain.run.faults import request_live_fault
     from geotrain.config.topology import FaultSpec, fault_problem
@@ -298,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_checkpoint(args)
         if args.command == "chaos":
             return cmd_chaos(args)
+        if args.command == "certs":
+            return cmd_certs(args)
     except GeotrainError as exc:
         print(f"geotrain {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code

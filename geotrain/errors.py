@@ -9,6 +9,7 @@
     ├── RingAbandoned          a ring round is merged through the star instead
     ├── UpdateRefused          an update's values cannot count (wrong length, non-finite, norm bound)
     ├── ModelMismatch          a site's model is not the run's (its fingerprint differs, at Join)
+    ├── Forbidden              the caller's certificate does not allow the call (mTLS identity)
     ├── TransferCorrupt        a tensor stream failed its checksum or was incomplete
     ├── CheckpointCorrupt      a checkpoint failed verification
     ├── LinkError              the WAN link emulator could not start or forward
@@ -68,6 +69,10 @@ class UpdateRefused(GeotrainError):
 
 class ModelMismatch(GeotrainError):
     """A site trains another model than the run's: names the first differing tensor on both sides."""
+
+
+class Forbidden(GeotrainError):
+    """The coordinator refused a call for who made it (its certificate), not for what it carried."""
 
 
 class TransferCorrupt(GeotrainError):

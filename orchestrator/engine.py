@@ -141,6 +141,7 @@ class CoordinatorEngine:
         self.ring_failures = 0  # ring rounds abandoned in a row (rebuilding backs off on them)
         self.ring_abandoned_at = -1
         self._cond = threading.Condition()
+        self.joined: set[str] = set()  # sites that joined this incarnation (GetModel is for members)
         self.model_spec = None  # the run's model fingerprint: the first site's to join (fingerprint.py)
         self.model_spec_site = ""
 
@@ -157,6 +158,7 @@ class CoordinatorEngine:
                                                        f"({', '.join(self.cfg.sites)})", site=site)
             if model_spec is not None:
                 self._check_model(site, model_spec)
+            self.joined.add(site)
             starts, decision = [], None
             for lane in self.lanes:
                 lane.state, start, decision = join(lane.state, site)
@@ -246,6 +248,14 @@ class CoordinatorEngine:
             attempt = lane.attempt
             self._advance(lane, now)
             return self._await(lane, update, attempt, is_active)
+
+    def members(self) -> frozenset[str]:
+        """The sites that belong to the run now: joined, expected by a round, or joining one."""
+        with self._cond:
+            out = set(self.joined)
+            for lane in self.lanes:
+                out |= lane.state.expected | lane.state.joining
+            return frozenset(out)
 
     def max_stream_bytes(self) -> int:
         """The most bytes a stream to this coordinator may declare: the model's size once it is known

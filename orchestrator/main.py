@@ -43,6 +43,21 @@ def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None
     return None
 
 
+def coordinator_tls(topo: Topology, certs: Path | None):
+    """The coordinator's certificate files: from ``--certs``, else the topology's security.certs; None when
+    security.tls is false. TLS without certificates is a mistake to name, not a reason to serve plaintext."""
+    from geotrain.security.pki import COORDINATOR, CertDir
+
+    if not topo.security.tls:
+        return None
+    where = certs or (Path(topo.security.certs) if topo.security.certs else None)
+    if where is None:
+        raise GeotrainError("security.tls is on but no certificates were given: make them with `geotrain certs init "
+                            "TOPOLOGY -o DIR` and pass --certs DIR (or set security.certs; security.tls: false "
+                            "for plaintext on a network you trust)")
+    return CertDir(where).files(COORDINATOR)
+
+
 def run_done(engine: CoordinatorEngine, topo: Topology) -> bool:
     """Has the run committed every round it plans (training.rounds, counted as its algorithm merges)?"""
     tr = topo.training
@@ -61,7 +76,7 @@ def should_exit(done: bool, idle_s: float, linger_s: float | None) -> bool:
 
 
 def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, ready=print,
-          resume_round: int | None = None, linger_s: float | None = None) -> int:
+          resume_round: int | None = None, linger_s: float | None = None, tls=None) -> int:
     events = EventLog(run_dir / "metrics.jsonl" if run_dir else None, "coordinator")
     control = None
     registration = None
@@ -96,7 +111,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                                                       reason=str(exc)))
     cfg = coordinator_config(topo)
     engine = CoordinatorEngine(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
-    server, port = create_server(engine, bind)
+    server, port = create_server(engine, bind, tls=tls)
     exporter, metrics_url = None, None
     if topo.coordinator.prometheus_port is not None and run_dir is not None:
         try:
@@ -158,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linger", type=float, default=30.0, metavar="SECONDS",
                    help="once every round of the run is committed, exit after this long without a new commit "
                         "(the sites fetch the final model meanwhile); default 30")
+    p.add_argument("--certs", type=Path, default=None,
+                   help="the run's certificate directory (geotrain certs init); default: the topology's "
+                        "security.certs. Without certificates it refuses to start unless security.tls is false")
     p.add_argument("--stay", action="store_true", help="keep serving after the run is done, until SIGTERM/Ctrl-C "
                                                        "(geotrain launch runs it so and stops it itself)")
     args = p.parse_args(argv)
@@ -172,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"geotrain coordinator: --run-dir {args.run_dir}: cannot create it: {exc.strerror or exc}",
                       file=sys.stderr)
                 return 2
+        tls = coordinator_tls(topo, args.certs)
         return serve(topo, args.run_dir, args.etcd or topo.etcd.endpoint, bind, resume_round=args.resume_round,
-                     linger_s=None if args.stay else args.linger)
+                     linger_s=None if args.stay else args.linger, tls=tls)
     except GeotrainError as exc:
         print(f"geotrain coordinator: {exc}", file=sys.stderr)
         return exc.exit_code

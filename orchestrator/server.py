@@ -21,6 +21,9 @@ from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import GeotrainError
 from geotrain.orchestrator.engine import CoordinatorEngine
 from geotrain.orchestrator.results import CommitResult, Refused, Update
+from geotrain.orchestrator.authz import authorize
+from geotrain.security.pki import TlsFiles, site_of
+from geotrain.security.tls import peer_name, server_credentials
 from geotrain.wire import transport
 from geotrain.wire.channel import GRPC_OPTIONS
 from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, outcome_of
@@ -40,6 +43,7 @@ STATUS = {
     Outcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     Outcome.INVALID_UPDATE: grpc.StatusCode.INVALID_ARGUMENT,
     Outcome.MODEL_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    Outcome.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
 }
 """The gRPC status code each refusal travels with."""
 
@@ -54,10 +58,26 @@ def refuse(context, refused: Refused):
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The Coordinator RPCs over one engine."""
 
-    def __init__(self, engine: CoordinatorEngine):
+    def __init__(self, engine: CoordinatorEngine, tls: bool = False):
         self.engine = engine
+        self.tls = tls
+
+    def _allow(self, context, call: str, claimed: str | None) -> None:
+        """Refuse FORBIDDEN unless the caller's certificate allows ``call`` for ``claimed`` (authz.authorize)."""
+        if not self.tls:
+            return
+        caller = peer_name(context)
+        members = self.engine.members() if call == "GetModel" else frozenset()
+        verdict = authorize(call, caller, claimed, sites=frozenset(self.engine.cfg.sites), members=members)
+        if not verdict:
+            refuse(context, Refused(Outcome.FORBIDDEN, f"{verdict.reason} (from {context.peer()})",
+                                    site=(claimed or "")[:64]))
+
+    def _caller_site(self, context) -> str | None:
+        return site_of(peer_name(context)) if self.tls else None
 
     def Join(self, request, context):
+        self._allow(context, "Join", request.site)
         try:
             a = self.engine.join(request.site, request.workers, request.pid, time.time(),
                                  model_spec=request.model_spec or None)
@@ -68,7 +88,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                site_merges=a.site_merges)
 
     def InitModel(self, request_iterator, context):
+        self._allow(context, "InitModel", self._caller_site(context))  # a site, before reading its stream
         update = self._receive(request_iterator, context, "InitModel")
+        self._allow(context, "InitModel", update.site)
         if update.values is None:
             refuse(context, Refused(Outcome.INVALID, f"InitModel from {context.peer()}: a {update.kind} carries no model"))
         try:
@@ -78,6 +100,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.InitModelResponse(accepted=accepted, version=version)
 
     def GetModel(self, request, context):
+        self._allow(context, "GetModel", request.site)
         timeout_s = context.time_remaining() or self.engine.cfg.round_timeout_s
         try:
             answer = self.engine.model(request.min_version, request.what, timeout_s, context.is_active)
@@ -88,7 +111,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                     version=answer.version, ring_round=answer.ring_round)
 
     def Merge(self, request_iterator, context):
+        self._allow(context, "Merge", self._caller_site(context))
         update = self._receive(request_iterator, context, "Merge")
+        self._allow(context, "Merge", update.site)
         try:
             result = self.engine.merge(update, time.time(), context.is_active)
         except Refused as refused:
@@ -102,6 +127,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield from self.engine.answer_once(result, lambda: _encode(result))
 
     def Status(self, request, context):
+        self._allow(context, "Status", None)
         s = self.engine.status()
         return pb.StatusResponse(round=s.round, version=s.version, sites=list(s.sites), pending=list(s.pending),
                                  bytes_in=s.bytes_in, bytes_out=s.bytes_out)
@@ -132,15 +158,20 @@ def _encode(result: CommitResult):
                             ring_round=result.ring_round)
 
 
-def create_server(engine: CoordinatorEngine, bind: str = "127.0.0.1:0", max_workers: int | None = None):
-    """Serve ``engine`` over gRPC with the standard health service; returns (server, port)."""
+def create_server(engine: CoordinatorEngine, bind: str = "127.0.0.1:0", max_workers: int | None = None,
+                  tls: TlsFiles | None = None):
+    """Serve ``engine`` over gRPC with the standard health service; returns (server, port).
+
+    ``tls``: the coordinator's certificate files; the server then demands a client certificate of the
+    run's CA on every call (the health service included) and takes each caller's identity from it
+    (geotrain.orchestrator.authz). None: plaintext (tests, and security.tls: false)."""
     workers = max_workers or max(16, 4 * len(engine.cfg.sites) + 8)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coord"),
                          options=GRPC_OPTIONS)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(engine), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(engine, tls=tls is not None), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(bind)
+    port = server.add_secure_port(bind, server_credentials(tls)) if tls is not None else server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"coordinator: cannot bind {bind}")
     server.start()

@@ -43,14 +43,21 @@ log = logging.getLogger(__name__)
 
 class CoordinatorClient:
     def __init__(self, address: str, site: str, timeout_s: float = 120.0, connect_timeout_s: float = 30.0,
-                 retry_deadline_s: float = 120.0):
+                 retry_deadline_s: float = 120.0, tls=None):
+        """``tls``: this site's certificate files (geotrain.security.pki.TlsFiles): the channel is mutual TLS
+        and the server must be the run's ``coordinator`` whatever address is dialled (a link emulator's)."""
         self.address = address
         self.site = site
         self.timeout_s = timeout_s
         self.retry_deadline_s = retry_deadline_s
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS + CLIENT_OPTIONS)
+        if tls is not None:
+            from geotrain.security.tls import secure_channel
+
+            self._channel = secure_channel(address, tls, options=GRPC_OPTIONS + CLIENT_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS + CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:

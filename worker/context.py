@@ -171,6 +171,39 @@ def _destroy_process_group() -> None:
             log.warning("could not destroy the site's process group at exit: %s", exc)
 
 
+def rendezvous_file(run_dir: Path | None, site: str, master_port: int) -> Path:
+    """Where the workers of one start of a one-host site meet (a torch ``FileStore``): named by the site
+    and the start's ``master_port`` (fresh for every start). The first worker's environment
+    (geotrain.run.site.worker_env, before any worker of the start runs) removes one that a killed
+    earlier start with the same port left behind; workers that exit cleanly remove it themselves."""
+    import tempfile
+
+    return Path(run_dir or tempfile.gettempdir()) / "rendezvous" / f"{site}-{master_port}.store"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _init_method(ctx: SiteContext) -> str:
+    """The process group's rendezvous. A one-host site (``master_addr`` on loopback) meets through a file
+    in the run directory, and gloo (NCCL) is told to use the loopback interface: nothing a site's
+    workers open listens beyond loopback (torch's TCPStore server, the ``tcp://`` rendezvous, listens
+    on every interface). A site spread over hosts keeps ``tcp://master_addr:master_port``."""
+    if not is_loopback(ctx.master_addr):
+        return f"tcp://{ctx.master_addr}:{ctx.master_port}"
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(var, "lo")
+    path = rendezvous_file(ctx.run_dir, ctx.site, ctx.master_port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"file://{path}"
+
+
 def init(context: SiteContext | None = None) -> SiteContext:
     """Join this process to its site: the site's process group, and etcd membership (under a lease)."""
     global _registration
@@ -185,7 +218,7 @@ def init(context: SiteContext | None = None) -> SiteContext:
         backend = "nccl" if ctx.device == "cuda" else "gloo"
         if ctx.device == "cuda":
             torch.cuda.set_device(ctx.rank % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=f"tcp://{ctx.master_addr}:{ctx.master_port}",
+        dist.init_process_group(backend, init_method=_init_method(ctx),
                                 rank=ctx.rank, world_size=ctx.workers, timeout=datetime.timedelta(minutes=10))
         # Left to interpreter teardown, gloo could abort a rank whose peer had already exited ("terminate
         # called without an active exception", seen once in ~40 runs): the launcher then took a finished

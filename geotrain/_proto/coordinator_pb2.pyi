@@ -23,6 +23,7 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_NOT_IN_TOPOLOGY: _ClassVar[Outcome]
     OUTCOME_INVALID_UPDATE: _ClassVar[Outcome]
     OUTCOME_MODEL_MISMATCH: _ClassVar[Outcome]
+    OUTCOME_FORBIDDEN: _ClassVar[Outcome]
 OUTCOME_OK: Outcome
 OUTCOME_STALE: Outcome
 OUTCOME_FUTURE: Outcome
@@ -37,6 +38,7 @@ OUTCOME_INVALID: Outcome
 OUTCOME_NOT_IN_TOPOLOGY: Outcome
 OUTCOME_INVALID_UPDATE: Outcome
 OUTCOME_MODEL_MISMATCH: Outcome
+OUTCOME_FORBIDDEN: Outcome
 
 class TensorHeader(_message.Message):
     __slots__ = ("site", "round", "kind", "total_bytes", "dtype", "crc32", "version", "codec", "block", "numel", "fragment", "staleness", "claimed_crc32", "params_crc32", "ring_round")

@@ -87,11 +87,22 @@ def _tcp_check(port: int) -> list[str]:
     return _py_check(f"import socket; socket.create_connection(('127.0.0.1', {port}), 2).close()")
 
 
-def _grpc_health_check(host: str, port: int) -> list[str]:
-    """The gRPC health service (grpc.health.v1.Health/Check) says SERVING."""
+CERTS_MOUNT = "/certs"
+
+
+def _grpc_health_check(host: str, port: int, tls: bool = False) -> list[str]:
+    """The gRPC health service (grpc.health.v1.Health/Check) says SERVING; with ``tls`` asked with the
+    launcher's certificate (the server demands one of the run's on every call)."""
+    if tls:
+        d = CERTS_MOUNT
+        channel = ("r = lambda n: open(n, 'rb').read(); "
+                   f"cr = grpc.ssl_channel_credentials(r('{d}/ca.pem'), r('{d}/launcher-key.pem'), r('{d}/launcher.pem')); "
+                   f"c = grpc.secure_channel('{host}:{port}', cr, options=[('grpc.ssl_target_name_override', 'coordinator')]); ")
+    else:
+        channel = f"c = grpc.insecure_channel('{host}:{port}'); "
     return _py_check(
         "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; "
-        f"c = grpc.insecure_channel('{host}:{port}'); "
+        + channel +
         "r = g.HealthStub(c).Check(h.HealthCheckRequest(service='geotrain.v1.Coordinator'), timeout=3); "
         "sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)")
 
@@ -120,9 +131,15 @@ def remote_sites(topo: Topology) -> list[str]:
     return [s.name for s in topo.sites if topo.link(s.name, topo.coordinator.at) is not None]
 
 
+def cert_volumes(certs: str, *names: str) -> tuple[str, ...]:
+    """Read-only mounts of the CA certificate and each named part's pair, nothing else (never the CA's key)."""
+    files = ["ca.pem"] + [f for n in names for f in (f"{n}.pem", f"{n}-key.pem")]
+    return tuple(f"{certs}/{f}:{CERTS_MOUNT}/{f}:ro" for f in files)
+
+
 def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "topology.yaml",
            run_dir: str | None = None, offline: OfflineMounts | None = None, data_paths: tuple[str, ...] = (),
-           health_interval_s: float = HEALTH_INTERVAL_S) -> dict:
+           health_interval_s: float = HEALTH_INTERVAL_S, certs: str = "./certs") -> dict:
     """The Compose document (a plain dict, ``version: "2.4"``) deploying ``topo``.
 
     ``topology_file``: the topology on the host, relative to the compose file or absolute, mounted at
@@ -130,8 +147,11 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
     a named volume). ``offline``: bind-mount the host's system, Python and checkout (the offline
     image). ``data_paths``: host files or folders the sites read (``data.source: files``), mounted
     read-only at the same path. ``health_interval_s``: how often healthchecks run (shorter: a faster
-    start, more CPU spent on checks).
+    start, more CPU spent on checks). ``certs``: the host directory of the run's certificates
+    (geotrain certs init; write_deployment makes them) when security.tls is on: each service mounts
+    the CA certificate and its own pair only.
     """
+    tls = topo.security.tls
     health = {"interval": f"{int(health_interval_s * 1000)}ms", "timeout": "5s", "retries": 60, "start_period": "2s"}
     run_src = run_dir if run_dir is not None else RUN_VOLUME
     common_volumes = [f"{run_src}:{RUN_MOUNT}", f"{topology_file}:{TOPOLOGY_MOUNT}:ro"]
@@ -171,9 +191,11 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
             ["geotrain", "coordinator", TOPOLOGY_MOUNT, "--run-dir", RUN_MOUNT, "--etcd", f"etcd:{ETCD_PORT}",
              # Bound to its DNS name: that is also the address it advertises in etcd.
              "--bind", f"coordinator:{COORDINATOR_PORT}",
-             "--stay"],  # serves until `docker-compose down`: a site restarted late still finds it
+             "--stay",  # serves until `docker-compose down`: a site restarted late still finds it
+             *(["--certs", CERTS_MOUNT] if tls else [])],
             # It binds its DNS name, not loopback: ask it there.
-            _grpc_health_check("coordinator", COORDINATOR_PORT), ["etcd"], restart="on-failure"),
+            _grpc_health_check("coordinator", COORDINATOR_PORT, tls), ["etcd"], restart="on-failure",
+            volumes=cert_volumes(certs, "coordinator", "launcher") if tls else ()),
     }
     links = derive(topo, Path(RUN_MOUNT)).site_links
     for site in remote_sites(topo):
@@ -192,9 +214,10 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
         started = f"{RUN_MOUNT}/topology.{s.name}.json"
         services[site_service(s.name)] = service(
             ["geotrain", "site", s.name, TOPOLOGY_MOUNT, "--etcd", f"etcd:{ETCD_PORT}", "--coordinator", via,
-             "--run-dir", RUN_MOUNT],
+             "--run-dir", RUN_MOUNT, *(["--certs", CERTS_MOUNT] if tls else [])],
             _py_check(f"import os, sys; sys.exit(0 if os.path.exists({started!r}) else 1)"), depends,
-            volumes=tuple(f"{p}:{p}:ro" for p in data_paths))
+            volumes=tuple(f"{p}:{p}:ro" for p in data_paths)
+            + (cert_volumes(certs, f"site.{s.name}") if tls else ()))
     volumes: dict[str, dict] = {ETCD_VOLUME: {}}
     if run_dir is None:
         volumes[RUN_VOLUME] = {}
@@ -250,6 +273,10 @@ def write_deployment(topo: Topology, out_dir: Path, *, source: str = "<topology>
     """Write ``docker-compose.yml`` and ``topology.yaml`` into ``out_dir``; return the compose file's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "topology.yaml").write_text(topology_yaml(topo, source))
+    if topo.security.tls:  # a fresh CA per deployment unless one is there (rendering again keeps it)
+        from geotrain.security.pki import ensure_run_certs
+
+        ensure_run_certs(out_dir / "certs", topo.site_names, topo.name, hosts=("coordinator",))
     data_paths = tuple(str(Path(p).resolve()) for p in topo.data.paths) if topo.data.source == "files" else ()
     doc = render(topo, image or (OFFLINE_IMAGE if offline else DEFAULT_IMAGE), topology_file="./topology.yaml",
                  run_dir=str(run_dir.resolve()) if run_dir is not None else None,

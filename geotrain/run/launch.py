@@ -153,6 +153,7 @@ class Launcher:
         self.tail = EventTail(self.run_dir / "metrics.jsonl")
         self.etcd = None
         self.control = None
+        self.certs = None  # the run's CertDir once start() made or found it (None: plaintext)
         self.configs = derive(self.topo, self.run_dir)  # what every worker and link is told
         self.worker_configs: dict[str, Path] = {}  # site -> its workers' settings document
         self.link_stats: dict[str, Path] = {}
@@ -242,6 +243,8 @@ class Launcher:
     def _start_coordinator(self, resume_round: int | None = None) -> None:
         argv = [_python(), "-m", "geotrain.orchestrator.main", str(self.topo_json), "--run-dir", str(self.run_dir),
                 "--etcd", self.etcd_endpoint, "--bind", f"{self.topo.coordinator.host}:{self.coord_port}", "--stay"]
+        if self.certs is not None:
+            argv += ["--certs", str(self.certs.path)]
         if resume_round is not None:
             argv += ["--resume-round", str(resume_round)]
         coord = self._spawn("coordinator", "coordinator", argv, ready=True)

@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from geotrain.events import EventTail
-from geotrain.run.summary import nonfinite_model
+from geotrain.run.summary import nonfinite_model, security_summary
 
 
 def _fmt_bytes(n: float) -> str:
@@ -50,6 +50,9 @@ class Progress:
         self.t0 = time.time()
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False) \
             if self.console.is_terminal else None
+        warning = security_summary(self.topo).get("warning")
+        if warning:  # said before anything else, in either mode
+            self.console.print(f"warning: {warning}", style="bold yellow", highlight=False)
         if self.live:
             self.live.start()
 

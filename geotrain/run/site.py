@@ -22,7 +22,7 @@ from geotrain.config.topology import SiteConfig, Topology
 from geotrain.errors import GeotrainError, RunFailed
 from geotrain.events import EventLog
 from geotrain.run import procs
-from geotrain.worker.context import CONFIG_VAR, SiteContext
+from geotrain.worker.context import CONFIG_VAR, SiteContext, rendezvous_file
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,13 +35,17 @@ def worker_env(site: SiteConfig, rank: int, *, run: str, run_dir: Path, topology
                etcd: str, config_path: Path, master_port: int, resume_round: int | None = None,
                rings: tuple = ()) -> dict[str, str]:
     """A worker's environment, torchrun-style: its identity (geotrain.sdk.ENV_VARS) and the path of its
-    settings document (``config_path``, see :func:`write_worker_config`)."""
+    settings document (``config_path``, see :func:`write_worker_config`). The site's process group meets
+    on loopback only (worker.context.init: a rendezvous file, gloo/NCCL on ``lo``); rank 0's environment,
+    made before any worker of this start runs, clears a rendezvous file a killed start left."""
+    if rank == 0:
+        rendezvous_file(run_dir, site.name, master_port).unlink(missing_ok=True)
     ctx = SiteContext(run=run, site=site.name, rank=rank, workers=site.workers, coordinator=coordinator,
                       run_dir=run_dir, etcd=etcd, topology_path=str(topology_json), device=site.device,
                       master_addr="127.0.0.1", master_port=master_port, resume_round=resume_round, rings=rings)
     return procs.env_with(**ctx.identity_env(), **{CONFIG_VAR: str(config_path)},
                           RANK=str(rank), WORLD_SIZE=str(site.workers), LOCAL_RANK=str(rank),
-                          OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                          OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
 
 
 def write_worker_config(run_dir: Path, site: str, config: WorkerConfig) -> Path:
@@ -51,7 +55,7 @@ def write_worker_config(run_dir: Path, site: str, config: WorkerConfig) -> Path:
 
 
 def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinator: str | None,
-             script: list[str] | None = None) -> int:
+             script: list[str] | None = None, certs: Path | None = None) -> int:
     """Run one site's workers here until they finish; restart the site when a worker dies."""
     try:
         site = topo.site(site_name)
@@ -61,7 +65,14 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
     (run_dir / "logs").mkdir(exist_ok=True)
     topo_json = run_dir / f"topology.{site.name}.json"
     topo_json.write_text(json.dumps(topo.model_dump(mode="json")))
-    config_path = write_worker_config(run_dir, site.name, worker_config(topo, run_dir))
+    config = worker_config(topo, run_dir)
+    if config.certs_dir is not None:  # mTLS: this host holds the CA and this site's own pair only
+        from geotrain.security.pki import CertDir, site_name as cert_name
+
+        where = certs or config.certs_dir
+        CertDir(Path(where)).files(cert_name(site.name))  # a clear error now, not in every worker
+        config = config.model_copy(update={"certs_dir": Path(where).resolve()})
+    config_path = write_worker_config(run_dir, site.name, config)
     events = EventLog(run_dir / "metrics.jsonl", f"site {site.name}")
     if coordinator is None:
         from geotrain.control.plane import ControlPlane
@@ -103,11 +114,19 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="geotrain site", description="run one site's worker group on this host")
+    p = argparse.ArgumentParser(prog="geotrain site", description=(
+        "Run one site's worker group on this host. Its WAN link is whatever lies between this host and the "
+        "coordinator: nothing is emulated unless --coordinator names a `geotrain link` emulator in front of "
+        "the coordinator (found through etcd, the coordinator's own address is dialled directly)."))
     p.add_argument("name", help="the site's name in the topology")
     p.add_argument("topology", help="topology file (YAML) or a run directory's topology.json")
     p.add_argument("--etcd", required=False, default=None, help="etcd endpoint host:port (default: the topology's)")
-    p.add_argument("--coordinator", default=None, help="coordinator host:port (default: found through etcd)")
+    p.add_argument("--coordinator", default=None, help="coordinator host:port, e.g. a `geotrain link` emulator's "
+                                                      "listen address to emulate the WAN (default: the coordinator's "
+                                                      "own address, found through etcd: no emulation)")
+    p.add_argument("--certs", type=Path, default=None, help="the run's certificate directory (geotrain certs init; "
+                                                           "this host needs ca.pem and site.NAME.pem/-key.pem); "
+                                                           "default: the topology's security.certs")
     p.add_argument("--run-dir", type=Path, default=Path("runs/site"), help="where logs, metrics and checkpoints go")
     p.add_argument("--script", nargs=argparse.REMAINDER, default=None, help="a user entrypoint instead of the built-in trainer")
     args = p.parse_args(argv)
@@ -118,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         etcd = args.etcd or topo.etcd.endpoint
         if not etcd:
             raise GeotrainError("geotrain site needs an etcd endpoint: --etcd HOST:PORT or etcd.endpoint in the topology")
-        return run_site(topo, args.name, args.run_dir.resolve(), etcd, args.coordinator, args.script)
+        return run_site(topo, args.name, args.run_dir.resolve(), etcd, args.coordinator, args.script,
+                        certs=args.certs)
     except GeotrainError as exc:
         print(f"geotrain site: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -6,7 +6,9 @@ Fields (stable): ``status`` (completed | failed), ``reason``, ``rounds_completed
 link and direction), ``wall_seconds``, ``inner_steps`` (per site), ``tokens_per_second`` and
 ``sites`` with, per site, ``compute_seconds``, ``wan_wait_seconds``, ``merges`` and ``bytes_sent``;
 ``failures``, ``recoveries``, ``rounds_lost`` (rounds a recovering part missed), ``recovery_seconds``
-(one per recovery, failure to recovered) and ``checkpoint_stall_seconds`` (training time spent
+(one per recovery, failure to recovered), ``goodput`` (compute whose work reached the global
+model over sites x wall time; synchronous DiLoCo), ``utilisation`` (all compute over sites x wall time),
+``faults_drawn`` (fault_rate's random faults fired) and ``checkpoint_stall_seconds`` (training time spent
 snapshotting state for background checkpoint writes, summed over site leaders).
 
 A run whose global model went non-finite failed, whatever its processes' exit codes:
@@ -102,6 +104,38 @@ def last_metrics(events: list[dict]) -> dict:
     return out
 
 
+def goodput(events: list[dict], topo: Topology, wall_seconds: float) -> tuple[float | None, float | None]:
+    """(goodput, utilisation) of a run: compute time whose work reached the global model, and all compute
+    time, each over sites x wall time. A site's inner steps of round r count as useful when a commit of
+    round r includes that site (lost to a fault, refused, late for a quorum: not useful). Synchronous
+    DiLoCo only (the other algorithms' steps do not map to one round); utilisation for every algorithm."""
+    sites = len(topo.sites)
+    if wall_seconds <= 0 or not sites:
+        return None, None
+    steps = [e for e in events if e.get("event") == "inner_step"]
+    total = sum(number(e.get("compute_s")) or 0.0 for e in steps)
+    utilisation = round(total / (sites * wall_seconds), 4)
+    if topo.training.algorithm != "diloco":
+        return None, utilisation
+    counted = {(site, c.get("round")) for c in events if c.get("event") == "commit" for site in c.get("sites") or ()}
+    useful = sum(number(e.get("compute_s")) or 0.0 for e in steps if (e.get("site"), e.get("round")) in counted)
+    return round(useful / (sites * wall_seconds), 4), utilisation
+
+
+PLAINTEXT_WARNING = ("security.tls is false: every channel of this run is plaintext and unauthenticated; any "
+                     "process that reaches a port can read the model or act as a site")
+
+
+def security_summary(topo: Topology) -> dict:
+    """summary.json's ``security``: whether the run's channels were mutual TLS, and a warning when not."""
+    out: dict = {"tls": topo.security.tls}
+    if not topo.security.tls:
+        out["warning"] = PLAINTEXT_WARNING
+    elif topo.etcd.endpoint is not None and topo.etcd.ca_file is None:
+        out["warning"] = f"the external etcd {topo.etcd.endpoint} is reached in plaintext (no etcd.ca_file)"
+    return out
+
+
 def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, link_stats: dict[str, dict]) -> dict:
     tr = topo.training
     evals = sorted((e for e in events if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
@@ -153,6 +187,10 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
         "recovery_seconds": [round(e["seconds"], 3) for e in recoveries],
         "failure_log": [{"what": e.get("what"), "target": e.get("target"), "t": e["t"], "reason": e.get("reason")}
                         for e in failures],
+        "security": security_summary(topo),
+        "goodput": goodput(events, topo, wall_seconds)[0],
+        "utilisation": goodput(events, topo, wall_seconds)[1],
+        "faults_drawn": sum(1 for e in events if e["event"] == "fault_injected" and e.get("drawn")),
         "checkpoint_stall_seconds": round(sum(e.get("checkpoint_stall_s", 0.0) for e in done), 6),
     }
 

@@ -6,6 +6,10 @@ region's leader), and a ring of region leaders when there is more than one regio
 edge ``site -> successor`` is one WAN link emulator with the parameters of ``topo.link(site,
 successor)``. The first site of the top ring uploads the mean to the coordinator, which stays
 the authority on rounds, membership and the global model.
+
+A member's environment entry (:meth:`RingMember.as_env`, the leader's ``GEOTRAIN_RINGS``) names its
+neighbours' sites too: with TLS a ring peer verifies its successor's certificate as
+``site.<successor_site>`` and accepts only ``site.<predecessor_site>`` (geotrain.wan.ring).
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ class RingMember:
     rank: int
     world: int
     successor: str
+    predecessor: str
 
     def as_env(self, listen_port: int, successor_address: str) -> dict:
+        """``successor`` is the address to dial (the link emulator's); ``successor_site`` and
+        ``predecessor_site`` the neighbours whose certificates this peer expects."""
         return {"ring": self.ring, "rank": self.rank, "world": self.world, "listen": listen_port,
-                "successor": successor_address}
+                "successor": successor_address, "successor_site": self.successor,
+                "predecessor_site": self.predecessor}
 
 
 def ring_plan(topo: Topology) -> dict[str, list[RingMember]]:
@@ -37,7 +45,8 @@ def ring_plan(topo: Topology) -> dict[str, list[RingMember]]:
 
     def ring(name: str, sites: list[str]) -> None:
         for i, site in enumerate(sites):
-            out[site].append(RingMember(name, site, i, len(sites), sites[(i + 1) % len(sites)]))
+            out[site].append(RingMember(name, site, i, len(sites), sites[(i + 1) % len(sites)],
+                                        sites[(i - 1) % len(sites)]))
 
     if merge == "ring":
         ring("all", topo.site_names)

@@ -29,6 +29,16 @@ closed connection, or a send that cannot make progress for ``timeout_s`` raises
 both of its connections at once, so its neighbours fail fast too instead of waiting for their
 timeout; the ring cannot be reused after an error (build a new one).
 
+Authentication (``tls``, geotrain.security): each ring edge is a mutual TLS session; the dialler
+verifies its successor's certificate by name (``expect_successor``, ``site.<successor>`` in a run:
+the address dialled is the link emulator's, which forwards the encrypted bytes untouched), the
+acceptor requires a certificate of the run's CA whose name is ``expect_predecessor``. A caller
+whose handshake fails (no certificate, another CA, plaintext) is dropped and the acceptor keeps
+waiting for its predecessor (a stranger cannot break a ring by calling first; the timeout's error
+names what was refused meanwhile); a caller with another part's certificate is refused at once,
+both ends raising :class:`~geotrain.errors.LinkError` naming the certificate presented and the one
+expected. ``tls=None`` is plaintext.
+
 Send and receive overlap: frames go out on a per-peer sender thread while the caller receives, so
 chunks larger than the TCP buffers do not deadlock the ring.
 
@@ -43,12 +53,14 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import ssl
 import struct
 import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -58,8 +70,11 @@ from geotrain.errors import LinkError, TransferCorrupt
 from geotrain.wan.hierarchical import hierarchical_all_reduce, hierarchical_groups
 from geotrain.wan.ring_wire import (ACK, ACK_BYTES, ACK_MAGIC, HDR, HDR_CRC, HEADER_BYTES, HELLO, HELLO_BYTES, HELLO_MAGIC,
                                     KIND_ALL_GATHER, KIND_BROADCAST, KIND_NAMES, KIND_REDUCE_SCATTER, MSG_MAGIC, OPS, PIECE,
-                                    PROTOCOL, RECV_SLICE, SEND_SLICE, Codec, check_vector, chunk_bounds, piece_bounds,
-                                    recv_exact, ring_all_reduce_bytes)
+                                    PROTOCOL, RECV_SLICE, REFUSE_MAGIC, SEND_SLICE, Codec, check_vector, chunk_bounds,
+                                    piece_bounds, recv_exact, ring_all_reduce_bytes)
+
+if TYPE_CHECKING:
+    from geotrain.security.pki import TlsFiles
 
 __all__ = ["ACK_BYTES", "HEADER_BYTES", "HELLO_BYTES", "KIND_ALL_GATHER", "KIND_BROADCAST", "KIND_REDUCE_SCATTER", "PIECE",
            "PROTOCOL", "RingPeer", "hierarchical_all_reduce", "hierarchical_groups", "ring_all_reduce_bytes"]
@@ -73,7 +88,8 @@ class RingPeer:
 
     Usage, on every peer ``rank`` of ``world``::
 
-        peer = RingPeer(rank, world, listen=("0.0.0.0", 0), timeout_s=60)
+        peer = RingPeer(rank, world, listen=("127.0.0.1", 0), timeout_s=60,
+                        tls=files, expect_predecessor="site.a", expect_successor="site.c")   # or tls=None
         port = peer.start()                       # publish it; the link to us targets it
         peer.connect(successor_address)           # dial i+1, accept i-1
         out = peer.all_reduce(pseudo_grad, op="mean", round=r)
@@ -81,10 +97,15 @@ class RingPeer:
 
     ``timeout_s`` bounds connecting (the whole handshake) and, afterwards, any wait without progress
     on either connection. One collective at a time per peer (calls are serialized).
+
+    ``tls`` (geotrain.security.pki.TlsFiles): this peer's certificate, key and the run's CA; then
+    ``expect_predecessor`` and ``expect_successor`` are the certificate names of the neighbours
+    (required when ``world > 1``). None: plaintext.
     """
 
     def __init__(self, rank: int, world: int, listen: tuple[str, int] = ("127.0.0.1", 0),
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, *, tls: TlsFiles | None = None, expect_predecessor: str | None = None,
+                 expect_successor: str | None = None) -> None:
         if isinstance(world, bool) or not isinstance(world, int) or world < 1:
             raise ValueError(f"world must be an int >= 1, got {world!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
@@ -93,6 +114,15 @@ class RingPeer:
             raise ValueError(f"world must be <= 65535, got {world}")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
+        if tls is not None and world > 1 and not (expect_predecessor and expect_successor):
+            raise ValueError("with tls, expect_predecessor and expect_successor (the neighbours' certificate "
+                             f"names) are required, got {expect_predecessor!r} and {expect_successor!r}")
+        self.tls = tls
+        self.expect_predecessor = expect_predecessor
+        self.expect_successor = expect_successor
+        self._server_ctx: ssl.SSLContext | None = None
+        self._client_ctx: ssl.SSLContext | None = None
+        self._refused: str | None = None    # the last caller dropped while waiting for the predecessor, and why
         self.rank = rank
         self.world = world
         self.listen = (listen[0], int(listen[1]))
@@ -146,6 +176,8 @@ class RingPeer:
                 raise LinkError(f"{self._me()}: closed")
             if self._port is not None:
                 return self._port
+            if self.tls is not None and self._server_ctx is None:
+                self._server_ctx, self._client_ctx = self._contexts()
             family = socket.AF_INET6 if ":" in self.listen[0] else socket.AF_INET
             ls = socket.socket(family, socket.SOCK_STREAM)
             try:
@@ -158,6 +190,17 @@ class RingPeer:
             self._listener = ls
             self._port = ls.getsockname()[1]
             return self._port
+
+    def _contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+        from geotrain.security.tls import ssl_client_context, ssl_server_context
+
+        files = self.tls
+        assert files is not None
+        try:
+            return ssl_server_context(files), ssl_client_context(files)
+        except (OSError, ssl.SSLError) as exc:
+            raise LinkError(f"{self._me()}: cannot load its certificate {files.cert}, key {files.key} or CA {files.ca}: "
+                            f"{_why(exc)}") from None
 
     def connect(self, successor: tuple[str, int]) -> None:
         """Dial the successor (retrying until ``timeout_s``) and accept the predecessor's connection.
@@ -232,12 +275,15 @@ class RingPeer:
                 raise LinkError(f"{self._me()}: connecting to {self._succ()} cancelled")
             left = deadline - time.monotonic()
             if left <= 0:
+                refused = f"; refused meanwhile: {self._refused}" if self._refused else ""
                 raise LinkError(f"{self._me()}: cannot connect to {self._succ()} within {self.timeout_s:g}s "
-                                f"(last attempt: {last})")
+                                f"(last attempt: {last}{refused})")
             s = None
             try:
                 s = socket.create_connection((host, port), timeout=min(left, 5.0))
                 s.settimeout(max(0.05, min(deadline - time.monotonic(), 0.5)))
+                if self._client_ctx is not None:
+                    s = self._tls_dial(s, deadline, cancel)
                 s.sendall(hello)
                 # The successor answers once its connect() runs; wait for it in short slices so a
                 # cancel (our own accept failed) is noticed.
@@ -249,10 +295,19 @@ class RingPeer:
                         if cancel.is_set() or time.monotonic() >= deadline:
                             raise
                         continue
+                    except ssl.SSLError as exc:
+                        if _is_alert(exc):  # the successor's TLS refused our certificate: final
+                            raise LinkError(f"{self._me()}: {self._succ()} refused this peer's certificate "
+                                            f"{self.tls.name if self.tls else None!r}: {_why(exc)}") from None
+                        raise
                     if not part:
                         raise ConnectionError("closed before the handshake was acknowledged")
                     ack += part
                 magic, rank, world = ACK.unpack(bytes(ack))
+                if magic == REFUSE_MAGIC:
+                    s.close()
+                    raise LinkError(f"{self._me()}: {self._succ()} refused this peer's certificate "
+                                    f"{self.tls.name if self.tls else None!r}: it is not the predecessor it expects")
                 if magic != ACK_MAGIC:
                     raise ConnectionError(f"not a ring peer (handshake answer {bytes(ack)!r})")
                 if rank != self.successor_rank or world != self.world:
@@ -269,6 +324,65 @@ class RingPeer:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
 
+    def _tls_dial(self, raw: socket.socket, deadline: float, cancel: threading.Event) -> ssl.SSLSocket:
+        """The TLS handshake on a fresh connection to the successor, in short slices (it completes once
+        the successor's connect() accepts; a cancel is noticed meanwhile). A certificate that is not
+        the successor's is final (LinkError); anything else (the link emulator closing because its
+        target is not up yet) is an OSError the dial retries."""
+        assert self._client_ctx is not None
+        s = self._client_ctx.wrap_socket(raw, server_hostname=self.expect_successor, do_handshake_on_connect=False)
+        while True:
+            try:
+                s.do_handshake()
+                break
+            except socket.timeout:
+                if cancel.is_set() or time.monotonic() >= deadline:
+                    s.close()
+                    raise
+            except ssl.SSLCertVerificationError as exc:
+                s.close()
+                raise LinkError(f"{self._me()}: {self._succ()} is not {self.expect_successor!r}: its certificate "
+                                f"failed verification ({exc.verify_message or _why(exc)})") from None
+            except OSError as exc:
+                s.close()
+                if isinstance(exc, ssl.SSLError) and _is_alert(exc):   # TLS 1.2: refused during the handshake
+                    raise LinkError(f"{self._me()}: {self._succ()} refused this peer's certificate "
+                                    f"{self.tls.name if self.tls else None!r}: {_why(exc)}") from None
+                raise
+        got = _peer_name(s)
+        if got != self.expect_successor:    # the name is checked by hostname already; the common name too
+            s.close()
+            raise LinkError(f"{self._me()}: {self._succ()} presented the certificate of {got!r}, "
+                            f"expected {self.expect_successor!r}")
+        return s
+
+    def _tls_accept(self, c: socket.socket, addr) -> ssl.SSLSocket | None:
+        """The TLS handshake with a caller. None: it failed (no certificate, another CA, not TLS) and the
+        caller was dropped. Its certificate's name is checked once its HELLO is read (:meth:`_refuse`)."""
+        assert self._server_ctx is not None
+        try:
+            s = self._server_ctx.wrap_socket(c, server_side=True)
+        except (OSError, ValueError) as exc:
+            self._refused = f"{addr[0]}:{addr[1]}: TLS handshake failed ({_why(exc)})"
+            # a caller that went away (an earlier dial attempt) is routine; one that failed TLS is not
+            gone = isinstance(exc, (ssl.SSLEOFError, ConnectionError, socket.timeout))
+            log.log(logging.DEBUG if gone else logging.WARNING, "%s: dropped a caller: %s", self._me(), self._refused)
+            c.close()
+            return None
+        return s
+
+    def _refuse(self, s: ssl.SSLSocket, addr) -> LinkError | None:
+        """A caller with a certificate of the run's CA that is not the predecessor's: answer REFUSE (after
+        its HELLO was read, so the close is orderly and the REFUSE arrives) and say who it was."""
+        got = _peer_name(s)
+        if got == self.expect_predecessor:
+            return None
+        with suppress(OSError):
+            s.sendall(ACK.pack(REFUSE_MAGIC, self.rank, self.world))
+        s.close()
+        return LinkError(f"{self._me()}: the caller at {addr[0]}:{addr[1]} presented the certificate of {got!r}, "
+                         f"expected its predecessor rank {self.predecessor_rank} {self.expect_predecessor!r}; refused")
+
     def _accept_predecessor(self, deadline: float, cancel: threading.Event) -> socket.socket:
         ls = self._listener
         assert ls is not None
@@ -277,8 +391,9 @@ class RingPeer:
             if cancel.is_set():
                 raise LinkError(f"{self._me()}: waiting for {self._pred()} cancelled")
             if time.monotonic() >= deadline:
+                refused = f" (refused meanwhile: {self._refused})" if self._refused else ""
                 raise LinkError(f"{self._me()}: predecessor rank {self.predecessor_rank} did not connect to "
-                                f"port {self._port} within {self.timeout_s:g}s")
+                                f"port {self._port} within {self.timeout_s:g}s{refused}")
             try:
                 c, addr = ls.accept()
             except socket.timeout:
@@ -287,6 +402,10 @@ class RingPeer:
                 raise LinkError(f"{self._me()}: accepting the predecessor's connection failed: {exc}") from exc
             try:
                 c.settimeout(max(0.05, min(deadline - time.monotonic(), 10.0)))
+                if self._server_ctx is not None:
+                    c = self._tls_accept(c, addr)
+                    if c is None:
+                        continue
                 raw = recv_exact(c, HELLO_BYTES)
             except (OSError, EOFError) as exc:
                 log.debug("%s: dropped a connection from %s before its handshake: %s", self._me(), addr, exc)
@@ -297,6 +416,8 @@ class RingPeer:
                 log.warning("%s: dropped a connection from %s:%s that is not a ring peer", self._me(), addr[0], addr[1])
                 c.close()
                 continue
+            if self._server_ctx is not None and (refused := self._refuse(c, addr)) is not None:
+                raise refused
             with suppress(OSError):
                 c.sendall(ACK.pack(ACK_MAGIC, self.rank, self.world))
             if proto != PROTOCOL or rank != self.predecessor_rank or world != self.world:
@@ -316,8 +437,7 @@ class RingPeer:
             socks = [s for s in (self._send_sock, self._recv_sock, self._listener) if s is not None]
             sender = self._sender
         for s in socks:
-            with suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+            _shutdown(s)
         if sender is not None:
             sender.shutdown(wait=True, cancel_futures=True)
         for s in socks:
@@ -550,7 +670,7 @@ class RingPeer:
     def _recv_failure(self, exc: OSError | None, where: str) -> LinkError:
         if self._send_error is not None:
             return self._send_error
-        if exc is None:
+        if exc is None or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
             why = "closed the connection (it died or gave up)"
         elif isinstance(exc, socket.timeout):
             why = f"sent nothing for {self.timeout_s:g}s (dead, stalled or partitioned)"
@@ -577,8 +697,7 @@ class RingPeer:
     def _abort_sockets(self) -> None:
         for s in (self._send_sock, self._recv_sock):
             if s is not None:
-                with suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+                _shutdown(s)
 
     def _fail(self, exc: BaseException) -> None:
         """After any error the stream position is unknown: close both connections so the neighbours
@@ -587,3 +706,33 @@ class RingPeer:
         self._abort_sockets()
         if self._sender is not None:
             self._sender.shutdown(wait=False, cancel_futures=True)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _shutdown(sock: socket.socket) -> None:
+    """Shut the connection down at the descriptor, from any thread. For a TLS socket this keeps its
+    TLS state (``SSLSocket.shutdown`` drops it first, and a send racing with it would go out in
+    plaintext); reads and writes then fail, which is what unblocks the other threads."""
+    with suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _peer_name(sock: ssl.SSLSocket) -> str | None:
+    from geotrain.security.tls import socket_peer_name
+
+    return socket_peer_name(sock)
+
+
+def _is_alert(exc: ssl.SSLError) -> bool:
+    """A TLS alert from the other end: it refused our certificate (``TLSV13_ALERT_CERTIFICATE_REQUIRED``,
+    ``TLSV1_ALERT_UNKNOWN_CA``, ``SSLV3_ALERT_BAD_CERTIFICATE``, ...)."""
+    return "ALERT" in (getattr(exc, "reason", None) or "")
+
+
+def _why(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    text = str(exc)
+    if isinstance(exc, ssl.SSLError) and reason:
+        return f"{type(exc).__name__}: {reason}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

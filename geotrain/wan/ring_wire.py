@@ -6,6 +6,16 @@ dialled is the link emulator's in front of the successor):
 * handshake: the dialler sends ``HELLO`` (magic, protocol, rank, world, crc32); the acceptor
   answers ``ACK`` (magic, rank, world). A dial through a link emulator whose target is not up yet
   is closed by the emulator without an ``ACK`` and retried until the timeout;
+* with TLS (``RingPeer(tls=...)``, geotrain.security.tls) every byte above and below runs inside a
+  mutual TLS session set up first: the dialler verifies the acceptor's certificate *by name*
+  (``site.<successor>``: the address dialled is the link emulator's, which forwards the encrypted
+  bytes untouched), and the acceptor requires a certificate from the run's CA and checks that its
+  name is its predecessor's. A connection whose TLS handshake fails (no certificate, another CA,
+  plaintext) is dropped and the acceptor waits on; one with another part's certificate is answered
+  ``REFUSE`` (``ACK``'s layout, magic :data:`REFUSE_MAGIC`), so both ends fail at once naming the
+  certificate. The counts below (and ``bytes_sent``/``bytes_received``) are of what goes into TLS;
+  the link emulator counts TLS records: the handshake (a few KiB per connection) and about
+  22 bytes per record of at most 16 KiB more;
 * a chunk travels as messages of at most :data:`PIECE` elements (256 KiB), and a piece is passed
   on as soon as it has arrived, so a step does not wait for the whole previous chunk and the links
   do not idle one latency per step;
@@ -33,6 +43,7 @@ PROTOCOL = 1
 MSG_MAGIC = b"GTRM"
 HELLO_MAGIC = b"GTRH"
 ACK_MAGIC = b"GTRA"
+REFUSE_MAGIC = b"GTRN"                # the acceptor refuses the certificate the dialler presented
 # magic, kind, pad, world, round, sender, step, chunk, piece, numel, nbytes, payload crc32
 HDR = struct.Struct("!4sBxHqIIIIQQI")
 HDR_CRC = struct.Struct("!I")

@@ -21,6 +21,8 @@ decide what to do next asks :func:`outcome_of` (or the exception's ``outcome``),
                                                a non-finite value, a norm far above the recent ones)
     MODEL_MISMATCH     ModelMismatch           fail: the site trains another model than the run's
                                                (parameter names, shapes, dtypes; at Join)
+    FORBIDDEN          Forbidden               fail: the caller's certificate does not allow the call
+                                               (geotrain.orchestrator.authz)
 
 On the wire (protos/geotrain/v1/coordinator.proto) a refused call ends with a gRPC status code and
 a serialized ``Refusal`` (outcome, reason, round, site) in its trailing metadata under
@@ -57,6 +59,7 @@ class Outcome(enum.IntEnum):
     NOT_IN_TOPOLOGY = 11
     INVALID_UPDATE = 12
     MODEL_MISMATCH = 13
+    FORBIDDEN = 14
 
 
 _EXCEPTION = {
@@ -73,6 +76,7 @@ _EXCEPTION = {
     Outcome.NOT_IN_TOPOLOGY: errors.GeotrainError,
     Outcome.INVALID_UPDATE: errors.UpdateRefused,
     Outcome.MODEL_MISMATCH: errors.ModelMismatch,
+    Outcome.FORBIDDEN: errors.Forbidden,
 }
 
 

@@ -44,3 +44,17 @@ def test_no_tokens_are_invented(tmp_path):
     p.update()
     assert p.sites["b"]["tokens"] == 0
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["event"] == "inner_step"
+
+
+def test_plaintext_is_said_first_and_in_the_summary(tmp_path):
+    from geotrain.run.summary import compute_summary
+
+    topo = parse_topology({"name": "t", "sites": [{"name": "a", "workers": 1}], "security": {"tls": False}})
+    out = io.StringIO()
+    Progress(SimpleNamespace(topo=topo, run_dir=tmp_path, link_stats={}),
+             console=Console(file=out, force_terminal=False, width=200))
+    assert out.getvalue().startswith("warning: security.tls is false")
+    s = compute_summary([], topo, wall_seconds=1.0, link_stats={})
+    assert s["security"]["tls"] is False and "plaintext" in s["security"]["warning"]
+    tls = parse_topology({"name": "t", "sites": [{"name": "a", "workers": 1}]})
+    assert compute_summary([], tls, wall_seconds=1.0, link_stats={})["security"] == {"tls": True}

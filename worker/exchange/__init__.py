@@ -27,12 +27,13 @@ def open_exchange(ctx: SiteContext, events: EventLog, *, rings: bool) -> tuple[S
         client = local_client(ctx)
     else:
         client = CoordinatorClient(ctx.coordinator, ctx.site, timeout_s=ctx.rpc_timeout_s,
-                                   retry_deadline_s=ctx.retry_deadline_s)
+                                   retry_deadline_s=ctx.retry_deadline_s, tls=ctx.tls)
     star = StarExchange(client, site=ctx.site, workers=ctx.workers, codec=ctx.codec, block=ctx.block,
-                        error_feedback=ctx.error_feedback, retry_deadline_s=ctx.retry_deadline_s, events=events)
+                        error_feedback=ctx.error_feedback, retry_deadline_s=ctx.retry_deadline_s, events=events,
+                        density=ctx.density, bits=ctx.bits, error_feedback_decay=ctx.error_feedback_decay)
     if not (rings and ctx.rings):
         return star, star
     at_start = ctx.resume_round is None and all(m.get("at_start", True) for m in ctx.rings)
     return star, RingExchange(star, memberships=ctx.rings, num_sites=ctx.num_sites, uploader=ctx.ring_uploader,
                               outer_optimizer=ctx.outer_optimizer, codec=ctx.codec, block=ctx.block,
-                              at_start=at_start)
+                              at_start=at_start, tls=ctx.tls)

@@ -10,6 +10,10 @@ Any failure abandons the rings (a ``ring_abandoned`` event) and the round goes t
 (:class:`~geotrain.worker.exchange.star.StarExchange`). When every site has merged a round through
 the star, the coordinator's answer names the round at which to rebuild them (``ring_round``): the
 leader then fetches the coordinator's outer momentum as of that round and reconnects.
+
+With ``tls`` (the site's certificate, ``SiteContext.tls``) every ring edge is mutual TLS: a leader
+accepts only its predecessor's certificate ``site.<predecessor_site>`` and verifies its successor's
+``site.<successor_site>`` (the names in its GEOTRAIN_RINGS entries, geotrain.wan.merge_plan).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ class RingExchange:
     """A leader's rings (``memberships``: its GEOTRAIN_RINGS entries), in front of ``star``."""
 
     def __init__(self, star: StarExchange, *, memberships: tuple, num_sites: int, uploader: str,
-                 outer_optimizer: dict | None, codec: str, block: int, at_start: bool):
+                 outer_optimizer: dict | None, codec: str, block: int, at_start: bool, tls=None):
         self.star = star
+        self.tls = tls
         self.memberships = memberships
         self.num_sites = num_sites
         self.uploader = uploader
@@ -82,7 +87,8 @@ class RingExchange:
         t0 = time.perf_counter() if started is None else started
         try:
             for m in self.memberships:
-                peer = RingPeer(m["rank"], m["world"], listen=("127.0.0.1", m["listen"]), timeout_s=timeout_s)
+                peer = RingPeer(m["rank"], m["world"], listen=("127.0.0.1", m["listen"]), timeout_s=timeout_s,
+                                **self._identities(m))
                 peer.start()
                 self._rings[m["ring"]] = peer
             for m in self.memberships:
@@ -95,6 +101,19 @@ class RingExchange:
         self._outer.buf = momentum
         self.events.emit("rings_ready", site=self.site, rings=sorted(self._rings), round=round,
                          rebuilt=round > 0, seconds=_rounded(time.perf_counter() - t0))
+
+    def _identities(self, m: dict) -> dict:
+        """The TLS arguments of the RingPeer for membership ``m`` (none for plaintext)."""
+        if self.tls is None:
+            return {}
+        from geotrain.security.pki import site_name
+
+        missing = [k for k in ("predecessor_site", "successor_site") if not m.get(k)]
+        if missing:
+            raise GeotrainError(f"site {self.site}: ring {m.get('ring')!r} membership has no "
+                                  f"{' or '.join(missing)}: cannot check its neighbours' certificates")
+        return {"tls": self.tls, "expect_predecessor": site_name(m["predecessor_site"]),
+                "expect_successor": site_name(m["successor_site"])}
 
     def _rebuild(self, round: int) -> None:
         """The coordinator said: every site merged the last round through the star, rebuild the rings

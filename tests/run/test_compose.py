@@ -175,3 +175,24 @@ def test_docker_compose_accepts_the_rendered_file(repo, tmp_path):
     r = subprocess.run(["docker-compose", "-f", str(out / "docker-compose.yml"), "config", "-q"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_tls_mounts_the_ca_and_each_parts_own_pair_only(demo, tmp_path):
+    from geotrain.run.compose import write_deployment
+
+    doc = render(demo)
+    coord = doc["services"]["coordinator"]
+    assert coord["command"][-2:] == ["--certs", "/certs"]
+    mounted = {v.split(":")[1] for v in coord["volumes"] if ":/certs/" in v}
+    assert mounted == {"/certs/ca.pem", "/certs/coordinator.pem", "/certs/coordinator-key.pem", "/certs/launcher.pem",
+                       "/certs/launcher-key.pem"}
+    assert "ssl_channel_credentials" in " ".join(coord["healthcheck"]["test"])
+    site = doc["services"][site_service("us-east")]
+    assert "--certs" in site["command"]
+    assert {v.split(":")[1] for v in site["volumes"] if ":/certs/" in v} == {
+        "/certs/ca.pem", "/certs/site.us-east.pem", "/certs/site.us-east-key.pem"}
+    assert not any("ca-key" in v for s in doc["services"].values() for v in s.get("volumes", []))
+    write_deployment(demo, tmp_path / "out")
+    assert (tmp_path / "out" / "certs" / "site.eu-west-key.pem").stat().st_mode & 0o777 == 0o600
+    plain = render(demo.model_copy(update={"security": demo.security.model_copy(update={"tls": False})}))
+    assert "--certs" not in plain["services"]["coordinator"]["command"]

@@ -113,6 +113,8 @@ def coordinator_config(topo: Topology, epoch: int = 0):
                         codec=tr.compression.codec, block=tr.compression.block,
                         density=tr.compression.density, bits=tr.compression.bits,
                         error_feedback_decay=tr.compression.error_feedback_decay,
+                        quorum=tr.quorum.min_sites if tr.quorum else None,
+                        quorum_grace_s=tr.quorum.grace_s if tr.quorum else 0.0,
                         error_feedback=tr.compression.error_feedback,
                         fragments=tr.streaming.fragments,
                         staleness_weight=tr.asynchronous.staleness_weight,

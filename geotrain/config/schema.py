@@ -188,6 +188,17 @@ class StreamingConfig(_Node):
     """Mixing: θ_local ← α·θ_local + (1−α)·θ_global for the fragment when its result arrives."""
 
 
+class QuorumConfig(_Node):
+    """Commit a round without waiting for the slowest sites (after Decoupled DiLoCo, arXiv 2604.21428)."""
+
+    min_sites: int = Field(ge=1, le=MAX_SITES)
+    """A round commits once this many sites have reported and `grace_s` has passed since the last of them
+    (or once every site has). The late sites stay members: their late update is refused as stale, they
+    take the new global model and train on from there."""
+    grace_s: float = Field(default=0.0, ge=0.0, le=MAX_DAYS_S)
+    """Seconds to wait for more sites after the quorum is reached."""
+
+
 class TrainingConfig(_Node):
     algorithm: Literal["diloco", "ddp", "async-diloco", "streaming-diloco"] = "diloco"
     """`diloco`: sites merge every `inner_steps`; `ddp`: gradients are averaged across the WAN every step (the
@@ -212,6 +223,9 @@ class TrainingConfig(_Node):
     """Sequences per worker per inner step."""
     eval_batches: int = Field(default=8, ge=1, le=100_000)
     """Held-out batches evaluated after every round."""
+    quorum: QuorumConfig | None = None
+    """Quorum with a grace window (synchronous and streaming DiLoCo, star merges); null = wait for every site
+    until `round_timeout_s`."""
     round_timeout_s: float = Field(default=120.0, gt=0.0, le=MAX_DAYS_S)
     """How long the coordinator waits for all sites' updates before the round fails (at most 30 days)."""
     aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
@@ -249,6 +263,23 @@ class RecoveryConfig(_Node):
 
 
 FAULT_KINDS = ("kill", "freeze", "partition", "degrade", "flap", "slow", "disk_full", "corrupt_checkpoint")
+
+
+class FaultRateConfig(_Node):
+    """Faults drawn at random for the whole run: a Poisson process of rate 1/`mtbf_s` (seeded, each one
+    recorded as a `fault_injected` with `drawn: true`), beside the scheduled `faults` (docs/chaos.md)."""
+
+    mtbf_s: float = Field(ge=1.0, le=MAX_DAYS_S)
+    """Mean time between faults, in seconds (exponentially distributed gaps)."""
+    kinds: tuple[Literal["kill_worker", "kill_site", "freeze_site", "partition_link", "kill_coordinator"], ...] = \
+        Field(default=("kill_worker", "freeze_site", "partition_link"), min_length=1, max_length=16)
+    """What may happen; each fault picks one kind and one target uniformly."""
+    duration_s: float = Field(default=5.0, gt=0.0, le=MAX_DAYS_S)
+    """How long a freeze or a partition lasts."""
+    start_after_s: float = Field(default=5.0, ge=0.0, le=MAX_DAYS_S)
+    """No fault before this many seconds of the run (start-up)."""
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
+    """Seed of the draws: the same seed and topology give the same faults at the same times."""
 
 
 class FaultSpec(_Node):
@@ -336,6 +367,8 @@ class Topology(_Node):
     """Bounds on what the coordinator accepts from sites, and on what `geotrain check` lets pass."""
     faults: tuple[FaultSpec, ...] = Field(default=(), max_length=1000)
     """Faults injected on a schedule while the run goes on (docs/chaos.md)."""
+    fault_rate: FaultRateConfig | None = None
+    """Faults drawn at random at a given rate for the whole run (goodput under failures); null = none."""
 
     # ---- derived views (no state of their own) ----
     @property

@@ -273,6 +273,17 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     if topo.training.aggregation != "mean" and topo.training.merge != "star":
         raise TopologyError(f"{source}: training.aggregation: {topo.training.aggregation!r} needs `merge: star` "
                             f"(a {topo.training.merge} merge averages inside the ring), got merge {topo.training.merge!r}")
+    q = topo.training.quorum
+    if q is not None:
+        if q.min_sites > len(topo.sites):
+            raise TopologyError(f"{source}: training.quorum.min_sites: {q.min_sites} is more than the "
+                                f"{len(topo.sites)} sites of this topology")
+        if topo.training.algorithm not in ("diloco", "streaming-diloco"):
+            raise TopologyError(f"{source}: training.quorum: a quorum decides when a synchronous round commits; "
+                                f"{topo.training.algorithm!r} has no such rounds (use diloco or streaming-diloco)")
+        if topo.training.merge != "star":
+            raise TopologyError(f"{source}: training.quorum: ring merges need every site's part; use `merge: star` "
+                                f"(got {topo.training.merge!r})")
     if topo.training.compression.codec == "topk" and topo.training.merge != "star":
         raise TopologyError(f"{source}: training.compression.codec: `topk` updates are sparse per site and are merged "
                             f"by the coordinator; a ring sums dense partial sums at every hop, so use `merge: star` "

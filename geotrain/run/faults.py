@@ -188,6 +188,13 @@ class FaultScheduler:
         self.rounds = 0
         self.step = 0
         self.chaos_dir = env.run_dir / "chaos"
+        self._draws = None  # fault_rate: the seeded random faults, one at a time (geotrain.run.fault_rate)
+        self._next_drawn = None
+        if topo.fault_rate is not None:
+            from geotrain.run.fault_rate import FaultDraws
+
+            self._draws = iter(FaultDraws(topo.fault_rate, topo))
+            self._next_drawn = next(self._draws, None)
 
     def observe(self, event: dict) -> None:
         if event.get("event") == "commit":
@@ -208,16 +215,23 @@ class FaultScheduler:
         for spec in [s for s in self.pending if self.due(s, now)]:
             self.pending.remove(spec)
             self.fire(spec, now)
+        while self._next_drawn is not None and now - self.started_at >= self._next_drawn[0]:
+            self.fire(self._next_drawn[1], now, drawn=True)
+            self._next_drawn = next(self._draws, None)
         for a in [a for a in self.active if now >= a.until]:
             self.active.remove(a)
             self._heal(a)
 
-    def fire(self, spec: FaultSpec, now: float) -> dict:
+    def fire(self, spec: FaultSpec, now: float, drawn: bool = False) -> dict:
+        if drawn and any(a.spec.target == spec.target for a in self.active):  # already frozen or cut off
+            self.events.emit("fault_skipped", fault=spec.kind, target=spec.target, drawn=True,
+                             reason="its target is under another fault until that one heals")
+            return {}
         record, undo = REGISTRY[spec.kind].inject(self.env, spec)
         duration = (spec.duration_ms or 0.0) / 1000.0
         self.events.emit("fault_injected", fault=spec.kind, target=spec.target or "checkpoints",
                          params=spec.model_dump(mode="json", exclude_none=True, exclude={"kind", "target"}),
-                         duration_s=duration, record=record)
+                         duration_s=duration, record=record, **({"drawn": True} if drawn else {}))
         if undo is not None:
             self.active.append(_Active(spec, now + duration, undo))
         return record

@@ -290,3 +290,18 @@ def test_topk_needs_the_star_and_error_feedback():
         parse_topology({**base, "training": {"compression": {"codec": "topk", "error_feedback": False}}})
     with pytest.raises(TopologyError, match="bits"):
         parse_topology({**base, "training": {"compression": {"codec": "topk", "bits": 3}}})
+
+
+def test_quorum_is_checked_against_the_topology():
+    from geotrain.config.topology import parse_topology
+    from geotrain.errors import TopologyError
+
+    base = {"name": "t", "sites": [{"name": "a", "workers": 1}, {"name": "b", "workers": 1}]}
+    ok = parse_topology({**base, "training": {"quorum": {"min_sites": 1, "grace_s": 2}}})
+    assert ok.training.quorum.min_sites == 1 and ok.training.quorum.grace_s == 2
+    with pytest.raises(TopologyError, match="training.quorum.min_sites: 3 is more than the 2 sites"):
+        parse_topology({**base, "training": {"quorum": {"min_sites": 3}}})
+    with pytest.raises(TopologyError, match="training.quorum: .*async-diloco"):
+        parse_topology({**base, "training": {"algorithm": "async-diloco", "quorum": {"min_sites": 1}}})
+    with pytest.raises(TopologyError, match="training.quorum: ring merges"):
+        parse_topology({**base, "training": {"merge": "ring", "quorum": {"min_sites": 1}}})

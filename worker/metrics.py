@@ -30,6 +30,15 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_./-]{0,63}$")
 MAX_SCALARS = 32
 
 
+METRIC_FIELDS = frozenset({"t", "event", "proc", "site", "rank", "round", "step"})
+"""The fields of a ``metric`` event that are not its scalars."""
+
+
+def scalars_of(event: dict) -> dict[str, Any]:
+    """The scalars of a ``metric`` event (every field that is not one of :data:`METRIC_FIELDS`)."""
+    return {k: v for k, v in event.items() if k not in METRIC_FIELDS}
+
+
 def scalar(where: str, name: str, value: Any) -> float:
     """``value`` as a float, or a clear error naming ``name``."""
     if hasattr(value, "item") and callable(value.item):

@@ -207,11 +207,11 @@ class PrometheusExporter:
                 else:
                     self.eval_loss.set(loss)
         elif kind == "metric" and not event.get("rank"):
-            from geotrain.worker.metrics import RESERVED
+            from geotrain.worker.metrics import scalars_of
 
-            for name, value in event.items():
+            for name, value in scalars_of(event).items():
                 v = number(value)
-                if name not in RESERVED and v is not None:
+                if v is not None:
                     self._script_metric(name, str(event.get("site") or ""), v)
         elif kind == "failure":
             what = str(event.get("what") or "unknown")

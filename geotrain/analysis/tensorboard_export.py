@@ -172,13 +172,12 @@ class TensorBoardExporter:
             self._scalar("eval/loss", e.get("loss"), _int(e.get("step")), t)
 
     def _metric(self, e: dict, t: float | None) -> None:
-        from geotrain.worker.metrics import RESERVED
+        from geotrain.worker.metrics import scalars_of
 
         site, step = self._site(e), _int(e.get("step"))
         rank = f"/{e['rank']}" if e.get("rank") else ""
-        for name, value in e.items():
-            if name not in RESERVED:
-                self._scalar(f"metric/{name}/{site}{rank}", value, step, t)
+        for name, value in scalars_of(e).items():
+            self._scalar(f"metric/{name}/{site}{rank}", value, step, t)
 
     def _inner_step(self, e: dict, t: float | None) -> None:
         site, step = self._site(e), _int(e.get("step"))

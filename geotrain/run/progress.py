@@ -18,22 +18,13 @@ from rich.table import Table
 
 from geotrain.events import EventTail
 from geotrain.run.summary import nonfinite_model, security_summary
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+from geotrain.units import human_bytes
+from geotrain.worker.metrics import scalars_of
 
 
 def _num(v) -> str:
     """A number with 4 significant digits (``2.831``, ``0.08467``, ``1.23e-05``)."""
     return "-" if v is None else f"{v:.4g}"
-
-
-_RESERVED = frozenset({"t", "event", "proc", "site", "rank", "round", "step"})
 
 
 class Progress:
@@ -89,9 +80,9 @@ class Progress:
                 if not self.live:
                     where = f"  {e['site']}" if e.get("site") else ""
                     self.console.print(f"eval{where}  round {e['round']:>4}  step {e['step']:>6}  {self.eval_name} "
-                                       f"{_num(e['loss'])}  WAN {_fmt_bytes(self._wan_bytes())}", highlight=False)
+                                       f"{_num(e['loss'])}  WAN {human_bytes(self._wan_bytes())}", highlight=False)
             elif kind == "metric" and e.get("site") in self.sites and e.get("rank", 0) == 0:
-                self.sites[e["site"]]["metrics"] = {k: v for k, v in e.items() if k not in _RESERVED}
+                self.sites[e["site"]]["metrics"] = scalars_of(e)
             elif kind == "commit":
                 self.commits += 1
                 ddp = tr.algorithm == "ddp"  # commits every step: one line per H of them
@@ -99,7 +90,7 @@ class Progress:
                 if not self.live and tr.algorithm != "streaming-diloco" and every_h:
                     shown = (e["round"] + 1) // tr.inner_steps if ddp else e["round"] + 1
                     self.console.print(f"round {shown:>4}/{tr.rounds} committed  "
-                                       f"sites {len(e.get('sites') or ()) or '-'}  WAN {_fmt_bytes(self._wan_bytes())}"
+                                       f"sites {len(e.get('sites') or ()) or '-'}  WAN {human_bytes(self._wan_bytes())}"
                                        + self._metrics_text(), highlight=False)
             elif kind == "failure":  # restarts as they happen, in either mode
                 self.console.print(f"failure  {e.get('target')}: {str(e.get('reason'))[:200]}", style="yellow",
@@ -126,7 +117,7 @@ class Progress:
         total = tr.rounds * tr.inner_steps
         t = Table(title=f"geotrain {self.topo.name}: {tr.algorithm}, H={tr.inner_steps}, "
                         f"eval {self.eval_name} {_num(self.eval_loss)}, "
-                        f"WAN {_fmt_bytes(self._wan_bytes())}, {time.time() - self.t0:.0f}s", title_justify="left")
+                        f"WAN {human_bytes(self._wan_bytes())}, {time.time() - self.t0:.0f}s", title_justify="left")
         for col in ("site", "round", "step", "loss", "tokens/s"):
             t.add_column(col, justify="right" if col != "site" else "left")
         for name, s in self.sites.items():

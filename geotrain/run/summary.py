@@ -80,7 +80,7 @@ def shortfall(events: list[dict], topo: Topology, script: bool = False) -> str |
 def last_metrics(events: list[dict]) -> dict:
     """The scripts' own scalars (``metric`` events, geotrain.worker.metrics) and named evals: per name, the
     last value at each site (rank 0's where several ranks log), and the last step it was logged at."""
-    from geotrain.worker.metrics import RESERVED
+    from geotrain.worker.metrics import scalars_of
 
     out: dict[str, dict] = {}
     leaders = {e.get("site") for e in events if e.get("event") == "metric" and e.get("rank", 0) == 0}
@@ -89,7 +89,7 @@ def last_metrics(events: list[dict]) -> dict:
         if kind == "metric":
             if e.get("rank", 0) != 0 and e.get("site") in leaders:
                 continue
-            items = [(k, v) for k, v in e.items() if k not in RESERVED]
+            items = list(scalars_of(e).items())
         elif kind == "eval" and e.get("metric"):
             items = [(f"eval/{e['metric']}", e.get("loss"))]
         else:
@@ -142,6 +142,7 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
     steps = [e for e in events if e["event"] == "inner_step"]
     merges = [e for e in events if e["event"] == "merge"]
     rounds = rounds_completed(events, topo)
+    useful, utilisation = goodput(events, topo, wall_seconds)
     sites = {}
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]
@@ -188,8 +189,8 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
         "failure_log": [{"what": e.get("what"), "target": e.get("target"), "t": e["t"], "reason": e.get("reason")}
                         for e in failures],
         "security": security_summary(topo),
-        "goodput": goodput(events, topo, wall_seconds)[0],
-        "utilisation": goodput(events, topo, wall_seconds)[1],
+        "goodput": useful,
+        "utilisation": utilisation,
         "faults_drawn": sum(1 for e in events if e["event"] == "fault_injected" and e.get("drawn")),
         "checkpoint_stall_seconds": round(sum(e.get("checkpoint_stall_s", 0.0) for e in done), 6),
     }

@@ -57,9 +57,15 @@ def rounds_completed(events: list[dict], topo: Topology) -> int:
         return committed // tr.inner_steps
     if tr.algorithm == "streaming-diloco":
         return committed // tr.streaming.fragments
-    if tr.algorithm == "async-diloco":  # every site did this many merges at least
-        return min((sum(1 for e in events if e["event"] == "merge" and e.get("site") == s.name) for s in topo.sites),
-                   default=0)
+    if tr.algorithm == "async-diloco":
+        # every site had this many updates committed at least; counted from the coordinator's commits, not
+        # the sites' merge events: a site killed between the commit and its merge event still merged
+        per_site = {s.name: set() for s in topo.sites}
+        for c in events:
+            if c["event"] == "commit":
+                for site in c.get("sites") or ():
+                    per_site.setdefault(site, set()).add(c["round"])
+        return min((len(per_site[s.name]) for s in topo.sites), default=0)
     return committed
 
 

@@ -63,6 +63,21 @@ def test_shortfall_no_step_early_exit_and_complete():
     assert shortfall(full + commits, topo) is None
 
 
+def test_async_rounds_are_counted_from_commits_per_site():
+    """async DiLoCo: a site killed after the coordinator committed its update, before it logged its merge,
+    still merged; a site with fewer commits than planned is a shortfall."""
+    from geotrain.run.summary import rounds_completed, shortfall
+
+    topo = _topo(rounds=3, algorithm="async-diloco")
+    steps = [{"event": "inner_step", "site": "a", "step": 1, "round": 0}]
+    commits = [{"event": "commit", "round": v, "version": v + 1, "sites": [site]}
+               for v, site in enumerate(["a", "b", "a", "b", "a", "b"])]
+    merges = [{"event": "merge", "site": c["sites"][0], "round": c["round"]} for c in commits[:-1]]  # b's last lost
+    assert rounds_completed(steps + commits + merges, topo) == 3
+    assert shortfall(steps + commits + merges, topo) is None
+    assert shortfall(steps + commits[:-1] + merges, topo) == "the run exited after round 2 of 3 (training.rounds)"
+
+
 def test_launch_record_round_trip_and_refusal(tmp_path):
     import pytest
 

@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, Agg backend, imported only when a figure is drawn).
 
-Each ``*_figure`` function draws data computed by geotrain.analysis.plotdata and returns the
-figure; :func:`save_figure` writes it as a PNG and closes it.
+Each ``*_figure`` function draws data computed by geotrain.analysis.plotdata (which also decides
+what is absent: nothing here draws an empty frame) and returns the figure; :func:`save_figure`
+writes it as a PNG and closes it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from geotrain.analysis.plotdata import MARKER_STYLES, Series, Timeline
+from geotrain.analysis.plotdata import (MARKER_STYLES, Line, MetricPlot, Series, Timeline, byte_unit, bytes_panel,
+                                       fmt_sig)
 from geotrain.analysis.rundir import Run
 from geotrain.errors import GeotrainError
 
 DPI = 120
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_STYLES = ("-", "--", "-.", ":")
+
+X_AXES = {
+    "steps": ("steps", "inner steps (per site)", "vs inner steps"),
+    "time": ("wall_s", "wall time since run start (s)", "vs wall-clock time"),
+    "wan": ("wan_bytes", "merge bytes through WAN links (sent + received, all sites)", "vs WAN traffic"),
+}
 
 
 def _pyplot():
@@ -29,67 +39,73 @@ def _colour(i: int) -> str:
     return f"C{i % 10}"
 
 
-_LOSS_AXES = {
-    "steps": ("steps", "inner steps (per site)", "Eval loss vs inner steps"),
-    "time": ("wall_s", "wall time since run start (s)", "Eval loss vs wall-clock time"),
-    "wan": ("wan_mb", "merge bytes through WAN links (MB, sent + received, all sites)",
-            "Eval loss vs WAN traffic"),
-}
+def metric_figure(plot: MetricPlot, x: str = "steps"):
+    """One metric against ``x`` (steps | time | wan): one line per site (per worker) of every run.
 
-
-def loss_figure(all_series: list[Series], x: str):
-    """A figure of eval loss against ``x`` (steps | time | wan), one line and legend entry per run."""
+    Lines of the same run share nothing but the axes: a different colour, marker and line style each,
+    so two sites with identical values (they hold the same model after a merge) both stay visible."""
     plt = _pyplot()
-    attr, xlabel, title = _LOSS_AXES[x]
+    attr, xlabel, what = X_AXES[x]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=DPI)
-    drawn = 0
-    log_x = False
+    unit, factor = ("", 1.0)
     if x == "wan":
-        positive = [v for s in all_series for v in s.wan_mb if v > 0]
-        # Runs that differ by orders of magnitude in traffic (diloco vs ddp) need a log axis.
-        log_x = bool(positive) and max(positive) / min(positive) > 50
+        unit, factor = byte_unit(v for ln in plot.lines for v in ln.wan_bytes)
+        xlabel = xlabel.replace("(", f"({unit}, ", 1)
+    positive = [v / factor for ln in plot.lines for v in getattr(ln, attr) if v > 0]
+    log_x = x == "wan" and bool(positive) and max(positive) / min(positive) > 50
     hidden_zero = False
-    for i, s in enumerate(all_series):
-        xs, ys = getattr(s, attr), s.loss
-        why_empty = " (no evals)"
+    site_index: dict[tuple[str, str], int] = {}
+    rank_index: dict[tuple[str, str], int] = {}
+    for ln in plot.lines:
+        key = (ln.run, ln.who.split("/")[0])
+        si = site_index.setdefault(key, len(site_index))
+        ri = rank_index[key] = rank_index.get(key, -1) + 1
+        pts = [(a / factor, b) for a, b in zip(getattr(ln, attr), ln.values)]
         if log_x:
-            pts = [(a, b) for a, b in zip(xs, ys) if a > 0]
-            hidden_zero |= len(pts) < len(xs)
-            if xs and not pts:
-                why_empty = " (no eval after a merge)"
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        label = s.label + ("  [FAILED]" if s.status == "failed" else "")
-        if xs:
-            ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.6, color=_colour(i), label=label)
-        else:  # keep the run in the legend even without points
-            ax.plot([], [], marker="o", color=_colour(i), label=label + why_empty)
-        drawn += len(xs)
+            kept = [p for p in pts if p[0] > 0]
+            hidden_zero |= len(kept) < len(pts)
+            pts = kept
+        if not pts:
+            continue
+        # A colour per site; a line style and marker per site and rank, so that lines with the same
+        # values (two sites hold the same model after a merge) both stay visible.
+        k = si + ri
+        label = plot.line_label(ln) + ("  [FAILED]" if ln.status == "failed" else "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[k % len(_MARKERS)],
+                linestyle=_STYLES[k % len(_STYLES)], markersize=5 if k == 0 else 4,
+                fillstyle="full" if k % 2 == 0 else "none", linewidth=1.6, color=_colour(si), label=label)
+    title = f"{plot.ylabel} {what}" if plot.kind == "eval" else f"{plot.name} {what} (logged by the script)"
     if log_x:
         from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("log")
-        # Plain numbers (2, 5, 10, 20, 50, 100 MB) instead of powers of ten.
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(
-            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6) in (2, 5) else ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_sig(v)))
         xlabel += ", log scale"
         if hidden_zero:
-            title += "\n(evals before any merge, at 0 bytes, cannot be shown on the log axis)"
+            title += "\n(points before any merge, at 0 bytes, cannot be shown on the log axis)"
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("eval loss (cross-entropy, nats/token)")
+    ax.set_ylabel(plot.ylabel)
     ax.grid(True, alpha=0.3, which="both" if log_x else "major")
-    if drawn == 0:
-        ax.text(0.5, 0.5, "no eval events in these runs", ha="center", va="center", transform=ax.transAxes,
-                color="grey")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    ax.legend(loc="upper right", fontsize=9)
+    who = "site/rank" if any("/" in ln.who for ln in plot.lines) else "site"
+    ax.legend(loc="best", fontsize=9, title=who if len(plot.runs) == 1 else f"run: {who}", title_fontsize=9)
     fig.tight_layout()
     return fig
 
 
+def loss_figure(all_series: list[Series], x: str):
+    """The built-in eval loss of several runs against ``x`` (one line per run; kept for callers of
+    :func:`geotrain.analysis.plotdata.series`)."""
+    lines = [Line(run=s.label, who=s.label, status=s.status, steps=s.steps, wall_s=s.wall_s,
+                  wan_bytes=[v * 1e6 for v in s.wan_mb], values=s.loss) for s in all_series]
+    plot = MetricPlot("eval", "loss", "eval loss (cross-entropy, nats/token)", lines, builtin=True)
+    plot.line_label = lambda line: line.who  # type: ignore[method-assign]
+    return metric_figure(plot, x)
+
+
 def timeline_figure(run: Run, tl: Timeline):
+    """Per-site rows of what each site's leader was doing, on an axis cropped to the training:
+    start-up and shutdown are written on the figure with their durations, not drawn to scale."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -98,17 +114,19 @@ def timeline_figure(run: Run, tl: Timeline):
     names = list(tl.sites)
     n = max(len(names), 1)
     band = 1.0 if tl.markers else 0.0  # room above the rows for marker labels
-    fig_h = 1.9 + 0.75 * n + 0.6 * band
+    fig_h = 2.1 + 0.75 * n + 0.6 * band
     fig, ax = plt.subplots(figsize=(12, fig_h), dpi=DPI)
     h = 0.6
+    left, right = tl.view_start, tl.view_end
     for row, name in enumerate(names):
         st = tl.sites[name]
         y = n - 1 - row  # first site on top
         bars = [
-            (st.starting, "0.85"),
+            ([(max(a, left), b) for a, b in st.starting if b > left], "0.85"),
             (st.compute, "tab:blue"),
             (st.wan, "tab:orange"),
-            (st.evals, "tab:green"),
+            # an eval with no recorded duration (a script's log_eval) still shows, as a thin bar
+            ([(a, max(b, a + 0.004 * (right - left))) for a, b in st.evals], "tab:green"),
         ]
         for intervals, colour in bars:
             if intervals:
@@ -119,40 +137,47 @@ def timeline_figure(run: Run, tl: Timeline):
                     markersize=4, color="black")
     ax.set_yticks(range(n))
     ax.set_yticklabels(list(reversed(names)) if names else [""])
-    # Process start-up (imports, joining) can take most of a short run: start the axis shortly
-    # before the first site was ready, or at the first marker if that is earlier.
-    left = tl.view_start
-    ax.set_xlim(left, tl.end + (tl.end - left) * 0.01)
+    ax.set_xlim(left, right)
     ax.set_ylim(-0.6, n - 0.4 + band * 0.9)
     ax.set_xlabel("seconds since run start (s)")
     ax.set_ylabel("site")
-    title = f"Timeline of {run.label}: what each site's leader was doing"
-    if left > 0:
-        title += f"\n(0 – {left:.1f} s, processes starting up, not shown)"
-    ax.set_title(title)
+    ax.set_title(f"Timeline of {run.label}: what each site's leader was doing\n"
+                 f"training {fmt_sig(tl.train_end - tl.train_start)} s, shown to scale; "
+                 f"start-up {fmt_sig(tl.startup_s)} s before it and shutdown {fmt_sig(tl.shutdown_s)} s "
+                 f"after it are not", fontsize=11)
     ax.grid(True, axis="x", alpha=0.3)
+    # Start-up and shutdown: hatched edges with their durations, where the axis leaves them out.
+    edge = 0.012 * (right - left)
+    for at, text, ha in ((left, f"◀ start-up {fmt_sig(tl.startup_s)} s", "left"),
+                         (right, f"shutdown {fmt_sig(tl.shutdown_s)} s ▶", "right")):
+        if (tl.startup_s if ha == "left" else tl.shutdown_s) <= 0:
+            continue
+        ax.axvspan(at, at + edge if ha == "left" else at - edge, color="0.6", alpha=0.5, hatch="////", lw=0)
+        ax.text(at + (1.5 * edge if ha == "left" else -1.5 * edge), -0.52, text, fontsize=8, color="0.25",
+                ha=ha, va="bottom", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
 
     # Vertical markers with labels staggered over three levels where they would collide.
     trans = blended_transform_factory(ax.transData, ax.transData)
     last_at_level = [-math.inf] * 3
-    min_sep = (tl.end - left) * 0.16
+    min_sep = (right - left) * 0.16
     for m in tl.markers:
         colour, style, _ = MARKER_STYLES[m.kind]
         ax.axvline(m.t, color=colour, linestyle=style, linewidth=1.4)
         level = min(range(3), key=lambda k: (last_at_level[k] > m.t - min_sep, last_at_level[k]))
         last_at_level[level] = m.t
-        near_right = m.t > tl.end - 0.3 * (tl.end - left)  # write the label leftwards, or it is cut off
+        near_right = m.t > right - 0.3 * (right - left)  # write the label leftwards, or it is cut off
         ax.text(m.t, n - 0.45 + band * (0.68 - 0.27 * level), m.text + " " if near_right else " " + m.text,
                 transform=trans, fontsize=8, color=colour, va="center", ha="right" if near_right else "left",
-                clip_on=True,
-                bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
-    if not any(st.compute or st.wan for st in tl.sites.values()):
-        ax.text(0.5, 0.5, "no inner_step or merge events in this run", ha="center", va="center",
-                transform=ax.transAxes, color="grey")
+                clip_on=True, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
 
-    handles = [Patch(color="0.85", label="starting (until site_ready)"), Patch(color="tab:blue", label="compute"),
-               Patch(color="tab:orange", label="WAN wait (merge)"), Patch(color="tab:green", label="eval"),
-               Line2D([], [], linestyle="none", marker="v", color="black", label="merge done")]
+    present = {k: any(getattr(st, k) for st in tl.sites.values()) for k in ("compute", "wan", "evals", "merges")}
+    present["starting"] = any(b > left for st in tl.sites.values() for _, b in st.starting)
+    handles = [h for k, h in (("starting", Patch(color="0.85", label="starting (until site_ready)")),
+                              ("compute", Patch(color="tab:blue", label="compute")),
+                              ("wan", Patch(color="tab:orange", label="WAN wait (merge)")),
+                              ("evals", Patch(color="tab:green", label="eval")),
+                              ("merges", Line2D([], [], linestyle="none", marker="v", color="black",
+                                                label="merge done"))) if present[k]]
     kinds = {m.kind for m in tl.markers}
     for kind, (colour, style, name) in MARKER_STYLES.items():
         if kind in kinds:
@@ -165,52 +190,50 @@ def timeline_figure(run: Run, tl: Timeline):
 
 
 def links_figure(runs: list[Run]):
+    """Bytes per WAN link and direction (link counters), one panel per run that has them; a run
+    without link counters but with WAN-crossing merges shows its sites' merge payloads instead.
+    Every panel picks the byte unit that fits its numbers."""
     plt = _pyplot()
     import numpy as np
     from matplotlib.patches import Patch
 
-    cols = min(len(runs), 3)
-    rows = math.ceil(len(runs) / cols)
+    panels = [(run, *bytes_panel(run)) for run in runs]
+    panels = [p for p in panels if p[2]]
+    cols = min(len(panels), 3) or 1
+    rows = math.ceil(len(panels) / cols) or 1
     fig_h = 4.0 * rows + 0.9
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 0.5, fig_h), dpi=DPI, squeeze=False)
-    for ax in axes.flat[len(runs):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     colours = {"forward": "tab:blue", "backward": "tab:orange"}
-    for ax, run in zip(axes.flat, runs):
-        links = run.link_bytes()
-        names = sorted(links)
-        if not names:
-            ax.text(0.5, 0.5, "no WAN links\n(no link counters in this run)", ha="center", va="center",
-                    transform=ax.transAxes, color="grey")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            idx = np.arange(len(names))
-            fwd = [links[k][0] / 1e6 for k in names]
-            bwd = [links[k][1] / 1e6 for k in names]
-            top = max(fwd + bwd)
-            fmt = "%.2f" if top < 10 else "%.1f" if top < 1000 else "%.0f"
-            w = 0.38
-            for offset, values, direction in ((-w / 2, fwd, "forward"), (w / 2, bwd, "backward")):
-                bars = ax.bar(idx + offset, values, w, color=colours[direction])
-                ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2)
-            ax.set_xticks(idx)
-            ax.set_xticklabels(names, rotation=15 if len(names) > 3 else 0, fontsize=9,
-                               ha="right" if len(names) > 3 else "center")
-            ax.set_ylabel("bytes through the link (MB)")
-            ax.set_ylim(0, top * 1.15 if top > 0 else 1)
-            ax.grid(True, axis="y", alpha=0.3)
-        total = run.wan_bytes
+    for ax, (run, source, values) in zip(axes.flat, panels):
+        names = list(values)
+        idx = np.arange(len(names))
+        unit, factor = byte_unit(v for pair in values.values() for v in pair)
+        fwd = [values[k][0] / factor for k in names]
+        bwd = [values[k][1] / factor for k in names]
+        top = max(fwd + bwd)
+        w = 0.38
+        for offset, vals, direction in ((-w / 2, fwd, "forward"), (w / 2, bwd, "backward")):
+            bars = ax.bar(idx + offset, vals, w, color=colours[direction])
+            ax.bar_label(bars, labels=[fmt_sig(v) for v in vals], fontsize=8, padding=2)
+        ax.set_xticks(idx)
+        ax.set_xticklabels(names, rotation=15 if len(names) > 3 else 0, fontsize=9,
+                           ha="right" if len(names) > 3 else "center")
+        ax.set_ylabel(f"bytes ({unit})")
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+        ax.grid(True, axis="y", alpha=0.3)
+        total = sum(f + b for f, b in values.values())
         title = run.label + ("  [FAILED]" if run.status == "failed" else "")
-        if total is not None:
-            title += f"\nWAN total {total / 1e6:,.1f} MB"
+        from geotrain.units import human_bytes
+
+        title += f"\n{source}: total {human_bytes(total)}"
         ax.set_title(title, fontsize=10)
-    fig.suptitle("Bytes per WAN link and direction (link emulator counters"
-                 + ("; each panel has its own scale)" if len(runs) > 1 else ")"), fontsize=12)
-    if any(run.link_bytes() for run in runs):
-        fig.legend(handles=[Patch(color=colours["forward"], label="forward (site → coordinator)"),
-                            Patch(color=colours["backward"], label="backward (coordinator → site)")],
-                   loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.suptitle("Bytes across the WAN per link and direction"
+                 + ("; each panel has its own scale" if len(panels) > 1 else ""), fontsize=12)
+    fig.legend(handles=[Patch(color=colours["forward"], label="forward (site → coordinator)"),
+                        Patch(color=colours["backward"], label="backward (coordinator → site)")],
+               loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.45 / fig_h, 1, 1))
     return fig
 

@@ -30,6 +30,11 @@ class Run:
     link_files: dict[str, dict]
     label: str = ""
     notes: list[str] = field(default_factory=list)
+    topology_file: str | None = None  # which file the topology came from (topology.json, topology.<site>.json)
+    # A run merged from the run dirs of separate hosts (geotrain.analysis.hosts): the dirs, and the
+    # status and reason judged from the merged history (no launcher wrote run_finished or summary.json).
+    parts: list[Path] = field(default_factory=list)
+    judged: tuple[str, str | None] | None = None
 
     # -- basic facts, from summary.json when there is one, else from the events --
     @property
@@ -62,6 +67,8 @@ class Run:
 
     @property
     def status(self) -> str:
+        if self.judged is not None:
+            return self.judged[0]
         if self.summary and self.summary.get("status"):
             return str(self.summary["status"])
         finished = self.of("run_finished")
@@ -71,6 +78,8 @@ class Run:
 
     @property
     def reason(self) -> str | None:
+        if self.judged is not None:
+            return self.judged[1]
         if self.summary and self.summary.get("reason"):
             return str(self.summary["reason"])
         finished = self.of("run_finished")
@@ -238,14 +247,21 @@ def load_run(run_dir: str | Path) -> Run:
     summary = _read_json(path / "summary.json", notes)
     if summary is None and not any("summary.json" in n for n in notes):
         notes.append("no `summary.json` (the run did not finish writing it); numbers come from the events")
-    topology = _read_json(path / "topology.json", notes)
+    topology, topology_file = _read_json(path / "topology.json", notes), "topology.json"
+    if topology is None:  # a site's host (geotrain site) writes topology.<site>.json
+        for f in sorted(path.glob("topology.*.json")):
+            topology, topology_file = _read_json(f, notes), f.name
+            if topology is not None:
+                break
+    if topology is None:
+        topology_file = None
     link_files = {}
     for f in sorted((path / "links").glob("*.json")) if (path / "links").is_dir() else []:
         st = _read_json(f, notes)
         if st is not None:
             link_files[str(st.get("name") or f.stem)] = st
     return Run(path=path, events=events, summary=summary, topology=topology, link_files=link_files,
-               label=_default_label(path, events, summary, topology), notes=notes)
+               label=_default_label(path, events, summary, topology), notes=notes, topology_file=topology_file)
 
 
 def _default_label(path: Path, events, summary, topology) -> str:

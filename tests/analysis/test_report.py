@@ -89,8 +89,8 @@ def test_report_has_tables_images_and_failures(tmp_path):
     for row in ("| status | completed |", "| algorithm | diloco |", "| sites × workers | 2×2 (us-east, eu-west) |",
                 "| H (inner steps per round) | 2 |", "| rounds completed / planned | 3 / 3 |",
                 "| initial eval loss | 5.0000 |", "| final eval loss | 3.0000 |",
-                "| WAN bytes (link counters, both directions) | 0.01 MB (13,600 B) |",
-                "| merge payload bytes through WAN links | 0.01 MB (12,000 B) |"):
+                "| WAN bytes (link counters, both directions) | 13.6 kB (13,600 B) |",
+                "| merge payload bytes through WAN links | 12 kB (12,000 B) |"):
         assert row in md, row
     # per site: 6 steps of 1 s compute, 3 merges of 0.5 s: 6 / 7.5 = 80 %
     assert "| us-east | 2 | 6 | 3 | 6.00 | 1.50 | 80.0 % |" in md

@@ -28,7 +28,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from geotrain.analysis.rundir import Run, is_number
+from geotrain.analysis.rundir import NO_SUMMARY, Run, is_number
 
 COORDINATOR = "coordinator"
 LAUNCHER = "launcher"
@@ -123,19 +123,23 @@ def same_run(records: list[HostRecord]) -> Decision:
             if p in seen:
                 return Decision(False, f"both {seen[p]} and {r.path} hold the history of the {p}")
             seen[p] = r.path
-    named = {s for r in records for s in r.sites}
-    if named:
+    # Every site held anywhere must be one that EVERY dir naming sites names (a coordinator of sites
+    # a, b and a site c of another topology are not one run, though the union of names covers c).
+    for namer in records:
+        if not namer.sites:
+            continue
         for r in records:
             for p in r.parts:
-                if p.startswith("site ") and p[5:] not in named:
-                    return Decision(False, f"{r.path} holds {p}, which the others' topology does not name "
-                                           f"({', '.join(sorted(named))})")
+                if p.startswith("site ") and p[5:] not in namer.sites:
+                    whose = "its own topology" if r is namer else f"{namer.path}"
+                    return Decision(False, f"{r.path} holds {p}, which {whose} does not name "
+                                           f"(it names {', '.join(namer.sites)})")
     spans = [r.span for r in records if r.span is not None]
     if len(spans) == len(records):
         lo, hi = max(a for a, _ in spans), min(b for _, b in spans)
         if lo > hi:
             return Decision(False, "their histories do not overlap in time")
-    hosts = "; ".join(f"{', '.join(r.parts)} in {r.path}" for r in records)
+    hosts = "; ".join(", ".join(r.parts) for r in records)
     if digests:
         ident = f"the same topology (sha256 {_short(next(iter(digests)))}"
         ident += f", run {next(iter(names))})" if names else ")"
@@ -161,23 +165,25 @@ def group_runs(records: list[HostRecord]) -> list[tuple[list[int], Decision | No
     return [(g, same_run([records[j] for j in g]) if len(g) > 1 else None) for g in groups]
 
 
-def judge(events: list[dict], rounds_planned: int | None, has_coordinator: bool) -> tuple[str, str | None]:
-    """Status and reason of a run merged from separate hosts (no launcher judged it): ``failed`` when
-    the global model went non-finite or a round failed without a later commit; ``completed`` when the
-    coordinator's history commits every planned round; else ``incomplete``, saying what is known."""
-    commits = sorted({e.get("round") for e in events if e.get("event") == "commit" and is_number(e.get("round"))})
+def judge(events: list[dict], rounds_done: int, rounds_planned: int | None,
+          has_coordinator: bool) -> tuple[str, str | None]:
+    """Status and reason of a run from separate hosts (no launcher judged it): ``failed`` when the
+    global model went non-finite or a round failed without a later commit; ``completed`` when the
+    coordinator's history completes every planned round (``rounds_done``, counted the way the
+    algorithm merges: :attr:`Run.rounds_completed`); else ``incomplete``, saying what is known."""
     if any(e.get("event") == "model_nonfinite" or (e.get("event") == "commit" and e.get("finite") is False)
            for e in events):
         return "failed", "the global model went non-finite (a model_nonfinite event or a commit with finite: false)"
     if not has_coordinator:
         return "incomplete", "no coordinator's run directory among those given: rounds unknown"
-    failed = [e for e in events if e.get("event") == "round_failed"]
-    if failed and not any(e["t"] > failed[-1]["t"] for e in events if e.get("event") == "commit"):
+    timed = [e for e in events if is_number(e.get("t"))]
+    failed = [e for e in timed if e.get("event") == "round_failed"]
+    if failed and not any(e["t"] > failed[-1]["t"] for e in timed if e.get("event") == "commit"):
         return "failed", f"round {failed[-1].get('round', '?')} failed: {failed[-1].get('reason') or '?'}"
-    if rounds_planned is not None and len(commits) >= rounds_planned:
+    if rounds_planned is not None and rounds_done >= rounds_planned:
         return "completed", None
     planned = rounds_planned if rounds_planned is not None else "?"
-    return "incomplete", f"the coordinator's history commits {len(commits)} of {planned} rounds"
+    return "incomplete", f"the coordinator's history completes {rounds_done} of {planned} rounds"
 
 
 def merge_runs(runs: list[Run], decision: Decision) -> Run:
@@ -195,22 +201,56 @@ def merge_runs(runs: list[Run], decision: Decision) -> Run:
     notes = [f"merged from the run directories of {len(runs)} separate hosts: "
              + "; ".join(f"{', '.join(rec.parts)} in `{r.path}`" for r, rec in zip(runs, records))
              + f" (same run: {decision.reason})"]
-    notes += [f"`{r.path.name}`: {n}" for r in runs for n in r.notes if "summary.json" not in n]
+    notes += [f"`{r.path.name}`: {n}" for r in runs for n in r.notes if n != NO_SUMMARY]
     if not links:
         notes.append("no link counters (`links/*.json`) in these directories: WAN bytes are the merge payloads "
                      "the sites recorded")
     merged = Run(path=runs[0].path, events=events, summary=None, topology=topo_run.topology if topo_run else None,
                  link_files=links, notes=notes, topology_file=topo_run.topology_file if topo_run else None,
                  parts=[r.path for r in runs])
-    merged.judged = judge(events, merged.rounds_planned, any(COORDINATOR in rec.parts for rec in records))
+    merged.judged = judge(events, merged.rounds_completed, merged.rounds_planned,
+                          any(COORDINATOR in rec.parts for rec in records))
     name = next((rec.run for rec in records if rec.run), None) or runs[0].path.resolve().name
     merged.label = f"{name} ({merged.algorithm}, {len(runs)} hosts)"
     return merged
 
 
-def combine(runs: list[Run]) -> list[Run]:
-    """The runs to report: the parts of one run from separate hosts merged, every other run as given."""
+def not_merged(records: list[HostRecord], groups: list[list[int]], i: int) -> list[str]:
+    """Why the directory ``records[i]``, reported on its own, was not merged with each other group
+    of ``groups`` (empty when it was written by ``geotrain launch``: a whole run needs no merging)."""
+    if LAUNCHER in records[i].parts:
+        return []
     out = []
-    for group, decision in group_runs([host_record(r) for r in runs]):
-        out.append(runs[group[0]] if decision is None else merge_runs([runs[i] for i in group], decision))
+    for g in groups:
+        if i in g:
+            continue
+        why = same_run([records[j] for j in g] + [records[i]])
+        if not why.same:
+            out.append(f"not merged with {', '.join(f'`{records[j].path}`' for j in g)}: {why.reason}")
+    return out
+
+
+def combine(runs: list[Run]) -> list[Run]:
+    """The runs to report: the parts of one run from separate hosts merged, every other run as given.
+
+    A directory of separate hosts reported on its own (no launcher wrote it) gets a note saying why
+    it was not merged with each other directory given, and, without a summary.json, its status judged
+    from its history (:func:`judge`) rather than "still running, or killed"."""
+    records = [host_record(r) for r in runs]
+    grouped = group_runs(records)
+    groups = [g for g, _ in grouped]
+    out = []
+    for group, decision in grouped:
+        if decision is not None:
+            out.append(merge_runs([runs[i] for i in group], decision))
+            continue
+        i = group[0]
+        run = runs[i]
+        run.notes.extend(not_merged(records, groups, i))
+        if records[i].parts and LAUNCHER not in records[i].parts and run.summary is None:
+            run.judged = judge(run.events, run.rounds_completed, run.rounds_planned, COORDINATOR in records[i].parts)
+            run.notes = [n for n in run.notes if n != NO_SUMMARY]
+            run.notes.append(f"written by {', '.join(records[i].parts)} (separate-host commands): no launcher "
+                             "wrote a summary.json; numbers and status come from the events")
+        out.append(run)
     return out

@@ -176,7 +176,8 @@ def render_markdown(runs: list[Run], figures: list[FigureSpec], absent: list[str
     """report.md: a comparison table (several runs), a section per run, the incidents, then the
     figures of ``figures`` (file names relative to report.md) and what is absent and why."""
     lines = ["# geotrain report", ""]
-    lines.append("Runs: " + ", ".join(f"`{r.path}`" for r in runs))
+    lines.append("Runs: " + ", ".join(" + ".join(f"`{p}`" for p in r.parts) if r.parts else f"`{r.path}`"
+                                      for r in runs))
     lines.append("")
     if len(runs) > 1:
         lines += ["| run | status | algorithm | sites × workers | H | rounds | initial → final eval "

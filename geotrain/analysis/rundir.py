@@ -35,6 +35,7 @@ class Run:
     # status and reason judged from the merged history (no launcher wrote run_finished or summary.json).
     parts: list[Path] = field(default_factory=list)
     judged: tuple[str, str | None] | None = None
+    _topo_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     # -- basic facts, from summary.json when there is one, else from the events --
     @property
@@ -128,12 +129,35 @@ class Run:
 
     @property
     def rounds_completed(self) -> int:
+        """summary.json's count, else the coordinator's commits counted the way the run's algorithm merges
+        (geotrain.run.summary.rounds_completed: ddp per inner step, streaming per fragment, async-diloco per
+        site), else distinct committed rounds when the topology in the dir cannot be read."""
         if self.summary and self.summary.get("rounds_completed") is not None:
             return int(self.summary["rounds_completed"])
-        commits = {e.get("round") for e in self.of("commit")}
+        commits = [e for e in self.of("commit") if e.get("round") is not None]
+        topo = self._topology_model()
+        if topo is not None:
+            from geotrain.run.summary import rounds_completed
+
+            return rounds_completed(commits, topo)
+        rounds = {e.get("round") for e in commits}
         if self.algorithm == "ddp" and self.inner_steps_per_round:
-            return len(commits) // self.inner_steps_per_round
-        return len(commits)
+            return len(rounds) // self.inner_steps_per_round
+        return len(rounds)
+
+    def _topology_model(self):
+        """The dir's topology validated (geotrain.config), or None when there is none or it does not
+        validate (a run dir of an older geotrain)."""
+        if not self.topology:
+            return None
+        if self._topo_cache is None:
+            from geotrain.config.topology import parse_topology
+
+            try:
+                self._topo_cache = (parse_topology(self.topology, source=self.topology_file or "topology.json"),)
+            except (GeotrainError, ValueError, TypeError):
+                self._topo_cache = (None,)
+        return self._topo_cache[0]
 
     @property
     def wall_seconds(self) -> float:
@@ -209,6 +233,11 @@ class Run:
         return out
 
 
+# The note of a dir without summary.json; a dir of separate hosts never has one (no launcher), so the
+# merge (geotrain.analysis.hosts) drops it.
+NO_SUMMARY = "no `summary.json` (the run did not finish writing it); numbers come from the events"
+
+
 def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -246,7 +275,7 @@ def load_run(run_dir: str | Path) -> Run:
         notes.append("`metrics.jsonl` holds no events")
     summary = _read_json(path / "summary.json", notes)
     if summary is None and not any("summary.json" in n for n in notes):
-        notes.append("no `summary.json` (the run did not finish writing it); numbers come from the events")
+        notes.append(NO_SUMMARY)
     topology, topology_file = _read_json(path / "topology.json", notes), "topology.json"
     if topology is None:  # a site's host (geotrain site) writes topology.<site>.json
         for f in sorted(path.glob("topology.*.json")):

@@ -102,10 +102,15 @@ def cmd_validate(args) -> int:
     if args.json:
         print(json.dumps(topo.model_dump(mode="json"), indent=2))
         return 0
+    from geotrain.worker.data import check_data_files  # the built-in trainer's data, readable now
+
+    data_lines = check_data_files(topo)
     tr = topo.training
     print(f"{args.topology}: ok — run {topo.name!r}, {len(topo.sites)} sites "
           f"({', '.join(f'{s.name}×{s.workers}' for s in topo.sites)}), coordinator at {topo.coordinator.at}, "
           f"{tr.algorithm} H={tr.inner_steps} rounds={tr.rounds}")
+    for line in data_lines:
+        print(f"  {line}")
     for s in topo.sites:
         link = topo.link(s.name, topo.coordinator.at)
         if link:
@@ -124,6 +129,10 @@ def cmd_launch(args) -> int:
     topo = load_topology(args.topology, args.overrides)
     if args.script is not None and not args.script:
         raise TopologyError("--script: give the command to run, e.g. --script python train.py")
+    if args.script is None:  # the built-in trainer's data: present now, not after its workers crash
+        from geotrain.worker.data import check_data_files
+
+        check_data_files(topo)
     run_dir = args.run_dir or make_run_dir(args.runs_root, topo.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = LaunchPlan(topo=topo, run_dir=run_dir.resolve(), script=args.script, quiet=args.quiet, cwd=os.getcwd())

@@ -57,6 +57,12 @@ from geotrain.worker.site_group import SiteGroup
 log = logging.getLogger(__name__)
 
 
+def _lr_of(optimizer: torch.optim.Optimizer) -> float | None:
+    """The first parameter group's learning rate (a plain float even where an optimizer keeps a tensor)."""
+    lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+    return float(lr) if isinstance(lr, (int, float, torch.Tensor)) and not isinstance(lr, bool) else None
+
+
 class DiLoCo:
     """DiLoCo (or one of its variants, or the DDP baseline) around a model and its inner optimizer.
 
@@ -70,11 +76,17 @@ class DiLoCo:
 
     ``stateful`` names extra objects with ``state_dict()``/``load_state_dict()`` (a data sampler, say)
     that go into this worker's checkpoints with the inner optimizer, so a resumed run continues exactly.
+
+    ``clip_grad_norm``: clip the gradient to this global L2 norm before every inner step, *after* it has
+    been averaged over the site's workers (the papers clip at 1.0). Clipping in your own loop before
+    ``optimizer.step()`` would clip each worker's own gradient instead; :attr:`last_grad_norm` is the
+    norm before clipping.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, inner_steps: int | None = None,
                  algorithm: str | None = None, context: SiteContext | None = None, events: EventLog | None = None,
-                 stateful: dict | None = None, tokens_per_step: int | None = None):
+                 stateful: dict | None = None, tokens_per_step: int | None = None,
+                 clip_grad_norm: float | None = None):
         self.ctx = context or init()
         inner_steps = self.ctx.inner_steps if inner_steps is None else inner_steps
         algorithm = self.ctx.algorithm if algorithm is None else algorithm
@@ -90,6 +102,11 @@ class DiLoCo:
                                             or tokens_per_step < 1):
             raise GeotrainError(f"DiLoCo(tokens_per_step={tokens_per_step!r}): expected a positive int")
         self.tokens_per_step = tokens_per_step
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                           or not 0 < clip_grad_norm < float("inf")):
+            raise GeotrainError(f"DiLoCo(clip_grad_norm={clip_grad_norm!r}): expected a positive finite number")
+        self.clip_grad_norm = clip_grad_norm
+        self.last_grad_norm: float | None = None
         self.events = events or EventLog(self.ctx.run_dir / "metrics.jsonl" if self.ctx.run_dir else None, self.ctx.proc)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -127,7 +144,9 @@ class DiLoCo:
         if self.ctx.is_leader:
             self.events.emit("inner_step", site=self.ctx.site, step=algo.local_step, round=algo.round,
                              loss=loss, compute_s=round(compute, 6), wan_s=round(algo.step_wan_s, 6),
-                             **({"tokens": self.tokens_per_step} if self.tokens_per_step else {}))
+                             lr=_lr_of(self.optimizer),
+                             **({"tokens": self.tokens_per_step} if self.tokens_per_step else {}),
+                             **({"grad_norm": round(self.last_grad_norm, 6)} if self.last_grad_norm is not None else {}))
         merged = False
         if algo.due():
             merged = algo.sync()
@@ -246,8 +265,13 @@ class DiLoCo:
         """Average gradients inside the site (and whatever the algorithm adds: ddp, across sites)
         before the inner step."""
         self.algo.last_step_wan_s = 0.0
-        if self.ctx.workers == 1 and not self.algo.wan_gradients:
-            return
+        if self.ctx.workers > 1 or self.algo.wan_gradients:
+            self._average_gradients()
+        if self.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
+            self.last_grad_norm = float(norm)
+
+    def _average_gradients(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = self._group.all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
         flat = self.algo.average_gradients(flat)

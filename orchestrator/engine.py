@@ -329,21 +329,23 @@ class CoordinatorEngine:
         return decision, norm
 
     def _admit(self, lane: Lane, update: Update, now: float, norm: float = 0.0) -> None:
-        """Stage 1: the update's round and mode may take it; it is recorded as arrived."""
+        """Stage 1: the update's round and mode may take it; it is recorded as arrived. A refused update
+        leaves nothing behind: the round's record (its mode, a ring abandoned) changes only once
+        rounds.admit accepted it (judged on the round as abandoning the ring would leave it)."""
         site, rnd = update.site, update.round
-        record = lane.record(rnd)
-        mode = merge_mode(record.mode, update.ring, rnd, lane.state.round)
+        mode = merge_mode(lane.mode(rnd), update.ring, rnd, lane.state.round)
         if mode.action == "ring_abandoned":
             raise Refused(Outcome.RING_ABANDONED, f"ring_abandoned: {mode.reason}", round=rnd, site=site)
-        if mode.action == "abandon_ring":
-            self._abandon_ring(lane, rnd, site)
-        else:
-            record.mode = mode.action
-        decision = admit(lane.state, site, rnd)
+        state = lane.state if mode.action != "abandon_ring" else replace(lane.state, arrived={})
+        decision = admit(state, site, rnd)
         if not decision:
             self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason,
                              fragment=lane.index)
             raise Refused(_REFUSED[decision.action], f"{decision.action}: {decision.reason}", round=rnd, site=site)
+        if mode.action == "abandon_ring":
+            self._abandon_ring(lane, rnd, site)
+        else:
+            lane.record(rnd).mode = mode.action
         lane.updates[site] = update.values
         if update.ring:
             lane.claims[site] = update.claimed_crc32
@@ -432,7 +434,7 @@ class CoordinatorEngine:
             self._cond.notify_all()
             return None
         sl = self._slice(lane)
-        new = self.outer.step(self.params, mean, sl)
+        new = self.outer.step(self.params, mean, sl, round=rnd)
         if ring:  # every leader computed the same outer step itself: only the fingerprint travels
             self.params = new
             return CommitResult(kind="ring_commit", round=rnd, version=0, crc32=0, values=torch.zeros(0),
@@ -547,7 +549,7 @@ class CoordinatorEngine:
             lane.remember_norms([norm], self.cfg.norm_history)
             w = async_weight(self.cfg.staleness_weight, self.version, update.version, len(self.cfg.sites))
             t0 = self.clock()
-            self.params = self.async_outer.step(self.params, update.values, w.weight)
+            self.params = self.async_outer.step(self.params, update.values, w.weight, version=self.version)
             rnd = self.version
             self.version += 1
             self.site_merges[site] = self.site_merges.get(site, 0) + 1

@@ -9,6 +9,10 @@ applies SGD with Nesterov momentum (the paper's defaults: lr 0.7, momentum 0.9):
 
 This is exactly torch.optim.SGD(nesterov=True, dampening=0) written out, so that the merge is
 bitwise reproducible and its state is two plain tensors.
+
+The learning rate may follow a schedule over rounds (``outer_optimizer.schedule``, geotrain.schedule):
+``lr(r) = lr × factor(r)`` for round ``r`` (a streaming fragment's own round). Being a function of the
+round alone, it needs no state to resume, and the ring leaders that mirror this step compute the same one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from geotrain.config.topology import OuterOptimizerConfig
+from geotrain.schedule import lr_factor, schedule_args
 
 
 def mean_of(updates: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -27,23 +32,36 @@ def mean_of(updates: dict[str, torch.Tensor]) -> torch.Tensor:
     return total / len(names)
 
 
+def outer_lr(cfg: OuterOptimizerConfig, round: int | None) -> float:
+    """The outer learning rate at ``round`` (the base lr when no round is given or the schedule is constant
+    without warmup). A schedule's absent total_steps must have been made explicit (geotrain.config.derive)."""
+    sched = cfg.schedule
+    if round is None or (sched.kind == "constant" and sched.warmup_steps == 0):
+        return cfg.lr
+    return cfg.lr * lr_factor(max(0, round), **schedule_args(sched, sched.total_steps))
+
+
 class OuterOptimizer:
     """SGD with (Nesterov) momentum on a flat float32 vector."""
 
     def __init__(self, cfg: OuterOptimizerConfig):
+        self.cfg = cfg
         self.lr = cfg.lr
         self.momentum = cfg.momentum
         self.nesterov = cfg.nesterov
         self.buf: torch.Tensor | None = None
 
-    def step(self, params: torch.Tensor, outer_grad: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
+    def step(self, params: torch.Tensor, outer_grad: torch.Tensor, sl: slice = slice(None),
+             round: int | None = None) -> torch.Tensor:
         """Return new parameters for the averaged pseudo-gradient ``outer_grad`` of ``params[sl]``.
 
         ``sl`` (Streaming DiLoCo) steps one fragment: only that slice of the momentum buffer moves.
+        ``round`` picks the learning rate from the schedule (None: the base lr).
         """
+        lr = outer_lr(self.cfg, round)
         if self.momentum == 0:
             out = params.clone()
-            out[sl] = params[sl] - self.lr * outer_grad
+            out[sl] = params[sl] - lr * outer_grad
             return out
         if self.buf is None:
             self.buf = torch.zeros_like(params)
@@ -52,7 +70,7 @@ class OuterOptimizer:
             self.buf[sl].mul_(self.momentum).add_(outer_grad)
         update = outer_grad + self.momentum * self.buf[sl] if self.nesterov else self.buf[sl]
         out = params.clone()
-        out[sl] = params[sl] - self.lr * update
+        out[sl] = params[sl] - lr * update
         return out
 
     def state_dict(self) -> dict:
@@ -89,22 +107,27 @@ class DelayedNesterov:
     """
 
     def __init__(self, cfg: OuterOptimizerConfig, n: int, delayed: bool = True):
+        self.cfg = cfg
         self.lr, self.momentum, self.n, self.delayed = cfg.lr, cfg.momentum, max(1, n), delayed
         self.buf: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None
         self.count = 0
 
-    def step(self, params: torch.Tensor, delta: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    def step(self, params: torch.Tensor, delta: torch.Tensor, weight: float = 1.0, version: int | None = None
+             ) -> torch.Tensor:
+        """``version``: the global version before this update; its round (version // N) picks the learning
+        rate from the schedule (None: the base lr)."""
         g = delta * weight if weight != 1.0 else delta
+        lr = outer_lr(self.cfg, None if version is None else version // self.n)
         if not self.delayed:  # plain Nesterov on every update
             self.buf = g.clone() if self.buf is None else self.buf.mul_(self.momentum).add_(g)
-            return params - self.lr * (g + self.momentum * self.buf) / self.n
-        params = params - (self.lr / self.n) * g
+            return params - lr * (g + self.momentum * self.buf) / self.n
+        params = params - (lr / self.n) * g
         self.acc = g.clone() if self.acc is None else self.acc.add_(g)
         self.count += 1
         if self.count >= self.n:
             mean = self.acc / self.count
             self.buf = mean.clone() if self.buf is None else self.buf.mul_(self.momentum).add_(mean)
-            params = params - self.lr * self.momentum * self.buf
+            params = params - lr * self.momentum * self.buf
             self.acc, self.count = None, 0
         return params

@@ -48,7 +48,7 @@ import torch
 
 from geotrain.errors import CheckpointCorrupt, TopologyError
 
-SOURCES = ("stdlib", "files")
+SOURCES = ("stdlib", "files", "tokens")
 
 # Folders of the standard library tree that are not the standard library proper.
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests"})
@@ -63,8 +63,25 @@ class DataSpec:
     paths: tuple[str, ...] = ()  # for "files": files or folders (folders recursively)
     max_bytes: int = 4_000_000  # cap on text loaded: the first max_bytes of the ordered corpus
     eval_fraction: float = 0.1  # share of documents held out for eval
+    # source "tokens" (geotrain.worker.tokens): flat token files, held-out files, their dtype and vocabulary
+    eval_paths: tuple[str, ...] = ()
+    dtype: str = "uint16"
+    vocab_size: int | None = None
+
+    @classmethod
+    def of(cls, data) -> "DataSpec":
+        """The spec of a topology's data section (``data`` or ``sites[].data``)."""
+        return cls(source=data.source, paths=tuple(data.paths), max_bytes=data.max_bytes,
+                   eval_fraction=data.eval_fraction, eval_paths=tuple(data.eval_paths), dtype=data.dtype,
+                   vocab_size=data.vocab_size)
+
+    @property
+    def vocab(self) -> int:
+        """Token ids are below this: the tokenizer's vocabulary, or 256 for text read as bytes."""
+        return self.vocab_size if self.source == "tokens" and self.vocab_size else 256
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "eval_paths", tuple(os.fspath(p) for p in self.eval_paths))
         if isinstance(self.paths, (str, os.PathLike)):
             object.__setattr__(self, "paths", (os.fspath(self.paths),))
         else:
@@ -73,8 +90,10 @@ class DataSpec:
             raise TopologyError(
                 f"data.source: {self.source!r} is not a data source; use one of {', '.join(SOURCES)}"
             )
-        if self.source == "files" and not self.paths:
-            raise TopologyError("data.paths: source 'files' needs at least one file or folder")
+        if self.source in ("files", "tokens") and not self.paths:
+            raise TopologyError(f"data.paths: source '{self.source}' needs at least one file or folder")
+        if self.source == "tokens" and self.vocab_size is None:
+            raise TopologyError("data.vocab_size: source 'tokens' needs the tokenizer's vocabulary size")
         if self.source == "stdlib" and self.paths:
             raise TopologyError(
                 "data.paths: source 'stdlib' takes no paths; set data.source to 'files' to use them"
@@ -85,6 +104,46 @@ class DataSpec:
             raise TopologyError(
                 f"data.eval_fraction: must lie strictly between 0 and 1, got {self.eval_fraction!r}"
             )
+
+
+def load_corpus(spec: DataSpec, block_size: int = 64, field: str = "data"):
+    """The corpus ``spec`` names: a :class:`TextCorpus` (text as bytes) or, for ``source: tokens``, a
+    :class:`geotrain.worker.tokens.TokenCorpus`. Both have ``train`` and ``eval`` parts that
+    :class:`BatchSampler` and :func:`eval_batches` cut windows from, and a ``fingerprint()``."""
+    if spec.source == "tokens":
+        from geotrain.worker.tokens import TokenCorpus
+
+        return TokenCorpus.load(spec, block_size, field=field)
+    return TextCorpus.load(spec, block_size)
+
+
+def check_data_files(topo, sites: Sequence[str] | None = None) -> list[str]:
+    """Before a launch: every data file the built-in trainer will read exists and, for token files, holds a
+    whole number of tokens; raises TopologyError naming the field (``sites[1].data.paths: ...``). Checks the
+    top-level ``data`` where a site in ``sites`` (default: all) uses it, and those sites' own ``sites[].data``.
+    Returns one line per section checked (``data: 2 token files, 1.2 G tokens``) for ``geotrain validate``."""
+    from geotrain.worker.tokens import TokenStream
+
+    chosen = [s for s in topo.sites if sites is None or s.name in sites]
+    sections = []
+    if any(s.data is None for s in chosen):
+        sections.append(("data", topo.data))
+    sections += [(f"sites[{i}].data", s.data) for i, s in enumerate(topo.sites) if s in chosen and s.data is not None]
+    lines = []
+    for field, data in sections:
+        if data.source == "stdlib":
+            lines.append(f"{field}: the Python standard library (up to {data.max_bytes:,} bytes)")
+        elif data.source == "files":
+            for i, p in enumerate(data.paths):
+                if not os.path.exists(p):
+                    raise TopologyError(f"{field}.paths[{i}]: {p} does not exist")
+            lines.append(f"{field}: {len(data.paths)} text path(s) (up to {data.max_bytes:,} bytes)")
+        else:
+            n = TokenStream(data.paths, data.dtype, data.vocab_size, f"{field}.paths").size
+            if data.eval_paths:
+                TokenStream(data.eval_paths, data.dtype, data.vocab_size, f"{field}.eval_paths")
+            lines.append(f"{field}: {len(data.paths)} token file(s), {n:,} {data.dtype} tokens, vocab {data.vocab_size}")
+    return lines
 
 
 def stdlib_root() -> str:
@@ -285,7 +344,7 @@ def _check_windows(data: np.ndarray, batch_size: int, block_size: int, what: str
 def _windows(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x = data[s : s+T], y = data[s+1 : s+T+1] for every start s, as int64 tensors [B, T]."""
     idx = starts[:, None] + np.arange(block_size + 1, dtype=np.int64)[None, :]
-    w = torch.from_numpy(data[idx].astype(np.int64))
+    w = torch.from_numpy(np.asarray(data[idx]).astype(np.int64, copy=False))
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 

@@ -7,7 +7,8 @@ embeddings, a stack of pre-LayerNorm transformer blocks (causal self-attention, 
 the token embedding. Weights start from N(0, 0.02), with the residual output projections
 scaled by 1/sqrt(2 * n_layer) as in GPT-2.
 
-The vocabulary is the 256 byte values, so any text (or any file) is already tokenised.
+The vocabulary is the 256 byte values by default, so any text (or any file) is already tokenised;
+pre-tokenized corpora (geotrain.worker.tokens) set ``vocab_size`` to their tokenizer's.
 Attention uses ``F.scaled_dot_product_attention(..., is_causal=True)``, which picks a fused
 kernel where the device has one. Nothing here names a device: move the model with
 ``model.to(device)`` and the inputs with it.
@@ -171,6 +172,14 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """Number of trainable scalars; the tied embedding/head matrix counts once."""
         return sum(p.numel() for p in self.parameters())
+
+
+def flops_per_token(config: GPTConfig, n_params: int) -> int:
+    """Training FLOPs per token (forward and backward), PaLM's estimate as nanoGPT uses it for MFU:
+    6·N for the weights plus 12·n_layer·n_embd·block_size for attention (N without the position table,
+    which is a lookup, not a matrix multiply)."""
+    n = n_params - config.block_size * config.n_embd
+    return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
 
 
 def build_model(config: GPTConfig, seed: int) -> GPT:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geotrain.config.components import LinkConfig, WorkerConfig
-from geotrain.config.topology import LinkSpec, Topology
+from geotrain.config.topology import LinkSpec, OuterOptimizerConfig, Topology
 from geotrain.wan.merge_plan import ring_plan, uploader
 
 
@@ -59,9 +59,19 @@ def worker_config(topo: Topology, run_dir: Path) -> WorkerConfig:
         error_feedback_decay=tr.compression.error_feedback_decay,
         fragments=tr.streaming.fragments, overlap_steps=overlap_steps(topo), alpha=tr.streaming.alpha,
         num_sites=len(topo.sites), ring_uploader=uploader(topo),
-        outer_optimizer=tr.outer_optimizer.model_dump(mode="json"),
+        outer_optimizer=outer_optimizer(topo).model_dump(mode="json"),
         certs_dir=certs_dir(topo, run_dir),
     )
+
+
+def outer_optimizer(topo: Topology) -> OuterOptimizerConfig:
+    """training.outer_optimizer with its schedule's horizon made explicit (an absent total_steps is the run's
+    training.rounds): the coordinator and the ring leaders that mirror its outer step compute the same
+    learning rate for every round from it, with no state (geotrain.schedule)."""
+    outer = topo.training.outer_optimizer
+    if outer.schedule.total_steps is not None:
+        return outer
+    return outer.model_copy(update={"schedule": outer.schedule.model_copy(update={"total_steps": topo.training.rounds})})
 
 
 def certs_dir(topo: Topology, run_dir: Path) -> Path | None:
@@ -108,7 +118,7 @@ def coordinator_config(topo: Topology, epoch: int = 0):
 
     tr = topo.training
     return EngineConfig(sites=tuple(topo.site_names), algorithm=tr.algorithm,
-                        outer=tr.outer_optimizer, round_timeout_s=tr.round_timeout_s,
+                        outer=outer_optimizer(topo), round_timeout_s=tr.round_timeout_s,
                         min_sites=topo.recovery.min_sites, epoch=epoch, checkpoint_every=topo.checkpoint.every_rounds,
                         codec=tr.compression.codec, block=tr.compression.block,
                         density=tr.compression.density, bits=tr.compression.bits,

@@ -20,7 +20,7 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from geotrain.units import parse_bandwidth_mbps, parse_duration_ms
 
@@ -62,6 +62,10 @@ class SiteConfig(_Node):
     """Emulate a slower site: its inner step, collectives included, takes this many times as long (the site's rank 0 sleeps and the others wait for it; built-in trainer only). 1 = full speed."""
     region: str | None = Field(default=None, max_length=64)
     """Region of the site, for `training.merge: hierarchical` (sites of a region reduce among themselves first)."""
+    data: DataConfig | None = None
+    """This site's own corpus (same keys as the top-level `data`, which it replaces for this site): each campus
+    trains on its own data, the non-IID case. Absent: the top-level `data`. The first site's leader evaluates on
+    its own data's held-out part."""
 
 
 class LinkSpec(_Node):
@@ -97,9 +101,23 @@ class CoordinatorConfig(_Node):
     `coordinator_started` event and etcd; null = off)."""
 
 
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "demo": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64},  # ~0.1 M parameters: a CPU demo
+    "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},  # ~0.8 M
+    "35m": {"n_layer": 6, "n_head": 8, "n_embd": 512, "block_size": 1024},  # arXiv 2503.09799's 35M shape
+    "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 small, 124 M at 50257 tokens
+}
+"""Shapes of the built-in GPT by name (`model.preset`); fields written beside a preset override it."""
+
+
 class ModelConfig(_Node):
     name: Literal["gpt"] = "gpt"
-    """The built-in model: a GPT-style byte-level language model."""
+    """The built-in model: a GPT-style language model (nanoGPT's)."""
+    preset: Literal["demo", "tiny", "35m", "gpt2-small"] | None = None
+    """A named shape: `demo` (2 layers, width 64, context 64), `tiny` (4, 128, 128), `35m` (6 layers, width 512,
+    8 heads, context 1024: the 35M shape of arXiv 2503.09799 with a 32k vocabulary), `gpt2-small` (12 layers, 768,
+    12 heads, context 1024: 124M parameters with GPT-2's 50257 tokens). `n_layer`, `n_head`, `n_embd`, `block_size`
+    written beside it override it. Absent: the fields below (their defaults are `demo`)."""
     n_layer: int = Field(default=2, ge=1, le=48)
     """Transformer blocks."""
     n_head: int = Field(default=4, ge=1, le=64)
@@ -107,29 +125,85 @@ class ModelConfig(_Node):
     n_embd: int = Field(default=64, ge=8, le=4096)
     """Embedding width."""
     block_size: int = Field(default=64, ge=8, le=4096)
-    """Context length in bytes."""
+    """Context length in tokens (bytes for text data)."""
+    vocab_size: int | None = Field(default=None, ge=2, le=1 << 20)
+    """Rows of the embedding table. Absent: the data's (256 for text, which is read as bytes; `data.vocab_size`
+    for `source: tokens`). It must be at least every corpus's vocabulary."""
+    bf16: bool = True
+    """On a CUDA site, run forward and loss under bf16 autocast (weights and optimizer stay float32). CPU sites
+    always compute in float32."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        """A preset fills the shape fields that are not written (unknown presets are refused by the field)."""
+        if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"] in MODEL_PRESETS:
+            data = {**MODEL_PRESETS[data["preset"]], **data}
+        return data
+
+
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH)]
 
 
 class DataConfig(_Node):
-    source: Literal["stdlib", "files"] = "stdlib"
-    """`stdlib`: the Python standard library's sources (present on every machine); `files`: `paths`."""
-    paths: tuple[Annotated[str, Field(min_length=1, max_length=MAX_PATH)], ...] = Field(default=(), max_length=1000)
-    """Files or folders of text, for `source: files` (relative paths are relative to the topology file, and may not climb out of its folder with `..`; an absolute path is taken as written)."""
+    source: Literal["stdlib", "files", "tokens"] = "stdlib"
+    """`stdlib`: the Python standard library's sources (present on every machine); `files`: text files and folders
+    at `paths` (read as bytes); `tokens`: pre-tokenized flat token files at `paths` (nanoGPT's `train.bin`: the token
+    ids back to back as `dtype`, no header), memory-mapped, never loaded whole."""
+    paths: tuple[PathText, ...] = Field(default=(), max_length=1000)
+    """Files or folders of text (`source: files`), or token files (`source: tokens`, read as one stream in the
+    order given). Relative paths are relative to the topology file, and may not climb out of its folder with `..`;
+    an absolute path is taken as written."""
+    eval_paths: tuple[PathText, ...] = Field(default=(), max_length=1000)
+    """`source: tokens`: held-out token files (nanoGPT's `val.bin`). Absent: the last `eval_fraction` of the
+    tokens of `paths` is held out."""
+    dtype: Literal["uint16", "uint32"] = "uint16"
+    """`source: tokens`: the type of one token id in the files (`uint16` holds vocabularies up to 65536)."""
+    vocab_size: int | None = Field(default=None, ge=2, le=1 << 20)
+    """`source: tokens`: the tokenizer's vocabulary (e.g. 50257 for GPT-2); every token id must be below it
+    (checked on every batch drawn)."""
     max_bytes: int = Field(default=4_000_000, ge=1_000, le=1 << 36)
-    """At most this many bytes of text are loaded (deterministically: the first of the sorted corpus); at most 64 GiB."""
+    """Text sources: at most this many bytes of text are loaded (deterministically: the first of the sorted corpus); at most 64 GiB."""
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    """Share of documents held out for evaluation."""
+    """Share held out for evaluation: of the documents (text), or the tail of the token stream (tokens without `eval_paths`)."""
+
+
+SiteConfig.model_rebuild()  # its `data` is a DataConfig, defined after it
+
+
+class ScheduleConfig(_Node):
+    """A learning rate that follows the step: lr × factor(step), a pure function of the step
+    (geotrain/schedule.py), so a resumed run continues on it exactly. Linear warmup from lr/warmup_steps to lr,
+    then `constant`, or a `cosine` (or `linear`) decay to `min_lr_ratio` × lr at `total_steps`, and that floor after."""
+
+    kind: Literal["constant", "cosine", "linear"] = "constant"
+    """The shape after the warmup."""
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_ROUNDS * MAX_STEPS)
+    """Steps of linear warmup (inner steps for the inner optimizer, rounds for the outer one); 0 = none."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """The floor of a decay, as a fraction of lr (the papers: 0.1)."""
+    total_steps: int | None = Field(default=None, ge=1, le=MAX_ROUNDS * MAX_STEPS)
+    """Where the decay reaches its floor. Absent: the run's length (training.rounds × training.inner_steps inner
+    steps; training.rounds rounds for the outer optimizer)."""
 
 
 class InnerOptimizerConfig(_Node):
-    """The optimizer every worker steps between merges (its state stays local to the site)."""
+    """The optimizer every worker steps between merges (its state stays local to the site). `ddp` and every
+    DiLoCo variant use the same one: one recipe."""
 
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=3e-3, gt=0.0)
-    """Learning rate."""
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    name: Literal["adamw", "sgd", "muon"] = "adamw"
+    """`muon`: MuLoCo's inner optimizer (arXiv 2505.23725): torch.optim.Muon on the hidden 2-D weight matrices
+    (learning rate scaled to match AdamW's update RMS), AdamW with `betas` on embeddings, head, norms and biases."""
+    lr: float = Field(default=3e-3, gt=0.0, le=100.0)
+    """Peak learning rate (the schedule scales it)."""
+    weight_decay: float = Field(default=0.0, ge=0.0, le=10.0)
+    """Decoupled weight decay (AdamW), or L2 (SGD)."""
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.95)
     """AdamW betas (ignored for SGD)."""
+    clip_grad_norm: float | None = Field(default=None, gt=0.0, le=1e6)
+    """Clip the site's averaged gradient to this global L2 norm before each inner step (the papers: 1.0); null = no clipping."""
+    schedule: ScheduleConfig = ScheduleConfig()
+    """The inner learning rate over inner steps (built-in trainer; a script applies geotrain.schedule itself)."""
 
 
 class OuterOptimizerConfig(_Node):
@@ -142,6 +216,8 @@ class OuterOptimizerConfig(_Node):
     """Outer momentum (DiLoCo: 0.9)."""
     nesterov: bool = True
     """Nesterov momentum (DiLoCo: yes)."""
+    schedule: ScheduleConfig = ScheduleConfig()
+    """The outer learning rate over rounds (applied by the coordinator and mirrored by ring leaders); default constant."""
 
 
 class CompressionConfig(_Node):

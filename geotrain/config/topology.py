@@ -28,17 +28,19 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from geotrain.config.schema import (
-    FAULT_KINDS, NAME_RE, AsyncConfig, Bandwidth, CheckpointConfig, CompressionConfig, CoordinatorConfig, DataConfig,
+    FAULT_KINDS, MODEL_PRESETS, NAME_RE, AsyncConfig, Bandwidth, CheckpointConfig, CompressionConfig, CoordinatorConfig, DataConfig,
     Duration, EtcdConfig, FaultSpec, InnerOptimizerConfig, LinkPair, LinksConfig, LinkSpec, ModelConfig,
-    OuterOptimizerConfig, RecoveryConfig, SecurityConfig, SiteConfig, StreamingConfig, Topology, TrainingConfig)
+    OuterOptimizerConfig, RecoveryConfig, ScheduleConfig, SecurityConfig, SiteConfig, StreamingConfig, Topology,
+    TrainingConfig)
 from geotrain.config.safeyaml import QUOTE_CHARS, check_depth, fmt_loc, load_yaml, quote, read_bounded
 from geotrain.errors import TopologyError
 
 __all__ = [  # the loader's names and, re-exported, the schema's
     "load_topology", "load_any", "parse_topology", "apply_override", "fault_problem",
-    "FAULT_KINDS", "NAME_RE", "AsyncConfig", "Bandwidth", "CheckpointConfig", "CompressionConfig", "CoordinatorConfig",
+    "data_sections", "data_problem", "data_vocab", "model_vocab", "schedule_problem",
+    "FAULT_KINDS", "MODEL_PRESETS", "NAME_RE", "AsyncConfig", "Bandwidth", "CheckpointConfig", "CompressionConfig", "CoordinatorConfig",
     "DataConfig", "Duration", "EtcdConfig", "FaultSpec", "InnerOptimizerConfig", "LinkPair", "LinksConfig", "LinkSpec",
-    "ModelConfig", "OuterOptimizerConfig", "RecoveryConfig", "SecurityConfig", "SiteConfig", "StreamingConfig", "Topology",
+    "ModelConfig", "OuterOptimizerConfig", "RecoveryConfig", "ScheduleConfig", "SecurityConfig", "SiteConfig", "StreamingConfig", "Topology",
     "TrainingConfig",
 ]
 
@@ -52,14 +54,66 @@ def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     for item in overrides:
         raw = apply_override(raw, item, source=str(path))
     topo = parse_topology(raw, source=str(path))
-    if topo.data.source == "files":
-        base = path.parent
-        resolved = tuple(p if Path(p).is_absolute() else os.path.abspath(base / p) for p in topo.data.paths)
-        topo = topo.model_copy(update={"data": topo.data.model_copy(update={"paths": resolved})})
+    topo = _resolve_data_paths(topo, path.parent)
     if topo.security.certs is not None and not Path(topo.security.certs).is_absolute():
         certs = os.path.abspath(path.parent / topo.security.certs)
         topo = topo.model_copy(update={"security": topo.security.model_copy(update={"certs": certs})})
     return topo
+
+
+def _resolve_data_paths(topo: Topology, base: Path) -> Topology:
+    """Every data section's relative paths (top-level `data` and each `sites[].data`) made absolute against the
+    topology file's folder."""
+    def resolved(data: DataConfig) -> DataConfig:
+        fix = lambda ps: tuple(p if Path(p).is_absolute() else os.path.abspath(base / p) for p in ps)  # noqa: E731
+        return data.model_copy(update={"paths": fix(data.paths), "eval_paths": fix(data.eval_paths)})
+
+    sites = tuple(s.model_copy(update={"data": resolved(s.data)}) if s.data is not None else s for s in topo.sites)
+    return topo.model_copy(update={"data": resolved(topo.data), "sites": sites})
+
+
+def data_sections(topo: Topology) -> list[tuple[str, DataConfig]]:
+    """(field, data) of the top-level `data` and of every site's own `sites[i].data`."""
+    return [("data", topo.data)] + [(f"sites[{i}].data", s.data) for i, s in enumerate(topo.sites) if s.data is not None]
+
+
+def data_problem(data: DataConfig) -> str | None:
+    """Why a data section cannot be read (as ``.field: message``), or None."""
+    if data.source in ("files", "tokens") and not data.paths:
+        return f".paths: `source: {data.source}` needs at least one path"
+    if data.source == "stdlib" and data.paths:
+        return ".paths: `source: stdlib` takes no paths; set source to `files` (text) or `tokens` to use them"
+    if data.source != "tokens":
+        if data.vocab_size is not None:
+            return f".vocab_size: only for `source: tokens` (text is read as bytes: 256), got {data.vocab_size}"
+        if data.eval_paths:
+            return ".eval_paths: only for `source: tokens`"
+        return None
+    if data.vocab_size is None:
+        return ".vocab_size: `source: tokens` needs the tokenizer's vocabulary size (e.g. 50257 for GPT-2)"
+    if data.dtype == "uint16" and data.vocab_size > 1 << 16:
+        return (f".dtype: uint16 holds token ids below 65536, but vocab_size is {data.vocab_size}; "
+                f"write the files as uint32 and set dtype: uint32")
+    return None
+
+
+def data_vocab(data: DataConfig) -> int:
+    """The vocabulary of a corpus: the tokenizer's for token files, 256 (bytes) for text."""
+    return data.vocab_size if data.source == "tokens" and data.vocab_size else 256
+
+
+def model_vocab(topo: Topology) -> int:
+    """The built-in model's embedding rows: model.vocab_size, else the largest corpus vocabulary."""
+    return topo.model.vocab_size or max(data_vocab(d) for _, d in data_sections(topo))
+
+
+def schedule_problem(schedule, run_length: int, unit: str) -> str | None:
+    """Why a learning-rate schedule cannot apply to a run of ``run_length`` steps, or None."""
+    total = schedule.total_steps if schedule.total_steps is not None else run_length
+    if schedule.warmup_steps > total:
+        return (f".warmup_steps: {schedule.warmup_steps} {unit} of warmup is longer than the schedule "
+                f"({total} {unit}: total_steps, else the run's length)")
+    return None
 
 
 def load_any(path: str | Path) -> Topology:
@@ -239,10 +293,23 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
     m = topo.model
     if m.n_embd % m.n_head:
         raise TopologyError(f"{source}: model.n_embd: must be a multiple of model.n_head ({m.n_head}), got {m.n_embd}")
-    if topo.data.source == "files" and not topo.data.paths:
-        raise TopologyError(f"{source}: data.paths: `source: files` needs at least one path")
-    for i, data_path in enumerate(topo.data.paths):
-        _confined(data_path, f"data.paths[{i}]", "the topology file's folder", source)
+    for field, data in data_sections(topo):
+        problem = data_problem(data)
+        if problem:
+            raise TopologyError(f"{source}: {field}{problem}")
+        for key in ("paths", "eval_paths"):
+            for i, data_path in enumerate(getattr(data, key)):
+                _confined(data_path, f"{field}.{key}[{i}]", "the topology file's folder", source)
+        if m.vocab_size is not None and m.vocab_size < data_vocab(data):
+            raise TopologyError(f"{source}: model.vocab_size: {m.vocab_size} is smaller than the vocabulary of "
+                                f"{field} ({data_vocab(data)}); raise it or leave it out (then it is the data's)")
+    tr = topo.training
+    for field, sched, length, unit in (
+            ("training.inner_optimizer.schedule", tr.inner_optimizer.schedule, tr.rounds * tr.inner_steps, "inner steps"),
+            ("training.outer_optimizer.schedule", tr.outer_optimizer.schedule, tr.rounds, "rounds")):
+        problem = schedule_problem(sched, length, unit)
+        if problem:
+            raise TopologyError(f"{source}: {field}{problem}")
     if topo.checkpoint.path is not None:
         _confined(topo.checkpoint.path, "checkpoint.path", "the run directory", source)
     if topo.security.certs is not None:

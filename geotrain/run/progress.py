@@ -37,6 +37,7 @@ class Progress:
         self.eval_loss = None
         self.eval_name = "loss"
         self.commits = 0
+        self.model_shown = False
         self.diverged: str | None = None  # the first sign that the global model went non-finite
         self.t0 = time.time()
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False) \
@@ -74,6 +75,9 @@ class Progress:
                 if e.get("tokens"):  # only when the model declared its tokens per step
                     s["tokens"] += int(e["tokens"]) * self.topo.site(e["site"]).workers
                 s["t"] = e["t"]
+            elif kind == "model" and not self.model_shown:  # printed once, though restarts write it again
+                self.model_shown = True
+                self.console.print(model_line(e), highlight=False)
             elif kind == "eval":
                 self.eval_loss = e["loss"]
                 self.eval_name = e.get("metric") or "loss"
@@ -131,6 +135,19 @@ class Progress:
         self.update()
         if self.live:
             self.live.stop()
+
+
+def model_line(e: dict) -> str:
+    """``model  10.7 M parameters, 6 layers × 384 wide, context 256, vocab 256, 70.2 MFLOP/token (training), cpu``."""
+    def si(v: float) -> str:
+        for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(v) >= scale:
+                return f"{v / scale:.3g} {unit}"
+        return f"{v:.3g} "
+    preset = f" ({e['preset']})" if e.get("preset") else ""
+    return (f"model{preset}  {si(e.get('params', 0))}parameters, {e.get('n_layer')} layers × {e.get('n_embd')} wide, "
+            f"context {e.get('block_size')}, vocab {e.get('vocab_size')}, {si(e.get('flops_per_token', 0))}FLOP/token "
+            f"(training), {e.get('device')}{' bf16' if e.get('bf16') else ''}")
 
 
 def make_progress(launcher):

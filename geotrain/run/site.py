@@ -61,6 +61,10 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
         site = topo.site(site_name)
     except KeyError:
         raise GeotrainError(f"site {site_name!r} is not in the topology ({', '.join(topo.site_names)})") from None
+    if script is None:  # this site's data, present on this host now (the others' may live elsewhere)
+        from geotrain.worker.data import check_data_files
+
+        check_data_files(topo, sites=[site.name])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     topo_json = run_dir / f"topology.{site.name}.json"

@@ -184,6 +184,8 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
         "wan_bytes": sum(v["bytes_forward"] + v["bytes_backward"] for v in links.values()),
         "links": links,
         "wall_seconds": round(wall_seconds, 3),
+        "model": next(({k: e.get(k) for k in ("params", "flops_per_token", "preset", "vocab_size", "device", "bf16")}
+                       for e in events if e["event"] == "model"), None),
         "tokens": tokens,
         "tokens_per_second": round(tokens / wall_seconds, 1) if tokens is not None and wall_seconds > 0 else None,
         "metrics": last_metrics(events),

@@ -38,7 +38,9 @@ def test_worker_config_values():
     assert (cfg.overlap_steps, cfg.alpha, cfg.fragments) == (3, 0.75, 2)
     assert (cfg.checkpoint_dir, cfg.checkpoint_every, cfg.checkpoint_keep) == (Path("/run/checkpoints"), 0, 5)
     assert (cfg.retry_deadline_s, cfg.topology_sha256, cfg.num_sites) == (9.5, t.digest(), 3)
-    assert cfg.outer_optimizer == {"name": "sgd", "lr": 0.3, "momentum": 0.9, "nesterov": True}
+    assert cfg.outer_optimizer == {"name": "sgd", "lr": 0.3, "momentum": 0.9, "nesterov": True,
+                                   "schedule": {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 0.1,
+                                                "total_steps": 4}}  # the horizon made explicit: the run's rounds
 
 
 @pytest.mark.parametrize("round_timeout_s, want", [(10, RPC_TIMEOUT_FLOOR_S), (150, 300.0), (151, 302.0), (1000.5, 2001.0)])

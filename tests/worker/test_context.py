@@ -57,7 +57,9 @@ def test_launched_worker_reads_identity_and_settings_with_the_old_values(tmp_pat
     assert (ctx.codec, ctx.block, ctx.error_feedback) == ("int8", 64, False)
     assert (ctx.fragments, ctx.overlap_steps, ctx.alpha) == (3, 2, 0.25)
     assert (ctx.num_sites, ctx.ring_uploader) == (2, "a")
-    assert ctx.outer_optimizer == {"name": "sgd", "lr": 0.5, "momentum": 0.8, "nesterov": True}
+    assert ctx.outer_optimizer == {"name": "sgd", "lr": 0.5, "momentum": 0.8, "nesterov": True,
+                                   "schedule": {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 0.1,
+                                                "total_steps": 5}}  # the horizon made explicit: the run's rounds
     for name, kind in OLD_ATTRIBUTES.items():
         assert isinstance(getattr(ctx, name), kind), (name, getattr(ctx, name))
 

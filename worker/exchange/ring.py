@@ -154,7 +154,7 @@ class RingExchange:
             p = self.star.client.merge(mean if upload else torch.zeros(0), round=round,
                                        kind="ring_mean" if upload else "ring_ack", version=round,
                                        claimed_crc32=claimed)
-            new = self._outer.step(base, mean)
+            new = self._outer.step(base, mean, round=round)
             if p.kind != "ring_commit" or p.params_crc32 != fingerprint(new):
                 raise TransferCorrupt(f"site {self.site}, round {round}: after the ring merge the coordinator "
                                       f"holds weights with CRC32 {p.params_crc32}, this site {fingerprint(new)}")

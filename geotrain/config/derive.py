@@ -132,5 +132,6 @@ def coordinator_config(topo: Topology, epoch: int = 0):
                         # ring or hierarchical merges: leaders rebuild their rings when the coordinator says so
                         rings=tr.merge != "star" and len(topo.sites) > 1,
                         aggregation=tr.aggregation, trim_fraction=tr.trim_fraction,
-                        max_update_norm_ratio=topo.security.max_update_norm_ratio,
+                        max_update_norm_ratio=(topo.security.max_gradient_norm_ratio if tr.algorithm == "ddp"
+                                               else topo.security.max_update_norm_ratio),
                         norm_history=topo.security.norm_history)

@@ -77,7 +77,7 @@ class Progress:
                 s["t"] = e["t"]
             elif kind == "model" and not self.model_shown:  # printed once, though restarts write it again
                 self.model_shown = True
-                self.console.print(model_line(e), highlight=False)
+                self.console.print(model_line(e), highlight=False, soft_wrap=True)
             elif kind == "eval":
                 self.eval_loss = e["loss"]
                 self.eval_name = e.get("metric") or "loss"
@@ -138,15 +138,17 @@ class Progress:
 
 
 def model_line(e: dict) -> str:
-    """``model  10.7 M parameters, 6 layers × 384 wide, context 256, vocab 256, 70.2 MFLOP/token (training), cpu``."""
-    def si(v: float) -> str:
+    """``model (35m)  19.6M parameters, 6 layers × 512 wide, context 1024, vocab 256, 146 MFLOP/token (training), cpu``."""
+    def si(v: float) -> tuple[str, str]:
         for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
             if abs(v) >= scale:
-                return f"{v / scale:.3g} {unit}"
-        return f"{v:.3g} "
+                return f"{v / scale:.3g}", unit
+        return f"{v:.3g}", ""
+
+    params, flops = si(e.get("params") or 0), si(e.get("flops_per_token") or 0)
     preset = f" ({e['preset']})" if e.get("preset") else ""
-    return (f"model{preset}  {si(e.get('params', 0))}parameters, {e.get('n_layer')} layers × {e.get('n_embd')} wide, "
-            f"context {e.get('block_size')}, vocab {e.get('vocab_size')}, {si(e.get('flops_per_token', 0))}FLOP/token "
+    return (f"model{preset}  {''.join(params)} parameters, {e.get('n_layer')} layers × {e.get('n_embd')} wide, "
+            f"context {e.get('block_size')}, vocab {e.get('vocab_size')}, {flops[0]} {flops[1]}FLOP/token "
             f"(training), {e.get('device')}{' bf16' if e.get('bf16') else ''}")
 
 

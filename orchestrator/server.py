@@ -6,6 +6,12 @@ calls the :class:`~geotrain.orchestrator.engine.CoordinatorEngine`, and encodes 
 a ``Refusal`` (protos/geotrain/v1/coordinator.proto) serialized in the trailing metadata under
 :data:`REFUSAL_KEY`, which the client converts to the exception tree in one place
 (geotrain.worker.client). The status message is the engine's message, for people only.
+
+What one call may hold is bounded before the engine sees it (geotrain.orchestrator.limits): names
+and the model fingerprint by length, a stream's messages by its declared size, each peer's open
+streams (a peer is its certificate's name, else its host), and every streaming call's lifetime by a
+server-side deadline; gRPC's own options bound calls in flight, streams per connection and message
+size. The order in every handler: names, identity (authz), the stream limit, then the data.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from geotrain.errors import GeotrainError
 from geotrain.orchestrator.engine import CoordinatorEngine
 from geotrain.orchestrator.results import CommitResult, Refused, Update
 from geotrain.orchestrator.authz import authorize
+from geotrain.orchestrator.limits import (CallDeadlines, PeerStreams, ServerLimits, check_names, limits_for,
+                                          message_verdict, peer_key, peer_limit, pool_size)
 from geotrain.security.pki import TlsFiles, site_of
 from geotrain.security.tls import peer_name, server_credentials
 from geotrain.wire import transport
 from geotrain.wire.channel import GRPC_OPTIONS
-from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, outcome_of
+from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, error_for, outcome_of
 
 STATUS = {
     Outcome.STALE: grpc.StatusCode.FAILED_PRECONDITION,
@@ -48,19 +56,68 @@ STATUS = {
 """The gRPC status code each refusal travels with."""
 
 
-def refuse(context, refused: Refused):
-    """End the call: the Refusal in the trailing metadata, then the status (raises, as context.abort does)."""
+def refuse(context, refused: Refused, code: grpc.StatusCode | None = None):
+    """End the call: the Refusal in the trailing metadata, then the status (raises, as context.abort does).
+    ``code``: another status than the outcome's usual one (a stream limit: RESOURCE_EXHAUSTED)."""
     refusal = pb.Refusal(outcome=int(refused.outcome), reason=refused.message, round=refused.round, site=refused.site)
     context.set_trailing_metadata(((REFUSAL_KEY, refusal.SerializeToString()),))
-    context.abort(STATUS[refused.outcome], refused.message)
+    context.abort(code or STATUS[refused.outcome], refused.message)
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The Coordinator RPCs over one engine."""
 
-    def __init__(self, engine: CoordinatorEngine, tls: bool = False):
+    def __init__(self, engine: CoordinatorEngine, tls: bool = False, limits: ServerLimits | None = None):
         self.engine = engine
         self.tls = tls
+        self.limits = limits or default_limits(engine)
+        self.streams = PeerStreams()
+        self.deadlines = CallDeadlines()
+
+    def _names(self, context, call: str, **fields: str) -> None:
+        """Refuse INVALID a request whose names are longer than they may be (limits.check_names)."""
+        verdict = check_names(call, fields, self.limits)
+        if not verdict:
+            refuse(context, Refused(Outcome.INVALID, f"{verdict.reason} (from {context.peer()})"))
+
+    def _open_stream(self, context, call: str) -> None:
+        """Count the call against its peer's streams (limits.admit_stream; refused RESOURCE_EXHAUSTED with
+        outcome UNAVAILABLE: retry later) and end it at its server-side deadline; both are released when
+        the call terminates, however it ends."""
+        peer = peer_key(peer_name(context) if self.tls else None, context.peer())
+        verdict = self.streams.enter(call, peer, peer_limit(peer[0], self.limits, len(self.engine.cfg.sites)))
+        if not verdict:
+            refuse(context, Refused(Outcome.UNAVAILABLE, verdict.reason), code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+        deadline_s = self.limits.call_deadline_s
+        handle = self.deadlines.watch(context, deadline_s, f"{call}: ended by the coordinator {deadline_s:g} s after "
+                                                           f"it started (its server-side deadline)")
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                self.streams.leave(peer)
+                self.deadlines.done(handle)
+
+        if not context.add_callback(release):  # the call is already over
+            release()
+
+    def _bounded(self, messages, call: str):
+        """The request stream, its header's names and its message count checked as they arrive
+        (refused INVALID through transport.decode, which lets geotrain errors through)."""
+        declared = 0
+        for count, msg in enumerate(messages, start=1):
+            if count == 1 and msg.HasField("header"):
+                h = msg.header
+                verdict = check_names(call, {"site": h.site, "kind": h.kind, "dtype": h.dtype, "codec": h.codec},
+                                      self.limits)
+                if not verdict:
+                    raise error_for(Outcome.INVALID, verdict.reason)
+                declared = h.total_bytes
+            verdict = message_verdict(call, count, declared, self.limits)
+            if not verdict:
+                raise error_for(Outcome.INVALID, verdict.reason)
+            yield msg
 
     def _allow(self, context, call: str, claimed: str | None) -> None:
         """Refuse FORBIDDEN unless the caller's certificate allows ``call`` for ``claimed`` (authz.authorize)."""
@@ -77,6 +134,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return site_of(peer_name(context)) if self.tls else None
 
     def Join(self, request, context):
+        self._names(context, "Join", site=request.site, model_spec=request.model_spec)
         self._allow(context, "Join", request.site)
         try:
             a = self.engine.join(request.site, request.workers, request.pid, time.time(),
@@ -89,6 +147,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def InitModel(self, request_iterator, context):
         self._allow(context, "InitModel", self._caller_site(context))  # a site, before reading its stream
+        self._open_stream(context, "InitModel")
         update = self._receive(request_iterator, context, "InitModel")
         self._allow(context, "InitModel", update.site)
         if update.values is None:
@@ -100,8 +159,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.InitModelResponse(accepted=accepted, version=version)
 
     def GetModel(self, request, context):
+        self._names(context, "GetModel", site=request.site, what=request.what)
         self._allow(context, "GetModel", request.site)
-        timeout_s = context.time_remaining() or self.engine.cfg.round_timeout_s
+        self._open_stream(context, "GetModel")
+        # the client's deadline (gRPC gives a huge one when it set none), never past the server's own
+        timeout_s = min(context.time_remaining() or self.limits.call_deadline_s, self.limits.call_deadline_s)
         try:
             answer = self.engine.model(request.min_version, request.what, timeout_s, context.is_active)
         except Refused as refused:
@@ -112,6 +174,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def Merge(self, request_iterator, context):
         self._allow(context, "Merge", self._caller_site(context))
+        self._open_stream(context, "Merge")
         update = self._receive(request_iterator, context, "Merge")
         self._allow(context, "Merge", update.site)
         try:
@@ -137,7 +200,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         one that declares more than the model's size (or a negative size), or whose values cannot be
         decoded from what it declares, INVALID (transport.decode refuses the size before allocating)."""
         try:
-            payload = transport.decode(request_iterator, where=f"{what} from {context.peer()}",
+            payload = transport.decode(self._bounded(request_iterator, what), where=f"{what} from {context.peer()}",
                                        max_bytes=self.engine.max_stream_bytes())
             values = None if payload.kind == "ring_ack" else payload.tensor()
         except GeotrainError as exc:
@@ -158,23 +221,40 @@ def _encode(result: CommitResult):
                             ring_round=result.ring_round)
 
 
+def default_limits(engine: CoordinatorEngine) -> ServerLimits:
+    """The bounds for ``engine``'s topology (limits.limits_for: its sites, round deadline, fragments)."""
+    cfg = engine.cfg
+    return limits_for(len(cfg.sites), cfg.round_timeout_s, cfg.fragments if cfg.algorithm == "streaming-diloco" else 1)
+
+
 def create_server(engine: CoordinatorEngine, bind: str = "127.0.0.1:0", max_workers: int | None = None,
-                  tls: TlsFiles | None = None):
+                  tls: TlsFiles | None = None, limits: ServerLimits | None = None):
     """Serve ``engine`` over gRPC with the standard health service; returns (server, port).
 
     ``tls``: the coordinator's certificate files; the server then demands a client certificate of the
     run's CA on every call (the health service included) and takes each caller's identity from it
-    (geotrain.orchestrator.authz). None: plaintext (tests, and security.tls: false)."""
-    workers = max_workers or max(16, 4 * len(engine.cfg.sites) + 8)
+    (geotrain.orchestrator.authz). None: plaintext (tests, and security.tls: false).
+    ``limits``: what one call may hold (geotrain.orchestrator.limits; default: from the topology). The
+    pool has a thread for every stream every site may hold and spare ones for Status, Join and health
+    (limits.pool_size); gRPC refuses calls beyond the pool at once (``maximum_concurrent_rpcs``,
+    RESOURCE_EXHAUSTED) instead of queueing them without bound."""
+    limits = limits or default_limits(engine)
+    workers = max_workers or pool_size(limits, len(engine.cfg.sites))
+    # Not grpc.max_concurrent_streams: in grpc 1.85's Python server a stream whose request cannot be
+    # deserialized is never released from its connection's count, so that after N such requests the
+    # connection refuses every new stream (REFUSED_STREAM, measured); the per-peer limit bounds streams.
+    options = GRPC_OPTIONS
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coord"),
-                         options=GRPC_OPTIONS)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(engine, tls=tls is not None), server)
+                         options=options, maximum_concurrent_rpcs=workers)
+    service = CoordinatorService(engine, tls=tls is not None, limits=limits)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_secure_port(bind, server_credentials(tls)) if tls is not None else server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"coordinator: cannot bind {bind}")
     server.start()
+    server.geotrain_service = service  # tests and probes read its bounds' state (open streams, expired calls)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("geotrain.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
     return server, port

@@ -1,6 +1,11 @@
 """`geotrain sweep`: run a topology over a grid of overrides, one real launch per point, and compare.
 
     geotrain sweep TOPOLOGY --grid PATH=V1,V2,... [--grid ...] [--set PATH=VALUE ...] [--out DIR] [--dry-run]
+    geotrain sweep TOPOLOGY --preset outer-lr [--grid ...] ...
+
+``--preset NAME`` adds a named grid (:data:`PRESETS`): ``outer-lr`` is the DiLoCo papers' sweep of the outer
+learning rate, η ∈ {0.2, 0.4, 0.6, 0.8, 1.0} (arXiv 2503.09799); ``outer`` crosses it with the outer momentum
+∈ {0.0, 0.5, 0.9}, which matters when a run has few rounds (docs/results.md).
 
 The points are the cartesian product of the ``--grid`` entries, in the order given (the last
 entry varies fastest, like :func:`itertools.product`). Every point's topology (the file, then
@@ -289,6 +294,13 @@ def _run_points(out: Path, state: dict, topology: Path, sets: list[str], runner:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+PRESETS: dict[str, tuple[str, ...]] = {
+    "outer-lr": ("training.outer_optimizer.lr=0.2,0.4,0.6,0.8,1.0",),
+    "outer": ("training.outer_optimizer.lr=0.2,0.4,0.6,0.8,1.0", "training.outer_optimizer.momentum=0.0,0.5,0.9"),
+}
+"""Named grids for ``--preset``."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="geotrain sweep",
@@ -298,6 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="PATH=V1,V2,...",
                    help="a field and the values to sweep, e.g. --grid training.inner_steps=10,50,100 "
                         "--grid links.default.bandwidth=100mbit,1gbit (repeatable; the points are the product)")
+    p.add_argument("--preset", action="append", default=[], choices=sorted(PRESETS),
+                   help="a named grid: outer-lr (the papers' outer-lr sweep 0.2..1.0), outer (that × momentum 0, 0.5, 0.9)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="a fixed override for every point, e.g. --set training.rounds=4")
     p.add_argument("--out", type=Path, default=None,
@@ -311,6 +325,8 @@ def main(argv: list[str] | None = None, *, runner: Runner | None = None) -> int:
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help, or an argparse usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    for name in args.preset:
+        args.grid = [*PRESETS[name], *args.grid]
     if not args.grid:
         print("geotrain sweep: give at least one --grid PATH=V1,V2,... (e.g. --grid training.inner_steps=10,50)",
               file=sys.stderr)

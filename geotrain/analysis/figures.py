@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from geotrain.analysis.plotdata import (MARKER_STYLES, Line, MetricPlot, Series, Timeline, byte_unit, bytes_panel,
-                                       fmt_sig)
+                                       fmt_sig, same_values)
 from geotrain.analysis.rundir import Run
 from geotrain.errors import GeotrainError
 
@@ -42,8 +42,9 @@ def _colour(i: int) -> str:
 def metric_figure(plot: MetricPlot, x: str = "steps"):
     """One metric against ``x`` (steps | time | wan): one line per site (per worker) of every run.
 
-    Lines of the same run share nothing but the axes: a different colour, marker and line style each,
-    so two sites with identical values (they hold the same model after a merge) both stay visible."""
+    Lines of the same run share nothing but the axes: a different colour, marker and line style each.
+    Lines that would lie exactly on top of each other (every rank logs the same learning rate, two
+    sites evaluate the same model) are drawn once, named by all of them (plotdata.same_values)."""
     plt = _pyplot()
     attr, xlabel, what = X_AXES[x]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=DPI)
@@ -56,7 +57,8 @@ def metric_figure(plot: MetricPlot, x: str = "steps"):
     hidden_zero = False
     site_index: dict[tuple[str, str], int] = {}
     rank_index: dict[tuple[str, str], int] = {}
-    for ln in plot.lines:
+    for group in same_values(plot.lines, attr):
+        ln = group[0]
         key = (ln.run, ln.who.split("/")[0])
         si = site_index.setdefault(key, len(site_index))
         ri = rank_index[key] = rank_index.get(key, -1) + 1
@@ -70,7 +72,8 @@ def metric_figure(plot: MetricPlot, x: str = "steps"):
         # A colour per site; a line style and marker per site and rank, so that lines with the same
         # values (two sites hold the same model after a merge) both stay visible.
         k = si + ri
-        label = plot.line_label(ln) + ("  [FAILED]" if ln.status == "failed" else "")
+        label = ", ".join(plot.line_label(m) for m in group) + ("  (the same values)" if len(group) > 1 else "")
+        label += "  [FAILED]" if ln.status == "failed" else ""
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[k % len(_MARKERS)],
                 linestyle=_STYLES[k % len(_STYLES)], markersize=5 if k == 0 else 4,
                 fillstyle="full" if k % 2 == 0 else "none", linewidth=1.6, color=_colour(si), label=label)
@@ -139,12 +142,12 @@ def timeline_figure(run: Run, tl: Timeline):
     ax.set_yticklabels(list(reversed(names)) if names else [""])
     ax.set_xlim(left, right)
     ax.set_ylim(-0.6, n - 0.4 + band * 0.9)
-    ax.set_xlabel("seconds since run start (s)")
+    ax.set_xlabel("time since the run started (s)")
     ax.set_ylabel("site")
     ax.set_title(f"Timeline of {run.label}: what each site's leader was doing\n"
-                 f"training {fmt_sig(tl.train_end - tl.train_start)} s, shown to scale; "
-                 f"start-up {fmt_sig(tl.startup_s)} s before it and shutdown {fmt_sig(tl.shutdown_s)} s "
-                 f"after it are not", fontsize=11)
+                 f"the {fmt_sig(tl.train_end - tl.train_start)} s of training, to scale (not drawn: "
+                 f"{fmt_sig(tl.startup_s)} s of start-up before it, {fmt_sig(tl.shutdown_s)} s of shutdown "
+                 f"after it)", fontsize=11)
     ax.grid(True, axis="x", alpha=0.3)
     # Start-up and shutdown: hatched edges with their durations, where the axis leaves them out.
     edge = 0.012 * (right - left)

@@ -125,6 +125,18 @@ class MetricPlot:
         return f"{line.run}: {line.who}" if len(self.runs) > 1 else line.who
 
 
+def same_values(lines: list[Line], attr: str = "steps") -> list[list[Line]]:
+    """The lines of a plot grouped where they would be drawn on top of each other: the same run, the
+    same x (``attr``: steps | wall_s | wan_bytes) and the same values at every point (every rank logs
+    the same learning rate; two sites evaluate the same global model after a merge). Each group is
+    drawn once and named by all its members, so no line hides another. Groups in the lines' order."""
+    groups: dict[tuple, list[Line]] = {}
+    for ln in lines:
+        key = (ln.run, tuple(getattr(ln, attr)), tuple(ln.values))
+        groups.setdefault(key, []).append(ln)
+    return list(groups.values())
+
+
 def _wan_so_far(run: Run):
     """A function of an eval/metric event: the merge bytes that crossed WAN links before it.
 
@@ -235,7 +247,7 @@ def bytes_panel(run: Run) -> tuple[str, dict[str, tuple[int, int]]]:
     (sent = forward, received = backward); empty when it has neither."""
     links = run.link_bytes()
     if links:
-        return "link emulator counters", {k: links[k] for k in sorted(links)}
+        return "link emulator counters", {k: links[k] for k in _by_site(run, links)}
     per: dict[str, list[int]] = {}
     for e in run.of("merge"):
         if run.crosses_wan(e.get("site")):
@@ -243,8 +255,20 @@ def bytes_panel(run: Run) -> tuple[str, dict[str, tuple[int, int]]]:
             pair[0] += int(e.get("bytes_sent") or 0)
             pair[1] += int(e.get("bytes_received") or 0)
     if any(a + b for a, b in per.values()):
-        return "merge payloads the sites recorded (no link counters)", {k: (v[0], v[1]) for k, v in per.items()}
+        return ("merge payloads the sites recorded (no link counters)",
+                {k: (per[k][0], per[k][1]) for k in _by_site(run, per)})
     return "", {}
+
+
+def _by_site(run: Run, names) -> list[str]:
+    """Link (or site) names in the topology's site order (a link ``us-east<->hub`` sorts as its site
+    ``us-east``; ring links ``ring a->b`` and other names after them, by name)."""
+    order = {s: i for i, s in enumerate(run.sites)}
+
+    def key(name: str):
+        site = re.split(r"<->|->", name, maxsplit=1)[0].strip()
+        return (order.get(site, len(order)), name)
+    return sorted(names, key=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +443,7 @@ def timeline(run_dir: str | Path | Run, *, max_intervals: int = 4000) -> Timelin
 BUILTIN_EVAL_FILES = {"steps": "report-loss-vs-steps.png", "time": "report-loss-vs-time.png",
                       "wan": "report-loss-vs-wan-bytes.png"}
 _X_FILE = {"steps": "steps", "time": "time", "wan": "wan-bytes"}
+_X_WORDS = {"steps": "inner steps", "time": "wall time", "wan": "WAN bytes"}  # for people: alt text, not file names
 
 
 @dataclass
@@ -458,10 +483,10 @@ def figure_plan(runs: list[Run]) -> tuple[list[FigureSpec], list[str]]:
                                   f"(all evals at 0 bytes).")
                     continue
                 file = BUILTIN_EVAL_FILES[x] if plot.builtin else f"report-eval-{plot.slug}-vs-{_X_FILE[x]}.png"
-                specs.append(FigureSpec(name(file), "eval", f"{plot.ylabel} vs {_X_FILE[x]}", plot, x))
+                specs.append(FigureSpec(name(file), "eval", f"{plot.ylabel} vs {_X_WORDS[x]}", plot, x))
         else:
             specs.append(FigureSpec(name(f"report-metric-{plot.slug}-vs-steps.png"), "metric",
-                                    f"{plot.name} vs steps", plot, "steps"))
+                                    f"{plot.name} vs inner steps", plot, "steps"))
     first = runs[0]
     if first.of("inner_step") or first.of("merge") or first.of("eval"):
         specs.append(FigureSpec(name("report-timeline.png"), "timeline", "per-site timeline"))

@@ -27,7 +27,13 @@
     coordinator's one Python process takes in 80 MB and sends 80 MB per round); the 2-rank all_reduce
     exchanges the tensor directly between the two ranks, in C++.
 
-Writes benchmarks/results/transport.json. No assertions: the box is a noisy shared 2-core machine.
+(c) What TLS costs: the same merges as (a) with mutual TLS (the run's own certificates, made by
+    geotrain.security.pki in a temporary folder: the coordinator's and the site's, as a launched run
+    uses) and without, in the same run, each on loopback and through the link emulator. Printed: the
+    median of the warm merges (the first, which includes the TLS handshake, is shown apart) and the
+    ratio TLS / plaintext. ``--tls-only`` runs (c) alone.
+
+Writes benchmarks/results/transport.json (with --tls-only: transport_tls.json). No assertions: the box is a noisy shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -56,8 +62,9 @@ def demo_payload_bytes() -> int:
 # ---- (a) ----
 
 
-def merges(nbytes: int, link: tuple[float, float] | None, n_merges: int = 2) -> list[dict]:
-    """Time ``n_merges`` consecutive merges of one site (through a LinkProxy when ``link`` is given)."""
+def merges(nbytes: int, link: tuple[float, float] | None, n_merges: int = 2, tls=None) -> list[dict]:
+    """Time ``n_merges`` consecutive merges of one site (through a LinkProxy when ``link`` is given;
+    ``tls``: a geotrain.security.pki.CertDir whose certificates both ends use)."""
     import torch
 
     from geotrain.wan.link import LinkParams, LinkProxy
@@ -67,14 +74,14 @@ def merges(nbytes: int, link: tuple[float, float] | None, n_merges: int = 2) -> 
 
     n = nbytes // 4
     svc = CoordinatorEngine(EngineConfig(sites=("site",)))
-    server, port = create_server(svc)
+    server, port = create_server(svc, tls=tls.files("coordinator") if tls else None)
     proxy = None
     try:
         address = f"127.0.0.1:{port}"
         if link is not None:
             proxy = LinkProxy("bench", ("127.0.0.1", port), LinkParams(link[0], latency_ms=link[1]))
             address = f"127.0.0.1:{proxy.start()}"
-        client = CoordinatorClient(address, "site", timeout_s=600)
+        client = CoordinatorClient(address, "site", timeout_s=600, tls=tls.files("site.site") if tls else None)
         try:
             client.join(1)
             client.init_model(torch.zeros(n))
@@ -212,8 +219,39 @@ def wire_format_costs(nbytes: int) -> dict:
             "decode_s": round(t4 - t3, 4)}
 
 
+def tls_cost(sizes: list[int], link: tuple[float, float], n_merges: int) -> list[dict]:
+    """(c): TLS and plaintext merges of each size, on loopback and through the link, in this run."""
+    import tempfile
+
+    from geotrain.security.pki import init_certs
+
+    certs = init_certs(tempfile.mkdtemp(prefix="geotrain-bench-certs-"), ("site",), run="bench")
+    rows = []
+    print(f"(c) TLS / plaintext, the median of {n_merges - 1} warm merges (the first, with the handshake, apart)")
+    print(f"{'payload':>10} {'path':>9} {'plain s':>9} {'tls s':>9} {'ratio':>7} {'first plain/tls s':>20}")
+    for nbytes in sizes:
+        for path, via in (("loopback", None), ("link", link)):
+            plain = merges(nbytes, via, n_merges)
+            tls = merges(nbytes, via, n_merges, tls=certs)
+            p = statistics.median(m["seconds"] for m in plain[1:])
+            t = statistics.median(m["seconds"] for m in tls[1:])
+            row = {"payload_bytes": nbytes, "path": path, "plaintext_s": round(p, 4), "tls_s": round(t, 4),
+                   "ratio": round(t / p, 3), "first_plaintext_s": round(plain[0]["seconds"], 4),
+                   "first_tls_s": round(tls[0]["seconds"], 4)}
+            if via is not None:
+                row["wire_tls_over_plain"] = round((tls[-1]["wire_up"] + tls[-1]["wire_down"]) /
+                                                   (plain[-1]["wire_up"] + plain[-1]["wire_down"]), 4)
+            rows.append(row)
+            print(f"{nbytes / 1e6:>8.3f}MB {path:>9} {p:>9.4f} {t:>9.4f} {t / p:>7.3f} "
+                  f"{plain[0]['seconds']:>9.4f}/{tls[0]['seconds']:.4f}"
+                  + (f"  wire bytes x{row['wire_tls_over_plain']}" if via is not None else ""))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tls-only", action="store_true", help="run (c) alone")
+    ap.add_argument("--tls-merges", type=int, default=4, help="merges per case in (c), the first not counted")
     ap.add_argument("--bandwidth-mbit", type=float, default=100.0)
     ap.add_argument("--latency-ms", type=float, default=50.0, help="one way")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds in (b), after one warm-up")
@@ -225,6 +263,12 @@ def main() -> int:
     bw, lat = args.bandwidth_mbit, args.latency_ms
     rtt = 2 * lat / 1000
     small = demo_payload_bytes()
+    if args.tls_only:
+        tls_rows = tls_cost([small, BIG], (bw, lat), args.tls_merges)
+        path = save("transport_tls", {"link": {"bandwidth_mbit": bw, "latency_ms": lat}, "tls_vs_plaintext": tls_rows,
+                                      "loadavg": os.getloadavg(), "seconds": round(time.time() - t_all, 1)})
+        print(f"wrote {path} ({time.time() - t_all:.0f} s)")
+        return 0
     rows = []
     print(f"(a) one merge through the link emulator, {bw:g} Mbit/s, {lat:g} ms one way (RTT {rtt * 1000:g} ms); "
           f"minimum = 1 RTT + up/bw + down/bw (one streaming RPC on an open connection)")
@@ -259,7 +303,10 @@ def main() -> int:
           f"{cost['serialize_s']:.3f} s; protobuf parse {cost['parse_s']:.3f} s + decode {cost['decode_s']:.3f} s. The "
           f"coordinator, one process under one GIL, decodes both updates and encodes the result once per waiting "
           f"Merge call (twice): about {2 * (one_side + other_side):.2f} s of its CPU per round, before gRPC's own copies")
+    print()
+    tls_rows = tls_cost([small, BIG], (bw, lat), args.tls_merges)
     path = save("transport", {
+        "tls_vs_plaintext": tls_rows,
         "link": {"bandwidth_mbit": bw, "latency_ms": lat, "rtt_s": rtt},
         "round_trips_per_merge": 1,
         "minimum_formula": "RTT + payload_up*8/bandwidth + payload_down*8/bandwidth",

@@ -129,6 +129,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
         cfg.epoch = epoch
     lanes = {"lane_rounds": [lane.state.round for lane in engine.lanes]} if len(engine.lanes) > 1 else {}
     events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names),
+                run=topo.name, topology_sha256=topo.digest(),
                 epoch=epoch, round=engine.state.round, resumed=resume is not None, metrics_url=metrics_url, **lanes)
     ready(f"READY {port}")
     sys.stdout.flush()

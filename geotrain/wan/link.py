@@ -59,6 +59,7 @@ def _write_stats(proxy: LinkProxy, path: str) -> None:
     data.update(pid=os.getpid(), time=time.time())
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # `--stats-file DIR/links/x.json`
         with open(tmp, "w") as f:
             json.dump(data, f)
         os.replace(tmp, path)

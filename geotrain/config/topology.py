@@ -108,9 +108,12 @@ def model_vocab(topo: Topology) -> int:
 
 
 def schedule_problem(schedule, run_length: int, unit: str) -> str | None:
-    """Why a learning-rate schedule cannot apply to a run of ``run_length`` steps, or None."""
-    total = schedule.total_steps if schedule.total_steps is not None else run_length
-    if schedule.warmup_steps > total:
+    """Why a learning-rate schedule is contradictory, or None: a decay whose own ``total_steps`` ends before its
+    warmup does. A run shorter than the warmup (``--set training.rounds=1`` on a shipped topology) is not
+    refused: its learning rate is still ramping when it ends (geotrain.schedule.lr_factor is defined for
+    every step)."""
+    total = schedule.total_steps
+    if total is not None and schedule.kind != "constant" and schedule.warmup_steps > total:
         return (f".warmup_steps: {schedule.warmup_steps} {unit} of warmup is longer than the schedule "
                 f"({total} {unit}: total_steps, else the run's length)")
     return None

@@ -62,7 +62,7 @@ def test_per_site_data_and_the_model_vocabulary_of_token_files(tmp_path):
     ({"data": {"source": "files"}}, "data.paths: `source: files` needs at least one path"),
     ({"sites": [{"name": "a", "workers": 1, "data": {"source": "stdlib", "paths": ["x"]}}]}, r"sites\[0\].data.paths"),
     ({"model": {"vocab_size": 100}}, "model.vocab_size: 100 is smaller than the vocabulary of data"),
-    ({"training": {"rounds": 2, "inner_steps": 5, "inner_optimizer": {"schedule": {"warmup_steps": 20}}}},
+    ({"training": {"inner_optimizer": {"schedule": {"kind": "cosine", "warmup_steps": 20, "total_steps": 10}}}},
      "training.inner_optimizer.schedule.warmup_steps: 20 inner steps of warmup is longer"),
     ({"training": {"inner_optimizer": {"clip_grad_norm": 0}}}, "clip_grad_norm"),
     ({"training": {"outer_optimizer": {"schedule": {"kind": "step"}}}}, "training.outer_optimizer.schedule.kind"),
@@ -70,6 +70,13 @@ def test_per_site_data_and_the_model_vocabulary_of_token_files(tmp_path):
 def test_bad_recipe_values_name_their_field(section, words):
     with pytest.raises(TopologyError, match=words):
         topo(**section)
+
+
+def test_a_run_shorter_than_its_warmup_is_not_refused():
+    """--set training.rounds=1 on a shipped topology whose warmup is longer: the lr is still ramping at the end."""
+    t = topo(training={"rounds": 1, "inner_steps": 5, "inner_optimizer": {"schedule": {"kind": "cosine", "warmup_steps": 20}},
+                       "outer_optimizer": {"schedule": {"warmup_steps": 3}}})
+    assert t.training.rounds == 1
 
 
 def validate(tmp_path, text: str):

@@ -84,8 +84,11 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
     host = bind.rsplit(":", 1)[0]
     if etcd:
         from geotrain.control.plane import ControlPlane
+        from geotrain.security.pki import COORDINATOR
 
-        control = ControlPlane(etcd, topo.name)
+        # The coordinator's own certificate is its etcd user too: the only one that may write the run's keys.
+        control = ControlPlane.for_part(etcd, topo.name, COORDINATOR, etcd=topo.etcd,
+                                        certs_dir=Path(tls.ca).parent if tls is not None else None)
     resume = initial_state(topo, run_dir, resume_round)
 
     def on_commit(rnd: int, version: int) -> bool:
@@ -168,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="geotrain coordinator", description=__doc__.splitlines()[0])
     p.add_argument("topology", help="topology file (YAML) or a run directory's topology.json")
     p.add_argument("--run-dir", type=Path, default=None, help="where to append metrics.jsonl")
-    p.add_argument("--etcd", default=None, help="etcd endpoint host:port (default: the topology's, if any)")
+    p.add_argument("--etcd", default=None, help="etcd endpoint host:port (default: the topology's, if any); TLS with "
+                                                "the coordinator's certificate unless security.tls is false, the "
+                                                "topology's etcd has no ca_file, or it is written http://")
     p.add_argument("--bind", default=None, help="host:port to serve on (default: coordinator.host, port 0)")
     p.add_argument("--resume-round", type=int, default=None, help="start from this checkpoint round (geotrain resume)")
     p.add_argument("--linger", type=float, default=30.0, metavar="SECONDS",

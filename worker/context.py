@@ -204,6 +204,15 @@ def _init_method(ctx: SiteContext) -> str:
     return f"file://{path}"
 
 
+def _etcd_config(ctx: SiteContext):
+    """The topology's etcd section (an external etcd's TLS files), from the topology this worker was given."""
+    if not ctx.topology_path:
+        return None
+    from geotrain.config.topology import load_any
+
+    return load_any(ctx.topology_path).etcd
+
+
 def init(context: SiteContext | None = None) -> SiteContext:
     """Join this process to its site: the site's process group, and etcd membership (under a lease)."""
     global _registration
@@ -226,7 +235,10 @@ def init(context: SiteContext | None = None) -> SiteContext:
         atexit.register(_destroy_process_group)
     if ctx.etcd and _registration is None:
         from geotrain.control.plane import ControlPlane
+        from geotrain.security.pki import site_name
 
-        cp = ControlPlane(ctx.etcd, ctx.run)
+        # As the site's certificate (its etcd user may write members/<site>/ only), unless plaintext.
+        cp = ControlPlane.for_part(ctx.etcd, ctx.run, site_name(ctx.site), certs_dir=ctx.config.certs_dir,
+                                   etcd=_etcd_config(ctx))
         _registration = cp.register_member(ctx.site, ctx.rank, {"pid": os.getpid(), "device": ctx.device})
     return ctx

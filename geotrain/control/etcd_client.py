@@ -1,7 +1,9 @@
 """How geotrain talks to etcd: the pyetcd (``etcd-sdk-python``) client, its endpoint and its errors.
 
-:func:`parse_endpoint` reads ``http://host:port`` (https is refused), :func:`make_client` builds
-the client with the gRPC options below, :func:`reason` turns a pyetcd/gRPC failure into one line
+:func:`parse_endpoint` reads ``[http[s]://]host:port``, :func:`make_client` builds the client with
+the gRPC options below (plaintext, or mutual TLS with a :class:`~geotrain.security.pki.TlsFiles` pair:
+the run's CA to trust, the part's certificate to present — etcd started with ``--client-cert-auth``
+takes its common name as the etcd user, geotrain.control.auth), :func:`reason` turns a pyetcd/gRPC failure into one line
 (the callers raise ``ControlPlaneError("etcd at <endpoint>: <what> failed: <reason>")`` from it),
 and :data:`ETCD_ERRORS` are the exceptions that mean "the etcd operation failed".
 
@@ -25,6 +27,8 @@ import pyetcd
 from pyetcd import exceptions as etcd_exceptions
 
 from geotrain.errors import ControlPlaneError
+from geotrain.security.pki import TlsFiles
+from geotrain.security.tls import TARGET_NAME_OPTION, channel_credentials
 
 DEFAULT_CLIENT_PORT = 2379
 
@@ -42,20 +46,35 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+def permission_denied(exc: BaseException) -> bool:
+    """Did etcd refuse the operation for the caller's identity (auth on, no permission for the key)?"""
+    rpc = exc if isinstance(exc, grpc.RpcError) else exc.__context__
+    try:
+        return isinstance(rpc, grpc.RpcError) and rpc.code() == grpc.StatusCode.PERMISSION_DENIED
+    except Exception:  # pragma: no cover - a malformed RpcError
+        return False
+
+
 # Exceptions that mean "the etcd operation failed" (ValueError: pyetcd's failed-node refusal,
 # or gRPC's "Cannot invoke RPC on closed channel!").
 ETCD_ERRORS = (etcd_exceptions.Etcd3Exception, grpc.RpcError, ValueError)
 
 
+def endpoint_scheme(endpoint: str) -> str:
+    """``"http"``, ``"https"`` or ``""`` (no scheme written: geotrain.control.access decides)."""
+    text = str(endpoint).strip()
+    return text.split("://", 1)[0].lower() if "://" in text else ""
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """``"http://host:port"``, ``"host:port"`` or ``"host"`` -> ``(host, port)``. https is refused."""
+    """``"http[s]://host:port"``, ``"host:port"`` or ``"host"`` -> ``(host, port)`` (the scheme: :func:`endpoint_scheme`)."""
     text = str(endpoint).strip()
     if not text:
         raise ControlPlaneError("etcd endpoint is empty")
     parts = urlsplit(text if "://" in text else "//" + text)
-    if parts.scheme not in ("", "http"):
+    if parts.scheme not in ("", "http", "https"):
         raise ControlPlaneError(
-            f"etcd endpoint {endpoint!r}: scheme {parts.scheme!r} is not supported (use http://host:port)")
+            f"etcd endpoint {endpoint!r}: scheme {parts.scheme!r} is not supported (use http:// or https://)")
     try:
         port = parts.port
     except ValueError as exc:
@@ -93,7 +112,15 @@ def encode(value: dict) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def make_client(host: str, port: int, timeout_s: float) -> pyetcd.MultiEndpointEtcd3Client:
+def make_client(host: str, port: int, timeout_s: float, tls: TlsFiles | None = None,
+                server_name: str | None = None) -> pyetcd.MultiEndpointEtcd3Client:
+    """A pyetcd client of one endpoint. ``tls``: mutual TLS presenting that pair (None: plaintext);
+    ``server_name``: verify the server's certificate as that name whatever address is dialled (the
+    etcd a launcher starts is ``etcd``, geotrain.security.pki), None: as the host dialled."""
+    opts = list(GRPC_OPTIONS)
+    if tls is not None and server_name:
+        opts.append((TARGET_NAME_OPTION, server_name))
+    creds = channel_credentials(tls) if tls is not None else None
     # time_retry=0: never put the (only) endpoint in pyetcd's 300 s "failed node" quarantine.
-    ep = pyetcd.Endpoint(host, port, secure=False, time_retry=0.0, opts=GRPC_OPTIONS)
+    ep = pyetcd.Endpoint(host, port, secure=tls is not None, creds=creds, time_retry=0.0, opts=opts)
     return pyetcd.MultiEndpointEtcd3Client(endpoints=[ep], timeout=timeout_s)

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from geotrain.control.etcd_client import ETCD_ERRORS, encode, make_client, reason
+from geotrain.control.etcd_client import ETCD_ERRORS, encode, reason
 from geotrain.errors import ControlPlaneError
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Registration:
         self._interval = self.ttl_s / 3.0
         self._retry = min(self._interval, 0.5)
         self._call_timeout = max(0.5, min(cp.timeout_s, self._interval))
-        self._client = make_client(cp._host, cp._port, self._call_timeout)
+        self._client = cp._make_client(self._call_timeout)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False

@@ -6,6 +6,8 @@
 * geotrain.control.etcd_server: :class:`EtcdServer`, a local single-member etcd as a child
   process that dies with its parent (the embedded default, and the server the tests use);
 * geotrain.control.etcd_client: the pyetcd client, endpoints, errors (notes on pyetcd there);
+* geotrain.control.access: how a part reaches etcd (plaintext, or mutual TLS with which certificate);
+* geotrain.control.auth: who may write which key (etcd users = certificate names), and turning auth on;
 * geotrain.control.lease: :class:`Registration`, a key kept alive under a lease;
 * geotrain.control.watch: :class:`PrefixWatch`, a watch resumed after a broken stream.
 
@@ -32,6 +34,10 @@ when etcd answers again (it expired, was revoked, or etcd lost its data) it gran
 and puts the same value again. A process that dies without closing its registration leaves the
 key behind for at most the TTL.
 
+Who writes what (geotrain.control.auth): the coordinator every key above; a site's workers only
+``members/<site>/``; the launcher and ``geotrain site`` read. With auth on, any other write is refused
+``PERMISSION_DENIED`` (the ControlPlaneError's reason says so, and names the certificate).
+
 Errors: every failure of pyetcd or gRPC is raised as
 ``ControlPlaneError("etcd at <endpoint>: <what> failed: <reason>")`` from the original exception.
 A :class:`ControlPlane` opens no connection in its constructor; the first operation does, and
@@ -49,7 +55,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from geotrain.control.etcd_client import ETCD_ERRORS, encode, make_client, netloc, parse_endpoint, reason
+from geotrain.control.access import EtcdAccess, etcd_access
+from geotrain.control.etcd_client import (ETCD_ERRORS, encode, endpoint_scheme, make_client, netloc, parse_endpoint,
+                                          permission_denied, reason)
 from geotrain.control.etcd_server import EtcdServer, find_etcd
 from geotrain.control.lease import Registration
 from geotrain.control.watch import PrefixWatch
@@ -57,7 +65,9 @@ from geotrain.errors import ControlPlaneError
 
 __all__ = [
     "ControlPlane",
+    "EtcdAccess",
     "EtcdServer",
+    "etcd_access",
     "Registration",
     "find_etcd",
     "parse_endpoint",
@@ -84,21 +94,48 @@ def _component(name: str, what: str) -> str:
 class ControlPlane:
     """geotrain's view of etcd for one run (keys: see the module docstring)."""
 
-    def __init__(self, endpoint: str, run: str, timeout_s: float = 5.0):
+    def __init__(self, endpoint: str, run: str, timeout_s: float = 5.0, tls=None, server_name: str | None = None):
+        """``tls``: the part's :class:`~geotrain.security.pki.TlsFiles` (None: plaintext); ``server_name``: verify
+        etcd's certificate as that name (None: as the host dialled). :meth:`for_part` decides both."""
         self._host, self._port = parse_endpoint(endpoint)
-        self.endpoint = f"http://{netloc(self._host, self._port)}"
+        scheme = endpoint_scheme(endpoint)
+        if scheme == "https" and tls is None:
+            raise ControlPlaneError(f"etcd endpoint {endpoint!r} is https: a client certificate is needed")
+        if scheme == "http" and tls is not None:
+            raise ControlPlaneError(f"etcd endpoint {endpoint!r} is http:// but TLS files were given")
+        self._tls = tls
+        self._server_name = server_name
+        self.endpoint = f"{'https' if tls is not None else 'http'}://{netloc(self._host, self._port)}"
         self.run = _component(run, "run")
         self.timeout_s = float(timeout_s)
         self._base = f"{ROOT}/{self.run}/"
-        self._client = make_client(self._host, self._port, self.timeout_s)
+        self._client = self._make_client(self.timeout_s)
         self._closed = False
         self._lock = threading.Lock()
         self._owned: set[Registration | PrefixWatch] = set()
+
+    @classmethod
+    def for_part(cls, endpoint: str | None, run: str, name: str, *, certs_dir=None, etcd=None,
+                 timeout_s: float = 5.0) -> ControlPlane:
+        """The control plane as the part ``name`` reaches it (geotrain.control.access.etcd_access)."""
+        return cls.from_access(etcd_access(endpoint, name, certs_dir=certs_dir, etcd=etcd), run, timeout_s)
+
+    @classmethod
+    def from_access(cls, access: EtcdAccess, run: str, timeout_s: float = 5.0) -> ControlPlane:
+        return cls(access.endpoint, run, timeout_s, tls=access.tls, server_name=access.server_name)
+
+    @property
+    def identity(self) -> str | None:
+        """The certificate name this process presents to etcd (its etcd user); None on plaintext."""
+        return self._tls.name if self._tls is not None else None
 
     def __repr__(self) -> str:
         return f"ControlPlane({self.endpoint!r}, run={self.run!r})"
 
     # -- plumbing
+
+    def _make_client(self, timeout_s: float):
+        return make_client(self._host, self._port, timeout_s, self._tls, self._server_name)
 
     def _key(self, key_suffix: str) -> str:
         return self._base + _suffix(key_suffix)
@@ -108,8 +145,10 @@ class ControlPlane:
 
     def _error(self, what: str, exc: BaseException, timeout_s: float | None = None
                ) -> ControlPlaneError:
-        return ControlPlaneError(
-            f"etcd at {self.endpoint}: {what} failed: {reason(exc, timeout_s or self.timeout_s)}")
+        text = reason(exc, timeout_s or self.timeout_s)
+        if permission_denied(exc):
+            text += f" (certificate {self.identity!r} may not do this: geotrain.control.auth)"
+        return ControlPlaneError(f"etcd at {self.endpoint}: {what} failed: {text}")
 
     def _call(self, what: str, fn, *args, **kwargs):
         if self._closed:

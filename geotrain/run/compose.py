@@ -8,7 +8,8 @@ applied). Every part of the run is a service of its own, that is its own host on
 user-defined network (own address, DNS name = service name):
 
 ==================  =======================================================================
-``etcd``            the control plane (``etcd`` binary of the image), port 2379
+``etcd``            the control plane (``etcd`` binary of the image, run by ``geotrain.control.serve``),
+                    port 2379: with TLS, https and auth as under ``geotrain launch``
 ``coordinator``     ``geotrain coordinator``, port 7000; ``restart: on-failure`` (it resumes
                     from the state it persisted under ``<run>/coordinator``)
 ``link-<site>``     ``geotrain link``, one per site whose place differs from ``coordinator.at``:
@@ -17,7 +18,7 @@ user-defined network (own address, DNS name = service name):
                     through ``link-<name>:7100`` (or ``coordinator:7000`` when co-located)
 ==================  =======================================================================
 
-Every service has a healthcheck (etcd: ``etcdctl endpoint health``; coordinator: the gRPC health
+Every service has a healthcheck (etcd: ``/health`` and, with TLS, auth enforced; coordinator: the gRPC health
 service; link: a TCP connect; site: it has started) and waits for the ones it needs with
 ``depends_on: condition: service_healthy``, which Compose v1 (``docker-compose`` 1.29) honours
 only in file format 2.x, hence ``version: "2.4"``. The network is ``internal``: containers reach
@@ -54,6 +55,8 @@ DEFAULT_IMAGE = "geotrain:latest"
 OFFLINE_IMAGE = "geotrain-offline:latest"
 COMPOSE_VERSION = "2.4"
 ETCD_PORT = 2379
+ETCD_PEER_PORT = 2380
+ETCD_DATA = "/etcd-data"
 COORDINATOR_PORT = 7000
 LINK_PORT = 7100
 RUN_MOUNT = "/run"
@@ -178,15 +181,18 @@ def render(topo: Topology, image: str = DEFAULT_IMAGE, *, topology_file: str = "
         svc.update(extra)
         return svc
 
-    etcd_url = f"http://0.0.0.0:{ETCD_PORT}"
+    # The run's etcd as `geotrain launch` runs it (geotrain.control.serve): with TLS, https client and peer URLs
+    # demanding a certificate of the run's CA, and auth on (each part's certificate name is its etcd user);
+    # healthy only once auth is enforced, so no part starts before.
+    certs_args = ["--certs", CERTS_MOUNT] if tls else []
     services: dict[str, dict] = {
         "etcd": service(
-            ["etcd", "--name", "etcd", "--data-dir", "/etcd-data/etcd",
-             "--listen-client-urls", etcd_url, "--advertise-client-urls", f"http://etcd:{ETCD_PORT}",
-             "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-             "--initial-cluster", "etcd=http://127.0.0.1:2380"],
-            ["CMD", "etcdctl", f"--endpoints=http://127.0.0.1:{ETCD_PORT}", "endpoint", "health"], [],
-            volumes=(f"{ETCD_VOLUME}:/etcd-data",)),
+            ["python", "-m", "geotrain.control.serve", "serve", TOPOLOGY_MOUNT, "--data-dir", f"{ETCD_DATA}/etcd",
+             "--listen", "0.0.0.0", "--advertise", "etcd", "--port", str(ETCD_PORT), "--peer-port", str(ETCD_PEER_PORT),
+             *certs_args],
+            ["CMD", "python", "-m", "geotrain.control.serve", "check", TOPOLOGY_MOUNT,
+             "--endpoint", f"127.0.0.1:{ETCD_PORT}", *certs_args], [],
+            volumes=(f"{ETCD_VOLUME}:{ETCD_DATA}",) + (cert_volumes(certs, "etcd", "launcher") if tls else ())),
         "coordinator": service(
             ["geotrain", "coordinator", TOPOLOGY_MOUNT, "--run-dir", RUN_MOUNT, "--etcd", f"etcd:{ETCD_PORT}",
              # Bound to its DNS name: that is also the address it advertises in etcd.

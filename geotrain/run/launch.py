@@ -217,14 +217,16 @@ class Launcher:
 
         etcd_endpoint = self.topo.etcd.endpoint
         if etcd_endpoint is None:
-            from geotrain.control.plane import EtcdServer
-
-            self.etcd = EtcdServer(self.run_dir / "etcd", log_path=self.run_dir / "logs" / "etcd.log")
+            self.etcd = self._etcd_server()
             etcd_endpoint = self._start_etcd()
-        self.etcd_endpoint = etcd_endpoint.replace("http://", "")
+        from geotrain.control.etcd_client import netloc, parse_endpoint
         from geotrain.control.plane import ControlPlane
+        from geotrain.security.pki import LAUNCHER
 
-        self.control = ControlPlane(self.etcd_endpoint, self.topo.name, timeout_s=1.0)
+        # host:port for every part; each decides plaintext or TLS the same way (geotrain.control.access).
+        self.etcd_endpoint = netloc(*parse_endpoint(etcd_endpoint))
+        self.control = ControlPlane.for_part(self.etcd_endpoint, self.topo.name, LAUNCHER, timeout_s=1.0,
+                                             certs_dir=self.certs.path if self.certs else None, etcd=self.topo.etcd)
         self._start_coordinator(resume_round=self.plan.resume_round)
         self.ring_env = self._start_rings()
         for site in self.topo.sites:
@@ -233,6 +235,18 @@ class Launcher:
         from geotrain.run.faults import FaultScheduler
 
         self.faults = FaultScheduler(self, self.topo, self.events, started_at=time.time())
+
+    def _etcd_server(self):
+        """The run's own etcd: with the run's certificates, mutual TLS on its client and peer URLs and auth on
+        (each part's certificate name is its etcd user; only the coordinator's writes its keys,
+        geotrain.control.auth); plaintext when security.tls is false."""
+        from geotrain.control.auth import grants
+        from geotrain.control.etcd_server import EtcdServer, ServerTls
+        from geotrain.security.pki import ETCD, LAUNCHER
+
+        tls = ServerTls(self.certs.files(ETCD), self.certs.files(LAUNCHER)) if self.certs is not None else None
+        return EtcdServer(self.run_dir / "etcd", log_path=self.run_dir / "logs" / "etcd.log", tls=tls,
+                          auth=grants(self.topo.name, self.topo.site_names) if tls else None, run=self.topo.name)
 
     def _start_etcd(self) -> str:
         endpoint = self.etcd.start()

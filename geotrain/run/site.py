@@ -80,8 +80,10 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
     events = EventLog(run_dir / "metrics.jsonl", f"site {site.name}")
     if coordinator is None:
         from geotrain.control.plane import ControlPlane
+        from geotrain.security.pki import site_name as cert_name
 
-        with ControlPlane(etcd, topo.name) as cp:
+        with ControlPlane.for_part(etcd, topo.name, cert_name(site.name), certs_dir=config.certs_dir,
+                                   etcd=topo.etcd) as cp:
             coordinator = cp.coordinator_address(wait_s=120)
         if coordinator is None:
             raise GeotrainError(f"site {site.name}: no coordinator registered in etcd at {etcd} within 120 s")
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "the coordinator (found through etcd, the coordinator's own address is dialled directly)."))
     p.add_argument("name", help="the site's name in the topology")
     p.add_argument("topology", help="topology file (YAML) or a run directory's topology.json")
-    p.add_argument("--etcd", required=False, default=None, help="etcd endpoint host:port (default: the topology's)")
+    p.add_argument("--etcd", required=False, default=None, help="etcd endpoint host:port (default: the topology's); "
+                   "TLS with the site's certificate unless security.tls is false, the topology's etcd has no ca_file, "
+                   "or it is written http://")
     p.add_argument("--coordinator", default=None, help="coordinator host:port, e.g. a `geotrain link` emulator's "
                                                       "listen address to emulate the WAN (default: the coordinator's "
                                                       "own address, found through etcd: no emulation)")

@@ -132,8 +132,9 @@ def test_parse_endpoint():
     assert parse_endpoint("http://10.0.0.1:2400") == ("10.0.0.1", 2400)
     assert parse_endpoint("etcd:2401") == ("etcd", 2401)
     assert parse_endpoint("etcd") == ("etcd", 2379)
+    assert parse_endpoint("https://etcd:2379") == ("etcd", 2379)  # TLS: geotrain.control.access
     with pytest.raises(ControlPlaneError):
-        parse_endpoint("https://etcd:2379")
+        parse_endpoint("ftp://etcd:2379")
 
 
 # ---------------------------------------------------------------------------- registrations

@@ -1,7 +1,7 @@
 """Three hosts made with the separate-host commands, each with its own run dir, reported as ONE run.
 
-The recipe of docs/architecture.md ("Processes on separate hosts"), on one machine: etcd; ``geotrain
-certs init`` (TLS is the default); ``geotrain coordinator ... --run-dir A``; a ``geotrain link`` in
+The recipe of docs/architecture.md ("Processes on separate hosts"), on one machine: ``geotrain
+certs init`` (TLS is the default); etcd with the run's ``etcd`` certificate and auth (EtcdServer(tls=, auth=)); ``geotrain coordinator ... --run-dir A``; a ``geotrain link`` in
 front of the coordinator per site (the WAN; us-east's counters land in B/links, eu-west's in
 A/links); ``geotrain site NAME ... --coordinator LINK --run-dir B`` (and C). Then ``geotrain report A
 B C`` must read them as one run: every planned round committed, the link counters' bytes, both sites.
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from geotrain.control.etcd_server import EtcdServer
+from geotrain.control.auth import grants
+from geotrain.control.etcd_server import EtcdServer, ServerTls
+from geotrain.security.pki import ETCD, LAUNCHER, CertDir
 from tests.integration.helpers import REPO, leftover, processes_mentioning
 
 pytestmark = pytest.mark.slow
@@ -102,8 +104,12 @@ def test_three_hosts_are_reported_as_one_run(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     procs: list[subprocess.Popen] = []
-    with EtcdServer(tmp_path / "etcd", log_path=logs / "etcd.log") as etcd_server:
-        etcd = etcd_server.endpoint.replace("http://", "")
+    # The run's etcd: mutual TLS with the run's `etcd` pair, auth on (each part writes only its keys as its certificate).
+    pki = CertDir(certs)
+    etcd_server = EtcdServer(tmp_path / "etcd", log_path=logs / "etcd.log", run="three-hosts", auth=grants("three-hosts", SITES),
+                             tls=ServerTls(pki.files(ETCD), pki.files(LAUNCHER)))
+    with etcd_server:
+        etcd = etcd_server.endpoint.replace("https://", "")
         try:
             coord = geotrain("coordinator", str(topo), "--etcd", etcd, "--bind", "127.0.0.1:0", "--run-dir", str(A),
                              "--certs", str(certs), "--linger", "2", log=logs / "coordinator.log")

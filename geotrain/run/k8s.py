@@ -12,9 +12,13 @@ recurse). Nothing is started, and no cluster is needed to render.
 ``01-topology.yaml``     ConfigMap ``topology``: the validated topology (overrides applied), mounted at
                          ``/topology/topology.yaml`` in every pod
 ``02-secrets.yaml``      with ``security.tls`` (the default): a Secret per part, holding the CA
-                         certificate and that part's own pair only, never the CA's key (mode 0600)
+                         certificate and that part's own pair only, never the CA's key (mode 0600);
+                         etcd's and the coordinator's also the launcher's pair (etcd's bootstraps its
+                         auth with it, the coordinator's probe asks Health/Check with it)
 ``10-etcd.yaml``         etcd: a headless Service ``etcd`` (2379) and a StatefulSet of one, its data on a
-                         volume claim; readiness and liveness on etcd's ``/health``
+                         volume claim, run by ``geotrain.control.serve`` as ``geotrain launch`` runs it
+                         (with TLS: https and auth, its probes ``serve check``: healthy *and* auth
+                         enforced; plaintext: etcd's ``/health``)
 ``20-coordinator.yaml``  ``geotrain coordinator``: a Deployment of one (``Recreate``: never two at once),
                          a Service ``coordinator`` (7000), a claim for its run directory (it resumes from
                          ``/run/coordinator`` when its pod restarts); probes on the gRPC health service
@@ -64,6 +68,7 @@ from geotrain.run.compose import DEFAULT_IMAGE, link_files, remote_sites
 MIN_KUBERNETES = "1.29"
 
 ETCD_PORT = 2379
+ETCD_PEER_PORT = 2380
 COORDINATOR_PORT = 7000
 LINK_PORT = 7100
 DNS_PORT = 53
@@ -305,7 +310,8 @@ def render(topo: Topology, *, topology_text: str, certs: Mapping[str, bytes] | N
                                   "data": {"topology.yaml": topology_text}}]
     if tls:
         files["02-secrets.yaml"] = (
-            [cert_secret(topo, ns, "coordinator", ("coordinator", "launcher"), certs, labels(topo, "coordinator"))]
+            [cert_secret(topo, ns, "etcd", ("etcd", "launcher"), certs, labels(topo, "etcd")),
+             cert_secret(topo, ns, "coordinator", ("coordinator", "launcher"), certs, labels(topo, "coordinator"))]
             + [cert_secret(topo, ns, site_part(s.name), (f"site.{s.name}",), certs, labels(topo, "site", s.name))
                for s in topo.sites])
 
@@ -318,15 +324,20 @@ def render(topo: Topology, *, topology_text: str, certs: Mapping[str, bytes] | N
     def cert_volume(part):
         return [{"name": "certs", "secret": {"secretName": secret_name(part), "defaultMode": 0o400}}] if tls else []
 
-    # etcd: one member, its data on a claim of the StatefulSet.
+    # etcd: one member run as `geotrain launch` runs it (geotrain.control.serve): with TLS, https client and
+    # peer URLs demanding a certificate of the run's CA and auth on (each part's certificate name is its etcd
+    # user); ready only once auth is enforced, and the headless Service gives its name only to a ready pod.
     el = labels(topo, "etcd")
-    etcd_probe = {"httpGet": {"path": "/health", "port": "client"}}
+    if tls:
+        etcd_probe = {"exec": {"command": ["python", "-m", "geotrain.control.serve", "check", TOPOLOGY_PATH,
+                                           "--endpoint", f"127.0.0.1:{ETCD_PORT}", *certs_flag]}, "timeoutSeconds": 10}
+    else:
+        etcd_probe = {"httpGet": {"path": "/health", "port": "client"}}
     etcd = _container("etcd", image, [
-        "etcd", "--name", "etcd", "--data-dir", f"{ETCD_DATA}/data",
-        "--listen-client-urls", f"http://0.0.0.0:{ETCD_PORT}", "--advertise-client-urls", f"http://etcd:{ETCD_PORT}",
-        "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-        "--initial-cluster", "etcd=http://127.0.0.1:2380"],
-        mounts=[{"name": "data", "mountPath": ETCD_DATA}],
+        "python", "-m", "geotrain.control.serve", "serve", TOPOLOGY_PATH, "--data-dir", f"{ETCD_DATA}/etcd",
+        "--listen", "0.0.0.0", "--advertise", "etcd", "--port", str(ETCD_PORT), "--peer-port", str(ETCD_PEER_PORT),
+        *certs_flag],
+        mounts=[topo_mount, {"name": "data", "mountPath": ETCD_DATA}] + ([cert_mount] if tls else []),
         ports=[{"name": "client", "containerPort": ETCD_PORT, "protocol": "TCP"}],
         readinessProbe={**etcd_probe, "periodSeconds": 2, "failureThreshold": 3},
         livenessProbe={**etcd_probe, "initialDelaySeconds": 10, "periodSeconds": 10, "failureThreshold": 6})
@@ -339,7 +350,8 @@ def render(topo: Topology, *, topology_text: str, certs: Mapping[str, bytes] | N
                   "ports": [{"name": "client", "port": ETCD_PORT, "targetPort": "client", "protocol": "TCP"}]}},
         {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta("etcd", ns, el),
          "spec": {"serviceName": "etcd", "replicas": 1, "selector": {"matchLabels": dict(el)},
-                  "template": {"metadata": {"labels": dict(el)}, "spec": _pod_spec([etcd], [])},
+                  "template": {"metadata": {"labels": dict(el)},
+                               "spec": _pod_spec([etcd], [topo_volume, *cert_volume("etcd")])},
                   "volumeClaimTemplates": [claim]}},
     ]
 
@@ -422,9 +434,9 @@ def render(topo: Topology, *, topology_text: str, certs: Mapping[str, bytes] | N
 # ---- writing ---------------------------------------------------------------------------------------
 
 
-def topology_yaml(topo: Topology, source: str) -> str:
+def topology_yaml(topo: Topology, source: str, by: str = "geotrain k8s render") -> str:
     """The validated topology as YAML, fields at their defaults left out (an image of another version reads it)."""
-    header = (f"# Rendered by `geotrain k8s render` from {source} (overrides applied, validated).\n"
+    header = (f"# Rendered by `{by}` from {source} (overrides applied, validated).\n"
               f"# sha256 of the topology: {topo.digest()}\n")
     return header + yaml.safe_dump(topo.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 

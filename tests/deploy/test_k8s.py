@@ -233,13 +233,14 @@ def test_each_part_gets_the_ca_and_its_own_pair_only(demo, tmp_path):
     assert stat.S_IMODE((out / "02-secrets.yaml").stat().st_mode) == 0o600
     objects = load_rendered(out)
     secrets = {o["metadata"]["name"]: set(o["data"]) for o in by(objects, "Secret")}
-    assert secrets == {"certs-coordinator": {"ca.pem", "coordinator.pem", "coordinator-key.pem", "launcher.pem",
+    assert secrets == {"certs-etcd": {"ca.pem", "etcd.pem", "etcd-key.pem", "launcher.pem", "launcher-key.pem"},
+                       "certs-coordinator": {"ca.pem", "coordinator.pem", "coordinator-key.pem", "launcher.pem",
                                              "launcher-key.pem"},
                        **{f"certs-site-{s}": {"ca.pem", f"site.{s}.pem", f"site.{s}-key.pem"} for s in demo.site_names}}
     for o in by(objects, "Secret"):  # the bytes are the certificate directory's
         for f, data in o["data"].items():
             assert base64.b64decode(data) == (out / "certs" / f).read_bytes()
-    for kind, name, secret in [("Deployment", "coordinator", "certs-coordinator")] + \
+    for kind, name, secret in [("Deployment", "coordinator", "certs-coordinator"), ("StatefulSet", "etcd", "certs-etcd")] + \
             [("Job", site_part(s), f"certs-site-{s}") for s in demo.site_names]:
         vols = {v["name"]: v for v in pod_spec(objects, kind, name)["volumes"]}
         assert vols["certs"]["secret"]["secretName"] == secret
@@ -258,6 +259,16 @@ def test_coordinator_probes_use_the_grpc_health_service(demo, tmp_path):
     assert "HealthStub" in code and "/certs/launcher.pem" in code and "POD_IP" in code
     assert flag(tls["command"], "--bind") == f"$(POD_IP):{COORDINATOR_PORT}"
     assert any(e["name"] == "POD_IP" for e in tls["env"])
+
+
+def test_etcd_runs_as_launch_runs_it_and_is_ready_only_with_auth_enforced(demo, tmp_path):
+    etcd = container(pod_spec(rendered(demo, tmp_path / "t"), "StatefulSet", "etcd"), "etcd")
+    assert etcd["command"][:4] == ["python", "-m", "geotrain.control.serve", "serve"]
+    assert flag(etcd["command"], "--advertise") == "etcd" and flag(etcd["command"], "--certs") == "/certs"
+    assert etcd["readinessProbe"]["exec"]["command"][3] == "check"
+    plain = rendered(demo.model_copy(update={"security": demo.security.model_copy(update={"tls": False})}), tmp_path / "p")
+    etcd = container(pod_spec(plain, "StatefulSet", "etcd"), "etcd")
+    assert "--certs" not in etcd["command"] and etcd["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 def test_every_python_command_compiles(three, tmp_path):

@@ -69,6 +69,10 @@ def test_a_clean_script_run_completes(topology, tmp_path):
 
     tags = set(read_scalars(run_dir / "tensorboard"))
     assert {"metric/train_mse/paris", "metric/lr/tokyo", "eval/mse/paris"} <= tags, tags
+    from geotrain.analysis.report import write_report
+
+    md = write_report([run_dir], run_dir).read_text()  # the script's scalars in the report, under their names
+    assert "![eval mse vs inner steps]" in md and "![train_mse vs inner steps]" in md and "| final eval mse |" in md, md
 
 
 def test_a_script_that_never_steps_fails_with_the_reason(topology, tmp_path):

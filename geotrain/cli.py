@@ -9,6 +9,9 @@
     geotrain check RUN_DIR [--twin RUN_DIR]
     geotrain sweep TOPOLOGY --grid path=v1,v2 ... [--out DIR]
     geotrain compose TOPOLOGY -o DIR
+    geotrain k8s render TOPOLOGY -o DIR        (Kubernetes objects; docs/deploy.md)
+    geotrain slurm render TOPOLOGY -o DIR      (Slurm batch scripts; docs/deploy.md)
+    geotrain simulate TOPOLOGY [--calibrate RUN_DIR] [--compare RUN_DIR]   (docs/simulator.md)
     geotrain coordinator TOPOLOGY ...      (one part on its own host; see docs/architecture.md)
     geotrain site NAME TOPOLOGY ...         (one site's workers on its own host)
     geotrain link ...                       (one WAN link emulator process)
@@ -90,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         xp.add_argument(f"--{opt}", default=None)
     sub.add_parser("report", help="write report.md and plots for one or more runs", add_help=False)
     sub.add_parser("sweep", help="run a topology over a grid of overrides and compare", add_help=False)
+    sub.add_parser("simulate", help="simulate a topology's run in simulated time (calibrated from a real run)",
+                   add_help=False)
     sub.add_parser("compose", help="render a Docker Compose deployment of a topology", add_help=False)
+    sub.add_parser("k8s", help="render Kubernetes objects of a topology (kubectl apply -f DIR)", add_help=False)
+    sub.add_parser("slurm", help="render Slurm batch scripts of a topology (a job per site)", add_help=False)
     sub.add_parser("check", help="check a run's recorded history against its invariants", add_help=False)
     return p
 
@@ -319,10 +326,22 @@ def main(argv: list[str] | None = None) -> int:
         from geotrain.analysis.report import main as report_main
 
         return report_main(argv[1:])
+    if argv and argv[0] == "simulate":
+        from geotrain.sim.cli import main as simulate_main
+
+        return simulate_main(argv[1:])
     if argv and argv[0] == "sweep":
         from geotrain.analysis.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv and argv[0] == "k8s":
+        from geotrain.run.k8s import main as k8s_main
+
+        return k8s_main(argv[1:])
+    if argv and argv[0] == "slurm":
+        from geotrain.run.slurm import main as slurm_main
+
+        return slurm_main(argv[1:])
     if argv and argv[0] == "compose":
         from geotrain.run.compose import main as compose_main
 

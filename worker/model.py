@@ -174,6 +174,13 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def param_count(config: GPTConfig) -> int:
+    """Parameters of :class:`GPT` of this shape, without building it (the head is tied to the embedding):
+    embeddings V·C + T·C, per block 12·C² + 13·C (attention 4·C² + 4·C, MLP 8·C² + 5·C, two norms 4·C), final norm 2·C."""
+    C = config.n_embd
+    return config.vocab_size * C + config.block_size * C + config.n_layer * (12 * C * C + 13 * C) + 2 * C
+
+
 def flops_per_token(config: GPTConfig, n_params: int) -> int:
     """Training FLOPs per token (forward and backward), PaLM's estimate as nanoGPT uses it for MFU:
     6·N for the weights plus 12·n_layer·n_embd·block_size for attention (N without the position table,

@@ -1,0 +1,1 @@
+"""A calibrated discrete-event simulator of geotrain runs (`geotrain simulate`, docs/simulator.md)."""

@@ -1,0 +1,96 @@
+"""Fit :class:`~geotrain.sim.model.SimParams` from a real run's history, and compare a simulation with it.
+
+From ``RUN_DIR/metrics.jsonl`` (docs/events.md), each a median so that one slow outlier does not decide,
+except the step time:
+
+- ``step_s[site]``: the mean ``compute_s`` of the site leader's ``inner_step`` events (a mean: the slow first
+  steps are part of the compute a run spends, and utilisation is a sum of them);
+- ``startup_s``: from ``run_started`` to each site's first inner step, less that step;
+- ``up_bytes``, ``down_bytes``: the merges' ``bytes_sent`` / ``bytes_received`` (the exact payloads);
+- ``numel``: the ``model`` event's ``params``, else fp32 bytes / 4;
+- ``apply_s``: the commits' ``apply_s``; ``eval_s``: the evals' ``seconds``; ``restart_s``: the worker recoveries';
+- ``shutdown_s``: from the last ``site_done`` to ``run_finished``;
+- ``overhead_s[site]``: what the site's fastest merge took beyond the modelled transfers up and down and
+  the outer step: with the site arriving last in that round it waited for nobody, so the rest is the
+  protocol (encode, gRPC, decode, the site's broadcast).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from geotrain.config.schema import Topology
+from geotrain.events import read_events
+from geotrain.sim.model import SimParams
+from geotrain.wan.shaping import Direction, LinkParams
+
+
+def _median(values, default: float) -> float:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return float(statistics.median(values)) if values else default
+
+
+def _mean(values, default: float) -> float:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return float(statistics.fmean(values)) if values else default
+
+
+def transfer_s(topo: Topology, site: str, nbytes: int) -> float:
+    """Serialization plus latency of ``nbytes`` on the site's link to the coordinator (the emulator's model)."""
+    spec = topo.link(site, topo.coordinator.at)
+    if spec is None:
+        return 0.0
+    lp = LinkParams(spec.bandwidth_mbps, spec.latency_ms, spec.jitter_ms, spec.loss)
+    d = Direction("x", lp)
+    return nbytes / d.rate_bytes_per_s(lp) + lp.latency_ms / 1000.0
+
+
+def calibrate(run_dir: Path, topo: Topology) -> SimParams:
+    """The times and sizes of the run in ``run_dir`` (whose own topology is ``topo``)."""
+    events = read_events(Path(run_dir) / "metrics.jsonl")
+    started = next((e["t"] for e in events if e["event"] == "run_started"), None)
+    if started is None:
+        started = min((e["t"] for e in events), default=0.0)
+    steps = [e for e in events if e["event"] == "inner_step"]
+    merges = [e for e in events if e["event"] == "merge" and "fragment" not in e]
+    merges_any = [e for e in events if e["event"] == "merge"]
+    step_s, first = {}, []
+    for s in topo.sites:
+        mine = [e for e in steps if e.get("site") == s.name]
+        step_s[s.name] = _mean([e.get("compute_s") for e in mine], 0.05)
+        if mine:
+            first.append(mine[0]["t"] - started - step_s[s.name])
+    up = int(_median([e.get("bytes_sent") for e in merges_any], 0))
+    down = int(_median([e.get("bytes_received") for e in merges_any], 0))
+    model = next((e for e in events if e["event"] == "model"), None)
+    fragments = topo.training.streaming.fragments if topo.training.algorithm == "streaming-diloco" else 1
+    numel = int(model["params"]) if model else max(1, up * fragments // 4)
+    apply_s = _median([e.get("apply_s") for e in events if e["event"] == "commit"], 0.0)
+    done = [e["t"] for e in events if e["event"] == "site_done"]
+    finished = next((e["t"] for e in events if e["event"] == "run_finished"), None)
+    shutdown = finished - max(done) if done and finished is not None else 1.0
+    p = SimParams(numel=numel, shutdown_s=max(0.0, shutdown), step_s=step_s, startup_s=_median(first, 5.0),
+                  restart_s=_median([e.get("seconds") for e in events if e["event"] == "recovery"
+                                     and e.get("what") == "worker"], 5.0),
+                  apply_s=apply_s, up_bytes=up * fragments or None, down_bytes=down * fragments or None,
+                  eval_s=_median([e.get("seconds") for e in events if e["event"] == "eval"], 0.0))
+    for s in topo.sites:
+        mine = [e["seconds"] for e in (merges or merges_any) if e.get("site") == s.name and "seconds" in e]
+        if mine:
+            wire = transfer_s(topo, s.name, up) + transfer_s(topo, s.name, down)
+            p.overhead_s[s.name] = max(0.0, min(mine) - wire - apply_s)
+    return p
+
+
+FIGURES = ("wall_seconds", "utilisation", "goodput", "wan_bytes", "rounds_completed")
+
+
+def compare(predicted: dict, measured: dict) -> list[tuple[str, float | None, float | None, float | None]]:
+    """(figure, predicted, measured, predicted / measured) for each summary figure both have."""
+    rows = []
+    for name in FIGURES:
+        a, b = predicted.get(name), measured.get(name)
+        ratio = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        rows.append((name, a, b, ratio))
+    return rows

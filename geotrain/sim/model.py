@@ -1,0 +1,58 @@
+"""What the simulator needs to know that a topology does not say: the model's size and the times.
+
+:class:`SimParams` are given (``--params``, ``--step-s``), or fitted from a real run's history
+(geotrain.sim.calibrate). Every time is in seconds of simulated time.
+
+- ``numel``: parameters; a merge carries ``wire_bytes(numel, codec)`` up (geotrain.wire.compress, the
+  codec's exact size) and ``down_bytes`` down (default: the same, fp32 for a fp32 run);
+- ``step_s[site]``: one inner step of that site (its ``slowdown`` already in it when fitted; applied
+  from the topology otherwise);
+- ``startup_s``: from the launch to the first inner step; ``restart_s``: a killed site back at work;
+- ``apply_s``: the coordinator's outer step per round; ``overhead_s[site]``: per merge, what a real
+  merge costs beyond the modelled transfer (protocol, encode/decode, the site's broadcast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from geotrain.config.schema import Topology
+from geotrain.wire.compress import wire_bytes
+
+
+@dataclass
+class SimParams:
+    numel: int
+    step_s: dict[str, float]
+    startup_s: float = 5.0
+    restart_s: float = 5.0
+    apply_s: float = 0.0
+    overhead_s: dict[str, float] = field(default_factory=dict)
+    down_bytes: int | None = None
+    up_bytes: int | None = None
+    eval_s: float = 0.0
+    """The evaluating site's eval after each round (it delays that site's next round)."""
+    shutdown_s: float = 1.0
+    """From the last site done to the run's end (processes stopping, the summary written)."""
+    init_bytes: int | None = None
+    """The initial model's fp32 bytes: the first site uploads it (InitModel), every site downloads it at Join.
+    None: 4 × numel."""
+
+    @classmethod
+    def given(cls, topo: Topology, numel: int, step_s: float, **kw) -> "SimParams":
+        """One step time for every site, scaled by its ``slowdown``."""
+        return cls(numel=numel, step_s={s.name: step_s * s.slowdown for s in topo.sites}, **kw)
+
+    def merge_bytes(self, topo: Topology) -> tuple[int, int]:
+        """(up, down) bytes of one whole-model merge of one site."""
+        c = topo.training.compression
+        up = self.up_bytes if self.up_bytes is not None else wire_bytes(self.numel, c.codec, c.block, c.density,
+                                                                            c.bits)
+        down = self.down_bytes if self.down_bytes is not None else up
+        return up, down
+
+    def to_json(self) -> dict:
+        return {"numel": self.numel, "step_s": self.step_s, "startup_s": self.startup_s, "restart_s": self.restart_s,
+                "apply_s": self.apply_s, "overhead_s": self.overhead_s, "down_bytes": self.down_bytes,
+                "up_bytes": self.up_bytes, "eval_s": self.eval_s, "shutdown_s": self.shutdown_s,
+                "init_bytes": self.init_bytes}

@@ -113,7 +113,8 @@ def last_metrics(events: list[dict]) -> dict:
 def goodput(events: list[dict], topo: Topology, wall_seconds: float) -> tuple[float | None, float | None]:
     """(goodput, utilisation) of a run: compute time whose work reached the global model, and all compute
     time, each over sites x wall time. A site's inner steps of round r count as useful when a commit of
-    round r includes that site (lost to a fault, refused, late for a quorum: not useful). Synchronous
+    round r includes that site (lost to a fault, refused, late for a quorum: not useful), each step once: the
+    steps a restarted site took before it died and then took again are lost work. Synchronous
     DiLoCo only (the other algorithms' steps do not map to one round); utilisation for every algorithm."""
     sites = len(topo.sites)
     if wall_seconds <= 0 or not sites:
@@ -124,7 +125,9 @@ def goodput(events: list[dict], topo: Topology, wall_seconds: float) -> tuple[fl
     if topo.training.algorithm != "diloco":
         return None, utilisation
     counted = {(site, c.get("round")) for c in events if c.get("event") == "commit" for site in c.get("sites") or ()}
-    useful = sum(number(e.get("compute_s")) or 0.0 for e in steps if (e.get("site"), e.get("round")) in counted)
+    # a site that restarts redoes the steps of its unfinished round: only the last time a step was taken counts
+    last = {(e.get("site"), e.get("step")): e for e in steps}
+    useful = sum(number(e.get("compute_s")) or 0.0 for e in last.values() if (e.get("site"), e.get("round")) in counted)
     return round(useful / (sites * wall_seconds), 4), utilisation
 
 

@@ -355,9 +355,10 @@ class Simulator:
             if act.action != "restart":
                 return
             s.restarts += 1
-            s.epoch += 1
+            s.epoch += 1  # what it had in flight dies with it; a kill during its restart starts the restart over
             s.pending.clear()
-            self.at(self.now + self.p.restart_s, self._rejoin, s, self.now)
+            s.alive = False
+            self.at(self.now + self.p.restart_s, self._rejoin, s, self.now, s.epoch)
         elif f.kind == "freeze":
             s.frozen_until = max(s.frozen_until, self.now + duration)
         elif f.kind == "partition" and s.name in self.links:
@@ -370,9 +371,12 @@ class Simulator:
             d.update(lambda p: LinkParams(p.bandwidth_mbps, p.latency_ms, p.jitter_ms, p.loss, up=True))
         self.emit("fault_healed", "launcher", fault="partition", target=f"link {name}")
 
-    def _rejoin(self, s: Site, failed_at: float) -> None:
+    def _rejoin(self, s: Site, failed_at: float, epoch: int) -> None:
         """Back after a restart: it joins where the coordinator's ``join`` says (its own round again if the round
         still waits for it, else the next)."""
+        if epoch != s.epoch:  # killed again while restarting: that restart counts
+            return
+        s.alive = True
         lane = self.lanes[0]
         state, version, _ = rounds.join(lane, s.name)
         self.lanes[0] = state

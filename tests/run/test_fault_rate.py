@@ -47,8 +47,21 @@ def test_a_bad_rate_is_refused():
 
 def test_goodput_counts_only_steps_whose_round_was_committed_with_the_site():
     t = parse_topology(BASE)
-    steps = [{"event": "inner_step", "site": s, "round": r, "compute_s": 1.0} for s in ("a", "b") for r in (0, 1)]
+    steps = [{"event": "inner_step", "site": s, "round": r, "step": r + 1, "compute_s": 1.0}
+             for s in ("a", "b") for r in (0, 1)]
     commits = [{"event": "commit", "round": 0, "sites": ["a", "b"]}, {"event": "commit", "round": 1, "sites": ["a"]}]
     g, u = goodput(steps + commits, t, wall_seconds=4.0)
     assert u == 0.5 and g == 0.375  # 3 useful of 4 compute seconds, over 2 sites x 4 s
     assert goodput(steps, t, wall_seconds=4.0)[0] == 0.0
+
+
+def test_goodput_counts_a_step_redone_after_a_restart_once():
+    """b dies during round 1 after its step 2 and, restarted, takes steps 2 and 3 of round 1 again: the first
+    step 2 was lost work (compute, not goodput)."""
+    t = parse_topology(BASE)
+    step = lambda site, n, r: {"event": "inner_step", "site": site, "round": r, "step": n, "compute_s": 1.0}  # noqa: E731
+    events = [step("a", 1, 0), step("b", 1, 0), {"event": "commit", "round": 0, "sites": ["a", "b"]},
+              step("a", 2, 1), step("b", 2, 1), step("b", 2, 1), step("a", 3, 1), step("b", 3, 1),
+              {"event": "commit", "round": 1, "sites": ["a", "b"]}]
+    g, u = goodput(events, t, wall_seconds=4.0)
+    assert u == 7 / 8 and g == 6 / 8

@@ -137,3 +137,13 @@ def test_the_front_door_writes_a_run_dir_that_report_and_check_read(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "geotrain.cli", "simulate", str(REPO / "topologies" / "demo.yaml"),
                           "--calibrate", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not a run directory" in bad.stderr
+
+
+def test_a_kill_during_a_restart_starts_the_restart_over():
+    t = topo(rounds=4, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3s"},
+                                         {"kind": "kill", "target": "worker b/0", "at": "4s"}]})
+    events = Simulator(t, params(t)).run()
+    recoveries = of(events, "recovery")
+    assert len(of(events, "failure")) == 2 and len(recoveries) == 1
+    assert recoveries[0]["recovered_t"] == pytest.approx(4.0 + 3.0)  # restart_s after the second kill
+    assert len(of(events, "site_ready")) == 3  # a, b at start; b once after the restarts

@@ -66,10 +66,16 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="peak inner learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--momentums", default="0.9", help="outer Nesterov momentums swept with the etas (the paper: 0.9)")
+    p.add_argument("--outer-warmup", type=int, default=0, help="rounds of outer-lr warmup (the paper: none)")
+    p.add_argument("--dp-from", type=Path, default=None,
+                   help="take the DP row from an earlier results file of the same protocol instead of running it")
+    p.add_argument("--tag", default="", help="suffix of the results file (fidelity-TAG.json)")
     p.add_argument("--quick", action="store_true", help="a few hundred steps, two etas: the protocol, not the figures")
     args = p.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     etas = [float(e) for e in args.etas.split(",")]
+    momentums = [float(m) for m in args.momentums.split(",")]
     if args.quick:
         etas = etas[-2:]
 
@@ -89,7 +95,8 @@ def main() -> int:
             "training.eval_batches=16")
     print(f"fidelity: {args.preset} GPT, {n:,} parameters, {steps} steps × {tokens_per_step} tokens = "
           f"{steps * tokens_per_step:,} tokens ({steps * tokens_per_step / n:.1f} per parameter), H={args.H}, "
-          f"warmup {warmup}, cosine to 10 %, clip 1.0, etas {etas}", flush=True)
+          f"warmup {warmup}, cosine to 10 %, clip 1.0, etas {etas}, momentums {momentums}, outer warmup "
+          f"{args.outer_warmup}", flush=True)
 
     runs: dict[str, dict] = {}
 
@@ -102,29 +109,40 @@ def main() -> int:
         print(f"  {label:22} loss {s['final_eval_loss']:.4f}  ({time.time() - t0:.0f} s)", flush=True)
         return s
 
-    run("DP", sites(1, args.device), "training.algorithm=ddp", f"training.batch_size={args.batch}",
-        f"training.inner_steps={args.H}", f"training.rounds={steps // args.H}")
-    best: dict[str, tuple[float, float]] = {}
+    if args.dp_from is not None:
+        earlier = json.loads(args.dp_from.read_text())
+        same = all(earlier.get(k) == v for k, v in (("preset", args.preset), ("steps", steps), ("H", args.H),
+                                                     ("lr", args.lr), ("weight_decay", args.weight_decay)))
+        if not same:
+            raise SystemExit(f"--dp-from {args.dp_from}: another protocol (preset, steps, H, lr or weight decay differ)")
+        runs["DP"] = earlier["runs"]["DP"]
+        print(f"  {'DP':22} loss {runs['DP']['final_eval_loss']:.4f}  (from {args.dp_from})", flush=True)
+    else:
+        run("DP", sites(1, args.device), "training.algorithm=ddp", f"training.batch_size={args.batch}",
+            f"training.inner_steps={args.H}", f"training.rounds={steps // args.H}")
+    best: dict[str, tuple[float, float, float]] = {}
     for m in ms:
-        for eta in etas:
-            label = f"M={m} eta={eta}"
-            s = run(label, sites(m, args.device), "training.algorithm=diloco", f"training.batch_size={args.batch // m}",
-                    f"training.inner_steps={args.H}", f"training.rounds={steps // args.H}",
-                    f"training.outer_optimizer.lr={eta}", "training.outer_optimizer.momentum=0.9",
-                    "training.outer_optimizer.nesterov=true")
-            if f"M={m}" not in best or s["final_eval_loss"] < best[f"M={m}"][1]:
-                best[f"M={m}"] = (eta, s["final_eval_loss"])
+        for mom in momentums:
+            for eta in etas:
+                label = f"M={m} eta={eta}" + (f" mu={mom}" if len(momentums) > 1 or mom != 0.9 else "")
+                s = run(label, sites(m, args.device), "training.algorithm=diloco",
+                        f"training.batch_size={args.batch // m}", f"training.inner_steps={args.H}",
+                        f"training.rounds={steps // args.H}", f"training.outer_optimizer.lr={eta}",
+                        f"training.outer_optimizer.momentum={mom}", "training.outer_optimizer.nesterov=true",
+                        f"training.outer_optimizer.schedule.warmup_steps={args.outer_warmup}")
+                if f"M={m}" not in best or s["final_eval_loss"] < best[f"M={m}"][1]:
+                    best[f"M={m}"] = (eta, s["final_eval_loss"], mom)
 
     dp = runs["DP"]["final_eval_loss"]
     paper_dp = PAPER_35M["DP"]
-    print(f"\n{'row':6} {'best eta':>8} {'loss':>8} {'/ DP':>7}   {'paper 35M':>9} {'/ DP':>7}")
-    print(f"{'DP':6} {'-':>8} {dp:8.4f} {1.0:7.4f}   {paper_dp:9.3f} {1.0:7.4f}")
+    print(f"\n{'row':6} {'best eta':>8} {'mu':>4} {'loss':>8} {'/ DP':>7}   {'paper 35M':>9} {'/ DP':>7}")
+    print(f"{'DP':6} {'-':>8} {'-':>4} {dp:8.4f} {1.0:7.4f}   {paper_dp:9.3f} {1.0:7.4f}")
     table = {"DP": {"loss": dp, "ratio": 1.0, "paper": paper_dp, "paper_ratio": 1.0}}
-    for row, (eta, loss) in best.items():
+    for row, (eta, loss, mom) in best.items():
         paper = PAPER_35M.get(row)
         pr = f"{paper:9.3f} {paper / paper_dp:7.4f}" if paper else f"{'-':>9} {'-':>7}"
-        print(f"{row:6} {eta:8.1f} {loss:8.4f} {loss / dp:7.4f}   {pr}")
-        table[row] = {"best_eta": eta, "loss": loss, "ratio": loss / dp, "paper": paper,
+        print(f"{row:6} {eta:8.1f} {mom:4.1f} {loss:8.4f} {loss / dp:7.4f}   {pr}")
+        table[row] = {"best_eta": eta, "momentum": mom, "loss": loss, "ratio": loss / dp, "paper": paper,
                       "paper_ratio": paper / paper_dp if paper else None}
     checks = {}
     if "M=1" in best:
@@ -137,7 +155,8 @@ def main() -> int:
     print("\nthe paper's ordering, as it came out here:")
     for name, ok in checks.items():
         print(f"  {name}: {'yes' if ok else 'NO'}")
-    path = save("fidelity-quick" if args.quick else "fidelity", {
+    name = "fidelity-quick" if args.quick else "fidelity" + (f"-{args.tag}" if args.tag else "")
+    path = save(name, {"momentums": momentums, "outer_warmup": args.outer_warmup,
         "preset": args.preset, "params": n, "steps": steps, "tokens_per_step": tokens_per_step, "H": args.H,
         "warmup": warmup, "etas": etas, "lr": args.lr, "weight_decay": args.weight_decay, "device": args.device,
         "table": table, "checks": checks, "runs": runs})

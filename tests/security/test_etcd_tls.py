@@ -185,6 +185,36 @@ def test_the_enforcement_check_fails_on_an_etcd_without_auth(pki, tmp_path):
             client.close()
 
 
+WORKER = """
+import json, sys
+from geotrain.worker import context
+ctx = context.init()
+json.dump({"coordinator": ctx.coordinator, "alive": context._registration.alive,
+           "as": context._registration._cp.identity}, open(sys.argv[1], "w"))
+"""
+
+
+def test_geotrain_site_finds_the_coordinator_and_its_workers_register_as_the_site(etcd, pki, tmp_path):
+    """The real code paths: run_site's lookup of the coordinator and worker.context.init's registration, each
+    with the site's certificate over TLS (a refused one would fail the worker)."""
+    import sys
+
+    from geotrain.config.topology import parse_topology
+    from geotrain.run.site import run_site
+
+    certs, _ = pki
+    topo = parse_topology({"name": RUN, "sites": [{"name": s, "workers": 1} for s in SITES],
+                           "security": {"certs": str(certs.path)}})
+    with part(etcd, pki, COORDINATOR) as coord:
+        reg = coord.set_coordinator("127.0.0.1:7123", ttl_s=3.0)
+        out = tmp_path / "seen.json"
+        code = run_site(topo, "b", tmp_path / "run", etcd=f"127.0.0.1:{etcd.client_port}", coordinator=None,
+                        script=[sys.executable, "-c", WORKER, str(out)], certs=certs.path)
+        assert code == 0, (tmp_path / "run" / "logs" / "worker-b-0.log").read_text()[-2000:]
+        assert json.loads(out.read_text()) == {"coordinator": "127.0.0.1:7123", "alive": True, "as": "site.b"}
+        reg.close()
+
+
 @pytest.mark.slow
 def test_launch_runs_its_etcd_with_tls_and_auth(tmp_path, repo):
     import subprocess
@@ -203,6 +233,8 @@ def test_launch_runs_its_etcd_with_tls_and_auth(tmp_path, repo):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["security"]["tls"] is True
+    for log_file in (run_dir / "logs").glob("*.log"):  # no part was refused by etcd
+        assert "PERMISSION_DENIED" not in log_file.read_text(errors="replace"), log_file.name
 
 
 def test_compose_runs_its_etcd_with_tls_auth_and_a_check_that_waits_for_auth(tmp_path, repo):

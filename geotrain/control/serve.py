@@ -52,6 +52,7 @@ def check(topo, certs, endpoint: str) -> str | None:
     from geotrain.control.etcd_client import parse_endpoint
 
     host, port = parse_endpoint(endpoint)
+    # Only its health probe and its client are used: no data dir is touched, no process started.
     server = _server(topo, certs, Path("/nonexistent"), host, None, port)
     if not server._healthy():
         return f"etcd at {endpoint} is not healthy"

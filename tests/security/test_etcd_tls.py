@@ -185,6 +185,27 @@ def test_the_enforcement_check_fails_on_an_etcd_without_auth(pki, tmp_path):
             client.close()
 
 
+def test_an_external_etcd_is_reached_with_the_topologys_files(pki, tmp_path):
+    """etcd.endpoint + etcd.ca_file/cert_file/key_file: every part presents that pair, the server checked by the
+    address dialled (here 127.0.0.1, in its certificate); the same etcd without the files is plaintext and fails."""
+    from geotrain.config.schema import EtcdConfig
+
+    certs, _ = pki
+    server = EtcdServer(tmp_path / "data", tls=ServerTls(certs.files(ETCD), certs.files(LAUNCHER)))
+    with server:
+        pair = certs.files(LAUNCHER)
+        ext = EtcdConfig(endpoint=f"127.0.0.1:{server.client_port}", ca_file=str(pair.ca), cert_file=str(pair.cert),
+                         key_file=str(pair.key))
+        with ControlPlane.for_part(None, "ext", COORDINATOR, certs_dir=certs.path, etcd=ext, timeout_s=2.0) as cp:
+            assert cp._server_name is None and cp.endpoint.startswith("https://")
+            cp.put_state({"round": 1})
+            assert cp.get_state() == {"round": 1}
+        plain = EtcdConfig(endpoint=f"127.0.0.1:{server.client_port}")
+        with ControlPlane.for_part(None, "ext", COORDINATOR, certs_dir=certs.path, etcd=plain, timeout_s=2.0) as cp:
+            with pytest.raises(ControlPlaneError, match="UNAVAILABLE"):
+                cp.get_state()
+
+
 WORKER = """
 import json, sys
 from geotrain.worker import context

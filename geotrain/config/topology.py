@@ -58,6 +58,10 @@ def load_topology(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     if topo.security.certs is not None and not Path(topo.security.certs).is_absolute():
         certs = os.path.abspath(path.parent / topo.security.certs)
         topo = topo.model_copy(update={"security": topo.security.model_copy(update={"certs": certs})})
+    etcd_files = {k: os.path.abspath(path.parent / v) for k in ("ca_file", "cert_file", "key_file")
+                  if (v := getattr(topo.etcd, k)) is not None and not Path(v).is_absolute()}
+    if etcd_files:  # an external etcd's files, relative to the topology file like every other path
+        topo = topo.model_copy(update={"etcd": topo.etcd.model_copy(update=etcd_files)})
     return topo
 
 

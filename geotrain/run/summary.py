@@ -131,8 +131,9 @@ def goodput(events: list[dict], topo: Topology, wall_seconds: float) -> tuple[fl
     return round(useful / (sites * wall_seconds), 4), utilisation
 
 
-PLAINTEXT_WARNING = ("security.tls is false: every channel of this run is plaintext and unauthenticated; any "
-                     "process that reaches a port can read the model or act as a site")
+PLAINTEXT_WARNING = ("security.tls is false: every channel of this run (coordinator, rings, etcd) is plaintext and "
+                     "unauthenticated; any process that reaches a port can read the model, act as a site or "
+                     "rewrite the run's state in etcd")
 
 
 def security_summary(topo: Topology) -> dict:

@@ -99,3 +99,13 @@ def test_validate_reads_the_data_files_and_names_the_missing_one(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
     odd = validate(tmp_path, head + "data: {source: tokens, paths: [odd.bin], vocab_size: 50}\n")
     assert odd.returncode == 2 and "data.paths: " in odd.stderr and "not a whole number of uint16 tokens" in odd.stderr
+
+
+def test_an_external_etcds_relative_files_are_relative_to_the_topology_file(tmp_path):
+    from geotrain.config.topology import load_topology
+
+    (tmp_path / "t.yaml").write_text("name: t\nsites: [{name: a, workers: 1}]\n"
+                                     "etcd: {endpoint: 'etcd.example:2379', ca_file: certs/ca.pem, "
+                                     "cert_file: certs/me.pem, key_file: /abs/me.key}\n")
+    t = load_topology(tmp_path / "t.yaml")
+    assert t.etcd.ca_file == str(tmp_path / "certs" / "ca.pem") and t.etcd.key_file == "/abs/me.key"

@@ -11,12 +11,18 @@ synchronous Merge blocks (in its own server thread) until its round is committed
 A synchronous merge runs through visible stages::
 
     validate     rounds.validate_update: length, dtype, every value finite, the norm bound; a refused
-                 update never counts (merge_refused), its site fails the round and may rejoin
-    admit        merge_mode (ring or star), rounds.admit, record the arrival
+                 update never counts (merge_refused), its site fails the round and may rejoin. The
+                 values were checked as they arrived (orchestrator.ingest: finite, the norm's sum,
+                 piece by piece in the receiving thread); a stream cut at a non-finite value is
+                 refused the same way (:meth:`CoordinatorEngine.refuse_values`)
+    admit        merge_mode (ring or star), rounds.admit, record the arrival; with the mean, the
+                 update is folded into the round's running sum (orchestrator.accumulate, sorted
+                 site order: the bits of the mean of old) instead of being kept
     ready        rounds.round_ready: wait | commit | commit_partial | commit_quorum | timeout (the attempt fails)
-    aggregate    star: training.aggregation over the updates (orchestrator.aggregate: mean, fp32,
-                 sorted sites; trimmed-mean; median); ring: rounds.ring_commit
-    outer step   Nesterov on the mean; with a codec the change is encoded (error feedback) and
+    aggregate    star: training.aggregation over the updates (mean: the running sum divided, fp32,
+                 sorted sites; trimmed-mean; median: orchestrator.aggregate); ring: rounds.ring_commit
+    outer step   Nesterov on the mean (orchestrator.outer_inplace: the same bits without temporaries);
+                 with a codec the change is encoded (error feedback) and
                  exactly its decoding applied here, so that the coordinator and the sites agree
     persist      the state store, before anyone sees the result
     publish      the run state in etcd, fenced by epoch (False: a newer coordinator exists)
@@ -41,8 +47,10 @@ import torch
 from geotrain.config.topology import OuterOptimizerConfig
 from geotrain.events import EventLog
 from geotrain.orchestrator.aggregate import aggregator
+from geotrain.orchestrator.ingest import Squares, l2_norm
 from geotrain.orchestrator.lanes import Lane
-from geotrain.orchestrator.outer import DelayedNesterov, OuterOptimizer
+from geotrain.orchestrator.outer import DelayedNesterov
+from geotrain.orchestrator.outer_inplace import InPlaceOuterOptimizer
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.fingerprint import decode_spec, first_difference
 from geotrain.orchestrator.results import CommitResult, JoinAnswer, ModelAnswer, Refused, StatusAnswer, Update
@@ -51,6 +59,7 @@ from geotrain.orchestrator.rounds import (Decision, RoundState, admit, admit_asy
                                           round_ready, validate_update)
 from geotrain.storage.checkpoint import COORDINATOR_PART
 from geotrain.wire import transport
+from geotrain.wire.buffers import BufferPool
 from geotrain.wire.compress import UpdateEncoder, decode
 from geotrain.wire.fragments import fragment_slices
 from geotrain.wire.outcomes import Outcome
@@ -112,8 +121,13 @@ class CoordinatorEngine:
         self.checkpoints = checkpoints
         self.clock = clock
         self.params: torch.Tensor | None = None
-        self.outer = OuterOptimizer(cfg.outer)
+        self.buffers = BufferPool(keep=len(cfg.sites) + 4)
+        """Model-sized tensors reused across rounds once nothing holds them: received updates, the running
+        sum, the parameters (geotrain.wire.buffers: resident pages, no page faults per round)."""
+        self.outer = InPlaceOuterOptimizer(cfg.outer, allocate=self.buffers.take)
         self.aggregate = aggregator(cfg.aggregation, cfg.trim_fraction)
+        self.running_sum = cfg.aggregation == "mean"  # star rounds fold their updates (orchestrator.accumulate)
+        self._squares = Squares()  # the norm's scratch (used under the lock)
         self.async_outer = DelayedNesterov(cfg.outer, len(cfg.sites), cfg.delayed_nesterov)
         self.is_async = cfg.algorithm == "async-diloco"
         n_lanes = cfg.fragments if cfg.algorithm == "streaming-diloco" else 1
@@ -129,7 +143,10 @@ class CoordinatorEngine:
                 self.async_outer.acc, self.async_outer.count = resume.pending, resume.pending_count
             lane_rounds = list(resume.lane_rounds) if resume.lane_rounds else [resume.round] * n_lanes
             self.version = resume.round if not resume.lane_rounds else resume.version
-        self.lanes = [Lane(i, RoundState(round=r, expected=frozenset(cfg.sites))) for i, r in enumerate(lane_rounds)]
+        self.lanes = [Lane(i, RoundState(round=r, expected=frozenset(cfg.sites)), retire=self.buffers.retire)
+                      for i, r in enumerate(lane_rounds)]
+        for lane in self.lanes:
+            lane.clear()
         # the change sent back, per lane. topk: the mean of M sparse updates has up to M times their
         # nonzeros, so the way back may send M times the density (what SparseLoCo's all-gather delivers)
         self.down = UpdateEncoder(cfg.codec, cfg.block, cfg.error_feedback, density=min(1.0, cfg.density * len(cfg.sites)),
@@ -194,7 +211,7 @@ class CoordinatorEngine:
         with self._cond:
             if self.params is not None:
                 return False, self.version
-            norm = _norm(params) if params.dtype == torch.float32 else math.nan
+            norm = self._norm(params) if params.dtype == torch.float32 else math.nan
             decision = validate_update(site, -1, dtype=str(params.dtype).removeprefix("torch."),
                                        expected_numel=None, declared_numel=params.numel(),
                                        received_numel=params.numel(), norm=norm, history=(), ratio=None,
@@ -237,17 +254,21 @@ class CoordinatorEngine:
         if self.is_async:
             return self._merge_async(update)
         with self._cond:
-            if self.fenced:
-                raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=update.round, site=update.site)
-            if not 0 <= update.fragment < len(self.lanes):
-                raise Refused(Outcome.INVALID, f"fragment {update.fragment} of {len(self.lanes)}",
-                              round=update.round, site=update.site)
-            lane = self.lanes[update.fragment]
+            lane = self._lane_of(update)
             norm = self._validate(lane, update, now)
             self._admit(lane, update, now, norm)
             attempt = lane.attempt
             self._advance(lane, now)
             return self._await(lane, update, attempt, is_active)
+
+    def _lane_of(self, update: Update) -> Lane:
+        """The lane a synchronous update is for; refused when fenced or for a fragment there is not."""
+        if self.fenced:
+            raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=update.round, site=update.site)
+        if not 0 <= update.fragment < len(self.lanes):
+            raise Refused(Outcome.INVALID, f"fragment {update.fragment} of {len(self.lanes)}",
+                          round=update.round, site=update.site)
+        return self.lanes[update.fragment]
 
     def members(self) -> frozenset[str]:
         """The sites that belong to the run now: joined, expected by a round, or joining one."""
@@ -287,8 +308,32 @@ class CoordinatorEngine:
                 messages = list(build())
                 if record is not None:
                     record.wire = messages
-            self.bytes_out += sum(len(m.data) for m in messages)
+            self.bytes_out += result.wire_bytes
         return messages
+
+    def model_bytes(self) -> int | None:
+        """The model's size in bytes (float32), None before there is one: a stream that declares at most
+        this much is received into one buffer allocated up front (geotrain.wire.receive)."""
+        with self._cond:
+            return None if self.params is None else 4 * self.params.numel()
+
+    def refuse_values(self, update: Update, now: float):
+        """A Merge stream was stopped at a value that is not finite (orchestrator.ingest.ValueCheck; the
+        update's ``values`` are None, ``declared_numel`` what its header declared): refuse it as an update
+        that arrived whole with such a value, with the same checks before, events and consequences
+        (validate_update judges it as carrying what it declared: its length first, then ``non_finite``).
+        Always raises Refused."""
+        site, rnd = update.site, update.round
+        with self._cond:
+            if self.is_async:
+                lane = self.lanes[0]
+                self._admit_async(update)
+                decision = self._judge(lane, update, math.nan, self.cfg.max_update_norm_ratio)
+                self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason)
+                raise Refused(Outcome.INVALID_UPDATE, f"{decision.action}: {decision.reason}", round=rnd, site=site)
+            lane = self._lane_of(update)
+            decision = self._judge(lane, update, math.nan, None if update.ring else self.cfg.max_update_norm_ratio)
+            self._refuse_values(lane, update, decision, now)
 
     # ---- the synchronous pipeline (called with the lock held) ----
     def _validate(self, lane: Lane, update: Update, now: float) -> float:
@@ -304,6 +349,10 @@ class CoordinatorEngine:
         decision, norm = self._check_values(lane, update, ratio=None if ring else self.cfg.max_update_norm_ratio)
         if decision:
             return norm
+        self._refuse_values(lane, update, decision, now)
+
+    def _refuse_values(self, lane: Lane, update: Update, decision: Decision, now: float):
+        """The refusal of an update's values (see _validate); raises Refused."""
         site, rnd = update.site, update.round
         self.events.emit("merge_refused", site=site, round=rnd, action=decision.action, reason=decision.reason,
                          fragment=lane.index)
@@ -316,17 +365,32 @@ class CoordinatorEngine:
         raise Refused(Outcome.INVALID_UPDATE, f"{decision.action}: {decision.reason}", round=rnd, site=site)
 
     def _check_values(self, lane: Lane, update: Update, ratio: float | None) -> tuple[Decision, float]:
+        """validate_update on the update's values; the norm is the one computed as they arrived
+        (orchestrator.ingest.Received), else computed here."""
         values = update.values
-        dtype = str(values.dtype).removeprefix("torch.")
-        norm = _norm(values) if values.dtype == torch.float32 else math.nan
+        if values.dtype != torch.float32:
+            norm = math.nan
+        else:
+            norm = getattr(update, "norm", None)
+            if norm is None:
+                norm = self._norm(values)
+        return self._judge(lane, update, norm, ratio), norm
+
+    def _judge(self, lane: Lane, update: Update, norm: float, ratio: float | None) -> Decision:
+        """rounds.validate_update for ``update`` with L2 norm ``norm`` (values None: a stream stopped
+        early, judged as carrying what it declared)."""
+        values = update.values
         expected = None  # no model yet (ddp before InitModel): the length cannot be checked
         if self.params is not None:
             expected = len(range(self.params.numel())[self._slice(lane)])
-        declared = update.declared_numel if update.declared_numel >= 0 else values.numel()
-        decision = validate_update(update.site, update.round, dtype=dtype, expected_numel=expected,
-                                   declared_numel=declared, received_numel=values.numel(), norm=norm,
-                                   history=lane.norms, ratio=ratio)
-        return decision, norm
+        if values is None:
+            dtype, received = "float32", update.declared_numel
+        else:
+            dtype, received = str(values.dtype).removeprefix("torch."), values.numel()
+        declared = update.declared_numel if update.declared_numel >= 0 else received
+        return validate_update(update.site, update.round, dtype=dtype, expected_numel=expected,
+                               declared_numel=declared, received_numel=received, norm=norm,
+                               history=lane.norms, ratio=ratio)
 
     def _admit(self, lane: Lane, update: Update, now: float, norm: float = 0.0) -> None:
         """Stage 1: the update's round and mode may take it; it is recorded as arrived. A refused update
@@ -346,12 +410,17 @@ class CoordinatorEngine:
             self._abandon_ring(lane, rnd, site)
         else:
             lane.record(rnd).mode = mode.action
-        lane.updates[site] = update.values
+        lane.state = record_arrival(lane.state, site, now)
         if update.ring:
+            lane.updates[site] = update.values
             lane.claims[site] = update.claimed_crc32
         else:
             lane.pending_norms[site] = norm
-        lane.state = record_arrival(lane.state, site, now)
+            if self.running_sum:  # the sites that may still send this round: the rest of the expected
+                lane.sum.add(site, update.values, lane.state.expected - set(lane.state.arrived),
+                             owned=getattr(update, "owned", False))
+            else:
+                lane.updates[site] = update.values
 
     def _await(self, lane: Lane, update: Update, attempt: int, is_active) -> CommitResult | None:
         """Block until round ``update.round`` has a result, failed, or dropped this site's ring update."""
@@ -413,7 +482,12 @@ class CoordinatorEngine:
     def _aggregate(self, lane: Lane, ready: Decision, ring: bool) -> torch.Tensor | None:
         """The round's mean update (None: a ring round that cannot commit went back to the star)."""
         if not ring:
-            return self.aggregate(lane.updates)
+            if not self.running_sum:
+                return self.aggregate(lane.updates)
+            if lane.sum.sites() != set(lane.state.arrived):
+                raise RuntimeError(f"round {lane.state.round}: the running sum holds {sorted(lane.sum.sites())}, "
+                                   f"the round's arrivals are {sorted(lane.state.arrived)}")
+            return lane.sum.mean()
         rnd = lane.state.round
         means = [u for u in lane.updates.values() if u is not None]
         decision = ring_commit(rnd, ready, tuple(transport.fingerprint(m) for m in means),
@@ -435,17 +509,23 @@ class CoordinatorEngine:
             return None
         sl = self._slice(lane)
         new = self.outer.step(self.params, mean, sl, round=rnd)
+        self.buffers.retire(mean)  # spent (the pool hands it out again once nothing holds it)
+        old = self.params
         if ring:  # every leader computed the same outer step itself: only the fingerprint travels
             self.params = new
+            self.buffers.retire(old)
             return CommitResult(kind="ring_commit", round=rnd, version=0, crc32=0, values=torch.zeros(0),
                                 params_crc32=transport.fingerprint(self.params), fragment=lane.index)
         if self.cfg.codec == "fp32":
             self.params = new
+            self.buffers.retire(old)
             return CommitResult(kind="params", round=rnd, version=0, crc32=0, values=self.params[sl], fragment=lane.index)
         # send the change, compressed; apply exactly what the sites will apply
-        encoded = self.down.encode((new[sl] - self.params[sl]).contiguous(), key=lane.index)
-        self.params = self.params.clone()
+        encoded = self.down.encode((new[sl] - old[sl]).contiguous(), key=lane.index)
+        self.buffers.retire(new)
+        self.params = self.buffers.take(old.numel()).copy_(old)
         self.params[sl] += decode(encoded)
+        self.buffers.retire(old)
         return CommitResult(kind="delta", round=rnd, version=0, crc32=0, encoded=encoded, fragment=lane.index)
 
     def _next_round(self, lane: Lane, ready: Decision) -> None:
@@ -484,14 +564,18 @@ class CoordinatorEngine:
         elif self.cfg.rings:
             ring_round = self._plan_rings(lane, rnd, frozenset(arrived))
         lane.remember_norms([lane.pending_norms[s] for s in sorted(lane.pending_norms)], self.cfg.norm_history)
-        lane.updates, lane.claims, lane.pending_norms = {}, {}, {}
-        if self.cfg.algorithm == "ddp":
-            crc = transport.fingerprint(step.values)
+        lane.clear()
+        version = self.version if len(self.lanes) == 1 else lane.state.round
+        answer = replace(step, version=version, ring_round=ring_round)
+        stream = answer_stream(answer)  # the answer every waiting site gets, serialized once below
+        if answer.kind in ("params", "grad"):  # it carries the fingerprinted values themselves: one CRC32 pass
+            crc = stream.crc32
         else:  # the weights every site now holds (streaming: of this fragment)
             crc = transport.fingerprint(self.params[self._slice(lane)] if len(self.lanes) > 1 else self.params)
         digest = self._digest(step.values if self.cfg.algorithm == "ddp" else self.params, rnd, lane.index)
-        version = self.version if len(self.lanes) == 1 else lane.state.round
-        lane.record(rnd).result = replace(step, version=version, crc32=crc, ring_round=ring_round)
+        record = lane.record(rnd)
+        record.result = replace(answer, crc32=crc)
+        record.wire = list(stream.messages())
         extra = {"merge": "ring" if ring else "star"} if self.cfg.rings else {}
         self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
                          epoch=self.cfg.epoch, fragment=lane.index, **extra, **digest,
@@ -530,16 +614,7 @@ class CoordinatorEngine:
         """Apply one site's update at once and answer with the new global parameters."""
         site = update.site
         with self._cond:
-            if self.fenced:
-                raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=update.round, site=site)
-            decision = admit_async(site, update.round, sites=frozenset(self.cfg.sites),
-                                   applied=self.site_merges.get(site, 0), has_model=self.params is not None)
-            if not decision:
-                if decision.action == "duplicate":
-                    self.events.emit("merge_refused", site=site, round=update.round, action=decision.action,
-                                     reason=decision.reason)
-                raise Refused(_REFUSED[decision.action], f"{decision.action}: {decision.reason}", round=update.round,
-                              site=site)
+            self._admit_async(update)
             lane = self.lanes[0]
             valid, norm = self._check_values(lane, update, self.cfg.max_update_norm_ratio)
             if not valid:
@@ -568,6 +643,20 @@ class CoordinatorEngine:
             return CommitResult(kind="params", round=rnd, version=self.version, crc32=crc, values=self.params,
                                 staleness=w.staleness)
 
+    def _admit_async(self, update: Update) -> None:
+        """An async update may be applied (not fenced; rounds.admit_async); raises Refused."""
+        site = update.site
+        if self.fenced:
+            raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=update.round, site=site)
+        decision = admit_async(site, update.round, sites=frozenset(self.cfg.sites),
+                               applied=self.site_merges.get(site, 0), has_model=self.params is not None)
+        if not decision:
+            if decision.action == "duplicate":
+                self.events.emit("merge_refused", site=site, round=update.round, action=decision.action,
+                                 reason=decision.reason)
+            raise Refused(_REFUSED[decision.action], f"{decision.action}: {decision.reason}", round=update.round,
+                          site=site)
+
     # ---- shared by both pipelines (lock held) ----
     def _digest(self, values: torch.Tensor | None, rnd: int, fragment: int) -> dict:
         """The commit event's digest of the global model (ddp: of the mean gradient): ``finite`` (every
@@ -575,12 +664,15 @@ class CoordinatorEngine:
         A model that is not finite is never hidden: a ``model_nonfinite`` event says so."""
         if values is None:
             return {}
-        norm = _norm(values)
+        norm = self._norm(values)
         finite = math.isfinite(norm)
         if not finite:
             self.events.emit("model_nonfinite", round=rnd, version=self.version, fragment=fragment,
                              reason=f"the global model after round {rnd} has a non-finite value")
         return {"finite": finite, "norm": float(f"{norm:.6g}") if finite else None}
+
+    def _norm(self, values: torch.Tensor) -> float:
+        return l2_norm(values, self._squares)
 
     def _slice(self, lane: Lane) -> slice:
         if len(self.lanes) == 1:
@@ -616,11 +708,9 @@ class CoordinatorEngine:
                                                         "members": sorted(self.state.expected)})
 
 
-def _norm(values: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """The L2 norm of float32 values, its squares summed in float64 a chunk at a time (bounded extra
-    memory; float32's largest value squared, summed over any real model, stays far inside float64's
-    range). NaN or infinity when a value is not finite."""
-    total = 0.0
-    for piece in values.reshape(-1).split(chunk):
-        total += float(piece.double().square().sum())
-    return math.sqrt(total)
+def answer_stream(result: CommitResult) -> transport.Stream:
+    """The stream that carries ``result`` back to a site (its payload, header and CRC32s)."""
+    return transport.Stream(result.values, site="coordinator", round=result.round, kind=result.kind,
+                            version=result.version, encoded=result.encoded, fragment=result.fragment,
+                            staleness=result.staleness, params_crc32=result.params_crc32,
+                            ring_round=result.ring_round)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from geotrain.orchestrator.accumulate import RoundSum
 from geotrain.orchestrator.results import CommitResult
 from geotrain.orchestrator.rounds import RoundState
 
@@ -80,7 +81,12 @@ class Lane:
     state: RoundState
     log: RoundLog = field(default_factory=RoundLog)
     updates: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    """The round being collected: site -> its update (None: a ring acknowledgement)."""
+    """The round being collected: site -> its update (None: a ring acknowledgement). Star rounds whose
+    aggregation is the mean keep none here: their updates are folded into ``sum``."""
+    sum: RoundSum = field(default_factory=RoundSum)
+    """The round being collected, star and mean: the running sum of its accepted updates."""
+    retire: object = None
+    """Where the running sum's spent buffers go (the engine's geotrain.wire.buffers.BufferPool.retire)."""
     claims: dict[str, int] = field(default_factory=dict)
     """The round being collected, in a ring: site -> CRC32 of the mean it computed."""
     norms: list[float] = field(default_factory=list)
@@ -104,7 +110,11 @@ class Lane:
         record = self.log.get(rnd)
         return record.mode if record is not None else None
 
+    def clear(self) -> None:
+        """Forget the updates of the round being collected (it was committed, or starts over)."""
+        self.updates, self.claims, self.pending_norms, self.sum = {}, {}, {}, RoundSum(self.retire)
+
     def reopen(self) -> None:
         """Forget the updates of the round being collected; it starts over (same round, same members)."""
-        self.updates, self.claims, self.pending_norms = {}, {}, {}
+        self.clear()
         self.state = RoundState(round=self.state.round, expected=self.state.expected, joining=self.state.joining)

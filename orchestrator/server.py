@@ -12,6 +12,14 @@ and the model fingerprint by length, a stream's messages by its declared size, e
 streams (a peer is its certificate's name, else its host), and every streaming call's lifetime by a
 server-side deadline; gRPC's own options bound calls in flight, streams per connection and message
 size. The order in every handler: names, identity (authz), the stream limit, then the data.
+
+The data path (docs/architecture.md): the tensor streams' messages are bytes to gRPC, not protobuf
+objects (:func:`handlers`): each request chunk is parsed into a memoryview of what gRPC received
+(geotrain.wire.chunks) and copied once, into a buffer of the payload's size allocated when its
+header arrives (geotrain.wire.receive); a Merge's float32 values are checked as they arrive
+(geotrain.orchestrator.ingest: finite, the norm's sum, in this call's thread, outside the engine's
+lock), and a stream is refused at its first non-finite piece. A synchronous round's answer is
+serialized once (``CoordinatorEngine.answer_once``) and the same bytes go to every waiting site.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import GeotrainError
-from geotrain.orchestrator.engine import CoordinatorEngine
+from geotrain.orchestrator.engine import CoordinatorEngine, answer_stream
+from geotrain.orchestrator.ingest import NonFiniteValues, Received, ValueCheck
 from geotrain.orchestrator.results import CommitResult, Refused, Update
 from geotrain.orchestrator.authz import authorize
 from geotrain.orchestrator.limits import (CallDeadlines, PeerStreams, ServerLimits, check_names, limits_for,
@@ -33,7 +42,8 @@ from geotrain.orchestrator.limits import (CallDeadlines, PeerStreams, ServerLimi
 from geotrain.security.pki import TlsFiles, site_of
 from geotrain.security.tls import peer_name, server_credentials
 from geotrain.wire import transport
-from geotrain.wire.channel import GRPC_OPTIONS
+from geotrain.wire.channel import SERVER_OPTIONS
+from geotrain.wire.chunks import as_chunk, parse_chunk
 from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, error_for, outcome_of
 
 STATUS = {
@@ -107,7 +117,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         (refused INVALID through transport.decode, which lets geotrain errors through)."""
         declared = 0
         for count, msg in enumerate(messages, start=1):
-            if count == 1 and msg.HasField("header"):
+            msg = as_chunk(msg)
+            if count == 1 and msg.header is not None:
                 h = msg.header
                 verdict = check_names(call, {"site": h.site, "kind": h.kind, "dtype": h.dtype, "codec": h.codec},
                                       self.limits)
@@ -148,7 +159,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def InitModel(self, request_iterator, context):
         self._allow(context, "InitModel", self._caller_site(context))  # a site, before reading its stream
         self._open_stream(context, "InitModel")
-        update = self._receive(request_iterator, context, "InitModel")
+        update = self._receive(request_iterator, context, "InitModel", inspect=False)
         self._allow(context, "InitModel", update.site)
         if update.values is None:
             refuse(context, Refused(Outcome.INVALID, f"InitModel from {context.peer()}: a {update.kind} carries no model"))
@@ -169,18 +180,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except Refused as refused:
             refuse(context, refused)
         self.engine.sent(answer.values.numel() * 4)
-        yield from transport.encode(answer.values, site="coordinator", round=answer.version, kind=answer.kind,
-                                    version=answer.version, ring_round=answer.ring_round)
+        yield from transport.encode_wire(answer.values, site="coordinator", round=answer.version, kind=answer.kind,
+                                         version=answer.version, ring_round=answer.ring_round)
 
     def Merge(self, request_iterator, context):
-        self._allow(context, "Merge", self._caller_site(context))
-        self._open_stream(context, "Merge")
-        update = self._receive(request_iterator, context, "Merge")
-        self._allow(context, "Merge", update.site)
-        try:
-            result = self.engine.merge(update, time.time(), context.is_active)
-        except Refused as refused:
-            refuse(context, refused)
+        result = self._merge(request_iterator, context)
         if result is None:  # the site went away while its round was collected
             return
         if self.engine.is_async:  # one answer per update
@@ -189,36 +193,92 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         else:  # every waiting site gets the same bytes: encode them once per commit
             yield from self.engine.answer_once(result, lambda: _encode(result))
 
+    def _merge(self, request_iterator, context) -> CommitResult | None:
+        """Receive the update and have the engine merge it. The update's buffer is let go before the answer
+        is streamed (the engine's pool hands it out again for the next round once nothing holds it)."""
+        self._allow(context, "Merge", self._caller_site(context))
+        self._open_stream(context, "Merge")
+        update = self._receive(request_iterator, context, "Merge")
+        self._allow(context, "Merge", update.site)
+        try:
+            return self.engine.merge(update, time.time(), context.is_active)
+        except Refused as refused:
+            refuse(context, refused)
+
     def Status(self, request, context):
         self._allow(context, "Status", None)
         s = self.engine.status()
         return pb.StatusResponse(round=s.round, version=s.version, sites=list(s.sites), pending=list(s.pending),
                                  bytes_in=s.bytes_in, bytes_out=s.bytes_out)
 
-    def _receive(self, request_iterator, context, what: str) -> Update:
+    def _receive(self, request_iterator, context, what: str, inspect: bool = True) -> Update:
         """Reassemble and check a tensor stream and count its bytes. A corrupt one is refused CORRUPT;
         one that declares more than the model's size (or a negative size), or whose values cannot be
-        decoded from what it declares, INVALID (transport.decode refuses the size before allocating)."""
+        decoded from what it declares, INVALID (transport.decode refuses the size before allocating).
+        ``inspect``: a float32 update's values are checked as they arrive (ingest.ValueCheck); one that
+        is not finite stops the stream, and the engine refuses it (CoordinatorEngine.refuse_values)."""
+        checks = []
+
+        def inspector(header):
+            if header.kind == "ring_ack":
+                return None
+            checks.append((header, ValueCheck(f"{what} from {context.peer()}: update from {header.site[:64]!r} "
+                                              f"for round {header.round}")))
+            return checks[-1][1]
+
         try:
             payload = transport.decode(self._bounded(request_iterator, what), where=f"{what} from {context.peer()}",
-                                       max_bytes=self.engine.max_stream_bytes())
+                                       max_bytes=self.engine.max_stream_bytes(), expect_bytes=self.engine.model_bytes(),
+                                       allocate=self.engine.buffers.take, inspector=inspector if inspect else None)
             values = None if payload.kind == "ring_ack" else payload.tensor()
+        except NonFiniteValues:
+            h = checks[0][0]
+            stopped = Update(site=h.site, round=h.round, kind=h.kind, version=h.version, values=None,
+                             fragment=h.fragment, claimed_crc32=h.claimed_crc32, declared_numel=h.total_bytes // 4)
+            try:
+                self.engine.refuse_values(stopped, time.time())
+            except Refused as refused:
+                refuse(context, refused)
+            raise  # never reached: refuse_values always raises Refused
         except GeotrainError as exc:
             refuse(context, Refused(outcome_of(exc) or Outcome.CORRUPT, str(exc)))
         except (ValueError, ZeroDivisionError, OverflowError, RuntimeError) as exc:  # a header the codec cannot use
             refuse(context, Refused(Outcome.INVALID, f"{what} from {context.peer()}: cannot decode the "
                                                      f"{payload.codec!r} payload its header declares: {exc}"))
         self.engine.received(payload.wire_bytes)
-        return Update(site=payload.site, round=payload.round, kind=payload.kind, version=payload.version,
-                      values=values, fragment=payload.fragment, claimed_crc32=payload.claimed_crc32,
-                      declared_numel=payload.numel if values is not None else -1)
+        # the norm of values checked as they arrived; a compressed update's values are its decoding
+        norm = checks[0][1].norm if checks and payload.codec == "fp32" and values is not None else None
+        return Received(site=payload.site, round=payload.round, kind=payload.kind, version=payload.version,
+                        values=values, fragment=payload.fragment, claimed_crc32=payload.claimed_crc32,
+                        declared_numel=payload.numel if values is not None else -1, norm=norm, owned=True)
 
 
 def _encode(result: CommitResult):
-    return transport.encode(result.values, site="coordinator", round=result.round, kind=result.kind,
-                            version=result.version, encoded=result.encoded, fragment=result.fragment,
-                            staleness=result.staleness, params_crc32=result.params_crc32,
-                            ring_round=result.ring_round)
+    """The serialized messages of a commit's answer."""
+    return answer_stream(result).messages()
+
+
+SERVICE = "geotrain.v1.Coordinator"
+
+
+def handlers(service: CoordinatorService) -> dict:
+    """The Coordinator's method handlers: the generated ones' protobuf (de)serializers for the small
+    messages; for the tensor streams, requests parsed by geotrain.wire.chunks.parse_chunk (a memoryview
+    of the chunk's data, no copy) and responses that are already bytes (geotrain.wire.transport.encode_wire).
+    The wire format is the same: any gRPC client of coordinator.proto may call it."""
+    return {
+        "Join": grpc.unary_unary_rpc_method_handler(service.Join, request_deserializer=pb.JoinRequest.FromString,
+                                                    response_serializer=pb.JoinResponse.SerializeToString),
+        "InitModel": grpc.stream_unary_rpc_method_handler(service.InitModel, request_deserializer=parse_chunk,
+                                                          response_serializer=pb.InitModelResponse.SerializeToString),
+        "GetModel": grpc.unary_stream_rpc_method_handler(service.GetModel,
+                                                         request_deserializer=pb.GetModelRequest.FromString,
+                                                         response_serializer=None),
+        "Merge": grpc.stream_stream_rpc_method_handler(service.Merge, request_deserializer=parse_chunk,
+                                                       response_serializer=None),
+        "Status": grpc.unary_unary_rpc_method_handler(service.Status, request_deserializer=pb.StatusRequest.FromString,
+                                                      response_serializer=pb.StatusResponse.SerializeToString),
+    }
 
 
 def default_limits(engine: CoordinatorEngine) -> ServerLimits:
@@ -243,11 +303,12 @@ def create_server(engine: CoordinatorEngine, bind: str = "127.0.0.1:0", max_work
     # Not grpc.max_concurrent_streams: in grpc 1.85's Python server a stream whose request cannot be
     # deserialized is never released from its connection's count, so that after N such requests the
     # connection refuses every new stream (REFUSED_STREAM, measured); the per-peer limit bounds streams.
-    options = GRPC_OPTIONS
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coord"),
-                         options=options, maximum_concurrent_rpcs=workers)
+                         options=SERVER_OPTIONS, maximum_concurrent_rpcs=workers)
     service = CoordinatorService(engine, tls=tls is not None, limits=limits)
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    methods = handlers(service)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+    server.add_registered_method_handlers(SERVICE, methods)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_secure_port(bind, server_credentials(tls)) if tls is not None else server.add_insecure_port(bind)

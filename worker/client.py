@@ -7,6 +7,12 @@ the call, else the gRPC status code alone (a dead server, the client's own deadl
 message text. Only idempotent calls (Join, GetModel, Status) are retried, as the retry policy
 (geotrain.worker.retry) says; a Merge is never retried blindly: the coordinator refuses a
 duplicate or stale update, so the caller decides.
+
+Tensor streams travel as bytes, not protobuf objects: the update's chunks are serialized straight
+from the tensor (geotrain.wire.transport.encode_wire, one copy each) and the answer's are parsed
+into views of what gRPC received (geotrain.wire.chunks.parse_chunk) and copied once, into a buffer
+of the answer's size when it is no larger than the biggest payload this client has moved so far
+(the model's, after the first call), else into one that grows with the data.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import GeotrainError, TransferCorrupt
 from geotrain.wire import transport
 from geotrain.wire.channel import CLIENT_OPTIONS, GRPC_OPTIONS
+from geotrain.wire.chunks import parse_chunk
 from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, error_for, outcome_of
 from geotrain.worker.retry import Retry, next_action
 
@@ -65,6 +72,16 @@ class CoordinatorClient:
             raise error_for(Outcome.UNAVAILABLE, f"site {site}: coordinator at {address} not reachable within "
                                                  f"{connect_timeout_s:.0f}s") from None
         self._stub = pb_grpc.CoordinatorStub(self._channel)
+        # the tensor streams: bytes both ways (the generated stub's protobuf objects copy every chunk)
+        service = "/geotrain.v1.Coordinator/"
+        self._merge = self._channel.stream_stream(service + "Merge", request_serializer=None,
+                                                  response_deserializer=parse_chunk)
+        self._init_model = self._channel.stream_unary(service + "InitModel", request_serializer=None,
+                                                      response_deserializer=pb.InitModelResponse.FromString)
+        self._get_model = self._channel.unary_stream(service + "GetModel",
+                                                     request_serializer=pb.GetModelRequest.SerializeToString,
+                                                     response_deserializer=parse_chunk)
+        self._expect_bytes = 0  # the largest payload sent or received: answers up to it are received in place
 
     def close(self) -> None:
         self._channel.close()
@@ -76,41 +93,57 @@ class CoordinatorClient:
             pb.JoinRequest(site=self.site, workers=workers, pid=os.getpid(), model_spec=model_spec), timeout=30.0))
 
     def init_model(self, flat: torch.Tensor) -> bool:
-        msgs = self._counted(transport.encode(flat, site=self.site, kind="params"))
-        resp = self._call("InitModel", lambda: self._stub.InitModel(msgs, timeout=self.timeout_s))
+        msgs = self._counted(flat, transport.encode_wire(flat, site=self.site, kind="params"))
+        resp = self._call("InitModel", lambda: self._init_model(msgs, timeout=self.timeout_s))
         return resp.accepted
 
     def get_model(self, min_version: int = 0, what: str = "params") -> transport.Payload:
         """The global parameters (or, ``what="momentum"``, the outer momentum) once ``min_version`` is committed."""
         def once():
-            stream = self._stub.GetModel(pb.GetModelRequest(site=self.site, min_version=min_version, what=what),
-                                         timeout=self.timeout_s)
+            stream = self._get_model(pb.GetModelRequest(site=self.site, min_version=min_version, what=what),
+                                     timeout=self.timeout_s)
             return self._decode(stream, "GetModel")
         return self._retry("GetModel", once)
 
     def merge(self, flat: torch.Tensor | np.ndarray | None, round: int, kind: str, version: int = 0, *,
               encoded=None, fragment: int = 0, claimed_crc32: int = 0) -> transport.Payload:
         """Send this site's update for ``round`` (``encoded``: compressed) and block until the merged result comes back."""
-        msgs = self._counted(transport.encode(flat, site=self.site, round=round, kind=kind, version=version,
-                                              encoded=encoded, fragment=fragment, claimed_crc32=claimed_crc32))
-        return self._call("Merge", lambda: self._decode(self._stub.Merge(msgs, timeout=self.timeout_s), "Merge"),
+        msgs = self._counted(encoded.payload if encoded is not None and encoded.codec != "fp32" else flat,
+                             transport.encode_wire(flat, site=self.site, round=round, kind=kind, version=version,
+                                                   encoded=encoded, fragment=fragment, claimed_crc32=claimed_crc32))
+        return self._call("Merge", lambda: self._decode(self._merge(msgs, timeout=self.timeout_s), "Merge"),
                           round=round)
 
     def status(self) -> pb.StatusResponse:
         return self._retry("Status", lambda: self._stub.Status(pb.StatusRequest(), timeout=10.0))
 
     # ---- internals ----
-    def _counted(self, msgs):
+    def _counted(self, payload, msgs):
+        """The messages of a stream whose payload is ``payload``; each chunk's bytes count as sent when
+        gRPC takes its message (chunks of transport.CHUNK_BYTES, the last one shorter)."""
+        if payload is None:
+            left = 0
+        elif isinstance(payload, torch.Tensor):
+            left = payload.numel() * 4
+        elif isinstance(payload, np.ndarray):
+            left = payload.size * 4
+        else:
+            left = len(payload)
+        self._expect_bytes = max(self._expect_bytes, left)
         for m in msgs:
-            self.bytes_sent += len(m.data)
+            step = min(left, transport.CHUNK_BYTES)
+            left -= step
+            self.bytes_sent += step
             yield m
 
     def _decode(self, stream, what: str) -> transport.Payload:
         try:
-            payload = transport.decode(stream, where=f"site {self.site}: {what} from {self.address}")
+            payload = transport.decode(stream, where=f"site {self.site}: {what} from {self.address}",
+                                       expect_bytes=self._expect_bytes or None)
         except TransferCorrupt as exc:  # checked here, on receipt: the answer itself is corrupt
             raise error_for(Outcome.CORRUPT, str(exc)) from exc
         self.bytes_received += payload.data.nbytes
+        self._expect_bytes = max(self._expect_bytes, payload.data.nbytes)
         return payload
 
     def _call(self, what: str, fn, round: int | None = None):

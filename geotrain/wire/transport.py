@@ -4,161 +4,137 @@ A payload is one flat float32 buffer (all of a model's parameters, or its pseudo
 concatenated in ``named_parameters`` order). It travels as a header message followed by chunks
 of at most ``CHUNK_BYTES``; every chunk carries its offset and CRC32 and the header carries the
 CRC32 of the whole, so a lost, reordered, duplicated or corrupted chunk is caught on receipt.
+
+Both ends move the bytes without protobuf objects on the hot path: :func:`encode_wire` gives the
+serialized messages (each chunk copied once, from a view of the tensor, into its message;
+geotrain.wire.chunks), :func:`decode` hands each message to a geotrain.wire.receive.Receiver,
+which copies its data once, into the payload's buffer. One ``zlib.crc32`` pass per chunk gives
+both its CRC32 and, combined (geotrain.wire.crc), the whole payload's. :func:`encode` gives the
+same stream as protobuf messages (tests, probes, the in-process run).
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain.errors import TransferCorrupt
-from geotrain.wire.outcomes import Outcome, error_for
+from geotrain.wire.chunks import serialize_chunk
+from geotrain.wire.crc import combine
+from geotrain.wire.payload import Payload
+from geotrain.wire.receive import Receiver
 
-CHUNK_BYTES = 1 << 20  # 1 MiB: far under gRPC's 4 MiB message limit, large enough to be cheap
+__all__ = ["CHUNK_BYTES", "MAX_STREAM_BYTES", "Payload", "Stream", "decode", "encode", "encode_wire", "fingerprint",
+           "flatten", "unflatten_into"]
 
-
-@dataclass
-class Payload:
-    """A received tensor stream: its header fields and the data (float32, or encoded bytes)."""
-
-    site: str
-    round: int
-    kind: str
-    version: int
-    data: np.ndarray  # float32 1-D when codec is fp32, else the encoded bytes (uint8)
-    crc32: int = 0  # CRC32 of the payload bytes (verified on receipt): a cheap fingerprint of the weights
-    codec: str = "fp32"
-    block: int = 0
-    numel: int = 0
-    fragment: int = 0
-    staleness: int = 0
-    claimed_crc32: int = 0
-    params_crc32: int = 0
-    ring_round: int = 0
-
-    def tensor(self) -> torch.Tensor:
-        """The payload as float32 (decoded if it travelled compressed)."""
-        if self.codec == "fp32":
-            return torch.from_numpy(self.data)
-        from geotrain.wire.compress import Encoded, decode
-
-        return decode(Encoded(codec=self.codec, numel=self.numel, block=self.block, payload=self.data.tobytes()))
-
-    @property
-    def wire_bytes(self) -> int:
-        return int(self.data.nbytes)
+CHUNK_BYTES = 4 << 20
+"""4 MiB (2**20 float32 values): a quarter of gRPC's message limit here (geotrain.wire.channel); few
+enough messages per payload that gRPC's per-message cost is small beside the copy (40 MB in 10)."""
 
 
-def encode(data: np.ndarray | torch.Tensor, *, site: str = "", round: int = 0, kind: str,
-           version: int = 0, chunk_bytes: int = CHUNK_BYTES, encoded=None, fragment: int = 0,
-           staleness: int = 0, claimed_crc32: int = 0, params_crc32: int = 0,
-           ring_round: int = 0) -> Iterator[pb.TensorChunk]:
-    """Yield the messages of one stream: the header (with the first chunk), then the rest.
+class Stream:
+    """One payload ready to send: its header (with the whole payload's CRC32) and its chunks' CRC32s,
+    from one pass of ``zlib.crc32`` over the data; :meth:`messages` serializes the chunks as they are taken.
 
     ``encoded`` (a :class:`geotrain.wire.compress.Encoded`) sends compressed bytes instead of ``data``.
+    ``data`` is read again when the messages are made: it must not change in between.
     """
-    if encoded is not None and encoded.codec != "fp32":
-        buf = memoryview(encoded.payload)
-        header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="encoded",
-                                 crc32=zlib.crc32(buf), version=version, codec=encoded.codec, block=encoded.block,
-                                 numel=encoded.numel, fragment=fragment, staleness=staleness,
-                                 claimed_crc32=claimed_crc32, params_crc32=params_crc32, ring_round=ring_round)
-    else:
-        if encoded is not None:
-            from geotrain.wire.compress import decode as _dec
 
-            data = _dec(encoded)
-        if isinstance(data, torch.Tensor):
-            data = data.detach().to("cpu", torch.float32).contiguous().numpy()
-        buf = memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
-        header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), dtype="float32",
-                                 crc32=zlib.crc32(buf), version=version, codec="fp32", numel=len(buf) // 4,
-                                 fragment=fragment, staleness=staleness, claimed_crc32=claimed_crc32,
-                                 params_crc32=params_crc32, ring_round=ring_round)
-    if len(buf) == 0:
-        yield pb.TensorChunk(header=header)
-        return
-    for offset in range(0, len(buf), chunk_bytes):
-        piece = bytes(buf[offset:offset + chunk_bytes])
-        msg = pb.TensorChunk(offset=offset, data=piece, crc32=zlib.crc32(piece))
-        if offset == 0:
-            msg.header.CopyFrom(header)
-        yield msg
+    def __init__(self, data: np.ndarray | torch.Tensor | None = None, *, site: str = "", round: int = 0, kind: str,
+                 version: int = 0, chunk_bytes: int = CHUNK_BYTES, encoded=None, fragment: int = 0,
+                 staleness: int = 0, claimed_crc32: int = 0, params_crc32: int = 0, ring_round: int = 0) -> None:
+        if encoded is not None and encoded.codec != "fp32":
+            buf = memoryview(encoded.payload).cast("B")
+            fields = dict(dtype="encoded", codec=encoded.codec, block=encoded.block, numel=encoded.numel)
+        else:
+            if encoded is not None:
+                from geotrain.wire.compress import decode as _dec
+
+                data = _dec(encoded)
+            if isinstance(data, torch.Tensor):
+                data = data.detach().to("cpu", torch.float32).contiguous().numpy()
+            buf = memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B")
+            fields = dict(dtype="float32", codec="fp32", numel=len(buf) // 4)
+        self.chunk_bytes = chunk_bytes
+        self.buf = buf
+        self.chunks: list[tuple[int, int]] = []
+        """(offset, CRC32) of every chunk."""
+        total = 0
+        for offset in range(0, len(buf), chunk_bytes):
+            piece = buf[offset:offset + chunk_bytes]
+            crc = zlib.crc32(piece)
+            total = combine(total, crc, len(piece))
+            self.chunks.append((offset, crc))
+        self.crc32 = total
+        """The whole payload's CRC32 (for float32 values: transport.fingerprint of them)."""
+        self.header = pb.TensorHeader(site=site, round=round, kind=kind, total_bytes=len(buf), crc32=total,
+                                      version=version, fragment=fragment, staleness=staleness,
+                                      claimed_crc32=claimed_crc32, params_crc32=params_crc32, ring_round=ring_round,
+                                      **fields)
+
+    @property
+    def payload_bytes(self) -> int:
+        return len(self.buf)
+
+    def messages(self) -> Iterator[bytes]:
+        """The serialized messages: the header with the first chunk, then the rest (each chunk copied once)."""
+        head = self.header.SerializeToString()
+        if not self.chunks:
+            yield serialize_chunk(head, 0, b"", 0)
+            return
+        size = self.chunk_bytes
+        for i, (offset, crc) in enumerate(self.chunks):
+            yield serialize_chunk(head if i == 0 else None, offset, self.buf[offset:offset + size], crc)
+
+    def pb_messages(self) -> Iterator[pb.TensorChunk]:
+        """The same stream as protobuf messages."""
+        if not self.chunks:
+            yield pb.TensorChunk(header=self.header)
+            return
+        size = self.chunk_bytes
+        for i, (offset, crc) in enumerate(self.chunks):
+            msg = pb.TensorChunk(offset=offset, data=bytes(self.buf[offset:offset + size]), crc32=crc)
+            if i == 0:
+                msg.header.CopyFrom(self.header)
+            yield msg
+
+
+def encode_wire(data: np.ndarray | torch.Tensor | None = None, **fields) -> Iterator[bytes]:
+    """The serialized messages of one stream (:class:`Stream`'s arguments): the header with the first
+    chunk, then the rest. The CRC32s are computed first (the header carries the whole payload's); each
+    chunk is copied into its message as it is taken, so the caller may send one while the next is made."""
+    yield from Stream(data, **fields).messages()
+
+
+def encode(data: np.ndarray | torch.Tensor | None = None, **fields) -> Iterator[pb.TensorChunk]:
+    """The stream of :func:`encode_wire` as protobuf messages (the same bytes once serialized)."""
+    yield from Stream(data, **fields).pb_messages()
 
 
 MAX_STREAM_BYTES = 4 << 30
 """The most a stream may declare before the receiver knows the model's size (4 GiB)."""
 
 
-def decode(messages: Iterable[pb.TensorChunk], *, where: str = "", max_bytes: int | None = None) -> Payload:
-    """Reassemble one stream; raise TransferCorrupt naming ``where`` on any inconsistency.
+def decode(messages: Iterable, *, where: str = "", max_bytes: int | None = None, expect_bytes: int | None = None,
+           allocate=None, inspector=None) -> Payload:
+    """Reassemble one stream (protobuf TensorChunk messages or geotrain.wire.chunks.Chunk); raise
+    TransferCorrupt naming ``where`` on any inconsistency.
 
     A header that declares a negative size, or more than ``max_bytes`` (the model's size once the
     receiver knows it), is refused before anything is allocated, with an error whose outcome is
-    INVALID (the request itself is wrong). The buffer grows with the data received, never to the
-    declared size up front: a stream that declares 256 MiB and sends 4 bytes costs 4 bytes.
+    INVALID (the request itself is wrong). A stream that declares at most ``expect_bytes`` is
+    received into one buffer allocated up front (``allocate(numel)`` for float32, if given); else
+    the buffer grows with the data received, never to the declared size up front: a stream that
+    declares 256 MiB and sends 4 bytes costs 4 bytes. ``inspector``: geotrain.wire.receive.Receiver.
     """
-    it = iter(messages)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise TransferCorrupt(f"{where}: empty tensor stream") from None
-    if not first.HasField("header"):
-        raise TransferCorrupt(f"{where}: tensor stream does not start with a header")
-    h = first.header
-    if h.total_bytes < 0:
-        raise _invalid(f"{where}: the header declares a negative size ({h.total_bytes} bytes)")
-    if max_bytes is not None and h.total_bytes > max_bytes:
-        raise _invalid(f"{where}: the header declares {h.total_bytes} bytes, more than the {max_bytes} "
-                       f"this stream may carry (site {_quote(h.site)}, round {h.round})")
-    if not ((h.dtype == "float32" and h.total_bytes % 4 == 0) or h.dtype == "encoded"):
-        raise TransferCorrupt(f"{where}: unsupported payload dtype {_quote(h.dtype)} / size {h.total_bytes}")
-    if h.dtype == "float32" and h.numel and h.numel * 4 != h.total_bytes:
-        raise _invalid(f"{where}: the header declares {h.numel} float32 values in {h.total_bytes} bytes "
-                       f"(site {_quote(h.site)}, round {h.round})")
-    out = bytearray()
-    received = 0
-    for msg in _chain(first, it):
-        if not msg.data and msg is first:
-            continue
-        if msg.offset != received:
-            raise TransferCorrupt(f"{where}: chunk at offset {msg.offset}, expected {received} (site {_quote(h.site)}, round {h.round})")
-        if zlib.crc32(msg.data) != msg.crc32:
-            raise TransferCorrupt(f"{where}: chunk at offset {msg.offset} failed its CRC32 (site {_quote(h.site)}, round {h.round})")
-        end = received + len(msg.data)
-        if end > h.total_bytes:
-            raise TransferCorrupt(f"{where}: stream longer than its header's {h.total_bytes} bytes")
-        out += msg.data
-        received = end
-    if received != h.total_bytes:
-        raise TransferCorrupt(f"{where}: stream ended after {received} of {h.total_bytes} bytes (site {_quote(h.site)}, round {h.round})")
-    if zlib.crc32(out) != h.crc32:
-        raise TransferCorrupt(f"{where}: payload failed its CRC32 (site {_quote(h.site)}, round {h.round})")
-    data = np.frombuffer(out, dtype=np.float32 if h.dtype == "float32" else np.uint8)
-    return Payload(site=h.site, round=h.round, kind=h.kind, version=h.version, data=data, crc32=h.crc32,
-                   codec=h.codec or "fp32", block=h.block, numel=h.numel or len(data), fragment=h.fragment,
-                   staleness=h.staleness, claimed_crc32=h.claimed_crc32, params_crc32=h.params_crc32,
-                   ring_round=h.ring_round)
-
-
-def _invalid(message: str):
-    """A stream the receiver refuses as a wrong request (outcome INVALID), not as a damaged one."""
-    return error_for(Outcome.INVALID, message)
-
-
-def _quote(text: str, limit: int = 80) -> str:
-    """A header string as an error message shows it: quoted, at most ``limit`` characters."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
+    receiver = Receiver(where, max_bytes=max_bytes, expect_bytes=expect_bytes, allocate=allocate, inspector=inspector)
+    for msg in messages:
+        receiver.add(msg)
+    return receiver.finish()
 
 
 def fingerprint(flat: torch.Tensor | np.ndarray) -> int:

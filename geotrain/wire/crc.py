@@ -1,0 +1,60 @@
+"""CRC32 of a whole payload from the CRC32s of its chunks, without a second pass over the bytes.
+
+A tensor stream carries a CRC32 per chunk and one of the whole payload (geotrain.wire.transport).
+Both ends used to compute each with its own pass over the data; :func:`combine` gives the CRC32
+of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's ``crc32_combine``, which
+Python's zlib does not expose), so one pass of ``zlib.crc32`` per chunk gives both.
+
+CRC32 is linear over GF(2): appending ``n`` zero bytes to a message multiplies its CRC register
+by a fixed 32x32 bit matrix ``M(n)``. The operators of ``2**k`` zero bytes are built by squaring
+the one-zero-bit operator (the reflected polynomial 0xEDB88320) and kept; ``M(n)`` is the product
+of those of ``n``'s set bits (a chunk of 4 MiB: one matrix-vector product, a few microseconds).
+"""
+
+from __future__ import annotations
+
+_POLY = 0xEDB88320
+
+
+def _times(matrix: tuple[int, ...], vector: int) -> int:
+    """matrix (32 columns, column i = image of bit i) times a 32-bit vector, over GF(2)."""
+    out = 0
+    i = 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+def _square(matrix: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_times(matrix, column) for column in matrix)
+
+
+_ONE_ZERO_BIT = (_POLY,) + tuple(1 << i for i in range(31))
+"""The CRC register's change for one zero bit appended."""
+
+_POWERS: list[tuple[int, ...]] = []
+"""``_POWERS[k]``: the operator that appends 2**k zero bytes (built as needed, kept)."""
+
+
+def _power(k: int) -> tuple[int, ...]:
+    while len(_POWERS) <= k:
+        if not _POWERS:
+            _POWERS.append(_square(_square(_square(_ONE_ZERO_BIT))))  # one zero byte: eight zero bits
+        else:
+            _POWERS.append(_square(_POWERS[-1]))
+    return _POWERS[k]
+
+
+def combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """``zlib.crc32(A + B)`` from ``zlib.crc32(A)``, ``zlib.crc32(B)`` and ``len(B)``: ``crc_a`` through
+    ``len_b`` zero bytes (one operator per set bit of ``len_b``; they commute), then ``crc_b``."""
+    k = 0
+    while len_b > 0:
+        if len_b & 1:
+            crc_a = _times(_power(k), crc_a)
+        len_b >>= 1
+        k += 1
+    return crc_a ^ crc_b

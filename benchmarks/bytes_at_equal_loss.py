@@ -18,6 +18,7 @@ benchmarks/results/bytes_at_equal_loss.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,19 +37,33 @@ def main() -> int:
     p.add_argument("--hs", default="10,30,100,300")
     p.add_argument("--codecs", default="fp32,int8,int4")
     p.add_argument("--no-streaming", action="store_true")
+    p.add_argument("--sparseloco", action="store_true",
+                   help="also SparseLoCo at each H: topk 2 %% density, 2 bits, outer lr 1, no momentum (the paper's outer step)")
+    p.add_argument("--ddp-from", type=Path, default=None,
+                   help="take the ddp row from an earlier results file with the same --steps instead of running it")
     args = p.parse_args()
     steps = args.steps
     hs = [h for h in map(int, args.hs.split(",")) if steps % h == 0]
-    plan = [("ddp", DEMO_DDP, ("training.inner_steps=10", f"training.rounds={steps // 10}"))]
+    plan = [] if args.ddp_from else [("ddp", DEMO_DDP, ("training.inner_steps=10", f"training.rounds={steps // 10}"))]
     for h in hs:
         for codec in args.codecs.split(","):
             plan.append((f"diloco H={h} {codec}", DEMO, (f"training.inner_steps={h}", f"training.rounds={steps // h}",
                                                           f"training.compression.codec={codec}")))
+        if args.sparseloco:
+            plan.append((f"sparseloco H={h}", DEMO, (
+                f"training.inner_steps={h}", f"training.rounds={steps // h}", "training.compression.codec=topk",
+                "training.compression.density=0.02", "training.compression.bits=2", "training.outer_optimizer.lr=1.0",
+                "training.outer_optimizer.momentum=0", "training.outer_optimizer.schedule.warmup_steps=0")))
         if not args.no_streaming and h >= 8:
             plan.append((f"streaming H={h} fp32", DEMO, (
                 "training.algorithm=streaming-diloco", f"training.inner_steps={h}", f"training.rounds={steps // h}",
                 "training.streaming.fragments=4", f"training.streaming.overlap_steps={max(1, h // 10)}")))
     runs: dict[str, dict] = {}
+    if args.ddp_from:
+        earlier = json.loads(args.ddp_from.read_text())
+        if earlier.get("steps") != steps:
+            raise SystemExit(f"--ddp-from {args.ddp_from}: its runs have {earlier.get('steps')} steps, not {steps}")
+        runs["ddp"] = earlier["runs"]["ddp"]
     for label, topo, overrides in plan:
         s = launch(topo, *FAST_LINK, *overrides)
         runs[label] = {"final_eval_loss": s["final_eval_loss"], "wan_bytes": s["wan_bytes"], "tokens": s["tokens"],

@@ -298,18 +298,16 @@ class CoordinatorEngine:
         with self._cond:
             self.bytes_out += nbytes
 
-    def answer_once(self, result: CommitResult, build) -> list:
-        """The wire messages of a synchronous round's answer: ``build()`` once per commit (kept in the
-        round's record), the same bytes for every waiting site; each answer counts in ``bytes_out``."""
+    def answer_once(self, result: CommitResult, build):
+        """The wire messages of a synchronous round's answer: serialized once per commit (the round's
+        record keeps a geotrain.wire.transport.SharedStream, made at the commit), the same bytes for every
+        waiting site, each message made when the first site needs it; ``build()`` makes them when the
+        record is gone (a waiter later than the log keeps). Each answer counts in ``bytes_out``."""
         with self._cond:
             record = self.lanes[result.fragment].log.get(result.round)
-            messages = record.wire if record is not None else None
-            if messages is None:
-                messages = list(build())
-                if record is not None:
-                    record.wire = messages
+            shared = record.wire if record is not None else None
             self.bytes_out += result.wire_bytes
-        return messages
+        return shared.messages() if shared is not None else build()
 
     def model_bytes(self) -> int | None:
         """The model's size in bytes (float32), None before there is one: a stream that declares at most
@@ -575,7 +573,7 @@ class CoordinatorEngine:
         digest = self._digest(step.values if self.cfg.algorithm == "ddp" else self.params, rnd, lane.index)
         record = lane.record(rnd)
         record.result = replace(answer, crc32=crc)
-        record.wire = list(stream.messages())
+        record.wire = transport.SharedStream(stream)
         extra = {"merge": "ring" if ring else "star"} if self.cfg.rings else {}
         self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
                          epoch=self.cfg.epoch, fragment=lane.index, **extra, **digest,
@@ -660,11 +658,15 @@ class CoordinatorEngine:
     # ---- shared by both pipelines (lock held) ----
     def _digest(self, values: torch.Tensor | None, rnd: int, fragment: int) -> dict:
         """The commit event's digest of the global model (ddp: of the mean gradient): ``finite`` (every
-        value is) and ``norm`` (L2, 6 significant digits; None when not finite). One pass over the values.
-        A model that is not finite is never hidden: a ``model_nonfinite`` event says so."""
+        value is) and ``norm`` (L2, 6 significant digits; None when not finite). One pass over the values,
+        in float32 (``torch.linalg.vector_norm``: a digest, on the commit's critical path); only when that
+        overflows is the norm summed in float64 (ingest.l2_norm), so that a finite model is never called
+        non-finite. A model that is not finite is never hidden: a ``model_nonfinite`` event says so."""
         if values is None:
             return {}
-        norm = self._norm(values)
+        norm = float(torch.linalg.vector_norm(values)) if values.dtype == torch.float32 else math.nan
+        if not math.isfinite(norm):
+            norm = self._norm(values)
         finite = math.isfinite(norm)
         if not finite:
             self.events.emit("model_nonfinite", round=rnd, version=self.version, fragment=fragment,

@@ -39,8 +39,8 @@ class RoundRecord:
     """Sites whose ring update was dropped when the round went to the star (each is told once)."""
     ring_next: int = 0
     """A star round of a ring run: the round at which the leaders rebuild their rings (0: none)."""
-    wire: list | None = None
-    """The encoded answer, built once per commit by the servicer (opaque here)."""
+    wire: object = None
+    """The answer's messages, serialized once for every waiter (geotrain.wire.transport.SharedStream)."""
 
 
 class RoundLog:

@@ -13,7 +13,7 @@ streams (a peer is its certificate's name, else its host), and every streaming c
 server-side deadline; gRPC's own options bound calls in flight, streams per connection and message
 size. The order in every handler: names, identity (authz), the stream limit, then the data.
 
-The data path (docs/architecture.md): the tensor streams' messages are bytes to gRPC, not protobuf
+The data path: the tensor streams' messages are bytes to gRPC, not protobuf
 objects (:func:`handlers`): each request chunk is parsed into a memoryview of what gRPC received
 (geotrain.wire.chunks) and copied once, into a buffer of the payload's size allocated when its
 header arrives (geotrain.wire.receive); a Merge's float32 values are checked as they arrive

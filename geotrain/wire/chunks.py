@@ -38,9 +38,11 @@ class Chunk:
 
 
 def as_chunk(msg) -> Chunk:
-    """A :class:`Chunk` from a protobuf ``TensorChunk`` (or a Chunk, returned as is)."""
+    """A :class:`Chunk` from a protobuf ``TensorChunk`` or its serialized bytes (a Chunk is returned as is)."""
     if isinstance(msg, Chunk):
         return msg
+    if isinstance(msg, (bytes, bytearray, memoryview)):
+        return parse_chunk(msg)
     return Chunk(msg.header if msg.HasField("header") else None, msg.offset, msg.data, msg.crc32)
 
 

@@ -1,4 +1,9 @@
-"""CRC32 of a whole payload from the CRC32s of its chunks, without a second pass over the bytes.
+"""CRC32 of the tensor streams: :func:`crc32`, and the CRC32 of a whole payload from the CRC32s of its
+chunks (:func:`combine`), without a second pass over the bytes.
+
+:func:`crc32` is zlib's CRC32 (the same values), computed by ISA-L (the ``isal`` package: carry-less
+multiplication, ~10 times zlib 1.2's speed, 40 MB in 2 ms instead of 20) where it is installed, else
+by zlib. :data:`IMPLEMENTATION` says which.
 
 A tensor stream carries a CRC32 per chunk and one of the whole payload (geotrain.wire.transport).
 Both ends used to compute each with its own pass over the data; :func:`combine` gives the CRC32
@@ -12,6 +17,17 @@ of those of ``n``'s set bits (a chunk of 4 MiB: one matrix-vector product, a few
 """
 
 from __future__ import annotations
+
+import zlib
+
+try:
+    from isal.isal_zlib import crc32 as _isal_crc32
+except ImportError:  # an optional dependency: zlib's is the same function, slower
+    _isal_crc32 = None
+
+crc32 = _isal_crc32 or zlib.crc32
+"""``crc32(data, value=0)``: zlib.crc32's result, from the fastest implementation available."""
+IMPLEMENTATION = "isal" if _isal_crc32 is not None else "zlib"
 
 _POLY = 0xEDB88320
 

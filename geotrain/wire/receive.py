@@ -11,7 +11,7 @@ messages) one at a time, as they arrive:
   unknown size grows with the data received (a stream that declares 256 MiB and sends 4 bytes
   costs 4 bytes);
 - each chunk: its offset is where the previous one ended, it fits in the declared size, its CRC32
-  matches (one pass of ``zlib.crc32``, which releases the GIL); the whole payload's CRC32 is
+  matches (one pass of geotrain.wire.crc.crc32, which releases the GIL); the whole payload's CRC32 is
   combined from the chunks' (geotrain.wire.crc), so the data is read once;
 - values as they arrive: for a float32 payload received in place, ``inspect`` (made per stream
   by ``inspector(header)``) sees every complete piece of ``inspect.piece`` values, in order, as
@@ -24,8 +24,6 @@ messages) one at a time, as they arrive:
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import torch
 
@@ -33,7 +31,7 @@ from geotrain._proto import coordinator_pb2 as pb
 from geotrain.errors import TransferCorrupt
 from geotrain.wire import buffers
 from geotrain.wire.chunks import as_chunk
-from geotrain.wire.crc import combine
+from geotrain.wire.crc import combine, crc32
 from geotrain.wire.outcomes import Outcome, error_for
 from geotrain.wire.payload import Payload
 
@@ -75,7 +73,7 @@ class Receiver:
             raise TransferCorrupt(f"{self.where}: chunk at offset {chunk.offset}, expected {self.received} "
                                   f"(site {_quote(h.site)}, round {h.round})")
         n = len(data)
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         if crc != chunk.crc32:
             raise TransferCorrupt(f"{self.where}: chunk at offset {chunk.offset} failed its CRC32 "
                                   f"(site {_quote(h.site)}, round {h.round})")

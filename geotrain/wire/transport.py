@@ -8,14 +8,14 @@ CRC32 of the whole, so a lost, reordered, duplicated or corrupted chunk is caugh
 Both ends move the bytes without protobuf objects on the hot path: :func:`encode_wire` gives the
 serialized messages (each chunk copied once, from a view of the tensor, into its message;
 geotrain.wire.chunks), :func:`decode` hands each message to a geotrain.wire.receive.Receiver,
-which copies its data once, into the payload's buffer. One ``zlib.crc32`` pass per chunk gives
+which copies its data once, into the payload's buffer. One CRC32 pass per chunk gives
 both its CRC32 and, combined (geotrain.wire.crc), the whole payload's. :func:`encode` gives the
 same stream as protobuf messages (tests, probes, the in-process run).
 """
 
 from __future__ import annotations
 
-import zlib
+import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -24,11 +24,11 @@ import torch
 from geotrain._proto import coordinator_pb2 as pb
 from geotrain.errors import TransferCorrupt
 from geotrain.wire.chunks import serialize_chunk
-from geotrain.wire.crc import combine
+from geotrain.wire.crc import combine, crc32
 from geotrain.wire.payload import Payload
 from geotrain.wire.receive import Receiver
 
-__all__ = ["CHUNK_BYTES", "MAX_STREAM_BYTES", "Payload", "Stream", "decode", "encode", "encode_wire", "fingerprint",
+__all__ = ["CHUNK_BYTES", "MAX_STREAM_BYTES", "Payload", "SharedStream", "Stream", "decode", "encode", "encode_wire", "fingerprint",
            "flatten", "unflatten_into"]
 
 CHUNK_BYTES = 4 << 20
@@ -38,7 +38,7 @@ enough messages per payload that gRPC's per-message cost is small beside the cop
 
 class Stream:
     """One payload ready to send: its header (with the whole payload's CRC32) and its chunks' CRC32s,
-    from one pass of ``zlib.crc32`` over the data; :meth:`messages` serializes the chunks as they are taken.
+    from one CRC32 pass over the data (geotrain.wire.crc); :meth:`messages` serializes the chunks as they are taken.
 
     ``encoded`` (a :class:`geotrain.wire.compress.Encoded`) sends compressed bytes instead of ``data``.
     ``data`` is read again when the messages are made: it must not change in between.
@@ -66,7 +66,7 @@ class Stream:
         total = 0
         for offset in range(0, len(buf), chunk_bytes):
             piece = buf[offset:offset + chunk_bytes]
-            crc = zlib.crc32(piece)
+            crc = crc32(piece)
             total = combine(total, crc, len(piece))
             self.chunks.append((offset, crc))
         self.crc32 = total
@@ -100,6 +100,27 @@ class Stream:
             msg = pb.TensorChunk(offset=offset, data=bytes(self.buf[offset:offset + size]), crc32=crc)
             if i == 0:
                 msg.header.CopyFrom(self.header)
+            yield msg
+
+
+class SharedStream:
+    """One :class:`Stream` sent to many receivers (a round's answer to every waiting site): each
+    message is serialized once, by the first receiver that gets to it, and the same bytes go to all.
+    The first message can go out before the last is made."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._made: list[bytes] = []
+        self._source = stream.messages()
+        self.count = max(1, len(stream.chunks))
+
+    def messages(self) -> Iterator[bytes]:
+        for i in range(self.count):
+            with self._lock:
+                while len(self._made) <= i:
+                    self._made.append(next(self._source))
+                msg = self._made[i]
             yield msg
 
 
@@ -141,7 +162,7 @@ def fingerprint(flat: torch.Tensor | np.ndarray) -> int:
     """CRC32 of a flat float32 buffer, as carried in stream headers (weights fingerprints in events)."""
     if isinstance(flat, torch.Tensor):
         flat = flat.detach().to("cpu", torch.float32).contiguous().numpy()
-    return zlib.crc32(memoryview(np.ascontiguousarray(flat, dtype=np.float32)).cast("B"))
+    return crc32(memoryview(np.ascontiguousarray(flat, dtype=np.float32)).cast("B"))
 
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

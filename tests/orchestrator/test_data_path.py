@@ -171,6 +171,18 @@ def test_the_answer_is_serialized_once_for_every_site(coordinator):
     for t in threads:
         t.join(30)
     record = engine.lanes[0].log.get(0)
-    assert isinstance(record.wire[0], bytes) and len(record.wire) == 1
+    made = list(record.wire.messages())
+    assert len(made) == 1 and isinstance(made[0], bytes) and made[0] is next(record.wire.messages())
     assert torch.equal(results["a"], results["b"]) and engine.bytes_out == 2 * N * 4
     assert record.result.crc32 == transport.fingerprint(engine.params)
+
+
+@pytest.mark.parametrize("value,finite", [(1e20, True), (3.4e38, True), (float("nan"), False), (float("inf"), False)])
+def test_the_commit_digest_of_a_huge_but_finite_model_is_finite(value, finite):
+    """The digest's float32 norm overflows for values above ~1e19; it is then summed in float64, so a
+    finite model is never reported non-finite (and a non-finite one always is)."""
+    engine = CoordinatorEngine(EngineConfig(sites=("a",)))
+    values = torch.ones(16)
+    values[3] = value
+    digest = engine._digest(values, 0, 0)
+    assert digest["finite"] is finite and (digest["norm"] is None) is (not finite)

@@ -1,4 +1,5 @@
-"""Values checked as they arrive: the norm is the one of old, bit for bit, and a non-finite value stops the stream."""
+"""Values checked as they arrive: the norm is the same whether checked piece by piece or whole, within
+float32 rounding of the float64 norm of old, and a non-finite value stops the stream."""
 
 import math
 
@@ -17,22 +18,29 @@ def old_norm(values, chunk=1 << 20):
 
 
 @pytest.mark.parametrize("n", [1, 1000, PIECE, 2 * PIECE + 12345])
-def test_the_norm_is_the_norm_of_old(n):
-    values = torch.randn(n) * 1e3
-    assert l2_norm(values) == old_norm(values)
+@pytest.mark.parametrize("scale", [1e-3, 1e3, 1e25])
+def test_the_norm_as_it_arrives_is_the_norm_of_the_whole(n, scale):
+    values = torch.randn(n) * scale  # 1e25: squares overflow float32, the piece is summed in float64
     check = ValueCheck()
     for piece in values.split(PIECE):
         check(piece)
-    assert check.norm == old_norm(values) and check.seen == n
+    assert check.norm == l2_norm(values) and check.seen == n  # bit for bit
+    assert math.isfinite(check.norm) and check.norm == pytest.approx(old_norm(values), rel=1e-5)
+
+
+def test_the_exact_sum_is_the_old_one_bit_for_bit():
+    values = torch.randn(PIECE + 7)
+    squares = Squares()
+    assert math.sqrt(sum(squares.exact(p) for p in values.split(PIECE))) == old_norm(values)
 
 
 def test_the_scratch_is_reused_and_the_values_are_not_written():
     squares = Squares()
     values = torch.randn(10)
     before = values.clone()
-    squares(values)
+    squares.exact(values)
     scratch = squares._scratch
-    squares(torch.randn(7))
+    squares.exact(torch.randn(7))
     assert squares._scratch is scratch and torch.equal(values, before)
 
 

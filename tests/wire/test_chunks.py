@@ -73,6 +73,8 @@ def test_as_chunk_takes_protobuf_messages():
     c = as_chunk(msg)
     assert (c.header, c.offset, c.data, c.crc32) == (None, 4, b"xy", 3)
     assert as_chunk(c) is c and isinstance(c, Chunk)
+    raw = as_chunk(msg.SerializeToString())  # serialized bytes are parsed
+    assert (raw.offset, bytes(raw.data), raw.crc32) == (4, b"xy", 3)
 
 
 @pytest.mark.parametrize("len_a,len_b", [(0, 0), (0, 5), (5, 0), (1, 1), (1000, 3), (4 << 20, 4 << 20), (3, 7_000_001)])
@@ -85,3 +87,10 @@ def test_crc_combine_depends_on_the_length():
     """The bad case: the second part's length is part of the answer (a wrong one gives another CRC)."""
     a, b = os.urandom(100), os.urandom(64)
     assert crc.combine(zlib.crc32(a), zlib.crc32(b), 63) != zlib.crc32(a + b)
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000, (4 << 20) + 3])
+def test_the_crc32_in_use_is_zlibs(n):
+    data = os.urandom(n)
+    assert crc.crc32(data) == zlib.crc32(data) and crc.crc32(memoryview(data)[1:], 77) == zlib.crc32(data[1:], 77)
+    assert crc.IMPLEMENTATION in ("isal", "zlib")

@@ -73,7 +73,7 @@ class ServerLimits:
     max_spec_chars: int = 1 << 20
     """Join's model fingerprint (a JSON list of parameter names, shapes and dtypes)."""
     min_chunk_bytes: int = 64 << 10
-    """The smallest chunk a stream's message budget allows for (senders use 1 MiB: 16 times fewer)."""
+    """The smallest chunk a stream's message budget allows for (senders use 4 MiB: 64 times fewer)."""
 
 
 def limits_for(sites: int, round_timeout_s: float, fragments: int = 1) -> ServerLimits:

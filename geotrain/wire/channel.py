@@ -3,23 +3,29 @@
 Messages: a tensor stream's chunks are 4 MiB (geotrain.wire.transport.CHUNK_BYTES); 16 MiB leaves
 room for a header and for senders with larger chunks.
 
-HTTP/2 flow control: gRPC starts every stream with a 64 KiB window and grows it from its
-bandwidth-delay-product probe, which takes round trips to settle: on a fresh connection over a long
-fat link (1 Gbit/s x 100 ms holds 12.5 MB in flight) the first transfers would be window-bound.
-``grpc.http2.lookahead_bytes`` is the window a stream starts from (the probe still grows it), and
-``grpc.http2.max_frame_size`` the largest DATA frame: fewer frames, less framing work per byte.
+HTTP/2 flow control: gRPC starts every stream with a 64 KiB window and, with its bandwidth-delay
+probe on, grows it over round trips: on a fresh connection through 1 Gbit/s x 50 ms the first 40 MB
+echo took 1.45-1.53x the minimum (the next ones 1.01-1.03x), whatever ``grpc.http2.lookahead_bytes``
+said (the probe decides the window). With the probe off, ``lookahead_bytes`` is the window: 64 MiB
+gave 1.02x on the first transfer too (measured with geotrain.wan.link, 2026-12-02). So the probe is
+off and every stream may have 64 MiB in flight: the bandwidth-delay product of 5.4 Gbit/s at 100 ms
+RTT (a longer fatter link is capped at 64 MiB per RTT per stream: what parallel streams are for). What
+the window bounds is what gRPC buffers for a stream its handler does not read: the coordinator reads
+every stream as it arrives and refuses an oversized one at its header; a stalled handler could hold up
+to 64 MiB per stream (geotrain.orchestrator.limits bounds the streams per peer).
+``grpc.http2.max_frame_size``: the largest DATA frame, fewer frames per byte.
 """
 
 from __future__ import annotations
 
-STREAM_WINDOW_BYTES = 16 << 20
-"""Each stream's initial flow-control window: 16 MiB, the bandwidth-delay product of 1.3 Gbit/s at
-100 ms RTT (beyond it the BDP probe grows the window)."""
+STREAM_WINDOW_BYTES = 64 << 20
+"""Each stream's flow-control window (static: the BDP probe is off)."""
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 16 << 20),
     ("grpc.max_receive_message_length", 16 << 20),
     ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.max_frame_size", 1 << 20),
 ]
 

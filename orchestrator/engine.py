@@ -103,6 +103,8 @@ class EngineConfig:
     trim_fraction: float = 0.25  # trimmed-mean: dropped at each end of every coordinate
     max_update_norm_ratio: float | None = 10.0  # security: the norm bound (None: none)
     norm_history: int = 8  # security: accepted updates' norms the bound's median is taken over
+    inner_schedule: dict | None = None  # geotrain.schedule.lr_factor's arguments (total_steps explicit): norm_scale
+    inner_steps: int = 1  # H, for norm_scale
 
 
 class CoordinatorEngine:
@@ -372,9 +374,31 @@ class CoordinatorEngine:
             norm = getattr(update, "norm", None)
             if norm is None:
                 norm = self._norm(values)
-        return self._judge(lane, update, norm, ratio), norm
+        scale = self.norm_scale(update.round, lane.index)
+        if scale != 1.0 and math.isfinite(norm):  # the bound and its history compare lr-free norms
+            norm = norm / scale
+        return self._judge(lane, update, norm, ratio, scale), norm
 
-    def _judge(self, lane: Lane, update: Update, norm: float, ratio: float | None) -> Decision:
+    def norm_scale(self, rnd: int, fragment: int = 0) -> float:
+        """How large round ``rnd``'s pseudo-gradients are expected to be relative to H steps at the peak inner
+        learning rate: the inner schedule's factors summed over the steps the update covers, over H (a
+        pseudo-gradient is the sum of its inner updates, each proportional to its learning rate). Streaming's
+        fragment f syncs at step r·H + (f+1)·H/P (geotrain.worker.algorithms.streaming), covering the H steps
+        before (fewer in round 0). Norms are divided by it before the norm bound and its history see them, so
+        that the warmup's growing updates are not taken for an attack (seen: a streaming run's honest round-1
+        fragments refused at 10.3x the round-0 ones), nor the decay's shrinking ones let a larger one through.
+        1 without a schedule, and for ddp (its updates are raw gradients)."""
+        sched, H = self.cfg.inner_schedule, self.cfg.inner_steps
+        if sched is None or self.cfg.algorithm == "ddp" or (sched["kind"] == "constant" and not sched["warmup_steps"]):
+            return 1.0
+        from geotrain.schedule import lr_factor
+
+        P = max(1, self.cfg.fragments)
+        end = (max(0, rnd) * P + fragment + 1) * H // P
+        start = max(0, end - H)
+        return max(1e-6, sum(lr_factor(k, **sched) for k in range(start, end)) / H)
+
+    def _judge(self, lane: Lane, update: Update, norm: float, ratio: float | None, scale: float = 1.0) -> Decision:
         """rounds.validate_update for ``update`` with L2 norm ``norm`` (values None: a stream stopped
         early, judged as carrying what it declared)."""
         values = update.values
@@ -386,9 +410,11 @@ class CoordinatorEngine:
         else:
             dtype, received = str(values.dtype).removeprefix("torch."), values.numel()
         declared = update.declared_numel if update.declared_numel >= 0 else received
+        what = "" if scale == 1.0 else (f"update from {update.site!r} for round {update.round} (its L2 norm over the "
+                                         f"round's mean inner-lr factor {scale:.3g})")
         return validate_update(update.site, update.round, dtype=dtype, expected_numel=expected,
                                declared_numel=declared, received_numel=received, norm=norm,
-                               history=lane.norms, ratio=ratio)
+                               history=lane.norms, ratio=ratio, what=what)
 
     def _admit(self, lane: Lane, update: Update, now: float, norm: float = 0.0) -> None:
         """Stage 1: the update's round and mode may take it; it is recorded as arrived. A refused update

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from geotrain.config.components import LinkConfig, WorkerConfig
 from geotrain.config.topology import LinkSpec, OuterOptimizerConfig, Topology
+from geotrain.schedule import schedule_args
 from geotrain.wan.merge_plan import ring_plan, uploader
 
 
@@ -134,4 +135,6 @@ def coordinator_config(topo: Topology, epoch: int = 0):
                         aggregation=tr.aggregation, trim_fraction=tr.trim_fraction,
                         max_update_norm_ratio=(topo.security.max_gradient_norm_ratio if tr.algorithm == "ddp"
                                                else topo.security.max_update_norm_ratio),
-                        norm_history=topo.security.norm_history)
+                        norm_history=topo.security.norm_history,
+                        inner_schedule=schedule_args(tr.inner_optimizer.schedule, tr.rounds * tr.inner_steps),
+                        inner_steps=tr.inner_steps)

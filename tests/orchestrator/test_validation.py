@@ -244,3 +244,51 @@ def test_a_non_finite_model_is_never_checkpointed():
     merge(e, upd("b", 1, torch.full((1,), 3e38)))
     assert e.events.of("model_nonfinite") and w.rounds == [1]
     assert "non-finite" in e.events.of("checkpoint_failed")[-1]["reason"]
+
+
+WARMUP = {"kind": "cosine", "warmup_steps": 20, "total_steps": 100, "min_lr_ratio": 0.1}
+
+
+def lr_scaled(rnd, H=4, P=1, f=0):
+    """An honest pseudo-gradient of round ``rnd`` (streaming: of fragment f of P): its inner updates, each
+    proportional to its learning rate."""
+    from geotrain.schedule import lr_factor
+
+    end = (rnd * P + f + 1) * H // P
+    return sum(lr_factor(k, **WARMUP) for k in range(max(0, end - H), end))
+
+
+def test_the_norm_bound_divides_by_the_inner_schedule_so_a_warmup_is_not_an_attack():
+    """Streaming, 4 fragments, H = 16, a 20-step warmup: fragment 0's round-0 updates cover the warmup's first
+    4 steps, its round-1 updates the next 16, 20x larger. Judged raw they are refused as out of bounds (the
+    bad case, without the schedule, as a CI run saw); with the schedule every honest update is accepted, and a
+    10x one is still refused."""
+    def run(schedule):
+        e = engine(sites=("a", "b"), inner_schedule=schedule, inner_steps=16, algorithm="streaming-diloco",
+                   fragments=4)
+        e.init_model("a", torch.zeros(8))
+        out = []
+        for rnd in range(3):
+            values = torch.full((2,), 0.01 * lr_scaled(rnd, H=16, P=4))
+            try:
+                arrive_fragment(e, upd("a", rnd, values, fragment=0))
+                merge(e, upd("b", rnd, values.clone(), fragment=0))
+                out.append("ok")
+            except Refused as exc:
+                out.append(exc.message.split(":")[0])
+                break
+        return e, out
+
+    _, raw = run(None)
+    assert raw[-1] == "norm_bound", raw  # the bound, judged on raw norms, takes the warmup for an attack
+    e, scaled = run(WARMUP)
+    assert scaled == ["ok"] * 3, scaled
+    assert max(e.lanes[0].norms) / min(e.lanes[0].norms) == pytest.approx(1.0)  # lr-free norms
+    info = refused(e, upd("a", 3, torch.full((2,), 0.1 * lr_scaled(3, H=16, P=4)), fragment=0))
+    assert info.message.startswith("norm_bound:") and "mean inner-lr factor" in info.message
+
+
+def arrive_fragment(e, u):
+    lane = e.lanes[u.fragment]
+    with e._cond:
+        e._admit(lane, u, 100.0, e._validate(lane, u, 100.0))

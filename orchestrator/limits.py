@@ -41,21 +41,13 @@ from dataclasses import dataclass
 import grpc
 
 from geotrain.config.derive import RPC_TIMEOUT_FLOOR_S
+from geotrain.orchestrator.authz import Verdict  # the same allowed/reason decision as authorize()
 
 STREAMING_CALLS = frozenset({"InitModel", "GetModel", "Merge"})
 """The calls that hold a server thread for long (a stream in, or a wait and a stream out)."""
 
 MAX_THREADS = 1024
 """The thread pool never grows past this, whatever the topology (a thread is made only when needed)."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    allowed: bool
-    reason: str
-
-    def __bool__(self) -> bool:
-        return self.allowed
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,12 @@ deadline. The launcher (or a site's own supervisor) reports a death it sees fast
 ``ReportLost`` call; this watch is what works when nothing else is there to report (a site on another
 host whose machine went away).
 
+A lease that ends is not always a death: etcd itself frozen or cut off for longer than the TTL ends every
+lease at once when it comes back (seen: etcd SIGSTOPped for 5 s declared both sites of a run dead). A live
+member re-registers within a keep-alive interval then. So a leader's key counts as lost only once it has
+stayed gone for a grace of ``heartbeat_ttl_s`` (:func:`watch_members`): a lease-only detection takes about
+two TTLs, a reported death none.
+
 A delete names the key, not the pid: :class:`Members` remembers each key's pid from its puts (and from
 the members already registered when the watch starts), so that the engine can tell a death of the leader
 that joined from one of an older incarnation (whose key a restarted leader has since taken over).
@@ -71,17 +77,29 @@ class Members:
             self.pids[key] = pid
 
 
-def watch_members(control, ttl_s: float, on_lost: Callable[[Lost], None]) -> Callable[[], None]:
-    """Follow ``members/`` of ``control``'s run; ``on_lost`` runs on its own thread for every leader whose
-    lease ended (the watch's thread must not wait for a commit). Returns cancel()."""
+def watch_members(control, ttl_s: float, on_lost: Callable[[Lost], None],
+                  grace_s: float | None = None) -> Callable[[], None]:
+    """Follow ``members/`` of ``control``'s run; ``on_lost`` runs on its own thread (the watch's thread must
+    not wait for a commit) for every leader whose key was deleted and not put again within ``grace_s``
+    (default ``ttl_s``; see the module docstring). Returns cancel()."""
     members = Members(ttl_s)
     lock = threading.Lock()
+    grace = ttl_s if grace_s is None else grace_s
+    stopped = threading.Event()
+
+    def confirm(lost: Lost, key: str) -> None:
+        if stopped.wait(grace):
+            return
+        with lock:
+            back = key in members.pids  # re-registered: etcd lost the lease, not the member its process
+        if not back:
+            on_lost(lost)
 
     def on_event(kind: str, key: str, value: dict | None) -> None:
         with lock:
             lost = members.observe(kind, key, value)
         if lost is not None:
-            threading.Thread(target=on_lost, args=(lost,), name="member-lost", daemon=True).start()
+            threading.Thread(target=confirm, args=(lost, key), name="member-lost", daemon=True).start()
 
     cancel = control.watch_prefix("members/", on_event)
     try:
@@ -91,4 +109,8 @@ def watch_members(control, ttl_s: float, on_lost: Callable[[Lost], None]) -> Cal
         current = {}
     with lock:
         members.seed(current)
-    return cancel
+
+    def cancel_all() -> None:
+        stopped.set()
+        cancel()
+    return cancel_all

@@ -133,3 +133,34 @@ def test_report_lost_is_for_the_launcher_and_a_site_about_itself():
     assert not authorize("ReportLost", "launcher", "mars", sites=sites)
     assert not authorize("ReportLost", "coordinator", "eu", sites=sites)
     assert not authorize("ReportLost", None, "eu", sites=sites)
+
+
+class FakeControl:
+    """The two ControlPlane calls watch_members makes (a test seam; the real watch is in the recovery tests)."""
+
+    def __init__(self, members):
+        self._members = members
+        self.callback = None
+
+    def watch_prefix(self, prefix, callback):
+        assert prefix == "members/"
+        self.callback = callback
+        return lambda: None
+
+    def members(self):
+        return self._members
+
+
+def test_a_lease_loss_counts_only_if_the_key_stays_gone_for_the_grace():
+    import time
+
+    from geotrain.orchestrator.membership import watch_members
+
+    control, seen = FakeControl({"eu": {0: {"pid": 5}}, "us": {0: {"pid": 6}}}), []
+    cancel = watch_members(control, ttl_s=3.0, on_lost=seen.append, grace_s=0.3)
+    control.callback("delete", "members/eu/0", None)  # etcd was frozen: every lease ended at once ...
+    control.callback("delete", "members/us/0", None)
+    control.callback("put", "members/eu/0", {"pid": 5})  # ... and eu, alive, registered again at once
+    time.sleep(1.0)
+    cancel()
+    assert [(lost.site, lost.pid) for lost in seen] == [("us", 6)]

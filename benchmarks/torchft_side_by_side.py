@@ -57,6 +57,13 @@ REPO = HERE.parent
 VENV = HERE / ".torchft" / ".venv"  # ignored by the repo's ".venv/" rule
 TOPOLOGY = REPO / "topologies" / "demo.yaml"
 LOOPBACK_LINKS = ("links.default.bandwidth=100gbit", "links.default.latency=0ms", "links.default.jitter=0ms")
+RECIPE = ("training.inner_optimizer.schedule.kind=constant", "training.inner_optimizer.schedule.warmup_steps=0",
+          "training.inner_optimizer.clip_grad_norm=null", "training.outer_optimizer.schedule.warmup_steps=0")
+"""What torchft's DiLoCo does not have (an inner schedule, clipping, an outer warmup) is off on geotrain's side
+too, so that both train the same way (demo.yaml's tuned recipe has them since issue #13)."""
+STANDBY = ("recovery.warm_standby=true",)
+"""geotrain's restart path under test (issue #14: restart to rejoin <= 1.5 s): an already-imported standby per
+worker takes over the killed one (geotrain.run.standby). ``--cold-restart`` measures a fresh process instead."""
 RUN_TIMEOUT_S = 240
 
 
@@ -247,7 +254,7 @@ def workload() -> dict:
     from geotrain.config.topology import load_topology
     from geotrain.worker.main import worker_seed
 
-    topo = load_topology(TOPOLOGY, ["sites[0].workers=1", "sites[1].workers=1", *LOOPBACK_LINKS])
+    topo = load_topology(TOPOLOGY, ["sites[0].workers=1", "sites[1].workers=1", *LOOPBACK_LINKS, *RECIPE])
     tr, m, d = topo.training, topo.model, topo.data
     return {
         "topo": topo,
@@ -267,12 +274,13 @@ def workload() -> dict:
 # ---- geotrain ----
 
 
-def run_geotrain(rounds: int, kill_step: int | None, work: Path) -> dict:
+def run_geotrain(rounds: int, kill_step: int | None, work: Path, standby: bool = True) -> dict:
     from geotrain.events import EventTail, read_events
 
     run_dir = work / ("geotrain-fault" if kill_step else "geotrain")
     argv = [sys.executable, "-m", "geotrain.cli", "launch", str(TOPOLOGY), "--run-dir", str(run_dir), "--quiet"]
-    for o in ("sites[0].workers=1", "sites[1].workers=1", *LOOPBACK_LINKS, f"training.rounds={rounds}"):
+    for o in ("sites[0].workers=1", "sites[1].workers=1", *LOOPBACK_LINKS, *RECIPE, *(STANDBY if standby else ()),
+              f"training.rounds={rounds}"):
         argv += ["--set", o]
     out = open(work / f"{run_dir.name}.out", "w")
     load = os.getloadavg()[0]
@@ -513,8 +521,15 @@ def geotrain_numbers(res: dict, H: int, rounds_n: int, survivor: str, victim: st
         respawn = [e["t"] for e in ev if e["event"] == "process_started" and e.get("name") == "worker " + victim + "/0"
                    and e["t"] > t_kill]
         after = [e["t"] for e in victim_steps if respawn and e["t"] > respawn[0]]
+        joined = [e for e in ev if e["event"] == "site_joined" and e["site"] == victim
+                  and respawn and e["t"] > respawn[0]]
+        took_over = [e for e in ev if e["event"] == "process_started" and e.get("name") == "worker " + victim + "/0"
+                     and e["t"] > t_kill and e.get("standby")]
         out["fault"] = {
             "restart_to_first_step_s": round(after[0] - respawn[0], 3) if after else None,
+            "restart_to_join_s": round(joined[0]["t"] - respawn[0], 3) if joined else None,
+            "join_decision": joined[0].get("decision") if joined else None,
+            "warm_standby_took_over": bool(took_over),
             "killed_at_step": before[-1]["step"] if before else None,
             "survivor_blocked_s": round(max(blocked), 3) if blocked else None,
             "recovery_s": round(both["t"] - t_kill, 3) if both else None,
@@ -597,6 +612,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--kill-step", type=int, default=45, help="inner step of the second site at which it is SIGKILLed")
     p.add_argument("--no-fault", action="store_true", help="skip the kill-and-restart runs")
+    p.add_argument("--cold-restart", action="store_true",
+                   help="geotrain restarts the killed worker as a fresh process (default: its warm standby)")
     p.add_argument("--torchft-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torchft_worker:
@@ -623,15 +640,17 @@ def main() -> int:
             print(f"{label}: FAILED: {exc}")
             return None, f"{type(exc).__name__}: {exc}"
 
-    g, g_err = attempt(lambda: geotrain_numbers(run_geotrain(args.rounds, None, work), H, args.rounds, survivor, victim),
-                       "geotrain clean run")
+    g, g_err = attempt(lambda: geotrain_numbers(
+        run_geotrain(args.rounds, None, work, not args.cold_restart), H, args.rounds, survivor, victim),
+        "geotrain clean run")
     t, t_err = (None, why) if why else attempt(
         lambda: torchft_numbers(run_torchft(wl, args.rounds, None, work), sites, H, args.rounds), "torchft clean run")
     gf = tf = None
     gf_err = tf_err = None
     if not args.no_fault:
-        gf, gf_err = attempt(lambda: geotrain_numbers(run_geotrain(args.rounds, args.kill_step, work), H, args.rounds,
-                                                      survivor, victim), "geotrain fault run")
+        gf, gf_err = attempt(lambda: geotrain_numbers(
+            run_geotrain(args.rounds, args.kill_step, work, not args.cold_restart), H, args.rounds, survivor, victim),
+            "geotrain fault run")
         tf, tf_err = (None, why) if why else attempt(
             lambda: torchft_numbers(run_torchft(wl, args.rounds, args.kill_step, work), sites, H, args.rounds),
             "torchft fault run")
@@ -685,7 +704,12 @@ def main() -> int:
             print(f"{label:44} {fmt(a):>10} {fmt(b):>10} {fmt(ratio(a, b), '.3f'):>7}")
         for name, f, c in (("geotrain", gf, g), ("torchft", tf, t)):
             if f and c:
-                print(f"  {name}: wall +{f['wall_s'] - c['wall_s']:.1f} s against its clean run")
+                print(f"  {name}: wall {f['wall_s'] - c['wall_s']:+.1f} s against its clean run; final eval loss "
+                      f"{f['final_eval_loss'] / c['final_eval_loss']:.4f} x its clean run's")
+        if gf and gf.get("fault"):
+            x = gf["fault"]
+            print(f"  geotrain: restart -> site_joined {fmt(x['restart_to_join_s'])} s ({x['join_decision']}); "
+                  f"warm standby took over: {x['warm_standby_took_over']}")
         if tf and tf.get("fault"):
             print(f"  torchft: the restarted replica trained {tf['fault']['steps_discarded_by_heal']} steps from the "
                   f"initial weights before its first quorum healed it (weights overwritten: lost)")

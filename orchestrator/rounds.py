@@ -216,13 +216,19 @@ def lose(state: RoundState, site: str, why: str, min_sites: int | None) -> tuple
 JOIN_WINDOW = 0.1
 """A site (re)joins the round being collected only within this fraction of a round's time from its start."""
 
+JOIN_FLOOR_S = 0.5
+"""... or within this many seconds of it, whichever is longer. Below it a join's lateness is a loaded host's
+gRPC round trips and scheduling, not training: a site refused an update rejoins right after the commit and
+must still count in the next round (seen under CI load with rounds of a few milliseconds). It costs the
+others at most this long once per restart."""
+
 
 def join(state: RoundState, site: str, now: float | None = None,
          final_round: int | None = None) -> tuple[RoundState, int, Decision]:
     """A site (re)joins. Returns the new state, the global version it must start from, and why.
 
     It joins the round being collected if no update of it has arrived and (given ``now``) the round is
-    young: begun at most :data:`JOIN_WINDOW` of the previous round's time ago. A site joining later would
+    young: begun at most :data:`JOIN_WINDOW` of the previous round's time ago (at least :data:`JOIN_FLOOR_S`). A site joining later would
     report that much after the others, who would wait for it (a restarted site must not hold up the ones
     that never stopped); it joins the next round instead, and starts with everyone from its version.
     Once every planned round (``final_round``: training.rounds) is committed there is no round to join: the
@@ -238,7 +244,7 @@ def join(state: RoundState, site: str, now: float | None = None,
         return state, state.round, Decision("member", f"{site!r} is a member of round {state.round}")
     late = None
     if now is not None and state.opened_at is not None and state.last_round_s is not None:
-        since, window = now - state.opened_at, JOIN_WINDOW * state.last_round_s
+        since, window = now - state.opened_at, max(JOIN_WINDOW * state.last_round_s, JOIN_FLOOR_S)
         late = None if since <= window else (since, window)
     if not state.arrived and late is None:
         return replace(state, expected=state.expected | {site}), state.round, \
@@ -247,7 +253,7 @@ def join(state: RoundState, site: str, now: float | None = None,
         return replace(state, joining=state.joining | {site}), state.round + 1, \
             Decision("join_next", f"{site!r} joins at round {state.round + 1}; round {state.round} began {late[0]:.1f}s "
                                   f"ago, past the join window of {late[1]:.1f}s ({JOIN_WINDOW:g} of the last round's "
-                                  f"{state.last_round_s:.1f}s): joining it would hold the others up")
+                                  f"{state.last_round_s:.1f}s, at least {JOIN_FLOOR_S:g}s): joining it would hold the others up")
     return replace(state, joining=state.joining | {site}), state.round + 1, \
         Decision("join_next", f"{site!r} joins at round {state.round + 1}; round {state.round} is already being collected")
 

@@ -25,7 +25,7 @@ ALGORITHMS = {
     "streaming-diloco": ("training.algorithm=streaming-diloco", "training.inner_steps=20",
                          "training.streaming.fragments=4", "training.streaming.overlap_steps=2"),
     "int8": ("training.compression.codec=int8",),
-    "ring": ("training.merge=ring",),
+    "ring": ("training.merge=ring", "recovery.min_sites=2"),  # waits for the restart: the rings are rebuilt
 }
 # async and streaming are not bitwise reproducible (arrival order decides); a fault costs the
 # restarted site its in-flight work, so the bound is looser than the 2% of synchronous DiLoCo.

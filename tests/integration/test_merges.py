@@ -49,12 +49,16 @@ def test_ring_merges_train_like_the_star_with_less_hub_traffic(tmp_path, merge):
 def test_a_broken_ring_falls_back_to_the_star_and_is_rebuilt(tmp_path, merge):
     """A killed site leader breaks the rings: that round goes through the star, the site comes back,
     and the coordinator has every leader rebuild its rings (hierarchical: the region rings and the
-    ring of region leaders; the killed site `c` leads region `us`)."""
+    ring of region leaders; the killed site `c` leads region `us`). ``recovery.min_sites`` is every site:
+    the others wait for the restarted one (rounds.lose: keep_waiting), so that it is back before the last
+    round whatever the host's load (with the default 1 they go on without it, and a 5-round run may end
+    before its restart: run_done)."""
     if merge == "ring":
         sites, victim, names = [], "worker eu-west/0", {"us-east", "eu-west"}
     else:
         sites, victim, names = FOUR_SITES, "worker c/0", {"a", "b", "c", "d"}
     s = launch(tmp_path / "run", *sites, f"training.merge={merge}", "training.rounds=5",
+               f"recovery.min_sites={len(names)}",
                f"faults=[{{kind: kill, target: {victim}, at_round: 2}}]")
     assert s["rounds_completed"] == 5
     events = read_events(tmp_path / "run" / "metrics.jsonl")

@@ -179,7 +179,7 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
     while True:
         workers: list[tuple[str, subprocess.Popen]] = []
         if exec_argv is not None:
-            log = open(run_dir / "logs" / f"exec-{site.name}.log", "ab")
+            log = open(run_dir / "logs" / f"exec-{site.name}-{node.rank}.log", "ab")  # --node-rank: which node's log
             workers.append((f"{site.name} exec", procs.spawn(list(exec_argv), env=procs.env_with(**site_env(site, **shared)),
                                                              stdout=log, stderr=log)))
             log.close()
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            "default: the topology's security.certs")
     p.add_argument("--run-dir", type=Path, default=Path("runs/site"), help="where logs, metrics and checkpoints go")
     p.add_argument("--node-rank", type=int, default=0, help="which node of the site this is (sites[].nodes > 1): "
-                   "its workers are the site's ranks K*workers .. K*workers+workers-1; default 0")
+                   "its workers are the site's ranks K*workers .. K*workers+workers-1 (with --exec it only names the log); "
+                   "default 0")
     p.add_argument("--master-addr", default=None, help="node 0's address, where the site's process group meets "
                    "(every node gives the same; needed when the site has nodes > 1)")
     p.add_argument("--master-port", type=int, default=29500, help="the TCP port of that rendezvous on node 0 "

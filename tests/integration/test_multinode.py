@@ -243,3 +243,24 @@ def test_a_user_script_under_torchrun_completes_a_run(tmp_path):
     assert {e["proc"] for e in ev if e["event"] == "inner_step"} == {"us-east/0", "eu-west/0"}
     assert not processes_mentioning(str(tmp_path))
 
+
+
+@pytest.mark.netns
+def test_torchrun_across_two_namespaces_runs_a_user_script(hosts, tmp_path):
+    """A 2-node site whose workers torchrun starts, one torchrun per "host" (namespace), static rendezvous
+    on node 0's address; geotrain only hands each torchrun the site's environment (--exec)."""
+    script = str(REPO / "docs" / "examples" / "train_sdk.py")
+
+    def torchrun(k: int) -> list[str]:
+        return ["--exec", sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+                "--nproc-per-node", "1", "--master-addr", hosts[1], "--master-port", "29513", "--max-restarts", "0",
+                script]
+
+    run_dir = run_sites(tmp_path / "torchrun-2", topology("workers: 1, nodes: 2"), hosts[0], [
+        ("us-east", f"{PREFIX}-1", ["--node-rank", "0", *torchrun(0)]),
+        ("us-east", f"{PREFIX}-2", ["--node-rank", "1", *torchrun(1)]),
+        ("eu-west", f"{PREFIX}-3", ["--script", sys.executable, script])])  # the same model at both sites
+    ev = read_events(run_dir / "metrics.jsonl")
+    assert [e["round"] for e in ev if e["event"] == "commit"] == [0, 1, 2]
+    assert {e["site"]: e["workers"] for e in ev if e["event"] == "site_joined"} == {"us-east": 2, "eu-west": 1}
+    assert not processes_mentioning(str(tmp_path))

@@ -264,3 +264,36 @@ def test_torchrun_across_two_namespaces_runs_a_user_script(hosts, tmp_path):
     assert [e["round"] for e in ev if e["event"] == "commit"] == [0, 1, 2]
     assert {e["site"]: e["workers"] for e in ev if e["event"] == "site_joined"} == {"us-east": 2, "eu-west": 1}
     assert not processes_mentioning(str(tmp_path))
+
+
+@pytest.mark.netns
+def test_netns_script_is_idempotent_and_cleans_up_a_failed_up():
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    prefix = "gtmnx"
+
+    def sh(*args, env=None):
+        return subprocess.run(["bash", str(NETNS), *args], capture_output=True, text=True, timeout=60,
+                              env=None if env is None else os.environ | env)
+
+    def made() -> list[str]:
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        return [n for n in (names + links).split() if n.startswith(prefix)]
+
+    try:
+        assert sh("up", "2", prefix).returncode == 0 and sh("up", "2", prefix).returncode == 0, "up twice"
+        ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert f"{prefix}-1" in ns and f"{prefix}-2" in ns
+        addr = subprocess.run(["ip", "netns", "exec", f"{prefix}-2", "ip", "-o", "-4", "addr", "show", "eth0"],
+                              capture_output=True, text=True).stdout
+        assert sh("addr", "2", prefix).stdout.strip() + "/24" in addr
+        assert sh("down", prefix).returncode == 0 and sh("down", prefix).returncode == 0, "down twice"
+        assert made() == []
+        assert sh("up", "0", prefix).returncode == 2  # a bad count: refused before anything is made
+        failed = sh("up", "2", prefix, env={"GEOTRAIN_NETNS_NET": "10.999"})  # no such address: fails half-way
+        assert failed.returncode != 0 and "removing what was made" in failed.stderr, failed.stderr
+        assert made() == []
+    finally:
+        sh("down", prefix)

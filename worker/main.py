@@ -109,11 +109,12 @@ def train(ctx: SiteContext, topo: Topology) -> None:
                 clip_grad_norm=inner.clip_grad_norm) as diloco:
         if evaluator and diloco.round == 0:
             run_eval(0, 0)
-        elif evaluator and diloco.round < tr.rounds:
+        elif evaluator:
             # A resumed run or a restarted site joins at a committed round. Its eval may never have
             # been written (the run was killed between the commit and the eval): evaluate the model
             # it joined with, so that every committed round has an eval (the same one, bit for bit,
-            # as the uninterrupted run's for synchronous DiLoCo).
+            # as the uninterrupted run's for synchronous DiLoCo). A site back after the last round (the
+            # others finished without it) evaluates the final model: the run's final loss is of that.
             run_eval(diloco.round, diloco.local_step, rejoin=True)
         last_eval_round = diloco.round
         slow = Slowdown(site_cfg.slowdown, ctx.rank)

@@ -342,6 +342,9 @@ class RecoveryConfig(_Node):
     """A dead or frozen coordinator: restart it from its persisted state, or fail the run."""
     max_restarts: int = Field(default=10, ge=0, le=10_000)
     """Restarts allowed per process group before the run fails."""
+    warm_standby: bool = True
+    """`geotrain launch`: keep one idle worker process per worker, its imports done, that becomes the worker
+    when its site restarts (a restart then skips the 3-4 s of imports); each costs its memory (torch imported)."""
     heartbeat_ttl_s: float = Field(default=3.0, gt=0.0, le=3600.0)
     """etcd lease TTL of every member; a frozen process disappears from membership after this (at most an hour)."""
     retry_deadline_s: float = Field(default=120.0, gt=0.0, le=MAX_DAYS_S)

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from geotrain.events import EventLog, EventTail, log_tail, read_events
 from geotrain.run import procs
 from geotrain.run.site import free_port, worker_env, write_worker_config
 from geotrain.run.summary import model_failure, nonfinite_model, shortfall, write_summary
+from geotrain.security.pki import LAUNCHER
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,10 @@ def read_launch_record(run_dir: Path) -> tuple[list[str] | None, str | None]:
     return script, cwd
 
 
+STANDBY_AFTER_S = 10.0
+"""A worker's warm standby is started once the worker has run this long (not while its site starts)."""
+
+
 def _python() -> str:
     return sys.executable
 
@@ -168,11 +174,22 @@ class Launcher:
         self.crashes: dict[str, dict] = {}  # worker name -> its latest worker_crashed event
         self.restart_crash: dict[str, dict | None] = {}  # site group -> the crash that restarted it last (crash_loop)
         self.faults = None
+        self.standbys: dict[str, subprocess.Popen] = {}  # worker name -> its warm standby (not a child yet)
 
     # ---- starting ----
+    def _log_path(self, name: str) -> Path:
+        return self.run_dir / "logs" / (name.replace(" ", "-").replace("/", "-").replace("<->", "--") + ".log")
+
     def _spawn(self, name: str, role: str, argv: list[str], env: dict | None = None, ready: bool = False,
                group: str = "", cwd: str | None = None) -> Child:
-        log_path = self.run_dir / "logs" / (name.replace(" ", "-").replace("/", "-").replace("<->", "--") + ".log")
+        if role == "worker":
+            standby = self._take_standby(name, argv, env, cwd)
+            if standby is not None:
+                child = Child(name, role, standby, self._log_path(name), group=group or role)
+                self.children.append(child)
+                self.events.emit("process_started", name=name, role=role, pid=standby.pid, standby=True)
+                return child
+        log_path = self._log_path(name)
         log_f = open(log_path, "ab")
         proc = procs.spawn(argv, env=env or procs.env_with(), cwd=cwd, stdout=subprocess.PIPE if ready else log_f,
                            stderr=log_f)
@@ -181,6 +198,42 @@ class Launcher:
         self.children.append(child)
         self.events.emit("process_started", name=name, role=role, pid=proc.pid)
         return child
+
+    # ---- warm standbys (geotrain.run.standby) ----
+    def _take_standby(self, name: str, argv: list[str], env: dict | None, cwd: str | None):
+        """The warm standby of worker ``name``, turned into that worker; None: spawn it fresh."""
+        from geotrain.run.standby import activation, can_take
+
+        proc = self.standbys.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is not None or not can_take(argv, _python()):
+            procs.terminate_all([proc], grace_s=0.5)
+            return None
+        try:
+            proc.stdin.write(activation(argv, env or procs.env_with(), cwd))
+            proc.stdin.close()
+        except OSError:  # it died meanwhile
+            procs.terminate_all([proc], grace_s=0.5)
+            return None
+        return proc
+
+    def _keep_standbys(self) -> None:
+        """One standby per worker that has run for STANDBY_AFTER_S (so that standbys never compete with a
+        starting site for the CPU), unless recovery.warm_standby is off."""
+        if not self.topo.recovery.warm_standby:
+            return
+        now = time.time()
+        for c in self.children:
+            if (c.role != "worker" or c.retired or c.done or c.name in self.standbys
+                    or now - c.started_t < STANDBY_AFTER_S or c.proc.poll() is not None):
+                continue
+            log_f = open(self._log_path(c.name), "ab")
+            env = procs.env_with(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo",
+                                 NCCL_SOCKET_IFNAME="lo")
+            self.standbys[c.name] = procs.spawn([_python(), "-m", "geotrain.run.standby"], env=env, stdout=log_f,
+                                                stderr=log_f, stdin=subprocess.PIPE)
+            log_f.close()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -350,6 +403,7 @@ class Launcher:
                     self._restart(child, action.reason)
             self._check_heartbeats()
             self._observe_events()
+            self._keep_standbys()
             self.faults.tick()
             if progress is not None:
                 progress()
@@ -381,6 +435,8 @@ class Launcher:
         what = {"worker": "worker", "coordinator": "coordinator", "etcd": "etcd", "link": "link"}[child.role]
         self.events.emit("failure", what=what, target=child.name, happened_t=now, detected_t=now, reason=reason,
                          pid=child.proc.pid)
+        if child.role == "worker":  # the other sites need not wait for this one's restart
+            self._report_lost(group.split(":", 1)[1], reason)
         for c in self.children:  # stop the rest of the group (a site's surviving workers)
             if c.group == group and not c.retired:
                 c.retired = True
@@ -403,6 +459,18 @@ class Launcher:
         elif child.role == "link":
             self._start_link(group.split(":", 1)[1], f"{self.topo.coordinator.host}:{self.coord_port}")
             self._recovered(group, time.time())
+
+    def _report_lost(self, site: str, reason: str) -> None:
+        """Tell the coordinator that ``site``'s group died (ReportLost), so that the round being collected
+        commits with the survivors now (rounds.lose). On its own thread: the restart does not wait for it;
+        an unreachable coordinator is no reason to fail (its etcd watch, or the deadline, decides then)."""
+        leader = next((c for c in self.children if c.name == f"worker {site}/0" and not c.retired), None)
+        if leader is None or not self.coord_port:
+            return
+        address = f"{self.topo.coordinator.host}:{self.coord_port}"
+        files = self.certs.files(LAUNCHER) if self.certs is not None else None
+        threading.Thread(target=report_lost, args=(address, files, site, leader.proc.pid, reason, self.events),
+                         name=f"report-lost-{site}", daemon=True).start()
 
     def _recovered(self, group: str, t: float, rounds_lost: int = 0) -> None:
         f = self.pending.pop(group, None)
@@ -463,11 +531,39 @@ class Launcher:
             self.faults.heal_all()  # never leave a process stopped or a link cut behind
         if self.control is not None:
             self.control.close()
+        standbys, self.standbys = list(self.standbys.values()), {}
+        for proc in standbys:  # an unused standby exits when its stdin closes
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        procs.terminate_all(standbys, grace_s=1.0)
         order = {"worker": 0, "link": 1, "coordinator": 1, "etcd": 2}
         for level in (0, 1, 2):
             procs.terminate_all([c.proc for c in self.children if order[c.role] == level], grace_s=5.0)
         if self.etcd is not None:
             self.etcd.stop()
+
+
+def report_lost(address: str, files, site: str, pid: int, reason: str, events: EventLog, timeout_s: float = 5.0) -> None:
+    """One ReportLost call to the coordinator at ``address`` (``files``: the launcher's certificate; None:
+    plaintext); what it answered goes into ``events`` (``lost_reported``)."""
+    import grpc
+
+    from geotrain._proto import coordinator_pb2 as pb
+    from geotrain.security.tls import secure_channel
+
+    channel = secure_channel(address, files) if files is not None else grpc.insecure_channel(address)
+    try:
+        call = channel.unary_unary("/geotrain.v1.Coordinator/ReportLost", request_serializer=pb.LostRequest.SerializeToString,
+                                   response_deserializer=pb.LostResponse.FromString)
+        resp = call(pb.LostRequest(site=site, pid=pid, reason=reason), timeout=timeout_s)
+        events.emit("lost_reported", site=site, pid=pid, action=resp.action, reason=resp.reason)
+    except grpc.RpcError as exc:
+        events.emit("lost_reported", site=site, pid=pid, action="unreachable",
+                    reason=f"the coordinator did not take the report: {exc.code().name}: {exc.details()}")
+    finally:
+        channel.close()
 
 
 def launch(plan: LaunchPlan, progress_factory=None) -> dict:

@@ -40,13 +40,13 @@ _SETPRIV = shutil.which("setpriv")
 
 
 def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-          stdout=None, stderr=None) -> subprocess.Popen:
+          stdout=None, stderr=None, stdin=subprocess.DEVNULL) -> subprocess.Popen:
     """Start ``argv`` as a child that dies with this process (its pid is the program's own)."""
     if _SETPRIV:
         return subprocess.Popen([_SETPRIV, "--pdeathsig", "KILL", "--", *argv], env=env, cwd=cwd, stdout=stdout,
-                                stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True)
+                                stderr=stderr, stdin=stdin, start_new_session=True)
     return subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=stdout, stderr=stderr,
-                            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                            stdin=stdin, preexec_fn=die_with_parent)
 
 
 def terminate_all(procs: Iterable[subprocess.Popen], grace_s: float = 5.0) -> None:

@@ -179,7 +179,7 @@ def done_line(summary: dict) -> str:
 def _expected_parts(topo) -> list[str]:
     from geotrain.storage.checkpoint import COORDINATOR_PART
 
-    return [COORDINATOR_PART] + [f"{s.name}.{r}" for s in topo.sites for r in range(s.workers)]
+    return [COORDINATOR_PART] + [f"{s.name}.{r}" for s in topo.sites for r in range(s.world_size)]
 
 
 def _run_topology(run_dir: Path):

@@ -35,6 +35,9 @@ MAX_ROUNDS = 10_000_000
 MAX_STEPS = 1_000_000
 """Most inner steps per merge (H), and the longest overlap τ."""
 MAX_SITES = 256
+MAX_SITE_NODES = 256
+MAX_SITE_PROCS = 1024
+"""Most processes in one site's group (``nodes`` × ``workers``)."""
 MAX_DAYS_S = 30 * 86_400.0
 """The longest timeout or deadline: 30 days, in seconds."""
 MAX_LINK_DELAY_MS = 60_000.0
@@ -55,7 +58,14 @@ class SiteConfig(_Node):
     name: str = Field(pattern=NAME_RE)
     """Site name: lowercase letters, digits and '-', starting with a letter."""
     workers: int = Field(ge=1, le=64)
-    """Worker processes at this site; they train data-parallel and only rank 0 (the leader) talks across the WAN."""
+    """Worker processes per node of this site; they train data-parallel and only rank 0 (the leader) talks across the WAN."""
+    nodes: int = Field(default=1, ge=1, le=MAX_SITE_NODES)
+    """Machines (nodes) this site spans: the site has `nodes` × `workers` processes in one process group, met through a TCP rendezvous (torch.distributed's, MASTER_ADDR/MASTER_PORT) on node 0; node K's workers have site ranks K×workers … K×workers+workers−1, and rank 0 is the leader. Run a node with `geotrain site NAME TOPOLOGY --node-rank K --master-addr HOST --master-port P`, or with torchrun (docs/deploy.md); `geotrain launch` starts every node on this machine."""
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the site's group: ``nodes`` × ``workers``."""
+        return self.nodes * self.workers
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the site's workers compute. `cuda` uses NCCL inside the site; gloo otherwise."""
     slowdown: float = Field(default=1.0, ge=1.0, le=100.0)

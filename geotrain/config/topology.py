@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from geotrain.config.schema import (
-    FAULT_KINDS, MODEL_PRESETS, NAME_RE, AsyncConfig, Bandwidth, CheckpointConfig, CompressionConfig, CoordinatorConfig, DataConfig,
+    FAULT_KINDS, MAX_SITE_PROCS, MODEL_PRESETS, NAME_RE, AsyncConfig, Bandwidth, CheckpointConfig, CompressionConfig, CoordinatorConfig, DataConfig,
     Duration, EtcdConfig, FaultSpec, InnerOptimizerConfig, LinkPair, LinksConfig, LinkSpec, ModelConfig,
     OuterOptimizerConfig, RecoveryConfig, ScheduleConfig, SecurityConfig, SiteConfig, StreamingConfig, Topology,
     TrainingConfig)
@@ -283,6 +283,9 @@ def _cross_check(topo: Topology, raw: dict, source: str) -> None:
         if site.name in seen:
             raise TopologyError(f"{source}: sites[{i}].name: site {site.name!r} is already defined at sites[{seen[site.name]}]")
         seen[site.name] = i
+        if site.world_size > MAX_SITE_PROCS:
+            raise TopologyError(f"{source}: sites[{i}].nodes: {site.nodes} nodes x {site.workers} workers = "
+                                f"{site.world_size} processes in site {site.name!r}; at most {MAX_SITE_PROCS}")
     places = topo.places()
     pairs_seen: dict[frozenset, int] = {}
     for i, pair in enumerate(topo.links.pairs):
@@ -423,7 +426,7 @@ def fault_problem(topo: Topology, fault: FaultSpec) -> str | None:
         return f".target: site {name!r} shares the coordinator's datacenter: it has no WAN link"
     if kind == "worker":
         site, _, rank = name.partition("/")
-        if site not in topo.site_names or not rank.isdigit() or int(rank) >= topo.site(site).workers:
+        if site not in topo.site_names or not rank.isdigit() or int(rank) >= topo.site(site).world_size:
             return f".target: no worker {quote(name)} (give SITE/RANK of an existing worker)"
     if fault.kind in ("freeze", "partition", "degrade", "flap", "slow", "disk_full") and fault.duration_ms is None:
         return f".duration: a {fault.kind} fault needs a duration, e.g. \"10s\""

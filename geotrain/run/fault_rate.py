@@ -21,7 +21,7 @@ MAX_DRAWS = 100_000
 def targets(topo: Topology, kind: str) -> list[tuple[str, str]]:
     """(failpoint kind, target) pairs a drawn ``kind`` may hit in ``topo``."""
     if kind == "kill_worker":
-        return [("kill", f"worker {s.name}/{r}") for s in topo.sites for r in range(s.workers)]
+        return [("kill", f"worker {s.name}/{r}") for s in topo.sites for r in range(s.world_size)]
     if kind == "kill_site":
         return [("kill", f"site {s.name}") for s in topo.sites]
     if kind == "freeze_site":

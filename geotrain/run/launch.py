@@ -370,7 +370,7 @@ class Launcher:
         address = self._coordinator_address(site)
         master_port = free_port()
         entry = self.plan.script or [_python(), "-m", "geotrain.worker.main"]
-        for rank in range(site.workers):
+        for rank in range(site.world_size):  # every node of the site, here; a multi-node group meets over TCP on lo
             env = worker_env(site, rank, run=self.topo.name, run_dir=self.run_dir, topology_json=self.topo_json,
                              coordinator=address, etcd=self.etcd_endpoint, config_path=self.worker_configs[site.name],
                              master_port=master_port, resume_round=resume_round, rings=rings if rank == 0 else ())

@@ -73,7 +73,7 @@ class Progress:
                 s.update(step=e["step"], round=e["round"], loss=e.get("loss"))
                 s["t0"] = s["t0"] or e["t"]
                 if e.get("tokens"):  # only when the model declared its tokens per step
-                    s["tokens"] += int(e["tokens"]) * self.topo.site(e["site"]).workers
+                    s["tokens"] += int(e["tokens"]) * self.topo.site(e["site"]).world_size
                 s["t"] = e["t"]
             elif kind == "model" and not self.model_shown:  # printed once, though restarts write it again
                 self.model_shown = True

@@ -159,7 +159,7 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
         my_merges = [e for e in merges if e.get("site") == s.name]
         compute = sum(e.get("compute_s") or 0.0 for e in mine)
         sites[s.name] = {
-            "workers": s.workers,
+            "workers": s.world_size,
             "inner_steps": len(mine),
             "compute_seconds": round(compute, 3),
             "wan_wait_seconds": round(sum(e["seconds"] for e in my_merges), 3),
@@ -168,7 +168,7 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
             "bytes_received": sum(e.get("bytes_received", 0) for e in my_merges),
         }
     # tokens only where the model declared them (DiLoCo(tokens_per_step=...); the built-in trainer does)
-    workers = {s.name: s.workers for s in topo.sites}
+    workers = {s.name: s.world_size for s in topo.sites}
     declared = [e for e in steps if number(e.get("tokens")) is not None]
     tokens = sum(int(e["tokens"]) * workers.get(e.get("site"), 1) for e in declared) if declared else None
     failures = [e for e in events if e["event"] == "failure"]

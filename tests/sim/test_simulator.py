@@ -93,13 +93,17 @@ def test_streaming_sends_fragments_and_overlaps_them():
 
 
 @pytest.mark.parametrize("extra, words", [
-    ({"training": {"merge": "ring"}}, "training.merge: ring merges are not simulated"),
-    ({"training": {"algorithm": "ddp"}}, "training.algorithm: ddp is not simulated"),
+    ({"training": {"merge": "hierarchical"}}, "training.merge: hierarchical merges are not simulated"),
+    ({"faults": [{"kind": "kill", "target": "etcd", "at": "1s"}]}, r"faults\[0\]: a failure of the etcd"),
+    ({"training": {"merge": "ring"}, "faults": [{"kind": "kill", "target": "coordinator", "at": "1s"}]},
+     "a coordinator failure in a merge: ring run is not simulated"),
+    ({"faults": [{"kind": "freeze", "target": "coordinator", "at": "1s", "duration": "1s"}]},
+     r"faults\[0\].kind: freeze of the coordinator is not simulated"),
     ({"faults": [{"kind": "degrade", "target": "link a", "at": "1s", "bandwidth": "1mbit", "duration": "1s"}]},
      r"faults\[0\].kind: degrade is not simulated"),
 ])
 def test_what_is_not_simulated_is_refused_by_name(extra, words):
-    raw = {"name": "sim", "sites": [{"name": "a", "workers": 1}], **extra}
+    raw = {"name": "sim", "sites": [{"name": "a", "workers": 1}, {"name": "b", "workers": 1}], **extra}
     t = parse_topology(raw, source="t.yaml")
     with pytest.raises(TopologyError, match=words):
         Simulator(t, params(t))

@@ -151,3 +151,90 @@ def test_a_kill_during_a_restart_starts_the_restart_over():
     assert len(of(events, "failure")) == 2 and len(recoveries) == 1
     assert recoveries[0]["recovered_t"] == pytest.approx(4.0 + 3.0)  # restart_s after the second kill
     assert len(of(events, "site_ready")) == 3  # a, b at start; b once after the restarts
+
+
+# ---- the failures the simulator models since issue #17's second part: ddp, rings, the coordinator ----
+
+UP = 4 * MB * 8 / 100e6 + 0.010  # a whole 1 M-parameter fp32 model over 100 Mbit/s, 10 ms: 0.33 s
+
+
+def test_a_killed_coordinator_costs_its_restart_and_the_retry_backoff_and_no_round(tmp_path):
+    # fault-free: round 1's updates leave at 3.68 s and the run ends at 5.34 s (the first test's transcript)
+    t = topo(extra={"faults": [{"kind": "kill", "target": "coordinator", "at": "3.7s"}]})
+    sim = Simulator(t, params(t, coordinator_restart_s=1.0))
+    events = sim.run()
+    # cut at 3.7 s, the sites retry on the worker's backoff (geotrain.worker.retry): 3.9 and 4.3 find it down,
+    # 5.1 finds it back (up at 4.7) and sends round 1's update again: 5.1 + 0.33 up, commit, 0.33 down, 1 s shutdown
+    assert sim.now == pytest.approx(5.1 + 2 * UP + 1.0, abs=1e-6)
+    commits = of(events, "commit")
+    assert [(c["round"], c["sites"], c["epoch"]) for c in commits] == [(0, ["a", "b"], 1), (1, ["a", "b"], 2)]
+    assert [e["resumed"] for e in of(events, "coordinator_started")] == [False, True]
+    assert {e["site"] for e in of(events, "recovery") if e["what"] == "coordinator"} == {"a", "b"}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (tmp_path / "topology.json").write_text(json.dumps(t.model_dump(mode="json")))
+    assert not [v for v in check_run(tmp_path) if v.status == VIOLATED]
+
+
+def test_a_coordinator_out_of_restarts_fails_the_run():
+    t = topo(extra={"faults": [{"kind": "kill", "target": "coordinator", "at": "3.7s"}],
+                    "recovery": {"coordinator_failure": "fail"}})
+    sim = Simulator(t, params(t))
+    events = sim.run()
+    assert events[-1]["status"] == "failed" and "coordinator_failure = fail" in events[-1]["reason"]
+
+
+def test_ddp_merges_every_step_and_a_dead_site_costs_the_steps_it_misses():
+    t = topo(algorithm="ddp", round_timeout_s=1.0, extra={"faults": [{"kind": "kill", "target": "worker b/0",
+                                                                      "at": "3s"}]})
+    events = Simulator(t, params(t)).run()
+    commits = of(events, "commit")
+    # one commit per step (10); step k commits at 2.45 + 0.76 k s. b dies at 3.0 s with step 1's gradient on
+    # the wire; a's arrived at 3.21, so step 1 commits at its 1 s deadline (4.21) with a alone and b leaves.
+    # Steps 2 and 3 are a's alone (commits 4.97, 5.73); b is back at 6.0 (restart 3 s) while step 4 has no
+    # update yet: it joins step 4 at once (rounds.join: join_now) and every later step has both
+    assert [c["round"] for c in commits] == list(range(10))
+    assert [c["sites"] for c in commits] == [["a", "b"]] + [["a"]] * 3 + [["a", "b"]] * 6
+    assert commits[1]["t"] == pytest.approx(3.21 + 1.0, abs=1e-5)
+    assert [e["target"] for e in of(events, "failure")] == ["worker b/0", "b"]
+
+
+def test_a_ring_round_takes_the_all_reduce_then_the_uploaders_upload():
+    t = topo(merge="ring", rounds=1)
+    sim = Simulator(t, params(t))
+    events = sim.run()
+    # both at the ring at 2.52 (a joined 10 ms after b); 2 steps of half the model (2 MB) on each ring edge:
+    # 2 x (0.16 + 0.01); then a (the uploader) uploads the mean (0.33), b its 64-byte claim; the answer is 64 bytes
+    ack = 64 * 8 / 100e6 + 0.010
+    assert [c["merge"] for c in of(events, "commit")] == ["ring"]
+    assert of(events, "commit")[0]["t"] == pytest.approx(2.52 + 2 * 0.17 + UP, abs=1e-6)
+    assert sim.now == pytest.approx(2.52 + 2 * 0.17 + UP + ack + 1.0, abs=1e-6)
+    stats = sim.link_stats()
+    assert stats["link a<->b"]["bytes_forward"] == 2 * 2 * MB and stats["link a<->hub"]["bytes_forward"] == 4 * MB
+    assert stats["link b<->hub"]["bytes_forward"] == 64
+
+
+def test_a_site_killed_in_a_ring_run_costs_one_star_round_then_ring_reform_rebuilds_the_rings():
+    t = topo(merge="ring", rounds=4, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}]})
+    events = Simulator(t, params(t)).run()
+    commits = of(events, "commit")
+    # round 1 is being computed when b dies: its ring cannot form, a merges through the star; b is back
+    # (member of round 1: rounds.join) and redoes round 1 through the star with every site, so ring_reform
+    # rebuilds the rings for round 2
+    assert [(c["round"], c["merge"], c["sites"]) for c in commits] == \
+        [(0, "ring", ["a", "b"]), (1, "star", ["a", "b"]), (2, "ring", ["a", "b"]), (3, "ring", ["a", "b"])]
+    assert [e["round"] for e in of(events, "ring_reform")] == [2]
+
+
+def test_a_ring_whose_round_times_out_is_abandoned_and_backs_off():
+    # b dies for longer than the round's deadline: round 1 commits through the star without b (it leaves),
+    # so ring_reform keeps the star until every site reports a round
+    t = topo(merge="ring", rounds=5, round_timeout_s=1.0,
+             extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}]})
+    events = Simulator(t, params(t)).run()
+    merges = [(c["round"], c["merge"], c["sites"]) for c in of(events, "commit")]
+    # a's round-1 update arrives at 4.03 s, the deadline commits it alone at 5.03 (b leaves); round 2 is a's
+    # alone (commit 6.19); b is back at 6.5 while round 3 has no update yet: it joins round 3 at once, which
+    # commits through the star with every site, and the rings are rebuilt for round 4
+    assert merges == [(0, "ring", ["a", "b"]), (1, "star", ["a"]), (2, "star", ["a"]), (3, "star", ["a", "b"]),
+                      (4, "ring", ["a", "b"])]
+    assert [e["round"] for e in of(events, "ring_reform")] == [4]

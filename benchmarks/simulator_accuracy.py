@@ -13,8 +13,8 @@ benchmarks/results/simulator_accuracy.json.
 
     .venv/bin/python benchmarks/simulator_accuracy.py --failure-rate [--mtbf-s 20] [--seed 1] [--rounds 16]
 
-Goodput under a failure rate: one real run calibrates (the demo with one scheduled worker kill, so that the
-restart time is measured, not assumed), then the demo under ``fault_rate`` (mtbf_s, the default kinds:
+Goodput under a failure rate: one real run calibrates (the demo with one worker killed at a scheduled time, so
+that the restart time and when the launcher's fault clock starts are measured, not assumed), then the demo under ``fault_rate`` (mtbf_s, the default kinds:
 kill_worker, freeze_site, partition_link, seed) is run for real and simulated with the same seed: the
 launcher's FaultDraws give both the same faults at the same times. Printed: goodput, wall seconds,
 utilisation, rounds, predicted / measured. Writes benchmarks/results/simulator_accuracy_faults.json.
@@ -70,16 +70,17 @@ def row(name: str, f: str, a, b) -> dict:
 def failure_rate(args) -> int:
     """Goodput under a failure rate, real and simulated with the same seed."""
     rate = (f"fault_rate.mtbf_s={args.mtbf_s:g}", f"fault_rate.seed={args.seed}")
-    calib_topo = with_faults(DEMO, [{"kind": "kill", "target": "worker eu-west/0", "at_round": 2}])
+    calib_topo = with_faults(DEMO, [{"kind": "kill", "target": "worker eu-west/0", "at": "20s"}])
     calib = launch(calib_topo, f"training.rounds={args.rounds // 2}")
     overrides = (f"training.rounds={args.rounds}", *rate)
     real = launch(DEMO, *overrides)
     sim = simulate(DEMO, overrides, Path(calib["run_dir"]))
     name = f"demo sync, mtbf {args.mtbf_s:g} s"
-    print(f"calibrated on: demo sync, {args.rounds // 2} rounds, one worker killed at round 2 ({calib['run_dir']})")
+    print(f"calibrated on: demo sync, {args.rounds // 2} rounds, one worker killed at 20 s ({calib['run_dir']})")
     print(f"target: demo sync, {args.rounds} rounds, {' '.join(rate)} ({real['run_dir']})")
     drawn = [json.loads(x) for x in (Path(real["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    faults = [(round(e["t"], 1), e.get("fault"), e.get("target")) for e in drawn if e.get("event") == "fault_injected"]
+    t0 = next((e["t"] for e in drawn if e.get("event") == "run_started"), drawn[0]["t"] if drawn else 0.0)
+    faults = [(round(e["t"] - t0, 1), e.get("fault"), e.get("target")) for e in drawn if e.get("event") == "fault_injected"]
     print(f"faults in the real run: {faults}")
     print(f"{'target':26} {'figure':16} {'predicted':>12} {'measured':>12} {'ratio':>7}  within 10 %")
     rows = {f: row(name, f, sim.get(f), real.get(f))
@@ -96,7 +97,7 @@ def main() -> int:
     p.add_argument("--failure-rate", action="store_true", help="only goodput under a failure rate")
     p.add_argument("--mtbf-s", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=60)
     args = p.parse_args()
     if args.failure_rate:
         return failure_rate(args)

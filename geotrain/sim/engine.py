@@ -131,6 +131,7 @@ class Simulator:
         self.quorum = self.tr.quorum
         self.sent: dict[tuple[int, int, str], float] = {}  # (fragment, round, site) -> when its update left
         self.round_faults: list = []
+        self._active: dict[str, float] = {}  # fault target -> until when a freeze or partition holds it
         self.remaining = len(self.sites)
         self.failed: str | None = None
         self._deadline_set: set = set()  # (fragment, round, started_at) whose deadline wake-up is scheduled
@@ -564,20 +565,26 @@ class Simulator:
     # ---- faults ----
     def _schedule_faults(self) -> None:
         off = self.p.fault_clock_s  # the launcher's fault clock starts once the processes are up
-        faults = [(off + f.at_ms / 1000.0, f) for f in self.topo.faults if f.at_ms is not None]
+        faults = [(off + f.at_ms / 1000.0, f, False) for f in self.topo.faults if f.at_ms is not None]
         self.round_faults = [f for f in self.topo.faults if f.at_round is not None]
         if self.topo.fault_rate is not None:
             horizon = self.p.startup_s + 10 * self.tr.rounds * self.tr.inner_steps * max(self.p.step_s.values())
             for t, f in FaultDraws(self.topo.fault_rate, self.topo):
                 if t > horizon:
                     break
-                faults.append((off + t, f))
-        for t, f in faults:
-            self.at(t, self._fault, f)
+                faults.append((off + t, f, True))
+        for t, f, drawn in faults:
+            self.at(t, self._fault, f, drawn)
 
-    def _fault(self, f) -> None:
+    def _fault(self, f, drawn: bool = False) -> None:
         target = f.target
         duration = (f.duration_ms or 0.0) / 1000.0
+        if drawn and self._active.get(target, -1.0) > self.now:  # the launcher's FaultScheduler.fire rule
+            self.emit("fault_skipped", "launcher", fault=f.kind, target=target, drawn=True,
+                      reason="its target is under another fault until that one heals")
+            return
+        if duration > 0:
+            self._active[target] = self.now + duration
         if target == "coordinator":
             return self._kill_coordinator(f)
         name = target.split(" ", 1)[1].split("/")[0] if " " in target else target

@@ -93,6 +93,7 @@ class Site:
     version: int = 0
     busy: bool = False  # inner steps are scheduled or running
     block: tuple | None = None  # (token, start, steps, end) of the inner steps running
+    frozen_in: dict = field(default_factory=dict)  # step of the block -> seconds it was frozen (counted in it)
     inflight: dict = field(default_factory=dict)  # fragment -> (token, round, sent_at) of a merge not yet answered
 
 
@@ -222,21 +223,25 @@ class Simulator:
         tok = next(self._seq)
         end = self.now + k * s.step_s
         s.block = (tok, self.now, k, end)
+        s.frozen_in = {}
         self.at(end, self._stepped, s, epoch, tok)
 
     def _emit_steps(self, s: Site, first: int, k: int, end: float) -> None:
         """Inner steps ``first+1 .. first+k``, the last ending at ``end``."""
         if k <= 0:
             return
-        proc, now = f"{s.name}/0", self.now
+        proc, now, frozen = f"{s.name}/0", self.now, s.frozen_in
         if self.step_events == "round":
             self.now = end
-            self.emit("inner_step", proc, site=s.name, step=first + k, round=s.round, compute_s=round(k * s.step_s, 9),
-                      wan_s=0.0, steps=k)
+            self.emit("inner_step", proc, site=s.name, step=first + k, round=s.round,
+                      compute_s=round(k * s.step_s + sum(frozen.values()), 9), wan_s=0.0, steps=k)
         else:
-            for i in range(1, k + 1):
-                self.now = end - (k - i) * s.step_s
-                self.emit("inner_step", proc, site=s.name, step=first + i, round=s.round, compute_s=s.step_s, wan_s=0.0)
+            t = end - k * s.step_s - sum(frozen.values())
+            for i in range(k):
+                took = s.step_s + frozen.get(i, 0.0)  # a real step's compute_s is its wall time: a SIGSTOP counts
+                t += took
+                self.now = t
+                self.emit("inner_step", proc, site=s.name, step=first + i + 1, round=s.round, compute_s=took, wan_s=0.0)
         self.now = now
 
     def _stepped(self, s: Site, epoch: int, tok: int) -> None:
@@ -601,6 +606,8 @@ class Simulator:
             s.frozen_until = max(s.frozen_until, until)
             if s.block is not None and pause > 0:  # the steps running stop for the freeze
                 _, start, k, end = s.block
+                i = min(k - 1, int((self.now - start - sum(s.frozen_in.values())) / s.step_s)) if s.step_s > 0 else 0
+                s.frozen_in[i] = s.frozen_in.get(i, 0.0) + pause
                 tok = next(self._seq)
                 s.block = (tok, start, k, end + pause)
                 self.at(end + pause, self._stepped, s, s.epoch, tok)
@@ -615,9 +622,11 @@ class Simulator:
                   reason=act.reason)
         if s.block is not None:  # the steps it finished before it died were taken (and count as compute)
             _, start, k, _ = s.block
-            done = min(k, int((self.now - start) / s.step_s + 1e-9)) if s.step_s > 0 else 0
+            ran = self.now - start - sum(s.frozen_in.values())
+            done = max(0, min(k, int(ran / s.step_s + 1e-9))) if s.step_s > 0 else 0
+            s.frozen_in = {i: v for i, v in s.frozen_in.items() if i < done}
             if done > 0:
-                self._emit_steps(s, s.step, done, start + done * s.step_s)
+                self._emit_steps(s, s.step, done, start + done * s.step_s + sum(s.frozen_in.values()))
                 s.step += done
             s.block = None
         if act.action != "restart":

@@ -62,3 +62,12 @@ class SimParams:
                 "up_bytes": self.up_bytes, "eval_s": self.eval_s, "shutdown_s": self.shutdown_s,
                 "init_bytes": self.init_bytes, "coordinator_restart_s": self.coordinator_restart_s,
                 "fault_clock_s": self.fault_clock_s}
+
+
+def replicated(topo: Topology, n: int) -> Topology:
+    """``topo`` with ``n`` sites, each a copy of its first site named ``site0`` ... (links: the default; the
+    coordinator where it was). For simulations past the schema's cap of MAX_SITES sites, which bounds what one
+    real run's control plane takes: the copy is made without validating again (every other field was)."""
+    first = topo.sites[0]
+    sites = tuple(first.model_copy(update={"name": f"site{i}"}) for i in range(n))
+    return topo.model_copy(update={"sites": sites})

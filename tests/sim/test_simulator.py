@@ -225,7 +225,7 @@ def test_a_site_killed_in_a_ring_run_costs_one_star_round_then_ring_reform_rebui
     assert [e["round"] for e in of(events, "ring_reform")] == [2]
 
 
-def test_a_ring_whose_round_times_out_is_abandoned_and_backs_off():
+def test_a_ring_round_past_its_deadline_without_a_site_keeps_the_star_until_every_site_reports():
     # b dies for longer than the round's deadline: round 1 commits through the star without b (it leaves),
     # so ring_reform keeps the star until every site reports a round
     t = topo(merge="ring", rounds=5, round_timeout_s=1.0,
@@ -238,3 +238,13 @@ def test_a_ring_whose_round_times_out_is_abandoned_and_backs_off():
     assert merges == [(0, "ring", ["a", "b"]), (1, "star", ["a"]), (2, "star", ["a"]), (3, "star", ["a", "b"]),
                       (4, "ring", ["a", "b"])]
     assert [e["round"] for e in of(events, "ring_reform")] == [4]
+
+
+def test_a_freeze_mid_step_delays_the_round_and_counts_in_that_steps_compute_as_a_real_run_measures_it():
+    t = topo(rounds=1, extra={"faults": [{"kind": "freeze", "target": "site a", "at": "2.25s", "duration": "1s"}]})
+    sim = Simulator(t, params(t))
+    events = sim.run()
+    a = [e for e in of(events, "inner_step") if e["site"] == "a"]
+    # a computes 2.02 .. 2.52; frozen at 2.25 (in its 3rd step) for 1 s: that step's wall time is 1.1 s
+    assert [e["compute_s"] for e in a] == pytest.approx([0.1, 0.1, 1.1, 0.1, 0.1])
+    assert a[-1]["t"] == pytest.approx(3.52) and sim.now == pytest.approx(3.52 + 2 * UP + 1.0, abs=1e-6)

@@ -34,6 +34,7 @@ a coordinator killed in a ring or streaming run (refused). The history is writte
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import random
@@ -179,11 +180,17 @@ class Simulator:
             self.at(self.p.startup_s, self._join, s, s.epoch, init, i == 0)
         self._schedule_faults()
         q = self._q
-        while q and self.remaining and self.failed is None:
-            t, _, fn, args = heapq.heappop(q)
-            if t > self.now:
-                self.now = t
-            fn(*args)
+        collecting = gc.isenabled()
+        gc.disable()  # millions of event dicts and no cycles: the cyclic collector's passes would grow with them
+        try:
+            while q and self.remaining and self.failed is None:
+                t, _, fn, args = heapq.heappop(q)
+                if t > self.now:
+                    self.now = t
+                fn(*args)
+        finally:
+            if collecting:
+                gc.enable()
         self.now += self.p.shutdown_s
         done = not self.remaining
         self.emit("run_finished", "launcher", status="completed" if done else "failed",
@@ -285,20 +292,28 @@ class Simulator:
             self._compute(s, epoch)
 
     # ---- the WAN ----
-    def _transfer(self, site: str, direction: int, nbytes: int, then: Callable, *args) -> None:
+    def _transfer(self, site: str, direction: int, nbytes: int, then: Callable, *args, start: float | None = None,
+                  after: float = 0.0) -> None:
+        """``nbytes`` over the site's link, leaving at ``start`` (default now); ``then`` ``after`` s past delivery."""
         link = self.links.get(site)
+        start = self.now if start is None else start
         if link is None:  # the coordinator's own datacenter: no WAN
-            self.at(self.now, then, *args)
+            self.at(start + after, then, *args)
             return
-        self._send(link[direction], nbytes, then, *args)
+        self._send(link[direction], nbytes, then, *args, start=start, after=after)
 
-    def _send(self, d: Direction, nbytes: int, then: Callable, *args) -> None:
-        got = d.schedule(nbytes, self.now, self._rng)
+    def _send(self, d: Direction, nbytes: int, then: Callable, *args, start: float | None = None,
+              after: float = 0.0) -> None:
+        start = self.now if start is None else start
+        got = d.schedule(nbytes, start, self._rng)
         if got is None:  # partitioned: try again when it heals
-            self.at(self.now + 0.05, self._send, d, nbytes, then, *args)
+            self.at(max(self.now, start) + 0.05, self._resend, d, nbytes, then, after, args)
             return
         d.bytes += nbytes
-        self.at(got[0], then, *args)
+        self.at(got[0] + after, then, *args)
+
+    def _resend(self, d: Direction, nbytes: int, then: Callable, after: float, args: tuple) -> None:
+        self._send(d, nbytes, then, *args, after=after)
 
     def _merge(self, s: Site, epoch: int, rnd: int) -> None:
         """A whole-model merge: through the ring when the coordinator has the rings built, else the star."""
@@ -479,20 +494,17 @@ class Simulator:
         for name in arrived:
             site = self.sites[name]
             tok = site.inflight.get(fragment, (None,))[0]
-            self.at(self.now + (0.0 if ring else self.p.apply_s), self._answer, site, site.epoch, lane.round, fragment,
-                    self.sent.pop((fragment, lane.round, name), None), tok, False, ring)
+            self._answer(site, site.epoch, lane.round, fragment, self.sent.pop((fragment, lane.round, name), None), tok,
+                         False, ring, self.now + (0.0 if ring else self.p.apply_s))
 
     def _answer(self, s: Site, epoch: int, rnd: int, fragment: int, sent_at: float | None, tok, late: bool = False,
-                ring: bool = False) -> None:
+                ring: bool = False, start: float | None = None) -> None:
+        """The answer leaves at ``start`` (after the outer step); the site takes it ``overhead_s`` after it lands."""
         if s.inflight.get(fragment, (None,))[0] != tok:
             return
         nbytes = ACK_BYTES if ring else self.down_bytes // self.fragments
-        self._transfer(s.name, 1, nbytes, self._merged, s, epoch, rnd, fragment, sent_at, late, tok)
-
-    def _merged(self, s: Site, epoch: int, rnd: int, fragment: int, sent_at: float | None, late: bool, tok) -> None:
-        if epoch != s.epoch or s.inflight.get(fragment, (None,))[0] != tok:
-            return
-        self.at(self.now + s.overhead_s, self._took, s, epoch, rnd, fragment, sent_at, late, tok)
+        self._transfer(s.name, 1, nbytes, self._took, s, epoch, rnd, fragment, sent_at, late, tok, start=start,
+                       after=s.overhead_s)
 
     def _took(self, s: Site, epoch: int, rnd: int, fragment: int, sent_at: float | None, late: bool, tok) -> None:
         if epoch != s.epoch or s.inflight.get(fragment, (None,))[0] != tok:
@@ -520,8 +532,10 @@ class Simulator:
         evaluator = s.name == self.topo.sites[0].name  # its eval takes its time; no loss is simulated
         if s.round >= self.tr.rounds:
             self._site_done(s)
+        elif evaluator and boundary and self.p.eval_s > 0:
+            self.at(self.now + self.p.eval_s, self._compute, s, epoch)
         else:
-            self.at(self.now + (self.p.eval_s if evaluator and boundary else 0.0), self._compute, s, epoch)
+            self._compute(s, epoch)
 
     def _arrive_async(self, s: Site, epoch: int, rnd: int, sent_at: float, tok) -> None:
         decision = rounds.admit_async(s.name, rnd, sites=frozenset(self.sites), applied=self.site_merges[s.name],

@@ -11,6 +11,7 @@ certificate is refused, whatever it carries.
     Merge       a site of the topology, as itself (the stream's header names that site)
     GetModel    a site that is a member of the run (it joined, or the round expects it), as itself
     Status      any part of the run (a site, the launcher, the coordinator, a CLI with the launcher's certificate)
+    ReportLost  the launcher, for any site of the topology; a site (its supervisor), for itself only
 
 On a plaintext server (security.tls: false) there is no identity: the name in the request is
 believed, as before, and the run says it is unauthenticated (progress, summary.json).
@@ -46,6 +47,14 @@ def authorize(call: str, caller: str | None, claimed_site: str | None, *, sites:
         if caller in (COORDINATOR, LAUNCHER) or site_of(caller) in sites:
             return Verdict(True, f"{caller} is a part of the run")
         return Verdict(False, f"Status: {caller!r} is not a part of this run")
+    if call == "ReportLost":
+        if caller == LAUNCHER and claimed_site in sites:
+            return Verdict(True, f"the launcher reports site {claimed_site!r}")
+        site = site_of(caller)
+        if site is not None and site in sites and site == claimed_site:
+            return Verdict(True, f"site {site!r} reports itself")
+        return Verdict(False, f"ReportLost: {caller!r} may not report site {claimed_site!r} (only the launcher, "
+                              f"or a site about itself)")
     if call not in SITE_CALLS:
         return Verdict(False, f"{call}: unknown call")
     site = site_of(caller)

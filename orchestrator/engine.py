@@ -55,7 +55,7 @@ from geotrain.orchestrator.persist import CoordinatorState, StateStore
 from geotrain.orchestrator.fingerprint import decode_spec, first_difference
 from geotrain.orchestrator.results import CommitResult, JoinAnswer, ModelAnswer, Refused, StatusAnswer, Update
 from geotrain.orchestrator.rounds import (Decision, RoundState, admit, admit_async, async_weight, join, leaving,
-                                          merge_mode, next_round, record_arrival, refuse_update, ring_commit, ring_reform,
+                                          lose, merge_mode, next_round, record_arrival, refuse_update, ring_commit, ring_reform,
                                           round_ready, validate_update)
 from geotrain.storage.checkpoint import COORDINATOR_PART
 from geotrain.wire import transport
@@ -105,6 +105,7 @@ class EngineConfig:
     norm_history: int = 8  # security: accepted updates' norms the bound's median is taken over
     inner_schedule: dict | None = None  # geotrain.schedule.lr_factor's arguments (total_steps explicit): norm_scale
     inner_steps: int = 1  # H, for norm_scale
+    rounds: int | None = None  # training.rounds (synchronous lanes: a site joining after the last one is done)
 
 
 class CoordinatorEngine:
@@ -161,6 +162,7 @@ class CoordinatorEngine:
         self.ring_abandoned_at = -1
         self._cond = threading.Condition()
         self.joined: set[str] = set()  # sites that joined this incarnation (GetModel is for members)
+        self.site_pids: dict[str, int] = {}  # site -> the pid of its leader that joined (member_lost)
         self.model_spec = None  # the run's model fingerprint: the first site's to join (fingerprint.py)
         self.model_spec_site = ""
 
@@ -178,9 +180,11 @@ class CoordinatorEngine:
             if model_spec is not None:
                 self._check_model(site, model_spec)
             self.joined.add(site)
+            self.site_pids[site] = pid
             starts, decision = [], None
             for lane in self.lanes:
-                lane.state, start, decision = join(lane.state, site)
+                final = None if self.is_async or self.cfg.algorithm == "ddp" else self.cfg.rounds
+                lane.state, start, decision = join(lane.state, site, now, final)
                 starts.append(start)
             start_version = self.version if self.is_async or len(self.lanes) > 1 else starts[0]
             self.events.emit("site_joined", site=site, workers=workers, pid=pid, round=self.state.round,
@@ -192,6 +196,47 @@ class CoordinatorEngine:
             return JoinAnswer(round=self.state.round, version=self.version, start_version=start_version,
                               has_model=self.params is not None, algorithm=self.cfg.algorithm, epoch=self.cfg.epoch,
                               fragment_rounds=tuple(starts), site_merges=self.site_merges.get(site, 0))
+
+    def member_lost(self, site: str, pid: int | None, why: str, now: float, source: str) -> Decision:
+        """``site``'s process ``pid`` was declared dead (``source``: ``lease``, its leader's etcd member key
+        vanished; ``supervisor``, the process that runs it saw it exit; ``why`` says how). If ``pid`` is the
+        one that joined (None: whichever did), every lane's round stops waiting for it (rounds.lose) and
+        commits with the survivors if it can; a report about an older incarnation is ignored. Returns the
+        decision of the lane the site was most involved in (the first that did not ignore it)."""
+        with self._cond:
+            joined = self.site_pids.get(site)
+            if self.is_async or self.cfg.algorithm == "ddp":
+                decision = Decision("ignore", f"{site!r} was declared dead ({why}); {self.cfg.algorithm} has no "
+                                              f"round to go on without it")
+            elif joined is None:
+                decision = Decision("ignore", f"{site!r} was declared dead ({why}), but it has no member now "
+                                              f"(declared dead before, or it never joined)")
+            elif pid is not None and pid != joined:
+                decision = Decision("ignore", f"{site!r} pid {pid} was declared dead ({why}), but the site's "
+                                              f"member is pid {joined}: an older incarnation")
+            else:
+                decisions = []
+                for lane in self.lanes:
+                    lane.state, d = lose(lane.state, site, why, self.cfg.min_sites)
+                    decisions.append(d)
+                    if d.action == "drop_lost" and self.running_sum:
+                        lane.sum.forget_pending(lane.state.expected - set(lane.state.arrived))
+                decision = next((d for d in decisions if d.action != "ignore"), decisions[0])
+                if decision.action in ("drop_lost", "leave_after", "forget_joiner"):
+                    del self.site_pids[site]  # a second report of the same death changes nothing
+            self.events.emit("member_lost", site=site, pid=pid, source=source, action=decision.action,
+                             reason=decision.reason, round=self.state.round)
+            if source == "lease" and decision.action == "drop_lost":
+                # nobody else saw it (a frozen or unreachable site): the failure, and the recovery when it
+                # rejoins, are the coordinator's to record, as for a site dropped at a deadline. A death a
+                # supervisor reported is its failure and recovery (one of each, not two).
+                self.dropped.setdefault(site, (now, self.state.round))
+                self.events.emit("failure", what="site", target=site, happened_t=now, detected_t=now,
+                                 reason=decision.reason, round=self.state.round)
+            for lane in self.lanes:
+                self._advance(lane, now)
+            self._cond.notify_all()
+            return decision
 
     def _check_model(self, site: str, text: str) -> None:
         """The site trains the run's model (geotrain.orchestrator.fingerprint): the first fingerprint is the run's."""
@@ -560,10 +605,10 @@ class CoordinatorEngine:
             late = sorted(lane.state.expected - set(arrived))
             self.events.emit("quorum_commit", round=rnd, sites=sorted(arrived), late=late, reason=ready.reason,
                              fragment=lane.index)
-        lane.state = next_round(lane.state, dropped)
+        now = self.clock()
+        lane.state = next_round(lane.state, dropped, now)
         lane.log.prune(lane.state.round)
         self.version += 1
-        now = self.clock()
         for site in sorted(dropped):
             self.dropped[site] = (now, rnd)
             self.events.emit("failure", what="site", target=site, happened_t=min(arrived.values()), detected_t=now,

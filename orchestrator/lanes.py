@@ -13,7 +13,7 @@ update); a record outside that window is never stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -115,6 +115,8 @@ class Lane:
         self.updates, self.claims, self.pending_norms, self.sum = {}, {}, {}, RoundSum(self.retire)
 
     def reopen(self) -> None:
-        """Forget the updates of the round being collected; it starts over (same round, same members)."""
+        """Forget the updates of the round being collected; it starts over (same round, same members, but
+        for the dead whose update it had: that update is forgotten too, and they are not waited for)."""
         self.clear()
-        self.state = RoundState(round=self.state.round, expected=self.state.expected, joining=self.state.joining)
+        self.state = replace(self.state, expected=self.state.expected - self.state.lost, arrived={}, started_at=None,
+                             lost=frozenset())

@@ -130,6 +130,18 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                                ttl_s=topo.recovery.heartbeat_ttl_s)
         epoch = int(registration.info["epoch"])
         cfg.epoch = epoch
+    cancel_watch = None
+    if control is not None and topo.training.algorithm not in ("ddp", "async-diloco"):
+        from geotrain.orchestrator.membership import watch_members
+
+        def on_lost(lost) -> None:
+            if not run_done(engine, topo):  # at the end every site closes its registration: not a death
+                engine.member_lost(lost.site, lost.pid, lost.reason, time.time(), source="lease")
+
+        try:
+            cancel_watch = watch_members(control, topo.recovery.heartbeat_ttl_s, on_lost)
+        except GeotrainError as exc:  # without it a dead site is waited for until its restart or the deadline
+            log.warning("not watching the members: %s", exc)
     lanes = {"lane_rounds": [lane.state.round for lane in engine.lanes]} if len(engine.lanes) > 1 else {}
     events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names),
                 run=topo.name, topology_sha256=topo.digest(),
@@ -154,6 +166,8 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
             break
     events.emit("coordinator_stopped", round=engine.state.round, bytes_in=engine.bytes_in, bytes_out=engine.bytes_out,
                 **({"reason": reason} if reason else {}))
+    if cancel_watch is not None:
+        cancel_watch()
     server.stop(grace=2.0).wait()
     if exporter is not None:
         exporter.stop()

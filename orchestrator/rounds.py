@@ -10,6 +10,11 @@ the outer step applied to the mean update, and round r+1 starts. If the round's 
 (counted from its first arrival) and at least ``min_sites`` sites reported, it commits with
 those, and the silent sites leave the membership; a site that (re)joins while a round is being
 collected becomes a member from the next round on and starts from the version that round commits.
+
+A member declared dead (:func:`lose`: its leader's etcd lease was lost, or its supervisor reported its
+process's exit) does not hold the others up: the round stops waiting for it at once and commits with the
+survivors when they have all reported (if ``recovery.min_sites`` allows); its restart rejoins at a
+later round. A dead site whose update had already arrived still counts in its round, and leaves after it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ class RoundState:
     """When the first update of this round arrived (the round deadline counts from there)."""
     joining: frozenset[str] = frozenset()
     """Sites that joined during this round; members from the next round on."""
+    lost: frozenset[str] = frozenset()
+    """Sites declared dead after their update for this round arrived: it counts, and they leave when it commits."""
+    opened_at: float | None = None
+    """When the round began (the previous one committed); None for the first round of a coordinator."""
+    last_round_s: float | None = None
+    """How long the previous round took, commit to commit (None: unknown); the join window is a part of it."""
 
     @property
     def version(self) -> int:
@@ -43,7 +54,8 @@ class RoundState:
 class Decision:
     action: str
     """accept | stale | future | unknown_site | duplicate | commit | commit_partial | wait | timeout |
-    member | join_now | join_next; ring rounds: ring | star | ring_abandoned | abandon_ring | abandon;
+    member | join_now | join_next | run_done; a member declared dead: drop_lost | leave_after | forget_joiner |
+    keep_waiting | ignore; ring rounds: ring | star | ring_abandoned | abandon_ring | abandon;
     an update's values: wrong_dtype | wrong_length | non_finite | norm_bound; a refused one: drop | ignore"""
     reason: str
 
@@ -166,20 +178,86 @@ def leaving(state: RoundState, ready: Decision) -> frozenset[str]:
     return frozenset()
 
 
-def join(state: RoundState, site: str) -> tuple[RoundState, int, Decision]:
-    """A site (re)joins. Returns the new state, the global version it must start from, and why."""
+def lose(state: RoundState, site: str, why: str, min_sites: int | None) -> tuple[RoundState, Decision]:
+    """``site`` was declared dead (``why``: its leader's etcd lease was lost, its supervisor saw it exit).
+    Returns the new state and what that means for the round being collected:
+
+    - ``drop_lost``: it had not reported; the round stops waiting for it (it leaves ``expected``) and may
+      commit at once with the others (:func:`round_ready` decides); it rejoins when it is back;
+    - ``leave_after``: its update for this round arrived and counts; it leaves when the round commits;
+    - ``forget_joiner``: it was joining this round; it is not a member of the next one either;
+    - ``keep_waiting``: without it fewer than ``min_sites`` (``recovery.min_sites``; None: every member
+      must report, no partial commits) would remain: nothing changes, the round waits for it to come
+      back until its deadline, as before;
+    - ``ignore``: it is not a member of this round (dropped before, or never joined).
+    """
+    r = state.round
+    if site in state.joining:
+        return replace(state, joining=state.joining - {site}), \
+            Decision("forget_joiner", f"{site!r} was declared dead ({why}) while joining round {r + 1}: "
+                                      f"it is not a member until it joins again")
+    if site not in state.expected:
+        return state, Decision("ignore", f"{site!r} was declared dead ({why}) but is not a member of round {r}")
+    if site in state.arrived:
+        return replace(state, lost=state.lost | {site}), \
+            Decision("leave_after", f"{site!r} was declared dead ({why}) after its update for round {r} arrived: "
+                                    f"the update counts; it leaves the membership when round {r} commits")
+    rest = state.expected - {site}
+    if min_sites is None or len(rest) < min_sites:
+        need = "every member must report" if min_sites is None else f"recovery.min_sites is {min_sites}"
+        return state, Decision("keep_waiting", f"{site!r} was declared dead ({why}), but round {r} cannot go on "
+                                               f"without it ({len(rest)} sites would remain; {need}): the round "
+                                               f"waits for it to come back, until its deadline")
+    return replace(state, expected=rest), \
+        Decision("drop_lost", f"{site!r} was declared dead ({why}) before reporting round {r}: the round goes on "
+                              f"with {', '.join(sorted(rest))} at once; it rejoins when it is back")
+
+
+JOIN_WINDOW = 0.1
+"""A site (re)joins the round being collected only within this fraction of a round's time from its start."""
+
+
+def join(state: RoundState, site: str, now: float | None = None,
+         final_round: int | None = None) -> tuple[RoundState, int, Decision]:
+    """A site (re)joins. Returns the new state, the global version it must start from, and why.
+
+    It joins the round being collected if no update of it has arrived and (given ``now``) the round is
+    young: begun at most :data:`JOIN_WINDOW` of the previous round's time ago. A site joining later would
+    report that much after the others, who would wait for it (a restarted site must not hold up the ones
+    that never stopped); it joins the next round instead, and starts with everyone from its version.
+    Once every planned round (``final_round``: training.rounds) is committed there is no round to join: the
+    site starts from the final version (``run_done``), and is done."""
+    if final_round is not None and state.round >= final_round:
+        return state, state.round, Decision("run_done", f"{site!r} joins after the last round ({final_round}) was "
+                                                        f"committed: it takes the final version {state.round}")
+    if site in state.lost:  # back from the dead within the round its update counts in: the next one is its
+        return replace(state, lost=state.lost - {site}, joining=state.joining | {site}), state.round + 1, \
+            Decision("join_next", f"{site!r} joins at round {state.round + 1}; its update for round "
+                                  f"{state.round} counts already")
     if site in state.expected:
         return state, state.round, Decision("member", f"{site!r} is a member of round {state.round}")
-    if not state.arrived:
+    late = None
+    if now is not None and state.opened_at is not None and state.last_round_s is not None:
+        since, window = now - state.opened_at, JOIN_WINDOW * state.last_round_s
+        late = None if since <= window else (since, window)
+    if not state.arrived and late is None:
         return replace(state, expected=state.expected | {site}), state.round, \
             Decision("join_now", f"{site!r} joins round {state.round}, which has no update yet")
+    if late is not None and not state.arrived:
+        return replace(state, joining=state.joining | {site}), state.round + 1, \
+            Decision("join_next", f"{site!r} joins at round {state.round + 1}; round {state.round} began {late[0]:.1f}s "
+                                  f"ago, past the join window of {late[1]:.1f}s ({JOIN_WINDOW:g} of the last round's "
+                                  f"{state.last_round_s:.1f}s): joining it would hold the others up")
     return replace(state, joining=state.joining | {site}), state.round + 1, \
         Decision("join_next", f"{site!r} joins at round {state.round + 1}; round {state.round} is already being collected")
 
 
-def next_round(state: RoundState, dropped: frozenset[str] = frozenset()) -> RoundState:
-    """The state after committing the current round: silent sites dropped, joiners added."""
-    return RoundState(round=state.round + 1, expected=(state.expected - dropped) | state.joining)
+def next_round(state: RoundState, dropped: frozenset[str] = frozenset(), now: float | None = None) -> RoundState:
+    """The state after committing the current round (at ``now``, if known): silent and dead sites dropped,
+    joiners added."""
+    took = now - state.opened_at if now is not None and state.opened_at is not None else None
+    return RoundState(round=state.round + 1, expected=(state.expected - dropped - state.lost) | state.joining,
+                      opened_at=now, last_round_s=took)
 
 
 RING_BACKOFF_MAX = 16

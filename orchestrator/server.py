@@ -205,6 +205,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except Refused as refused:
             refuse(context, refused)
 
+    def ReportLost(self, request, context):
+        self._names(context, "ReportLost", site=request.site)  # the reason is for people: cut, not refused
+        self._allow(context, "ReportLost", request.site)
+        if request.site not in self.engine.cfg.sites:
+            refuse(context, Refused(Outcome.NOT_IN_TOPOLOGY, f"ReportLost: site {request.site!r} is not in the topology",
+                                    site=request.site))
+        who = peer_name(context) if self.tls else context.peer()
+        decision = self.engine.member_lost(request.site, request.pid or None,
+                                           f"{who} reported: {request.reason[:512] or 'its process died'}",
+                                           time.time(), source="supervisor")
+        return pb.LostResponse(action=decision.action, reason=decision.reason)
+
     def Status(self, request, context):
         self._allow(context, "Status", None)
         s = self.engine.status()
@@ -278,6 +290,9 @@ def handlers(service: CoordinatorService) -> dict:
                                                        response_serializer=None),
         "Status": grpc.unary_unary_rpc_method_handler(service.Status, request_deserializer=pb.StatusRequest.FromString,
                                                       response_serializer=pb.StatusResponse.SerializeToString),
+        "ReportLost": grpc.unary_unary_rpc_method_handler(service.ReportLost,
+                                                          request_deserializer=pb.LostRequest.FromString,
+                                                          response_serializer=pb.LostResponse.SerializeToString),
     }
 
 

@@ -136,6 +136,24 @@ class GetModelRequest(_message.Message):
     what: str
     def __init__(self, site: _Optional[str] = ..., min_version: _Optional[int] = ..., what: _Optional[str] = ...) -> None: ...
 
+class LostRequest(_message.Message):
+    __slots__ = ("site", "pid", "reason")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    pid: int
+    reason: str
+    def __init__(self, site: _Optional[str] = ..., pid: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LostResponse(_message.Message):
+    __slots__ = ("action", "reason")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    reason: str
+    def __init__(self, action: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=geotrain_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=geotrain_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ReportLost = channel.unary_unary(
+                '/geotrain.v1.Coordinator/ReportLost',
+                request_serializer=geotrain_dot_v1_dot_coordinator__pb2.LostRequest.SerializeToString,
+                response_deserializer=geotrain_dot_v1_dot_coordinator__pb2.LostResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -94,6 +99,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLost(self, request, context):
+        """A part that saw a site's process die (the launcher, the site's supervisor) says so at once: the
+        round being collected stops waiting for that site (if recovery.min_sites allows) and commits with
+        the survivors, instead of waiting for the dead site's restart. Appended: older clients never call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +135,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=geotrain_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=geotrain_dot_v1_dot_coordinator__pb2.StatusResponse.SerializeToString,
+            ),
+            'ReportLost': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLost,
+                    request_deserializer=geotrain_dot_v1_dot_coordinator__pb2.LostRequest.FromString,
+                    response_serializer=geotrain_dot_v1_dot_coordinator__pb2.LostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +277,33 @@ class Coordinator:
             '/geotrain.v1.Coordinator/Status',
             geotrain_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             geotrain_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geotrain.v1.Coordinator/ReportLost',
+            geotrain_dot_v1_dot_coordinator__pb2.LostRequest.SerializeToString,
+            geotrain_dot_v1_dot_coordinator__pb2.LostResponse.FromString,
             options,
             channel_credentials,
             insecure,

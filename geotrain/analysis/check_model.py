@@ -27,7 +27,7 @@ DEFAULT_MAX_EVAL_LOSS_JUMP = 4.0  # the topology's security.max_eval_loss_jump w
 # refused or discarded, a round that failed, a ring given up for the star, a model that could not be
 # fetched). Ordinary training events (commits, merges, joins, checkpoints) never excuse a jump.
 CAUSES = ("fault_injected", "failure", "recovery", "heartbeat_lost", "coordinator_started", "fenced", "run_started",
-          "merge_refused", "merge_discarded", "round_failed", "ring_abandoned", "fetch_failed")
+          "merge_refused", "merge_discarded", "round_failed", "ring_abandoned", "fetch_failed", "member_lost")
 
 
 def _where(i: int, e: dict) -> str:

@@ -137,4 +137,4 @@ def coordinator_config(topo: Topology, epoch: int = 0):
                                                else topo.security.max_update_norm_ratio),
                         norm_history=topo.security.norm_history,
                         inner_schedule=schedule_args(tr.inner_optimizer.schedule, tr.rounds * tr.inner_steps),
-                        inner_steps=tr.inner_steps)
+                        inner_steps=tr.inner_steps, rounds=tr.rounds)

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from geotrain.events import EventLog, EventTail, log_tail, read_events
 from geotrain.run import procs
 from geotrain.run.site import free_port, worker_env, write_worker_config
 from geotrain.run.summary import model_failure, nonfinite_model, shortfall, write_summary
+from geotrain.security.pki import LAUNCHER
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +383,8 @@ class Launcher:
         what = {"worker": "worker", "coordinator": "coordinator", "etcd": "etcd", "link": "link"}[child.role]
         self.events.emit("failure", what=what, target=child.name, happened_t=now, detected_t=now, reason=reason,
                          pid=child.proc.pid)
+        if child.role == "worker":  # the other sites need not wait for this one's restart
+            self._report_lost(group.split(":", 1)[1], reason)
         for c in self.children:  # stop the rest of the group (a site's surviving workers)
             if c.group == group and not c.retired:
                 c.retired = True
@@ -403,6 +407,18 @@ class Launcher:
         elif child.role == "link":
             self._start_link(group.split(":", 1)[1], f"{self.topo.coordinator.host}:{self.coord_port}")
             self._recovered(group, time.time())
+
+    def _report_lost(self, site: str, reason: str) -> None:
+        """Tell the coordinator that ``site``'s group died (ReportLost), so that the round being collected
+        commits with the survivors now (rounds.lose). On its own thread: the restart does not wait for it;
+        an unreachable coordinator is no reason to fail (its etcd watch, or the deadline, decides then)."""
+        leader = next((c for c in self.children if c.name == f"worker {site}/0" and not c.retired), None)
+        if leader is None or not self.coord_port:
+            return
+        address = f"{self.topo.coordinator.host}:{self.coord_port}"
+        files = self.certs.files(LAUNCHER) if self.certs is not None else None
+        threading.Thread(target=report_lost, args=(address, files, site, leader.proc.pid, reason, self.events),
+                         name=f"report-lost-{site}", daemon=True).start()
 
     def _recovered(self, group: str, t: float, rounds_lost: int = 0) -> None:
         f = self.pending.pop(group, None)
@@ -468,6 +484,27 @@ class Launcher:
             procs.terminate_all([c.proc for c in self.children if order[c.role] == level], grace_s=5.0)
         if self.etcd is not None:
             self.etcd.stop()
+
+
+def report_lost(address: str, files, site: str, pid: int, reason: str, events: EventLog, timeout_s: float = 5.0) -> None:
+    """One ReportLost call to the coordinator at ``address`` (``files``: the launcher's certificate; None:
+    plaintext); what it answered goes into ``events`` (``lost_reported``)."""
+    import grpc
+
+    from geotrain._proto import coordinator_pb2 as pb
+    from geotrain.security.tls import secure_channel
+
+    channel = secure_channel(address, files) if files is not None else grpc.insecure_channel(address)
+    try:
+        call = channel.unary_unary("/geotrain.v1.Coordinator/ReportLost", request_serializer=pb.LostRequest.SerializeToString,
+                                   response_deserializer=pb.LostResponse.FromString)
+        resp = call(pb.LostRequest(site=site, pid=pid, reason=reason), timeout=timeout_s)
+        events.emit("lost_reported", site=site, pid=pid, action=resp.action, reason=resp.reason)
+    except grpc.RpcError as exc:
+        events.emit("lost_reported", site=site, pid=pid, action="unreachable",
+                    reason=f"the coordinator did not take the report: {exc.code().name}: {exc.details()}")
+    finally:
+        channel.close()
 
 
 def launch(plan: LaunchPlan, progress_factory=None) -> dict:

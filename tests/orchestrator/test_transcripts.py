@@ -21,11 +21,11 @@ decisions it got as ``action: reason`` and, where the state changed, ``state: ..
 
 Commands:
 
-``config sites=A,B [members=A,B] [round=N] timeout=D [min_sites=N] [quorum=K grace=D] [rings]``
+``config sites=A,B [members=A,B] [round=N] timeout=D [min_sites=N] [quorum=K grace=D] [rounds=R] [rings]``
     a fresh coordinator; ``sites`` is the topology, ``members`` who round N waits for (default:
-    every site); ``rings``: a ring run (star rounds are followed by ``ring_reform``).
+    every site); ``rounds``: the run plans R rounds (a join after the last is ``run_done``); ``rings``: a ring run (star rounds are followed by ``ring_reform``).
 ``join SITE``
-    the site's leader calls Join.
+    the site's leader calls Join (now: a round begun longer ago than the join window is joined at the next).
 ``arrive SITE round=N [at=T]``
     its update for round N arrives (at absolute time T, default: now); if admitted, the round is
     checked at once, as the servicer does after every arrival.
@@ -33,6 +33,10 @@ Commands:
     its update for round N arrives with values that cannot count (validate_update refused it, for
     W, default non_finite): ``refuse_update`` says whether the site fails the round; if it does,
     the round is checked at once (the others may all be in).
+``lost SITE [why=W]``
+    the site was declared dead (its lease lost, its supervisor saw it exit; W is how, default
+    "killed"): ``lose`` says what that means for the round; the round is checked at once (the
+    others may all be in).
 ``tick D``
     D passes; the round is checked against its deadline.
 ``abandon``
@@ -52,8 +56,8 @@ from pathlib import Path
 
 import pytest
 
-from geotrain.orchestrator.rounds import (RoundState, admit, join, leaving, next_round, record_arrival, refuse_update, ring_reform,
-                                          round_ready)
+from geotrain.orchestrator.rounds import (RoundState, admit, join, leaving, lose, next_round, record_arrival, refuse_update,
+                                          ring_reform, round_ready)
 from geotrain.units import parse_duration_ms
 
 TESTDATA = Path(__file__).parent / "testdata"
@@ -145,6 +149,7 @@ class Coordinator:
     rings: bool
     quorum: int | None = None
     grace_s: float = 0.0
+    final_round: int | None = None
     now: float = 0.0
     ring_round: int | None = None
     """The round the leaders merge in a ring (ring_reform said so), if any."""
@@ -160,6 +165,8 @@ class Coordinator:
         words = [f"round={s.round}", f"expected={_names(s.expected)}"]
         if s.joining:
             words.append(f"joining={_names(s.joining)}")
+        if s.lost:
+            words.append(f"lost={_names(s.lost)}")
         if self.ring_round == s.round:
             words.append("merge=ring")
         self.out.append("state: " + " ".join(words + list(extra)))
@@ -173,12 +180,12 @@ class Coordinator:
         if self.ring_round == rnd and decision.action != "commit":  # a ring needs every site's part
             self.abandon()
             return
-        if decision.action == "timeout":
-            self.state = RoundState(round=rnd, expected=self.state.expected, joining=self.state.joining)
+        if decision.action == "timeout":  # as Lane.reopen: the dead whose update is forgotten are not waited for
+            self.state = RoundState(round=rnd, expected=self.state.expected - self.state.lost, joining=self.state.joining)
             self.show("(reopened: the round is retried)")
             return
         arrived = frozenset(self.state.arrived)
-        self.state = next_round(self.state, leaving(self.state, decision))
+        self.state = next_round(self.state, leaving(self.state, decision), self.now)
         if self.ring_round == rnd:  # the ring held: the leaders keep merging in rings
             self.ring_failures = 0
             self.ring_round = rnd + 1
@@ -205,7 +212,7 @@ class Coordinator:
 
 
 def _config(cmd: Command) -> Coordinator:
-    allowed = {"sites", "members", "round", "timeout", "min_sites", "quorum", "grace"}
+    allowed = {"sites", "members", "round", "timeout", "min_sites", "quorum", "grace", "rounds"}
     unknown = set(cmd.kwargs) - allowed | (set(cmd.args) - {"rings"})
     if unknown or "sites" not in cmd.kwargs or "timeout" not in cmd.kwargs:
         raise TranscriptError(f"{cmd.where}: needs sites= and timeout=; unknown: {sorted(unknown)}")
@@ -216,7 +223,8 @@ def _config(cmd: Command) -> Coordinator:
     quorum = int(cmd.kwargs["quorum"]) if "quorum" in cmd.kwargs else None
     grace_s = _seconds(cmd.kwargs["grace"], cmd) if "grace" in cmd.kwargs else 0.0
     return Coordinator(sites, state, _seconds(cmd.kwargs["timeout"], cmd), min_sites, "rings" in cmd.args,
-                       quorum=quorum, grace_s=grace_s)
+                       quorum=quorum, grace_s=grace_s,
+                       final_round=int(cmd.kwargs["rounds"]) if "rounds" in cmd.kwargs else None)
 
 
 def _one_site(cmd: Command) -> str:
@@ -231,12 +239,12 @@ def execute(coord: Coordinator | None, cmd: Command) -> Coordinator:
         coord = _config(cmd)
         coord.show()
         return coord
-    if cmd.name not in ("join", "arrive", "refuse", "tick", "abandon"):
+    if cmd.name not in ("join", "arrive", "refuse", "lost", "tick", "abandon"):
         raise TranscriptError(f"{cmd.where}: unknown command")
     if coord is None:
         raise TranscriptError(f"{cmd.where}: 'config' must come first")
     if cmd.name == "join":
-        coord.state, start_version, decision = join(coord.state, _one_site(cmd))
+        coord.state, start_version, decision = join(coord.state, _one_site(cmd), coord.now, coord.final_round)
         coord.say(decision)
         coord.show(f"start_version={start_version}")
     elif cmd.name == "arrive":
@@ -262,6 +270,13 @@ def execute(coord: Coordinator | None, cmd: Command) -> Coordinator:
         coord.say(decision)
         if decision.action == "drop":
             coord.show()
+            coord.check()
+    elif cmd.name == "lost":
+        coord.state, decision = lose(coord.state, _one_site(cmd), cmd.kwargs.get("why", "killed"), coord.min_sites)
+        coord.say(decision)
+        if decision.action != "ignore":
+            coord.show()
+        if decision.action == "drop_lost":
             coord.check()
     elif cmd.name == "tick":
         if len(cmd.args) != 1:

@@ -134,6 +134,8 @@ class Simulator:
         self.sent: dict[tuple[int, int, str], float] = {}  # (fragment, round, site) -> when its update left
         self.round_faults: list = []
         self._active: dict[str, float] = {}  # fault target -> until when a freeze or partition holds it
+        self._joiners: list[tuple[int, Site, int]] = []  # (version it starts from, site, epoch): GetModel waits
+        self.sync_lanes = self.tr.algorithm in ("diloco", "streaming-diloco")  # member_lost applies (engine)
         self.remaining = len(self.sites)
         self.failed: str | None = None
         self._deadline_set: set = set()  # (fragment, round, started_at) whose deadline wake-up is scheduled
@@ -464,7 +466,7 @@ class Simulator:
                 return self._abandon(fragment, lane.round, "coordinator")
         arrived = sorted(lane.arrived)
         dropped = rounds.leaving(lane, ready)
-        self.lanes[fragment] = nxt = rounds.next_round(lane, dropped)
+        self.lanes[fragment] = nxt = rounds.next_round(lane, dropped, self.now)
         self.version += 1
         extra = {"fragment": fragment} if self.fragments > 1 else {}
         if self.ring:
@@ -489,6 +491,11 @@ class Simulator:
                     self.ring_at, self.ring_ok = lane.round + 1, True
                     self.ring_token += 1
                     self.emit("ring_reform", "coordinator", round=lane.round + 1, reason=d.reason)
+        if fragment == 0 and self._joiners:  # sites that joined at a later round fetch its version now
+            ready_now = [w for w in self._joiners if w[0] <= nxt.round]
+            self._joiners = [w for w in self._joiners if w[0] > nxt.round]
+            for _, site, epoch in ready_now:
+                self._fetch_and_start(site, epoch)
         for f in [f for f in self.round_faults if f.at_round == lane.round + 1 and fragment == 0]:
             self.at(self.now, self._fault, f)  # at_round N: as round N begins
         for name in arrived:
@@ -618,6 +625,9 @@ class Simulator:
             until = self.now + duration
             pause = max(0.0, until - max(self.now, s.frozen_until))
             s.frozen_until = max(s.frozen_until, until)
+            ttl = self.topo.recovery.heartbeat_ttl_s
+            if duration > ttl:  # its leader's etcd lease lapses: the coordinator's watch declares it dead
+                self.at(self.now + ttl, self._lease_lost, s, s.epoch)
             if s.block is not None and pause > 0:  # the steps running stop for the freeze
                 _, start, k, end = s.block
                 i = min(k - 1, int((self.now - start - sum(s.frozen_in.values())) / s.step_s)) if s.step_s > 0 else 0
@@ -646,6 +656,7 @@ class Simulator:
         if act.action != "restart":
             self.failed = act.reason
             return
+        self._member_lost(s, act.reason, "supervisor")  # the launcher reports it at once (ReportLost)
         s.restarts += 1
         s.epoch += 1  # what it had in flight dies with it; a kill during its restart starts the restart over
         s.pending.clear()
@@ -654,6 +665,28 @@ class Simulator:
         if self.ring and self.ring_ok:
             self._break_ring(s.round, "site")
         self.at(self.now + self.p.restart_s, self._rejoin, s, self.now, s.epoch)
+
+    def _lease_lost(self, s: Site, epoch: int) -> None:
+        if epoch == s.epoch and self.now < s.frozen_until:
+            self._member_lost(s, f"the etcd lease of {s.name}'s leader ended", "lease")
+
+    def _member_lost(self, s: Site, why: str, source: str) -> None:
+        """The coordinator's member_lost: every lane's round stops waiting for the site (rounds.lose) and
+        commits with the survivors if it can; async and ddp have no round to go on without it."""
+        if not self.sync_lanes or not self.coord_up:
+            return
+        decisions = []
+        for f, lane in enumerate(self.lanes):
+            self.lanes[f], d = rounds.lose(lane, s.name, why, self.topo.recovery.min_sites)
+            decisions.append(d)
+        d = next((d for d in decisions if d.action != "ignore"), decisions[0])
+        self.emit("member_lost", "coordinator", site=s.name, source=source, action=d.action, reason=d.reason,
+                  round=self.lanes[0].round)
+        if source == "lease" and d.action == "drop_lost":
+            self.emit("failure", "coordinator", what="site", target=s.name, happened_t=self.now, detected_t=self.now,
+                      reason=d.reason, round=self.lanes[0].round)
+        for f in range(len(self.lanes)):
+            self._maybe_commit(f)
 
     def _heal(self, name: str) -> None:
         for d in self.links[name]:
@@ -669,7 +702,8 @@ class Simulator:
             return self.at(self.now + 0.2, self._rejoin, s, failed_at, epoch, quiet)
         s.alive = True
         lane = self.lanes[0]
-        state, version, _ = rounds.join(lane, s.name)
+        final = self.tr.rounds if self.sync_lanes else None
+        state, version, decision = rounds.join(lane, s.name, self.now, final)
         self.lanes[0] = state
         H = self.tr.inner_steps
         lost = 1 if s.step % H else 0  # the steps of its unfinished round are redone
@@ -686,10 +720,19 @@ class Simulator:
         if not quiet:
             self.emit("recovery", "launcher", what="worker", target=f"worker {s.name}/0", failure_t=failed_at,
                       recovered_t=self.now, seconds=round(self.now - failed_at, 6), rounds_lost=lost)
-        self.emit("site_ready", f"{s.name}/0", site=s.name, version=s.version, round=s.round, epoch=1)
+        if self.sync_lanes and version > self.lanes[0].round:  # join_next: GetModel waits for that version
+            self._joiners.append((version, s, s.epoch))
+            return
+        self._fetch_and_start(s, s.epoch)
+
+    def _fetch_and_start(self, s: Site, epoch: int) -> None:
+        """A (re)joined site fetches the global model (GetModel: fp32), then computes (or is done: the
+        final version, rounds.join's run_done)."""
         if s.round >= self.tr.rounds:
+            self.emit("site_ready", f"{s.name}/0", site=s.name, version=s.version, round=s.round, epoch=1)
             return self._site_done(s)
-        self.at(self.now, self._compute, s, s.epoch)
+        init = self.p.init_bytes if self.p.init_bytes is not None else 4 * self.p.numel
+        self._transfer(s.name, 1, init, self._ready, s, epoch)
 
     # ---- the coordinator's own failure ----
     def _kill_coordinator(self, f) -> None:

@@ -189,11 +189,12 @@ def test_ddp_merges_every_step_and_a_dead_site_costs_the_steps_it_misses():
     events = Simulator(t, params(t)).run()
     commits = of(events, "commit")
     # one commit per step (10); step k commits at 2.45 + 0.76 k s. b dies at 3.0 s with step 1's gradient on
-    # the wire; a's arrived at 3.21, so step 1 commits at its 1 s deadline (4.21) with a alone and b leaves.
-    # Steps 2 and 3 are a's alone (commits 4.97, 5.73); b is back at 6.0 (restart 3 s) while step 4 has no
-    # update yet: it joins step 4 at once (rounds.join: join_now) and every later step has both
+    # the wire (ddp: the coordinator's member_lost ignores it, there is no round to go on without); a's arrived
+    # at 3.21, so step 1 commits at its 1 s deadline (4.21) with a alone and b leaves. Steps 2 and 3 are a's
+    # alone (commits 4.97, 5.73); b is back at 6.0 (restart 3 s), 0.27 s into step 4, past rounds.join's window
+    # (0.1 of the last step's 0.76 s): it joins step 5, which it starts once step 4 is committed (6.49)
     assert [c["round"] for c in commits] == list(range(10))
-    assert [c["sites"] for c in commits] == [["a", "b"]] + [["a"]] * 3 + [["a", "b"]] * 6
+    assert [c["sites"] for c in commits] == [["a", "b"]] + [["a"]] * 4 + [["a", "b"]] * 5
     assert commits[1]["t"] == pytest.approx(3.21 + 1.0, abs=1e-5)
     assert [e["target"] for e in of(events, "failure")] == ["worker b/0", "b"]
 
@@ -213,31 +214,45 @@ def test_a_ring_round_takes_the_all_reduce_then_the_uploaders_upload():
     assert stats["link b<->hub"]["bytes_forward"] == 64
 
 
-def test_a_site_killed_in_a_ring_run_costs_one_star_round_then_ring_reform_rebuilds_the_rings():
-    t = topo(merge="ring", rounds=4, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}]})
+def test_a_site_killed_in_a_ring_run_is_dropped_at_once_and_the_rings_come_back_after_one_star_round():
+    t = topo(merge="ring", rounds=8, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}]})
     events = Simulator(t, params(t)).run()
     commits = of(events, "commit")
-    # round 1 is being computed when b dies: its ring cannot form, a merges through the star; b is back
-    # (member of round 1: rounds.join) and redoes round 1 through the star with every site, so ring_reform
-    # rebuilds the rings for round 2
+    # round 1 is being computed when b dies: the launcher reports it (rounds.lose: drop_lost), its ring cannot
+    # form, and round 1 commits through the star with a alone as soon as a's update lands (4.03 s); rounds
+    # 2-4 are a's (commits 5.19, 6.35, 7.51). b is back at 6.5, 0.15 s into round 4, past the join window
+    # (0.1 of the last round's 1.16 s): it joins round 5, which goes through the star with every site
+    # (ring_reform: b missed round 4), after which the rings are rebuilt for round 6
+    assert [(c["round"], c["merge"], c["sites"]) for c in commits] == \
+        [(0, "ring", ["a", "b"])] + [(r, "star", ["a"]) for r in (1, 2, 3, 4)] + \
+        [(5, "star", ["a", "b"]), (6, "ring", ["a", "b"]), (7, "ring", ["a", "b"])]
+    assert commits[1]["t"] == pytest.approx(3.70 + UP, abs=1e-5)
+    assert [e["action"] for e in of(events, "member_lost")] == ["drop_lost"]
+    assert [e["round"] for e in of(events, "ring_reform")] == [6]
+
+
+def test_with_min_sites_every_site_the_round_waits_for_the_dead_site_and_it_redoes_its_round():
+    t = topo(merge="ring", rounds=4, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}],
+                                            "recovery": {"min_sites": 2}})
+    events = Simulator(t, params(t)).run()
+    # rounds.lose: keep_waiting (without b fewer than min_sites would remain); b is back at 6.5 as a member of
+    # round 1 (rounds.join), fetches the model (10 ms), redoes round 1 (0.5 s) and merges through the star
+    # (0.33 s): round 1 commits with both at 7.34; every site reported, so round 2 is a ring again
+    commits = of(events, "commit")
+    assert [e["action"] for e in of(events, "member_lost")] == ["keep_waiting"]
     assert [(c["round"], c["merge"], c["sites"]) for c in commits] == \
         [(0, "ring", ["a", "b"]), (1, "star", ["a", "b"]), (2, "ring", ["a", "b"]), (3, "ring", ["a", "b"])]
-    assert [e["round"] for e in of(events, "ring_reform")] == [2]
+    assert commits[1]["t"] == pytest.approx(6.5 + 0.01 + 0.5 + UP, abs=1e-5)
 
 
-def test_a_ring_round_past_its_deadline_without_a_site_keeps_the_star_until_every_site_reports():
-    # b dies for longer than the round's deadline: round 1 commits through the star without b (it leaves),
-    # so ring_reform keeps the star until every site reports a round
-    t = topo(merge="ring", rounds=5, round_timeout_s=1.0,
-             extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}]})
+def test_a_site_frozen_past_its_lease_is_dropped_by_the_coordinators_watch():
+    t = topo(rounds=3, extra={"faults": [{"kind": "freeze", "target": "site b", "at": "2.1s", "duration": "4s"}]})
     events = Simulator(t, params(t)).run()
-    merges = [(c["round"], c["merge"], c["sites"]) for c in of(events, "commit")]
-    # a's round-1 update arrives at 4.03 s, the deadline commits it alone at 5.03 (b leaves); round 2 is a's
-    # alone (commit 6.19); b is back at 6.5 while round 3 has no update yet: it joins round 3 at once, which
-    # commits through the star with every site, and the rings are rebuilt for round 4
-    assert merges == [(0, "ring", ["a", "b"]), (1, "star", ["a"]), (2, "star", ["a"]), (3, "star", ["a", "b"]),
-                      (4, "ring", ["a", "b"])]
-    assert [e["round"] for e in of(events, "ring_reform")] == [4]
+    # frozen at 2.1 s for 4 s, longer than recovery.heartbeat_ttl_s (3 s): at 5.1 its leader's lease has ended
+    # and the coordinator stops waiting for it (member_lost, source lease): round 0 commits with a alone
+    lost = of(events, "member_lost")
+    assert [(e["t"], e["source"], e["action"]) for e in lost] == [(pytest.approx(5.1), "lease", "drop_lost")]
+    assert of(events, "commit")[0]["sites"] == ["a"] and of(events, "commit")[0]["t"] == pytest.approx(5.1)
 
 
 def test_a_freeze_mid_step_delays_the_round_and_counts_in_that_steps_compute_as_a_real_run_measures_it():

@@ -20,6 +20,11 @@ links (2(N-1) steps of 1/N of the payload on every ring edge, on the emulator's 
 ``merge_mode``, ``admit``, ``round_ready`` and ``ring_commit``; a site that dies breaks the ring and its
 round goes through the star; ``ring_reform`` says when the rings are rebuilt (its backoff included).
 
+A dead site does not hold the round up (fail-fast): a killed worker is reported at once and a frozen leader's
+etcd lease lapses ``heartbeat_ttl_s`` into its freeze; both go through ``rounds.lose``; a restarted site joins
+where ``rounds.join`` says with the simulated time (its window, ``run_done``), a ``join_next`` waiting for that
+version's commit before it fetches the model.
+
 A killed coordinator (``kill`` of ``coordinator``, or fault_rate's ``kill_coordinator``): its fate is
 ``supervise.on_exit``; it is back after ``coordinator_restart_s`` with what it persisted (the committed
 rounds; the open round's arrivals are lost), and every site whose merge was cut retries on the worker's

@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/sim_scale.py [--sites 1000] [--rounds 1000] [--also 10000x100]
 
-A star of N sites (geotrain.sim.model.replicated: copies of one site, past the schema's 256-site cap of a real run) (1 Gbit/s, 20 ms each to the coordinator; 100M parameters, int8 payloads; 0.5 s steps, H = 100;
+A star of N sites (geotrain.sim.model.replicated: copies of one site, past the schema's 256-site cap of a real
+run; 1 Gbit/s, 20 ms each to the coordinator; 100M parameters, int8 payloads; 0.5 s steps, H = 100;
 inner steps written one event per run of steps: ``step_events="round"``), simulated to the end, then its
 summary computed with ``--summary`` (geotrain.run.summary.compute_summary, as `geotrain simulate` does; it
 filters the events once per site, so it is the slow part past a few hundred sites). Printed per size: the
-seconds the simulation took (wall, and CPU: this machine is shared, and wall time moves with its load), the summary's, events, simulated utilisation (sites' compute / sites x wall,
+seconds the simulation took (wall, and CPU: this machine is shared, and wall time moves with its load), the
+summary's, events, simulated utilisation (sites' compute / sites x wall,
 counted from the events), and peak memory. Asserts nothing; the issue's bar (1,000
 sites x 1,000 rounds in under a minute) is read off the print. Writes benchmarks/results/sim_scale.json.
 """
@@ -41,12 +43,14 @@ def one(n: int, rounds: int, with_summary: bool) -> dict:
     t1, c1 = time.perf_counter(), time.process_time()
     summary = compute_summary(events, topo, wall_seconds=sim.now, link_stats=sim.link_stats()) if with_summary else {}
     t2 = time.perf_counter()
-    row = {"sites": n, "rounds": rounds, "simulate_s": round(t1 - t0, 2), "simulate_cpu_s": round(c1 - c0, 2), "summary_s": round(t2 - t1, 2) if with_summary else None,
+    row = {"sites": n, "rounds": rounds, "simulate_s": round(t1 - t0, 2), "simulate_cpu_s": round(c1 - c0, 2),
+           "summary_s": round(t2 - t1, 2) if with_summary else None,
            "events": len(events), "simulated_wall_s": round(sim.now, 1),
            "utilisation": round(sum(e.get("compute_s", 0.0) for e in events if e["event"] == "inner_step")
                                 / (n * sim.now), 4),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
-    print(f"{n:>6} sites x {rounds:>5} rounds: simulated in {row['simulate_s']:.1f} s ({row['simulate_cpu_s']:.1f} s CPU), summary {row['summary_s']} s, "
+    print(f"{n:>6} sites x {rounds:>5} rounds: simulated in {row['simulate_s']:.1f} s "
+          f"({row['simulate_cpu_s']:.1f} s CPU), summary {row['summary_s']} s, "
           f"{len(events):,} events, utilisation {row['utilisation']}, peak RSS {row['peak_rss_mb']} MB")
     return row
 

@@ -11,11 +11,11 @@ measured, and whether it is within 10 %. The real runs use this shared 2-core ma
 moves with its load, and so does the calibration. Asserts nothing. Writes
 benchmarks/results/simulator_accuracy.json.
 
-    .venv/bin/python benchmarks/simulator_accuracy.py --failure-rate [--mtbf-s 20] [--seed 1] [--rounds 16]
+    .venv/bin/python benchmarks/simulator_accuracy.py --failure-rate [--mtbf-s 20] [--seed 1] [--rounds 60]
 
 Goodput under a failure rate: one real run calibrates (the demo with one worker killed at a scheduled time, so
-that the restart time and when the launcher's fault clock starts are measured, not assumed), then the demo under ``fault_rate`` (mtbf_s, the default kinds:
-kill_worker, freeze_site, partition_link, seed) is run for real and simulated with the same seed: the
+that the restart time and when the launcher's fault clock starts are measured, not assumed), then the demo
+under ``fault_rate`` (mtbf_s, the default kinds: kill_worker, freeze_site, partition_link, seed) is run for real and simulated with the same seed: the
 launcher's FaultDraws give both the same faults at the same times. Printed: goodput, wall seconds,
 utilisation, rounds, predicted / measured. Writes benchmarks/results/simulator_accuracy_faults.json.
 """
@@ -87,7 +87,8 @@ def failure_rate(args) -> int:
             for f in ("goodput", "wall_seconds", "utilisation", "rounds_completed")}
     rows["real_run_dir"], rows["calibration_run"] = real["run_dir"], calib["run_dir"]
     rows["faults"] = faults
-    print(f"wrote {save('simulator_accuracy_faults', {'mtbf_s': args.mtbf_s, 'seed': args.seed, 'rounds': args.rounds, 'rows': rows})}")
+    result = {"mtbf_s": args.mtbf_s, "seed": args.seed, "rounds": args.rounds, "rows": rows}
+    print(f"wrote {save('simulator_accuracy_faults', result)}")
     return 0
 
 

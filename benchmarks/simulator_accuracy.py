@@ -10,6 +10,14 @@ and a simulation of the same topology calibrated on that first run only. Printed
 measured, and whether it is within 10 %. The real runs use this shared 2-core machine: their wall time
 moves with its load, and so does the calibration. Asserts nothing. Writes
 benchmarks/results/simulator_accuracy.json.
+
+    .venv/bin/python benchmarks/simulator_accuracy.py --failure-rate [--mtbf-s 20] [--seed 1] [--rounds 60]
+
+Goodput under a failure rate: one real run calibrates (the demo with one worker killed at a scheduled time, so
+that the restart time and when the launcher's fault clock starts are measured, not assumed), then the demo
+under ``fault_rate`` (mtbf_s, the default kinds: kill_worker, freeze_site, partition_link, seed) is run for real and simulated with the same seed: the
+launcher's FaultDraws give both the same faults at the same times. Printed: goodput, wall seconds,
+utilisation, rounds, predicted / measured. Writes benchmarks/results/simulator_accuracy_faults.json.
 """
 
 from __future__ import annotations
@@ -40,10 +48,60 @@ def simulate(topology: Path, overrides: tuple[str, ...], calibrate: Path) -> dic
     return json.loads((out / "summary.json").read_text())
 
 
+def with_faults(topology: Path, faults: list[dict]) -> Path:
+    """A copy of ``topology`` with ``faults`` scheduled."""
+    import yaml
+
+    raw = yaml.safe_load(topology.read_text())
+    raw["faults"] = faults
+    out = Path(tempfile.mkdtemp(prefix="geotrain-sim-topo-")) / topology.name
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
+def row(name: str, f: str, a, b) -> dict:
+    ratio = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+    ok = ratio is not None and abs(ratio - 1) <= 0.10
+    print(f"{name:26} {f:16} {a:>12,.4g} {b:>12,.4g} {ratio:7.3f}  {'yes' if ok else 'NO'}"
+          if ratio is not None else f"{name:26} {f:16} {a!s:>12} {b!s:>12} {'-':>7}  -")
+    return {"predicted": a, "measured": b, "ratio": ratio, "within_10pct": ok}
+
+
+def failure_rate(args) -> int:
+    """Goodput under a failure rate, real and simulated with the same seed."""
+    rate = (f"fault_rate.mtbf_s={args.mtbf_s:g}", f"fault_rate.seed={args.seed}")
+    calib_topo = with_faults(DEMO, [{"kind": "kill", "target": "worker eu-west/0", "at": "20s"}])
+    calib = launch(calib_topo, f"training.rounds={args.rounds // 2}")
+    overrides = (f"training.rounds={args.rounds}", *rate)
+    real = launch(DEMO, *overrides)
+    sim = simulate(DEMO, overrides, Path(calib["run_dir"]))
+    name = f"demo sync, mtbf {args.mtbf_s:g} s"
+    print(f"calibrated on: demo sync, {args.rounds // 2} rounds, one worker killed at 20 s ({calib['run_dir']})")
+    print(f"target: demo sync, {args.rounds} rounds, {' '.join(rate)} ({real['run_dir']})")
+    drawn = [json.loads(x) for x in (Path(real["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    t0 = next((e["t"] for e in drawn if e.get("event") == "run_started"), drawn[0]["t"] if drawn else 0.0)
+    faults = [(round(e["t"] - t0, 1), e.get("fault"), e.get("target")) for e in drawn if e.get("event") == "fault_injected"]
+    print(f"faults in the real run: {faults}")
+    print(f"{'target':26} {'figure':16} {'predicted':>12} {'measured':>12} {'ratio':>7}  within 10 %")
+    rows = {f: row(name, f, sim.get(f), real.get(f))
+            for f in ("goodput", "wall_seconds", "utilisation", "rounds_completed")}
+    rows["real_run_dir"], rows["calibration_run"] = real["run_dir"], calib["run_dir"]
+    rows["faults"] = faults
+    result = {"mtbf_s": args.mtbf_s, "seed": args.seed, "rounds": args.rounds, "rows": rows}
+    print(f"wrote {save('simulator_accuracy_faults', result)}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds everywhere")
+    p.add_argument("--failure-rate", action="store_true", help="only goodput under a failure rate")
+    p.add_argument("--mtbf-s", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=60)
     args = p.parse_args()
+    if args.failure_rate:
+        return failure_rate(args)
     r = 4 if args.quick else 8
     calib = launch(DEMO, f"training.rounds={r}")
     targets = {

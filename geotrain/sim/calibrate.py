@@ -9,6 +9,8 @@ except the step time:
 - ``up_bytes``, ``down_bytes``: the merges' ``bytes_sent`` / ``bytes_received`` (the exact payloads);
 - ``numel``: the ``model`` event's ``params``, else fp32 bytes / 4;
 - ``apply_s``: the commits' ``apply_s``; ``eval_s``: the evals' ``seconds``; ``restart_s``: the worker recoveries';
+- ``coordinator_restart_s``: from a coordinator's kill (``fault_injected``) to its resumed ``coordinator_started``;
+- ``fault_clock_s``: when the launcher's fault clock started: a fault fired ``at`` a time, less that time;
 - ``shutdown_s``: from the last ``site_done`` to ``run_finished``;
 - ``overhead_s[site]``: what the site's fastest merge took beyond the modelled transfers up and down and
   the outer step: with the site arriving last in that round it waited for nobody, so the rest is the
@@ -75,6 +77,13 @@ def calibrate(run_dir: Path, topo: Topology) -> SimParams:
                                      and e.get("what") == "worker"], 5.0),
                   apply_s=apply_s, up_bytes=up * fragments or None, down_bytes=down * fragments or None,
                   eval_s=_median([e.get("seconds") for e in events if e["event"] == "eval"], 0.0))
+    kills = [e["t"] for e in events if e["event"] == "fault_injected" and e.get("target") == "coordinator"]
+    resumed = [e["t"] for e in events if e["event"] == "coordinator_started" and e.get("resumed")]
+    back = [min((r for r in resumed if r >= k), default=None) for k in kills]
+    p.coordinator_restart_s = _median([b - k for k, b in zip(kills, back) if b is not None], p.coordinator_restart_s)
+    p.fault_clock_s = max(0.0, _median([e["t"] - started - e["params"]["at_ms"] / 1000.0 for e in events
+                                         if e["event"] == "fault_injected" and isinstance(e.get("params"), dict)
+                                         and isinstance(e["params"].get("at_ms"), (int, float))], 0.0))
     for s in topo.sites:
         mine = [e["seconds"] for e in (merges or merges_any) if e.get("site") == s.name and "seconds" in e]
         if mine:

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step-s", type=float, default=0.05, help="seconds per inner step (without --calibrate)")
     p.add_argument("--startup-s", type=float, default=5.0)
     p.add_argument("--restart-s", type=float, default=5.0)
+    p.add_argument("--coordinator-restart-s", type=float, default=3.0)
+    p.add_argument("--step-events", choices=("each", "round"), default="each",
+                   help="one inner_step event per step (as a real run) or per run of steps between merges")
     p.add_argument("--calibrate", type=Path, default=None, metavar="RUN_DIR")
     p.add_argument("--compare", type=Path, default=None, metavar="RUN_DIR")
     p.add_argument("--run-dir", type=Path, default=None)
@@ -51,7 +54,8 @@ def _params(args, topo):
 
     if args.calibrate is None:
         numel = int(args.params) if args.params else param_count(gpt_config(topo))
-        return SimParams.given(topo, numel, args.step_s, startup_s=args.startup_s, restart_s=args.restart_s)
+        return SimParams.given(topo, numel, args.step_s, startup_s=args.startup_s, restart_s=args.restart_s,
+                               coordinator_restart_s=args.coordinator_restart_s)
     run_topo = load_any(args.calibrate / "topology.json")
     p = calibrate(args.calibrate, run_topo)
     known = list(p.step_s.values())
@@ -73,7 +77,7 @@ def simulate(args) -> tuple[Path, dict]:
 
     topo = load_topology(args.topology, args.overrides)
     params = _params(args, topo)
-    sim = Simulator(topo, params, seed=args.seed)
+    sim = Simulator(topo, params, seed=args.seed, step_events=args.step_events)
     events = sim.run()
     run_dir = args.run_dir or Path("runs") / f"sim-{topo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     (run_dir / "links").mkdir(parents=True, exist_ok=True)

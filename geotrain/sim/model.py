@@ -8,6 +8,9 @@
 - ``step_s[site]``: one inner step of that site (its ``slowdown`` already in it when fitted; applied
   from the topology otherwise);
 - ``startup_s``: from the launch to the first inner step; ``restart_s``: a killed site back at work;
+  ``coordinator_restart_s``: a killed coordinator back (answering) from its persisted state;
+  ``fault_clock_s``: the launcher's fault clock (``at`` and ``fault_rate`` times) starts this long after
+  ``run_started`` (once it started the processes);
 - ``apply_s``: the coordinator's outer step per round; ``overhead_s[site]``: per merge, what a real
   merge costs beyond the modelled transfer (protocol, encode/decode, the site's broadcast).
 """
@@ -34,6 +37,8 @@ class SimParams:
     """The evaluating site's eval after each round (it delays that site's next round)."""
     shutdown_s: float = 1.0
     """From the last site done to the run's end (processes stopping, the summary written)."""
+    coordinator_restart_s: float = 3.0
+    fault_clock_s: float = 0.0
     init_bytes: int | None = None
     """The initial model's fp32 bytes: the first site uploads it (InitModel), every site downloads it at Join.
     None: 4 × numel."""
@@ -55,4 +60,14 @@ class SimParams:
         return {"numel": self.numel, "step_s": self.step_s, "startup_s": self.startup_s, "restart_s": self.restart_s,
                 "apply_s": self.apply_s, "overhead_s": self.overhead_s, "down_bytes": self.down_bytes,
                 "up_bytes": self.up_bytes, "eval_s": self.eval_s, "shutdown_s": self.shutdown_s,
-                "init_bytes": self.init_bytes}
+                "init_bytes": self.init_bytes, "coordinator_restart_s": self.coordinator_restart_s,
+                "fault_clock_s": self.fault_clock_s}
+
+
+def replicated(topo: Topology, n: int) -> Topology:
+    """``topo`` with ``n`` sites, each a copy of its first site named ``site0`` ... (links: the default; the
+    coordinator where it was). For simulations past the schema's cap of MAX_SITES sites, which bounds what one
+    real run's control plane takes: the copy is made without validating again (every other field was)."""
+    first = topo.sites[0]
+    sites = tuple(first.model_copy(update={"name": f"site{i}"}) for i in range(n))
+    return topo.model_copy(update={"sites": sites})

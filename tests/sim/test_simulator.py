@@ -93,13 +93,17 @@ def test_streaming_sends_fragments_and_overlaps_them():
 
 
 @pytest.mark.parametrize("extra, words", [
-    ({"training": {"merge": "ring"}}, "training.merge: ring merges are not simulated"),
-    ({"training": {"algorithm": "ddp"}}, "training.algorithm: ddp is not simulated"),
+    ({"training": {"merge": "hierarchical"}}, "training.merge: hierarchical merges are not simulated"),
+    ({"faults": [{"kind": "kill", "target": "etcd", "at": "1s"}]}, r"faults\[0\]: a failure of the etcd"),
+    ({"training": {"merge": "ring"}, "faults": [{"kind": "kill", "target": "coordinator", "at": "1s"}]},
+     "a coordinator failure in a merge: ring run is not simulated"),
+    ({"faults": [{"kind": "freeze", "target": "coordinator", "at": "1s", "duration": "1s"}]},
+     r"faults\[0\].kind: freeze of the coordinator is not simulated"),
     ({"faults": [{"kind": "degrade", "target": "link a", "at": "1s", "bandwidth": "1mbit", "duration": "1s"}]},
      r"faults\[0\].kind: degrade is not simulated"),
 ])
 def test_what_is_not_simulated_is_refused_by_name(extra, words):
-    raw = {"name": "sim", "sites": [{"name": "a", "workers": 1}], **extra}
+    raw = {"name": "sim", "sites": [{"name": "a", "workers": 1}, {"name": "b", "workers": 1}], **extra}
     t = parse_topology(raw, source="t.yaml")
     with pytest.raises(TopologyError, match=words):
         Simulator(t, params(t))
@@ -147,3 +151,115 @@ def test_a_kill_during_a_restart_starts_the_restart_over():
     assert len(of(events, "failure")) == 2 and len(recoveries) == 1
     assert recoveries[0]["recovered_t"] == pytest.approx(4.0 + 3.0)  # restart_s after the second kill
     assert len(of(events, "site_ready")) == 3  # a, b at start; b once after the restarts
+
+
+# ---- the failures the simulator models since issue #17's second part: ddp, rings, the coordinator ----
+
+UP = 4 * MB * 8 / 100e6 + 0.010  # a whole 1 M-parameter fp32 model over 100 Mbit/s, 10 ms: 0.33 s
+
+
+def test_a_killed_coordinator_costs_its_restart_and_the_retry_backoff_and_no_round(tmp_path):
+    # fault-free: round 1's updates leave at 3.68 s and the run ends at 5.34 s (the first test's transcript)
+    t = topo(extra={"faults": [{"kind": "kill", "target": "coordinator", "at": "3.7s"}]})
+    sim = Simulator(t, params(t, coordinator_restart_s=1.0))
+    events = sim.run()
+    # cut at 3.7 s, the sites retry on the worker's backoff (geotrain.worker.retry): 3.9 and 4.3 find it down,
+    # 5.1 finds it back (up at 4.7) and sends round 1's update again: 5.1 + 0.33 up, commit, 0.33 down, 1 s shutdown
+    assert sim.now == pytest.approx(5.1 + 2 * UP + 1.0, abs=1e-6)
+    commits = of(events, "commit")
+    assert [(c["round"], c["sites"], c["epoch"]) for c in commits] == [(0, ["a", "b"], 1), (1, ["a", "b"], 2)]
+    assert [e["resumed"] for e in of(events, "coordinator_started")] == [False, True]
+    assert {e["site"] for e in of(events, "recovery") if e["what"] == "coordinator"} == {"a", "b"}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (tmp_path / "topology.json").write_text(json.dumps(t.model_dump(mode="json")))
+    assert not [v for v in check_run(tmp_path) if v.status == VIOLATED]
+
+
+def test_a_coordinator_out_of_restarts_fails_the_run():
+    t = topo(extra={"faults": [{"kind": "kill", "target": "coordinator", "at": "3.7s"}],
+                    "recovery": {"coordinator_failure": "fail"}})
+    sim = Simulator(t, params(t))
+    events = sim.run()
+    assert events[-1]["status"] == "failed" and "coordinator_failure = fail" in events[-1]["reason"]
+
+
+def test_ddp_merges_every_step_and_a_dead_site_costs_the_steps_it_misses():
+    t = topo(algorithm="ddp", round_timeout_s=1.0, extra={"faults": [{"kind": "kill", "target": "worker b/0",
+                                                                      "at": "3s"}]})
+    events = Simulator(t, params(t)).run()
+    commits = of(events, "commit")
+    # one commit per step (10); step k commits at 2.45 + 0.76 k s. b dies at 3.0 s with step 1's gradient on
+    # the wire (ddp: the coordinator's member_lost ignores it, there is no round to go on without); a's arrived
+    # at 3.21, so step 1 commits at its 1 s deadline (4.21) with a alone and b leaves. Steps 2 and 3 are a's
+    # alone (commits 4.97, 5.73); b is back at 6.0 (restart 3 s), 0.27 s into step 4, past rounds.join's window
+    # (0.1 of the last step's 0.76 s): it joins step 5, which it starts once step 4 is committed (6.49)
+    assert [c["round"] for c in commits] == list(range(10))
+    assert [c["sites"] for c in commits] == [["a", "b"]] + [["a"]] * 4 + [["a", "b"]] * 5
+    assert commits[1]["t"] == pytest.approx(3.21 + 1.0, abs=1e-5)
+    assert [e["target"] for e in of(events, "failure")] == ["worker b/0", "b"]
+
+
+def test_a_ring_round_takes_the_all_reduce_then_the_uploaders_upload():
+    t = topo(merge="ring", rounds=1)
+    sim = Simulator(t, params(t))
+    events = sim.run()
+    # both at the ring at 2.52 (a joined 10 ms after b); 2 steps of half the model (2 MB) on each ring edge:
+    # 2 x (0.16 + 0.01); then a (the uploader) uploads the mean (0.33), b its 64-byte claim; the answer is 64 bytes
+    ack = 64 * 8 / 100e6 + 0.010
+    assert [c["merge"] for c in of(events, "commit")] == ["ring"]
+    assert of(events, "commit")[0]["t"] == pytest.approx(2.52 + 2 * 0.17 + UP, abs=1e-6)
+    assert sim.now == pytest.approx(2.52 + 2 * 0.17 + UP + ack + 1.0, abs=1e-6)
+    stats = sim.link_stats()
+    assert stats["link a<->b"]["bytes_forward"] == 2 * 2 * MB and stats["link a<->hub"]["bytes_forward"] == 4 * MB
+    assert stats["link b<->hub"]["bytes_forward"] == 64
+
+
+def test_a_site_killed_in_a_ring_run_is_dropped_at_once_and_the_rings_come_back_after_one_star_round():
+    t = topo(merge="ring", rounds=8, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}]})
+    events = Simulator(t, params(t)).run()
+    commits = of(events, "commit")
+    # round 1 is being computed when b dies: the launcher reports it (rounds.lose: drop_lost), its ring cannot
+    # form, and round 1 commits through the star with a alone as soon as a's update lands (4.03 s); rounds
+    # 2-4 are a's (commits 5.19, 6.35, 7.51). b is back at 6.5, 0.15 s into round 4, past the join window
+    # (0.1 of the last round's 1.16 s): it joins round 5, which goes through the star with every site
+    # (ring_reform: b missed round 4), after which the rings are rebuilt for round 6
+    assert [(c["round"], c["merge"], c["sites"]) for c in commits] == \
+        [(0, "ring", ["a", "b"])] + [(r, "star", ["a"]) for r in (1, 2, 3, 4)] + \
+        [(5, "star", ["a", "b"]), (6, "ring", ["a", "b"]), (7, "ring", ["a", "b"])]
+    assert commits[1]["t"] == pytest.approx(3.70 + UP, abs=1e-5)
+    assert [e["action"] for e in of(events, "member_lost")] == ["drop_lost"]
+    assert [e["round"] for e in of(events, "ring_reform")] == [6]
+
+
+def test_with_min_sites_every_site_the_round_waits_for_the_dead_site_and_it_redoes_its_round():
+    t = topo(merge="ring", rounds=4, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3.5s"}],
+                                            "recovery": {"min_sites": 2}})
+    events = Simulator(t, params(t)).run()
+    # rounds.lose: keep_waiting (without b fewer than min_sites would remain); b is back at 6.5 as a member of
+    # round 1 (rounds.join), fetches the model (10 ms), redoes round 1 (0.5 s) and merges through the star
+    # (0.33 s): round 1 commits with both at 7.34; every site reported, so round 2 is a ring again
+    commits = of(events, "commit")
+    assert [e["action"] for e in of(events, "member_lost")] == ["keep_waiting"]
+    assert [(c["round"], c["merge"], c["sites"]) for c in commits] == \
+        [(0, "ring", ["a", "b"]), (1, "star", ["a", "b"]), (2, "ring", ["a", "b"]), (3, "ring", ["a", "b"])]
+    assert commits[1]["t"] == pytest.approx(6.5 + 0.01 + 0.5 + UP, abs=1e-5)
+
+
+def test_a_site_frozen_past_its_lease_is_dropped_by_the_coordinators_watch():
+    t = topo(rounds=3, extra={"faults": [{"kind": "freeze", "target": "site b", "at": "2.1s", "duration": "4s"}]})
+    events = Simulator(t, params(t)).run()
+    # frozen at 2.1 s for 4 s, longer than recovery.heartbeat_ttl_s (3 s): at 5.1 its leader's lease has ended
+    # and the coordinator stops waiting for it (member_lost, source lease): round 0 commits with a alone
+    lost = of(events, "member_lost")
+    assert [(e["t"], e["source"], e["action"]) for e in lost] == [(pytest.approx(5.1), "lease", "drop_lost")]
+    assert of(events, "commit")[0]["sites"] == ["a"] and of(events, "commit")[0]["t"] == pytest.approx(5.1)
+
+
+def test_a_freeze_mid_step_delays_the_round_and_counts_in_that_steps_compute_as_a_real_run_measures_it():
+    t = topo(rounds=1, extra={"faults": [{"kind": "freeze", "target": "site a", "at": "2.25s", "duration": "1s"}]})
+    sim = Simulator(t, params(t))
+    events = sim.run()
+    a = [e for e in of(events, "inner_step") if e["site"] == "a"]
+    # a computes 2.02 .. 2.52; frozen at 2.25 (in its 3rd step) for 1 s: that step's wall time is 1.1 s
+    assert [e["compute_s"] for e in a] == pytest.approx([0.1, 0.1, 1.1, 0.1, 0.1])
+    assert a[-1]["t"] == pytest.approx(3.52) and sim.now == pytest.approx(3.52 + 2 * UP + 1.0, abs=1e-6)

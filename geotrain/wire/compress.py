@@ -47,7 +47,8 @@ raises :class:`TransferCorrupt`.
 Wire layout of topk (SparseLoCo, arXiv 2508.15706): an 8-byte header (``k`` per full chunk as uint32,
 ``bits`` uint8, index width uint8 (12 for chunks up to 4096 elements, 16 up to 65536, else 32), 2 zero
 bytes), then one float32 scale per chunk (the largest selected |x|), then every chunk's indices (in-chunk,
-sorted ascending), packed (12-bit: two indices in 3 bytes, little-endian nibbles, an odd count padded
+sorted ascending; a chunk with fewer than k non-zero elements repeats the index of its largest element, with
+its code, in the slots it cannot fill, so that nothing zero decodes as non-zero), packed (12-bit: two indices in 3 bytes, little-endian nibbles, an odd count padded
 with one index 0), then every selected value's code in ``bits`` bits (``8 // bits`` codes per byte, the first in
 the lowest bits). The last, partial chunk of ``r`` elements selects ``min(r, ceil(k * r / block))``.
 A code ``c`` of ``L = 2**bits`` levels decodes to ``scale * (2c / (L - 1) - 1)`` (levels evenly spread
@@ -262,6 +263,21 @@ def _unpack_codes(buf: np.ndarray, count: int, bits: int) -> np.ndarray:
     return ((buf[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
 
 
+def _no_zeros(rows: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """The selected in-row indices ``i`` [chunks, k], sorted ascending, with every slot that selected a zero
+    pointed at the row's largest selected element instead (so it repeats that element's index and code).
+
+    A chunk with fewer than k non-zero elements (the coordinator's change, which holds the union of the
+    sites' sparse updates, in most chunks) would otherwise send zeros, and no ``bits``-bit level is zero:
+    a zero codes to the level above it, +scale/3 at 2 bits, and every such slot decoded as a spurious
+    +scale/3 (found by the SparseLoCo investigation, docs/results.md). An all-zero chunk has scale 0 and
+    decodes to zeros whatever it selects."""
+    v = rows.gather(1, i)
+    top = v.abs().argmax(dim=1, keepdim=True)
+    i = torch.where(v == 0, i.gather(1, top), i)
+    return i.sort(dim=1)[0]
+
+
 def _topk_select(x: torch.Tensor, block: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-chunk start offsets [chunks], in-chunk indices [sent], values [sent]), chunk by chunk."""
     n = x.numel()
@@ -269,14 +285,12 @@ def _topk_select(x: torch.Tensor, block: int, k: int) -> tuple[torch.Tensor, tor
     idx_parts, val_parts = [], []
     if full:
         head = x[:full * block].view(full, block)
-        _, i = head.abs().topk(k, dim=1, sorted=False)
-        i, _ = i.sort(dim=1)
+        i = _no_zeros(head, head.abs().topk(k, dim=1, sorted=False)[1])
         idx_parts.append(i.reshape(-1))
         val_parts.append(head.gather(1, i).reshape(-1))
     if rest:
         tail = x[full * block:]
-        _, i = tail.abs().topk(k_tail, sorted=False)
-        i, _ = i.sort()
+        i = _no_zeros(tail[None], tail.abs().topk(k_tail, sorted=False)[1][None])[0]
         idx_parts.append(i)
         val_parts.append(tail[i])
     idx = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.int64)

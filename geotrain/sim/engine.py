@@ -21,9 +21,10 @@ links (2(N-1) steps of 1/N of the payload on every ring edge, on the emulator's 
 round goes through the star; ``ring_reform`` says when the rings are rebuilt (its backoff included).
 
 A dead site does not hold the round up (fail-fast): a killed worker is reported at once and a frozen leader's
-etcd lease lapses ``heartbeat_ttl_s`` into its freeze; both go through ``rounds.lose``; a restarted site joins
-where ``rounds.join`` says with the simulated time (its window, ``run_done``), a ``join_next`` waiting for that
-version's commit before it fetches the model.
+etcd lease lapses ``heartbeat_ttl_s`` into its freeze; the watch declares it dead one ``heartbeat_ttl_s`` later
+(orchestrator.membership's grace: an etcd outage is not taken for deaths); both go through ``rounds.lose``; a
+restarted site joins where ``rounds.join`` says with the simulated time (its window, ``run_done``), a
+``join_next`` waiting for that version's commit before it fetches the model.
 
 A killed coordinator (``kill`` of ``coordinator``, or fault_rate's ``kill_coordinator``): its fate is
 ``supervise.on_exit``; it is back after ``coordinator_restart_s`` with what it persisted (the committed
@@ -631,8 +632,8 @@ class Simulator:
             pause = max(0.0, until - max(self.now, s.frozen_until))
             s.frozen_until = max(s.frozen_until, until)
             ttl = self.topo.recovery.heartbeat_ttl_s
-            if duration > ttl:  # its leader's etcd lease lapses: the coordinator's watch declares it dead
-                self.at(self.now + ttl, self._lease_lost, s, s.epoch)
+            if duration > 2 * ttl:  # its leader's lease lapses, its key stays gone for the watch's grace: dead
+                self.at(self.now + 2 * ttl, self._lease_lost, s, s.epoch)
             if s.block is not None and pause > 0:  # the steps running stop for the freeze
                 _, start, k, end = s.block
                 i = min(k - 1, int((self.now - start - sum(s.frozen_in.values())) / s.step_s)) if s.step_s > 0 else 0

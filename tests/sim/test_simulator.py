@@ -191,10 +191,10 @@ def test_ddp_merges_every_step_and_a_dead_site_costs_the_steps_it_misses():
     # one commit per step (10); step k commits at 2.45 + 0.76 k s. b dies at 3.0 s with step 1's gradient on
     # the wire (ddp: the coordinator's member_lost ignores it, there is no round to go on without); a's arrived
     # at 3.21, so step 1 commits at its 1 s deadline (4.21) with a alone and b leaves. Steps 2 and 3 are a's
-    # alone (commits 4.97, 5.73); b is back at 6.0 (restart 3 s), 0.27 s into step 4, past rounds.join's window
-    # (0.1 of the last step's 0.76 s): it joins step 5, which it starts once step 4 is committed (6.49)
+    # alone (commits 4.97, 5.73); b is back at 6.0 (restart 3 s), 0.27 s into step 4, within rounds.join's window
+    # (0.1 of the last step's 0.76 s, but at least JOIN_FLOOR_S 0.5 s): it joins step 4
     assert [c["round"] for c in commits] == list(range(10))
-    assert [c["sites"] for c in commits] == [["a", "b"]] + [["a"]] * 4 + [["a", "b"]] * 5
+    assert [c["sites"] for c in commits] == [["a", "b"]] + [["a"]] * 3 + [["a", "b"]] * 6
     assert commits[1]["t"] == pytest.approx(3.21 + 1.0, abs=1e-5)
     assert [e["target"] for e in of(events, "failure")] == ["worker b/0", "b"]
 
@@ -220,15 +220,15 @@ def test_a_site_killed_in_a_ring_run_is_dropped_at_once_and_the_rings_come_back_
     commits = of(events, "commit")
     # round 1 is being computed when b dies: the launcher reports it (rounds.lose: drop_lost), its ring cannot
     # form, and round 1 commits through the star with a alone as soon as a's update lands (4.03 s); rounds
-    # 2-4 are a's (commits 5.19, 6.35, 7.51). b is back at 6.5, 0.15 s into round 4, past the join window
-    # (0.1 of the last round's 1.16 s): it joins round 5, which goes through the star with every site
-    # (ring_reform: b missed round 4), after which the rings are rebuilt for round 6
+    # 2-3 are a's (commits 5.19, 6.35). b is back at 6.5, 0.15 s into round 4, within the join window (0.1 of
+    # the last round's 1.16 s, but at least JOIN_FLOOR_S 0.5 s): it joins round 4, which goes through the star
+    # with every site (ring_reform: b missed round 3), after which the rings are rebuilt for round 5
     assert [(c["round"], c["merge"], c["sites"]) for c in commits] == \
-        [(0, "ring", ["a", "b"])] + [(r, "star", ["a"]) for r in (1, 2, 3, 4)] + \
-        [(5, "star", ["a", "b"]), (6, "ring", ["a", "b"]), (7, "ring", ["a", "b"])]
+        [(0, "ring", ["a", "b"])] + [(r, "star", ["a"]) for r in (1, 2, 3)] + \
+        [(4, "star", ["a", "b"]), (5, "ring", ["a", "b"]), (6, "ring", ["a", "b"]), (7, "ring", ["a", "b"])]
     assert commits[1]["t"] == pytest.approx(3.70 + UP, abs=1e-5)
     assert [e["action"] for e in of(events, "member_lost")] == ["drop_lost"]
-    assert [e["round"] for e in of(events, "ring_reform")] == [6]
+    assert [e["round"] for e in of(events, "ring_reform")] == [5]
 
 
 def test_with_min_sites_every_site_the_round_waits_for_the_dead_site_and_it_redoes_its_round():
@@ -246,13 +246,22 @@ def test_with_min_sites_every_site_the_round_waits_for_the_dead_site_and_it_redo
 
 
 def test_a_site_frozen_past_its_lease_is_dropped_by_the_coordinators_watch():
-    t = topo(rounds=3, extra={"faults": [{"kind": "freeze", "target": "site b", "at": "2.1s", "duration": "4s"}]})
+    t = topo(rounds=3, extra={"faults": [{"kind": "freeze", "target": "site b", "at": "2.1s", "duration": "7s"}]})
     events = Simulator(t, params(t)).run()
-    # frozen at 2.1 s for 4 s, longer than recovery.heartbeat_ttl_s (3 s): at 5.1 its leader's lease has ended
-    # and the coordinator stops waiting for it (member_lost, source lease): round 0 commits with a alone
+    # frozen at 2.1 s for 7 s: at 5.1 its leader's lease (recovery.heartbeat_ttl_s 3 s) has ended, and its key
+    # stays gone for the watch's grace of one more TTL: at 8.1 the coordinator stops waiting for it (member_lost,
+    # source lease) and round 0 commits with a alone
     lost = of(events, "member_lost")
-    assert [(e["t"], e["source"], e["action"]) for e in lost] == [(pytest.approx(5.1), "lease", "drop_lost")]
-    assert of(events, "commit")[0]["sites"] == ["a"] and of(events, "commit")[0]["t"] == pytest.approx(5.1)
+    assert [(e["t"], e["source"], e["action"]) for e in lost] == [(pytest.approx(8.1), "lease", "drop_lost")]
+    assert of(events, "commit")[0]["sites"] == ["a"] and of(events, "commit")[0]["t"] == pytest.approx(8.1)
+
+
+def test_a_freeze_shorter_than_the_lease_and_its_grace_is_waited_for():
+    t = topo(rounds=1, extra={"faults": [{"kind": "freeze", "target": "site b", "at": "2.1s", "duration": "5s"}]})
+    events = Simulator(t, params(t)).run()
+    # 5 s < 2 x 3 s: the lease lapses at 5.1 but b is back (and puts its key again) before the watch's grace ends
+    assert not of(events, "member_lost")
+    assert of(events, "commit")[0]["sites"] == ["a", "b"]
 
 
 def test_a_freeze_mid_step_delays_the_round_and_counts_in_that_steps_compute_as_a_real_run_measures_it():

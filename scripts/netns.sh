@@ -9,6 +9,11 @@
 # PREFIX-br (10.R.0.1/24) in the caller's namespace, so every namespace reaches the others and this
 # host; R is derived from PREFIX (GEOTRAIN_NETNS_NET=10.R overrides it). Nothing is routed beyond
 # the bridge. Needs root and iproute2. `up` that fails half-way removes what it made.
+#
+# Traffic between two namespaces crosses the bridge, and with br_netfilter loaded (Docker loads it,
+# and sets the FORWARD policy to DROP) bridged frames go through iptables' FORWARD chain: without a
+# rule they are dropped, so namespaces reach this host but not each other. `up` inserts an ACCEPT
+# for traffic in and out of the bridge (when iptables exists); `down` removes it.
 set -euo pipefail
 
 cmd=${1:-}
@@ -36,6 +41,15 @@ down() {
     ip link del "$link" 2>/dev/null || true
   done
   ip link del "${prefix}-br" 2>/dev/null || true
+  if command -v iptables >/dev/null 2>&1; then
+    while iptables -D FORWARD -i "${prefix}-br" -o "${prefix}-br" -j ACCEPT 2>/dev/null; do :; done
+  fi
+}
+
+allow_forward() {  # bridged namespace-to-namespace traffic past a FORWARD policy of DROP
+  local br="${1}-br"
+  command -v iptables >/dev/null 2>&1 || return 0
+  iptables -C FORWARD -i "$br" -o "$br" -j ACCEPT 2>/dev/null || iptables -I FORWARD 1 -i "$br" -o "$br" -j ACCEPT
 }
 
 up() {
@@ -48,6 +62,7 @@ up() {
     ip addr add "$(addr_of "$prefix" 0)/24" dev "${prefix}-br"
   fi
   ip link set "${prefix}-br" up
+  allow_forward "$prefix"
   for k in $(seq 1 "$n"); do
     ns="${prefix}-${k}" veth="${prefix}-v${k}"
     ip netns list | awk '{print $1}' | grep -qx "$ns" || ip netns add "$ns"

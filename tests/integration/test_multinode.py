@@ -63,6 +63,25 @@ def _netns_unavailable() -> str | None:
     return None
 
 
+def _namespaces_reach_each_other(a: str, b: str, b_addr: str) -> str | None:
+    """One TCP connection from namespace ``a`` to a listener in ``b`` (what gloo and the site's store
+    need): None, or what went wrong. Bridged traffic meets iptables' FORWARD chain where br_netfilter
+    is loaded (Docker's policy there is DROP): scripts/netns.sh lets the bridge's traffic through."""
+    listen = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-c",
+                               "import socket; s = socket.create_server(('0.0.0.0', 0)); print(s.getsockname()[1], flush=True);"
+                               " s.settimeout(10); c, _ = s.accept(); c.sendall(b'ok')"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(listen.stdout.readline())
+        got = subprocess.run(["ip", "netns", "exec", a, sys.executable, "-c",
+                              f"import socket; print(socket.create_connection(({b_addr!r}, {port}), timeout=5).recv(2).decode())"],
+                             capture_output=True, text=True, timeout=30)
+        return None if got.stdout.strip() == "ok" else (got.stderr.strip()[-300:] or "no answer")
+    finally:
+        listen.kill()
+        listen.wait()
+
+
 @pytest.fixture
 def hosts():
     """Three namespaces (their addresses) and the bridge's address (this host, seen from them)."""
@@ -76,6 +95,8 @@ def hosts():
     addr = {k: subprocess.run(["bash", str(NETNS), "addr", str(k), PREFIX], capture_output=True, text=True,
                               check=True).stdout.strip() for k in range(4)}
     try:
+        reach = _namespaces_reach_each_other(f"{PREFIX}-1", f"{PREFIX}-2", addr[2])
+        assert reach is None, f"namespace {PREFIX}-1 cannot reach {PREFIX}-2 across the bridge: {reach}"
         yield addr
     finally:
         down = subprocess.run(["bash", str(NETNS), "down", PREFIX], capture_output=True, text=True, timeout=60)

@@ -18,6 +18,7 @@ of those of ``n``'s set bits (a chunk of 4 MiB: one matrix-vector product, a few
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 try:
@@ -53,15 +54,21 @@ _ONE_ZERO_BIT = (_POLY,) + tuple(1 << i for i in range(31))
 
 _POWERS: list[tuple[int, ...]] = []
 """``_POWERS[k]``: the operator that appends 2**k zero bytes (built as needed, kept)."""
+_BUILDING = threading.Lock()
+"""Held while ``_POWERS`` grows: the coordinator combines the CRC32s of several sites' streams on as many
+threads, and two that squared the same last operator would both append it (every later one wrong)."""
 
 
 def _power(k: int) -> tuple[int, ...]:
-    while len(_POWERS) <= k:
-        if not _POWERS:
-            _POWERS.append(_square(_square(_square(_ONE_ZERO_BIT))))  # one zero byte: eight zero bits
-        else:
-            _POWERS.append(_square(_POWERS[-1]))
-    return _POWERS[k]
+    powers = _POWERS
+    if len(powers) <= k:
+        with _BUILDING:
+            while len(powers) <= k:
+                if not powers:
+                    powers.append(_square(_square(_square(_ONE_ZERO_BIT))))  # one zero byte: eight zero bits
+                else:
+                    powers.append(_square(powers[-1]))
+    return powers[k]
 
 
 def combine(crc_a: int, crc_b: int, len_b: int) -> int:

@@ -60,6 +60,11 @@ class Failpoint:
     def params(self, dep, target: str, hold_s: float) -> dict:
         return {"hold_s": hold_s}
 
+    def hold(self, dep, record: FaultRecord, hold_s: float) -> None:
+        """How long the fault stays: ``hold_s`` seconds (a failpoint whose effect is only seen when the run
+        does something, e.g. writes a checkpoint, holds until it has been seen)."""
+        time.sleep(hold_s)
+
     def inject(self, dep, target: str, hold_s: float) -> FaultRecord:
         if target not in self.targets(dep.topo):
             raise ValueError(f"failpoint {self.name}: {target!r} is not a target in this topology "
@@ -69,7 +74,7 @@ class Failpoint:
         dep.chaos.emit("fault_injected", fault=self.name, target=target, params=params, duration_s=hold_s)
         try:
             self.apply(dep, target, record)
-            time.sleep(hold_s)
+            self.hold(dep, record, hold_s)
         finally:
             try:
                 self.undo(dep, target, record)
@@ -270,6 +275,22 @@ class FillCheckpointVolume(Failpoint):
         path = self._path(dep)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
+
+    held_max_s = 60.0
+    """The longest the volume stays full waiting for a checkpoint write to fail."""
+
+    def hold(self, dep, record, hold_s):
+        """At least ``hold_s``, and until a checkpoint write has failed (at most :attr:`held_max_s`): a checkpoint
+        is written every few rounds, and under load rounds are slow enough for a fixed window to fall between
+        two writes (CI, 2026-12-03: a 4 s window between writes 5.8 s apart). Never seeing one fails the
+        scenario's check, as before."""
+        time.sleep(hold_s)
+        deadline = time.monotonic() + self.held_max_s - hold_s
+        while time.monotonic() < deadline:
+            if any(e.get("event") == "checkpoint_failed" and e.get("t", 0) >= record.injected_t for e in dep.events()):
+                return
+            time.sleep(0.25)
+        record.notes.append(f"no checkpoint write failed in {self.held_max_s:g}s of a full volume")
 
     def undo(self, dep, target, record):
         try:

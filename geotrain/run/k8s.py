@@ -22,15 +22,27 @@ recurse). Nothing is started, and no cluster is needed to render.
 ``20-coordinator.yaml``  ``geotrain coordinator``: a Deployment of one (``Recreate``: never two at once),
                          a Service ``coordinator`` (7000), a claim for its run directory (it resumes from
                          ``/run/coordinator`` when its pod restarts); probes on the gRPC health service
-``30-site-<name>.yaml``  per site: an Indexed Job (one pod: ``completions: 1``), a headless Service
-                         ``site-<name>`` (the pod's DNS name), a claim for the site's run directory. The pod
-                         runs ``geotrain site NAME``; a site whose place differs from ``coordinator.at``
-                         has its link emulator beside it, a native sidecar running ``geotrain link`` on
+``30-site-<name>.yaml``  per site: an Indexed Job of one pod per node (``completions`` = ``sites[].nodes``),
+                         a headless Service ``site-<name>`` (the pods' DNS names), a claim for the site's
+                         run directory. Each pod runs ``geotrain site NAME`` (with several nodes: one node
+                         each, below); a site whose place differs from ``coordinator.at`` has its link
+                         emulator beside it, a native sidecar running ``geotrain link`` on
                          127.0.0.1:7100 towards ``coordinator:7000``, and the site dials that
 ``40-network-policies``  deny everything to and from the run's pods, then allow only what the topology
                          draws: each site to the coordinator (7000) and to etcd (2379), the coordinator to
-                         etcd, DNS to kube-dns; nothing between sites, nothing from outside
+                         etcd, DNS to kube-dns, the pods of one multi-node site to each other (TCP, any
+                         port: its process group); nothing between sites, nothing from outside
 =======================  ===============================================================================
+
+Sites of several nodes (``sites[].nodes`` > 1): the Job runs ``nodes`` pods at once (``parallelism``
+= ``completions``); the pod of completion index K runs ``geotrain site NAME --node-rank K --master-addr
+site-NAME-0.site-NAME --master-port 29500`` (K from the pod's ``batch.kubernetes.io/job-completion-index``
+annotation), so node 0's pod hosts the site's rendezvous store and rank 0 of the site, its leader, the one
+that talks to the coordinator (geotrain.run.nodes). The headless Service publishes the pods before they are
+ready (the nodes meet before any is). The site's claim is then ``ReadWriteMany`` (pods of one site run on
+different machines: ``--storage-class`` must name a class that offers it, NFS, CephFS, EFS, Filestore...)
+and each pod mounts its own sub-directory ``node-K`` of it, where its workers keep their checkpoint parts.
+Every pod has the link sidecar (one template); only the leader's carries traffic.
 
 Probes: the kubelet's own ``grpc`` probe cannot present a client certificate ("built-in probes do
 not support any authentication parameters", Kubernetes' probe docs), and with mTLS the coordinator
@@ -38,9 +50,7 @@ demands one on every call, the health service included. So the coordinator's pro
 ``grpc`` when ``security.tls`` is false and otherwise an ``exec`` of the same Health/Check asked with
 the launcher's certificate (as the Compose healthcheck does).
 
-Not yet rendered: sites of several nodes (``sites[].nodes``, torchrun across the site's pods: the
-Job's ``completions`` and the headless Service are where they will go; a topology with more than
-one node per site is refused), ring and hierarchical merges (``geotrain site`` starts no ring
+Not yet rendered: ring and hierarchical merges (``geotrain site`` starts no ring
 peers; refused), Prometheus scraping (no policy lets a scraper in). :func:`render` is pure:
 (topology, certificate bytes) in, a list of objects out; :func:`write_deployment` writes them.
 """
@@ -71,6 +81,8 @@ ETCD_PORT = 2379
 ETCD_PEER_PORT = 2380
 COORDINATOR_PORT = 7000
 LINK_PORT = 7100
+RENDEZVOUS_PORT = 29500
+"""Where the nodes of a multi-node site meet (node 0's pod: ``--master-port``)."""
 DNS_PORT = 53
 RUN_MOUNT = "/run"
 TOPOLOGY_DIR = "/topology"
@@ -109,6 +121,11 @@ def site_part(site: str) -> str:
     return f"site-{site}"
 
 
+def master_addr(site: str) -> str:
+    """Node 0's pod of a multi-node site, by the name the Job's index and the headless Service give it."""
+    return f"{site_part(site)}-0.{site_part(site)}"
+
+
 def secret_name(part: str) -> str:
     return f"certs-{part}"
 
@@ -133,10 +150,9 @@ def renderable_problem(topo: Topology, namespace: str) -> str | None:
     for s in topo.sites:
         if not _DNS_LABEL.match(site_part(s.name)):
             return f"sites: {s.name!r} gives the object name {site_part(s.name)!r}, not a DNS label (it ends with '-'?)"
-        nodes = getattr(s, "nodes", 1)
-        if nodes != 1:
-            return (f"sites[{s.name}].nodes: {nodes}: sites of several nodes are not rendered yet "
-                    "(one pod per site; torchrun across a site's pods is issue #15 item 1)")
+        if s.nodes > 1 and not _DNS_LABEL.match(f"{site_part(s.name)}-{s.nodes - 1}"):
+            return (f"sites: {s.name!r} with {s.nodes} nodes names its pods {site_part(s.name)}-0.., "
+                    "longer than a DNS label (63 characters)")
     if topo.training.merge != "star" and len(topo.sites) > 1:
         return (f"training.merge: {topo.training.merge!r}: sites on separate hosts (geotrain site) start no ring peers "
                 "yet; render a star topology")
@@ -185,8 +201,9 @@ def _pod_spec(containers: list[dict], volumes: list[dict], *, init: list[dict] =
     return spec
 
 
-def _claim(name: str, namespace: str, lab: Mapping[str, str], storage: Storage) -> dict:
-    spec = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": storage.size}}}
+def _claim(name: str, namespace: str, lab: Mapping[str, str], storage: Storage, shared: bool = False) -> dict:
+    """``shared``: mounted by pods on several machines at once (ReadWriteMany), else by one (ReadWriteOnce)."""
+    spec = {"accessModes": ["ReadWriteMany" if shared else "ReadWriteOnce"], "resources": {"requests": {"storage": storage.size}}}
     if storage.storage_class is not None:
         spec["storageClassName"] = storage.storage_class
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(name, namespace, lab), "spec": spec}
@@ -283,9 +300,13 @@ def network_policies(topo: Topology, namespace: str) -> list[dict]:
                    ingress=[{"from": [peer(s) for s in sites], "ports": tcp(COORDINATOR_PORT)}],
                    egress=[{"to": [peer(etcd)], "ports": tcp(ETCD_PORT)}, _dns_rule()])]
     for s, lab in zip(topo.sites, sites):
-        out.append(_policy(topo, namespace, site_part(s.name), lab,
-                           egress=[{"to": [peer(coordinator)], "ports": tcp(COORDINATOR_PORT)},
-                                   {"to": [peer(etcd)], "ports": tcp(ETCD_PORT)}, _dns_rule()]))
+        egress = [{"to": [peer(coordinator)], "ports": tcp(COORDINATOR_PORT)},
+                  {"to": [peer(etcd)], "ports": tcp(ETCD_PORT)}, _dns_rule()]
+        ingress = None
+        if s.nodes > 1:  # the site's process group: its store, then gloo/NCCL on ports of their choosing
+            own = [{"from": [peer(lab)], "ports": [{"protocol": "TCP"}]}]
+            ingress, egress = own, egress + [{"to": [peer(lab)], "ports": [{"protocol": "TCP"}]}]
+        out.append(_policy(topo, namespace, site_part(s.name), lab, ingress=ingress, egress=egress))
     return out
 
 
@@ -407,18 +428,31 @@ def render(topo: Topology, *, topology_text: str, certs: Mapping[str, bytes] | N
         extra = {}
         if s.device == "cuda":
             extra["resources"] = {"limits": {"nvidia.com/gpu": s.workers}}
+        multi = s.nodes > 1
+        node_flags, site_mount, service_extra = [], run_mount, {}
+        if multi:  # one node per pod: the completion index is the node's rank, node 0's pod hosts the store
+            node_flags = ["--node-rank", "$(NODE_RANK)", "--master-addr", master_addr(s.name),
+                          "--master-port", str(RENDEZVOUS_PORT)]
+            site_mount = {**run_mount, "subPathExpr": "node-$(NODE_RANK)"}
+            extra["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+            service_extra = {"publishNotReadyAddresses": True,  # the nodes meet before any is ready
+                             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": "rendezvous",
+                                        "protocol": "TCP"}]}
         site = _container("site", image, [
             "geotrain", "site", s.name, TOPOLOGY_PATH, "--etcd", f"etcd:{ETCD_PORT}", "--coordinator", via,
-            "--run-dir", RUN_MOUNT, *certs_flag],
-            mounts=[topo_mount, run_mount] + ([cert_mount] if tls else []), **extra)
+            "--run-dir", RUN_MOUNT, *node_flags, *certs_flag],
+            mounts=[topo_mount, site_mount] + ([cert_mount] if tls else []), **extra)
+        if multi:
+            site["env"].append({"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
         claim_name = f"{part}-run"
         files[f"30-{part}.yaml"] = [
-            _claim(claim_name, ns, sl, storage),
-            # Headless: the pod's DNS name (site-x-0.site-x), where torchrun's rendezvous will meet.
+            _claim(claim_name, ns, sl, storage, shared=multi),
+            # Headless: the pods' DNS names (site-x-0.site-x ...), where a multi-node site's nodes meet.
             {"apiVersion": "v1", "kind": "Service", "metadata": _meta(part, ns, sl),
-             "spec": {"clusterIP": "None", "selector": dict(sl)}},
+             "spec": {"clusterIP": "None", "selector": dict(sl), **service_extra}},
             {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(part, ns, sl),
-             "spec": {"completionMode": "Indexed", "completions": 1, "parallelism": 1,
+             "spec": {"completionMode": "Indexed", "completions": s.nodes, "parallelism": s.nodes,
                       # the site restarts its own workers (recovery.max_restarts); this is for its pod
                       "backoffLimit": topo.recovery.max_restarts,
                       "template": {"metadata": {"labels": dict(sl)}, "spec": _pod_spec(

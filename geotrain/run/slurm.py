@@ -15,7 +15,7 @@ a file system every node sees, as a cluster's home or scratch does):
                         the linger has passed), stopping etcd and the links.
                         Also runs without Slurm: ``bash control.sbatch`` on the submitting host.
 ``site-<name>.sbatch``  one site: waits for ``control.env``, then ``srun`` runs ``geotrain site
-                        NAME`` on the job's node, dialling its link on the control node (or the
+                        NAME`` on the job's node (each of its nodes: below), dialling its link on the control node (or the
                         coordinator itself for a site in the coordinator's datacenter)
 ``submit.sh``           ``sbatch`` of the control plane, then of every site with
                         ``--dependency=after:<control>`` (a site starts once the control plane has
@@ -31,10 +31,17 @@ Each part writes its own run directory (``RUN/control``, ``RUN/site-<name>``, as
 ``geotrain report RUN/control RUN/site-*`` reports them as one run, ``geotrain check RUN/control`` checks
 the coordinator's history. Ports are fixed at render time (``--port-base`` P: the coordinator P, etcd
 P+1 and P+2, the link of the i-th site P+100+i) because the sites must know them before the control
-plane runs; the host is not, the control plane names it in ``control.env``.
+plane runs (the i-th site's nodes meet on P+200+i); the host is not, the control plane names it in
+``control.env``.
 
-Not yet here: sites of several nodes (``sites[].nodes``: torchrun across the job's nodes, issue #15
-item 1; a topology with more than one node per site is refused), ring and hierarchical merges
+Sites of several nodes (``sites[].nodes`` > 1): the site's job asks for that many nodes, one task each
+(``--ntasks-per-node=1``); ``srun`` runs on every node ``geotrain site NAME --node-rank $SLURM_NODEID
+--master-addr FIRST --master-port P+200+i`` (FIRST: the job's first node, from ``scontrol show hostnames``),
+node 0's run directory ``RUN/site-<name>``, node K's ``RUN/site-<name>-nodeK``; ``--kill-on-bad-exit``: a
+node whose ``geotrain site`` fails (it restarts its own workers first) ends the site's step. Such a script
+runs only under sbatch (it says so otherwise).
+
+Not yet here: ring and hierarchical merges
 (``geotrain site`` starts no ring peers; refused), watching and requeueing jobs (``geotrain launch
 --backend slurm``). etcd listens without TLS on every interface of the control node (as in Compose:
 etcd's TLS is an open item of docs/security.md). :func:`render` is pure.
@@ -101,19 +108,18 @@ class SlurmOptions:
     def link_port(self, index: int) -> int:
         return self.port_base + 100 + index
 
+    def rendezvous_port(self, index: int) -> int:
+        """Where the nodes of the i-th site meet (its job's first node: ``--master-port``)."""
+        return self.port_base + 200 + index
+
 
 def renderable_problem(topo: Topology, opts: SlurmOptions) -> str | None:
     """Why ``topo`` cannot be rendered (None: it can)."""
-    for s in topo.sites:
-        nodes = getattr(s, "nodes", 1)
-        if nodes != 1:
-            return (f"sites[{s.name}].nodes: {nodes}: sites of several nodes are not rendered yet "
-                    "(srun + torchrun across the job's nodes is issue #15 item 1)")
     if topo.training.merge != "star" and len(topo.sites) > 1:
         return (f"training.merge: {topo.training.merge!r}: sites on separate hosts (geotrain site) start no ring peers "
                 "yet; render a star topology")
-    if not 1024 <= opts.port_base <= 65535 - 100 - len(topo.sites):
-        return f"--port-base {opts.port_base}: needs 1024..{65535 - 100 - len(topo.sites)}"
+    if not 1024 <= opts.port_base <= 65535 - 200 - len(topo.sites):
+        return f"--port-base {opts.port_base}: needs 1024..{65535 - 200 - len(topo.sites)}"
     for what, path in (("--run-dir", opts.run_dir), ("the output directory", opts.deploy_dir)):
         if not path.startswith("/"):
             return f"{what} {path!r}: must be absolute (the jobs run elsewhere)"
@@ -133,11 +139,12 @@ def part_certs(opts: SlurmOptions, part: str) -> str:
     return f"{opts.deploy_dir}/certs/{part}"
 
 
-def _header(topo: Topology, opts: SlurmOptions, part: str, cpus: int, extra: tuple[str, ...] = ()) -> list[str]:
+def _header(topo: Topology, opts: SlurmOptions, part: str, cpus: int, extra: tuple[str, ...] = (),
+            nodes: int = 1) -> list[str]:
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name={job_name(topo, part)}",
-             "#SBATCH --nodes=1",
-             "#SBATCH --ntasks=1",
+             f"#SBATCH --nodes={nodes}",
+             "#SBATCH --ntasks=1" if nodes == 1 else "#SBATCH --ntasks-per-node=1",
              f"#SBATCH --cpus-per-task={cpus}",
              f"#SBATCH --output={opts.run_dir}/slurm/%x-%j.out"]
     for flag, value in (("partition", opts.partition), ("account", opts.account), ("time", opts.time)):
@@ -241,12 +248,15 @@ def site_script(topo: Topology, opts: SlurmOptions, index: int) -> str:
     port = opts.link_port(index) if remote else opts.coordinator_port
     extra = (f"--gres=gpu:{s.workers}",) if s.device == "cuda" else ()
     part = site_part(s.name)
-    lines = _header(topo, opts, s.name, s.workers, extra)
+    lines = _header(topo, opts, s.name, s.workers, extra, nodes=s.nodes)
+    where = "one node" if s.nodes == 1 else f"each of {s.nodes} nodes"
     lines += [
         f"# Rendered by `geotrain slurm render` for topology {topo.name} (sha256 {topo.digest()}): render again, do not edit.",
-        f"# Site {s.name}: {s.workers} worker(s) on one node, reaching the coordinator "
+        f"# Site {s.name}: {s.workers} worker(s) on {where}, reaching the coordinator "
         + ("through its WAN link emulator on the control node." if remote else "directly (its datacenter)."),
         "set -euo pipefail",
+        *([f'[ -n "${{SLURM_JOB_ID:-}}" ] || {{ echo "site {s.name} spans {s.nodes} nodes: submit this script with '
+           f'sbatch (it runs one geotrain site per node of the job)" >&2; exit 2; }}'] if s.nodes > 1 else []),
         f"GEOTRAIN=${{GEOTRAIN:-{q(opts.geotrain)}}}",
         f"ENV_FILE={q(opts.run_dir + '/control/control.env')}",
         f"deadline=$((SECONDS + {opts.wait_s}))",
@@ -257,13 +267,29 @@ def site_script(topo: Topology, opts: SlurmOptions, index: int) -> str:
         "# Read, not sourced: the file names the control plane's host and nothing is executed from it.",
         """HOST=$(sed -n 's/^GEOTRAIN_CONTROL_HOST=//p' "$ENV_FILE")""",
         '[ -n "$HOST" ] || { echo "site ' + s.name + ': $ENV_FILE names no host" >&2; exit 1; }',
-        "# Inside a job: one task on the job's node (srun does not take sbatch's --cpus-per-task since Slurm 22.05).",
-        "launch=()",
-        f'if [ -n "${{SLURM_JOB_ID:-}}" ]; then launch=(srun --nodes=1 --ntasks=1 --cpus-per-task={s.workers}); fi',
-        f'exec "${{launch[@]}}" "$GEOTRAIN" site {q(s.name)} {q(opts.deploy_dir + "/topology.yaml")} '
-        f'--etcd "$HOST:{opts.etcd_port}" --coordinator "$HOST:{port}" --run-dir {q(opts.run_dir + "/" + part)}'
-        + (f' --certs {q(part_certs(opts, part))}' if topo.security.tls else ''),
     ]
+    site_argv = (f'"$GEOTRAIN" site {q(s.name)} {q(opts.deploy_dir + "/topology.yaml")} '
+                 f'--etcd "$HOST:{opts.etcd_port}" --coordinator "$HOST:{port}"'
+                 + (f' --certs {q(part_certs(opts, part))}' if topo.security.tls else ''))
+    run_dir = q(opts.run_dir + "/" + part)
+    if s.nodes == 1:
+        lines += [
+            "# Inside a job: one task on the job's node (srun does not take sbatch's --cpus-per-task since Slurm 22.05).",
+            "launch=()",
+            f'if [ -n "${{SLURM_JOB_ID:-}}" ]; then launch=(srun --nodes=1 --ntasks=1 --cpus-per-task={s.workers}); fi',
+            f'exec "${{launch[@]}}" {site_argv} --run-dir {run_dir}',
+        ]
+    else:
+        lines += [
+            "# The site's group meets on the job's first node; node K's run directory: RUN/site-NAME (K = 0) or",
+            "# RUN/site-NAME-nodeK. One task per node, each its node's `geotrain site --node-rank $SLURM_NODEID`; a",
+            "# task that fails ends the step (a node's geotrain site restarts its own workers: its exit is the site's).",
+            'MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads it all: no SIGPIPE under pipefail',
+            '[ -n "$MASTER" ] || { echo "site ' + s.name + ': no node in SLURM_JOB_NODELIST" >&2; exit 1; }',
+            f'exec srun --nodes={s.nodes} --ntasks-per-node=1 --cpus-per-task={s.workers} --kill-on-bad-exit=1 \\',
+            """    bash -c 'k=$SLURM_NODEID; d=$1; [ "$k" = 0 ] || d="$1-node$k"; shift; exec "$@" --node-rank "$k" --run-dir "$d"' \\""",
+            f'    geotrain-site {run_dir} {site_argv} --master-addr "$MASTER" --master-port {opts.rendezvous_port(index)}',
+        ]
     return "\n".join(lines) + "\n"
 
 

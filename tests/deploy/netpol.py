@@ -109,7 +109,8 @@ def allowed(policies: list[dict], src: Pod, dst: Pod, port: int, protocol: str =
 
 
 def workload_pods(objects: list[dict]) -> list[Pod]:
-    """One pod per workload (its template's labels), in its namespace."""
+    """One pod per workload (its template's labels), in its namespace; an Indexed Job of several
+    completions one per index, named as Kubernetes names them (``<job>-<index>``)."""
     namespaces = {o["metadata"]["name"]: o["metadata"].get("labels", {}) for o in objects if o["kind"] == "Namespace"}
     pods = []
     for o in objects:
@@ -120,8 +121,12 @@ def workload_pods(objects: list[dict]) -> list[Pod]:
         spec = tmpl["spec"]
         ports = {p["name"]: p["containerPort"] for c in spec["containers"] + spec.get("initContainers", [])
                  for p in c.get("ports", []) if "name" in p}
-        pods.append(Pod(o["metadata"]["name"], ns, dict(tmpl["metadata"].get("labels", {})),
-                        {**namespaces.get(ns, {}), "kubernetes.io/metadata.name": ns}, ports))
+        name, n = o["metadata"]["name"], 1
+        if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed":
+            n = o["spec"].get("completions", 1)
+        for i in range(n):
+            pods.append(Pod(name if n == 1 else f"{name}-{i}", ns, dict(tmpl["metadata"].get("labels", {})),
+                            {**namespaces.get(ns, {}), "kubernetes.io/metadata.name": ns}, ports))
     return pods
 
 

@@ -21,10 +21,12 @@ from geotrain.run.k8s import (
     ETCD_PORT,
     LINK_PORT,
     MIN_KUBERNETES,
+    RENDEZVOUS_PORT,
     RenderError,
     load_rendered,
     main,
     render,
+    master_addr,
     site_part,
     topology_yaml,
     wait_for,
@@ -173,14 +175,19 @@ def test_a_site_across_a_wan_talks_to_the_coordinator_through_its_own_link_sidec
 
 
 def expected_paths(topo):
-    """The paths the topology draws, independently of the renderer: every site reaches the coordinator
+    """The paths the topology draws, independently of the renderer: every site's pod reaches the coordinator
     (through its link, inside its pod, or directly in the coordinator's datacenter) and etcd; the
-    coordinator reaches etcd; whoever dials a name reaches DNS. Nothing between sites."""
+    coordinator reaches etcd; whoever dials a name reaches DNS; the pods of one multi-node site reach each
+    other on every TCP port (the store, then gloo/NCCL on ports of their choosing). Nothing between sites."""
     dns = {("kube-dns", 53, "UDP"), ("kube-dns", 53, "TCP")}
     out = {("coordinator", "etcd", ETCD_PORT, "TCP")} | {("coordinator", *d) for d in dns}
-    for s in topo.site_names:
-        out |= {(site_part(s), "coordinator", COORDINATOR_PORT, "TCP"), (site_part(s), "etcd", ETCD_PORT, "TCP")}
-        out |= {(site_part(s), *d) for d in dns}
+    tcp_ports = {OTHER_PORT, COORDINATOR_PORT, ETCD_PORT, 53}  # every TCP port some policy names, and one none does
+    for s in topo.sites:
+        pods = [site_part(s.name)] if s.nodes == 1 else [f"{site_part(s.name)}-{k}" for k in range(s.nodes)]
+        for pod in pods:
+            out |= {(pod, "coordinator", COORDINATOR_PORT, "TCP"), (pod, "etcd", ETCD_PORT, "TCP")}
+            out |= {(pod, *d) for d in dns}
+            out |= {(pod, other, port, "TCP") for other in pods if other != pod for port in tcp_ports}
     return out
 
 
@@ -322,6 +329,93 @@ def test_storage_class_and_size_reach_every_claim(demo, tmp_path):
     assert len(claims) == 1 + len(demo.sites) + 1
     assert all(c["spec"]["storageClassName"] == "fast" and c["spec"]["resources"]["requests"]["storage"] == "5Gi"
                for c in claims)
+
+
+# ---- sites of several nodes -------------------------------------------------------------------------
+
+
+def multi_node(repo, nodes=2, tls=True):
+    return load_topology(repo / "topologies" / "demo.yaml",
+                         [f"sites[0].nodes={nodes}", f"security.tls={str(tls).lower()}"])
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_a_multi_node_site_validates_against_the_kubernetes_schemas(repo, tmp_path, tls):
+    objects = rendered(multi_node(repo, 3, tls), tmp_path)
+    assert validate_all(objects) == []
+
+
+def test_a_multi_node_site_runs_one_node_per_pod_of_one_indexed_job(repo, tmp_path):
+    topo = multi_node(repo, 3)
+    objects = rendered(topo, tmp_path)
+    part = site_part("us-east")
+    job = one(objects, "Job", part)["spec"]
+    assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 3, 3)
+    spec = job["template"]["spec"]
+    assert spec["subdomain"] == part and spec["restartPolicy"] == "OnFailure"
+    site = container(spec, "site")
+    argv = site["command"]
+    # the pod's completion index is its node rank; node 0's pod, by its DNS name, hosts the rendezvous
+    assert flag(argv, "--node-rank") == "$(NODE_RANK)"
+    assert flag(argv, "--master-addr") == master_addr("us-east") == f"{part}-0.{part}"
+    assert flag(argv, "--master-port") == str(RENDEZVOUS_PORT)
+    (rank,) = [e for e in site["env"] if e["name"] == "NODE_RANK"]  # defined, so Kubernetes expands $(NODE_RANK)
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"} in site["ports"]
+    # each node its own directory of the site's claim, which pods on several machines mount at once
+    (run,) = [m for m in site["volumeMounts"] if m["name"] == "run"]
+    assert run["subPathExpr"] == "node-$(NODE_RANK)" and run["mountPath"] == "/run"
+    assert one(objects, "PersistentVolumeClaim", f"{part}-run")["spec"]["accessModes"] == ["ReadWriteMany"]
+    svc = one(objects, "Service", part)["spec"]
+    assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+    assert svc["ports"] == [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": "rendezvous", "protocol": "TCP"}]
+    # the one-node site is as before
+    other = site_part("eu-west")
+    assert one(objects, "Job", other)["spec"]["completions"] == 1
+    single = container(pod_spec(objects, "Job", other), "site")
+    assert "--node-rank" not in single["command"] and "subPathExpr" not in str(single["volumeMounts"])
+    assert one(objects, "PersistentVolumeClaim", f"{other}-run")["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_each_pods_command_is_one_geotrain_site_accepts(repo, tmp_path, monkeypatch, rank):
+    """The site command with $(NODE_RANK) expanded as the kubelet does, through geotrain site's own parser
+    and node check (run_site is replaced: nothing starts)."""
+    from geotrain.run import site as site_mod
+
+    topo = multi_node(repo, 3)
+    argv = container(pod_spec(rendered(topo, tmp_path), "Job", site_part("us-east")), "site")["command"]
+    argv = [a.replace("$(NODE_RANK)", str(rank)) for a in argv]
+    seen = {}
+
+    def fake_run_site(t, name, run_dir, etcd, coordinator, script, *, certs, node, exec_argv, print_env):
+        seen.update(node=node, problem=site_mod.node_problem(t.site(name), node), etcd=etcd, coordinator=coordinator)
+        return 0
+
+    (tmp_path / "topology.yaml").write_text(topology_yaml(topo, "test"))
+    argv[argv.index("/topology/topology.yaml")] = str(tmp_path / "topology.yaml")
+    monkeypatch.setattr(site_mod, "run_site", fake_run_site)
+    assert argv[:2] == ["geotrain", "site"] and site_mod.main(argv[2:]) == 0
+    assert seen["problem"] is None
+    assert (seen["node"].rank, seen["node"].master_addr, seen["node"].master_port) == (rank, master_addr("us-east"), RENDEZVOUS_PORT)
+
+
+def test_the_pods_of_a_multi_node_site_reach_each_other_and_nothing_more(repo, tmp_path):
+    topo = multi_node(repo, 3)
+    objects = rendered(topo, tmp_path)
+    got = allowed_paths(objects)
+    assert got == expected_paths(topo)
+    assert ("site-us-east-0", "site-us-east-2", OTHER_PORT, "TCP") in got  # gloo's ports, whatever they are
+    assert not any(src.startswith("site-us-east") and dst == "site-eu-west" for src, dst, _, _ in got)
+
+
+def test_the_policy_check_fails_a_multi_node_site_cut_off_from_itself(repo, tmp_path):
+    topo = multi_node(repo, 2)
+    objects = rendered(topo, tmp_path)
+    (pol,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "site-us-east"]
+    del pol["spec"]["ingress"]  # egress towards the other node is still allowed; its ingress is not
+    assert allowed_paths(objects) != expected_paths(topo)
+    assert ("site-us-east-0", "site-us-east-1", OTHER_PORT, "TCP") not in allowed_paths(objects)
 
 
 def test_a_ring_topology_is_refused_with_the_reason(tmp_path):

@@ -180,6 +180,51 @@ def test_a_site_waits_for_the_control_plane_then_runs_geotrain_site_under_srun(d
     assert (tmp_path / "srun").read_text().split()[:4] == ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=2"]
 
 
+def test_a_multi_node_site_runs_one_geotrain_site_per_node_of_its_job(repo, tmp_path, monkeypatch):
+    """The site script of a 2-node site, run with stand-ins: srun runs the task once per node (SLURM_NODEID 0
+    and 1, as Slurm does), scontrol names the job's nodes; each node's command goes through geotrain site's
+    own parser and node check (run_site replaced: nothing starts)."""
+    from geotrain.run import site as site_mod
+
+    topo = load_topology(repo / "topologies" / "demo.yaml", ["sites[1].nodes=2", "sites[1].workers=3"])
+    o = opts(tmp_path, wait_s=1)
+    write_deployment(topo, Path(o.deploy_dir), o)
+    script = (Path(o.deploy_dir) / "site-eu-west.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script and "--ntasks=1" not in script
+    assert bash_n(script, tmp_path).returncode == 0
+    ctl = Path(o.run_dir) / "control"
+    ctl.mkdir(parents=True)
+    (ctl / "control.env").write_text("GEOTRAIN_CONTROL_HOST=ctl7\n")
+    bin_ = tmp_path / "bin"
+    fake = shim(bin_, "geotrain", f'printf "%s\\n" "$@" >{tmp_path}/ran-$SLURM_NODEID\n')
+    shim(bin_, "scontrol", 'test "$*" = "show hostnames n[3-4]" && printf "n3\\nn4\\n"\n')
+    shim(bin_, "srun", f'echo "srun $*" >{tmp_path}/srun\nwhile [ "${{1#-}}" != "$1" ]; do shift; done\n'
+                       'for k in 0 1; do SLURM_NODEID=$k "$@" || exit $?; done\n')
+    env = {**os.environ, "GEOTRAIN": str(fake), "PATH": f"{bin_}:{os.environ['PATH']}"}
+    env.pop("SLURM_JOB_ID", None)
+    r = subprocess.run(["bash", f"{o.deploy_dir}/site-eu-west.sbatch"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "spans 2 nodes" in r.stderr and "sbatch" in r.stderr  # outside a job: refused
+    r = subprocess.run(["bash", f"{o.deploy_dir}/site-eu-west.sbatch"], env={**env, "SLURM_JOB_ID": "9",
+                       "SLURM_JOB_NODELIST": "n[3-4]"}, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "srun").read_text().split()[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1",
+                                                           "--cpus-per-task=3", "--kill-on-bad-exit=1"]
+    seen = []
+    monkeypatch.setattr(site_mod, "run_site", lambda t, name, run_dir, *a, node, **kw: seen.append(
+        (name, run_dir, node, site_mod.node_problem(t.site(name), node))) or 0)
+    for k in (0, 1):
+        argv = (tmp_path / f"ran-{k}").read_text().splitlines()
+        assert argv[:3] == ["site", "eu-west", f"{o.deploy_dir}/topology.yaml"]
+        assert flag(argv, "--etcd") == f"ctl7:{o.etcd_port}" and flag(argv, "--coordinator") == f"ctl7:{o.link_port(1)}"
+        assert site_mod.main(argv[1:]) == 0
+    base = Path(o.run_dir) / "site-eu-west"
+    assert [(n, d, (x.rank, x.master_addr, x.master_port), p) for n, d, x, p in seen] == [
+        ("eu-west", base, (0, "n3", o.rendezvous_port(1)), None),
+        ("eu-west", Path(f"{base}-node1"), (1, "n3", o.rendezvous_port(1)), None)]
+    # the one-node site of the same rendering is as before
+    assert "#SBATCH --nodes=1" in (Path(o.deploy_dir) / "site-us-east.sbatch").read_text()
+
+
 def test_refused_topologies_and_options(tmp_path, demo):
     ring = parse_topology({"name": "t", "sites": [{"name": "a", "workers": 1}, {"name": "b", "workers": 1}],
                            "training": {"merge": "ring"}})

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 from algorithms import DEMO, ONE_WORKER, mark, of, run, run_until_evaluator_done, t_start, time_to_loss  # noqa: E402
 
-H = 10
-SLOW = ("sites[1].slowdown=3", f"training.inner_steps={H}", *ONE_WORKER)
+def slow(h: int) -> tuple[str, ...]:
+    return ("sites[1].slowdown=3", f"training.inner_steps={h}", *ONE_WORKER)
 
 
 def slow_updates(s: dict) -> dict:
@@ -44,7 +44,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=16)
     p.add_argument("--quorum-rounds", type=int, default=None)
     p.add_argument("--grace", default="0.1,1.0", help="comma-separated grace windows in seconds")
+    p.add_argument("--inner-steps", type=int, default=10, help="H (default %(default)s)")
     args = p.parse_args()
+    H = args.inner_steps
+    SLOW = slow(H)
     qrounds = args.quorum_rounds or 3 * args.rounds
     t0 = time.perf_counter()
     sync = run("quorum-sync-slow", DEMO, *SLOW, f"training.rounds={args.rounds}")

@@ -107,7 +107,9 @@ def read_launch_record(run_dir: Path) -> tuple[list[str] | None, str | None]:
 
 
 STANDBY_AFTER_S = 10.0
-"""A worker's warm standby is started once the worker has run this long (not while its site starts)."""
+"""A worker's warm standby is started once its site has trained an inner step since the worker started, or
+the worker has run this long (a script that logs no inner step): not while its site starts, when the standby's
+imports would compete with the site's for the CPU."""
 
 
 def _python() -> str:
@@ -175,6 +177,7 @@ class Launcher:
         self.restart_crash: dict[str, dict | None] = {}  # site group -> the crash that restarted it last (crash_loop)
         self.faults = None
         self.standbys: dict[str, subprocess.Popen] = {}  # worker name -> its warm standby (not a child yet)
+        self.last_step_t: dict[str, float] = {}  # site -> time of its latest inner_step event
 
     # ---- starting ----
     def _log_path(self, name: str) -> Path:
@@ -225,8 +228,10 @@ class Launcher:
             return
         now = time.time()
         for c in self.children:
-            if (c.role != "worker" or c.retired or c.done or c.name in self.standbys
-                    or now - c.started_t < STANDBY_AFTER_S or c.proc.poll() is not None):
+            if c.role != "worker" or c.retired or c.done or c.name in self.standbys or c.proc.poll() is not None:
+                continue
+            trained = self.last_step_t.get(c.group.removeprefix("site:"), 0.0) >= c.started_t
+            if not trained and now - c.started_t < STANDBY_AFTER_S:
                 continue
             log_f = open(self._log_path(c.name), "ab")
             env = procs.env_with(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo",
@@ -487,6 +492,8 @@ class Launcher:
             if diverged is not None:
                 raise RunFailed(f"the global model went non-finite: {diverged}")
             self.faults.observe(e)
+            if kind == "inner_step" and "site" in e:
+                self.last_step_t[e["site"]] = max(self.last_step_t.get(e["site"], 0.0), e.get("t", 0.0))
             if kind == "merge":
                 self.last_merge_version[e["site"]] = e.get("version", 0)
             elif kind == "model_mismatch":  # a site trains another model: no restart can cure that

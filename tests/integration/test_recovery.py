@@ -133,6 +133,25 @@ def test_sigkill_worker_restarts_its_site(tmp_path, baseline):
     assert s["failures"] >= 1 and s["recoveries"] >= 1
 
 
+def test_a_killed_worker_is_taken_over_by_its_warm_standby(tmp_path, baseline):
+    """recovery.warm_standby: once the site trains, the launcher keeps an imported standby per worker (it
+    says READY in the worker's log); the killed worker's replacement is that standby, not a fresh process."""
+    def fault(run_dir):
+        log = run_dir / "logs" / "worker-eu-west-1.log"
+        deadline = time.monotonic() + 90
+        while "READY standby" not in (log.read_text(errors="replace") if log.exists() else ""):
+            assert time.monotonic() < deadline, "no warm standby of worker eu-west/1 became ready"
+            time.sleep(0.2)
+        fault.t = time.time()
+        os.kill(started_pids(run_dir)["worker eu-west/1"], signal.SIGKILL)
+
+    run_dir, s = inject_and_finish(tmp_path, fault, "recovery.warm_standby=true", after_round=1)
+    check_outcome(run_dir, s, baseline[1])
+    started = [e for e in read_events(run_dir / "metrics.jsonl")
+               if e["event"] == "process_started" and e["name"] == "worker eu-west/1" and e["t"] > fault.t]
+    assert started and started[0].get("standby") is True, started
+
+
 def test_sigkill_site_leader(tmp_path, baseline):
     def fault(run_dir):
         os.kill(started_pids(run_dir)["worker us-east/0"], signal.SIGKILL)

@@ -51,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
                     help="run this command as every worker's entrypoint instead of the built-in trainer "
                          "(site, rank and coordinator come through GEOTRAIN_* variables); must be last")
     lp.add_argument("--quiet", action="store_true", help="no live progress")
+    lp.add_argument("--backend", choices=["local", "slurm"], default="local",
+                    help="local: every part on this machine (default); slurm: a job per site and one for the control "
+                         "plane, watched, a failed site submitted again (the run directory must be shared by the nodes)")
+    sg = lp.add_argument_group("--backend slurm")
+    sg.add_argument("--partition", default=None)
+    sg.add_argument("--account", default=None)
+    sg.add_argument("--time", default=None, help="each job's time limit, e.g. 2:00:00")
+    sg.add_argument("--geotrain", default=None, help="the geotrain command on the nodes (default: this one's)")
+    sg.add_argument("--python", default=None, help="geotrain's Python on the control node (default: this one)")
+    sg.add_argument("--port-base", type=int, default=7000,
+                    help="coordinator P, etcd P+1 and P+2, the i-th site's link P+100+i, its nodes P+200+i (default %(default)s)")
+    sg.add_argument("--linger", type=float, default=None, dest="linger_s",
+                    help="seconds the coordinator serves after the last commit (default: its own)")
 
     vp = sub.add_parser("validate", help="check a topology file and print what it resolves to")
     _add_topology_args(vp)
@@ -134,6 +147,8 @@ def cmd_launch(args) -> int:
     from geotrain.config.topology import load_topology
 
     topo = load_topology(args.topology, args.overrides)
+    if args.backend == "slurm":
+        return cmd_launch_slurm(args, topo)
     if args.script is not None and not args.script:
         raise TopologyError("--script: give the command to run, e.g. --script python train.py")
     if args.script is None:  # the built-in trainer's data: present now, not after its workers crash
@@ -152,6 +167,34 @@ def cmd_launch(args) -> int:
     print(f"geotrain launch: {done_line(summary)}", file=sys.stderr)
     print(f"geotrain launch: workers' output is in {run_dir / 'logs'}/worker-<site>-<rank>.log" if args.script else
           f"geotrain launch: logs in {run_dir / 'logs'}", file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def cmd_launch_slurm(args, topo) -> int:
+    from geotrain.run.launch import make_run_dir
+    from geotrain.run.slurm import SlurmOptions
+    from geotrain.run.slurm_launch import launch_on_slurm
+
+    if args.script is not None:
+        raise TopologyError("--backend slurm runs the built-in trainer only (no --script yet)")
+    from geotrain.worker.data import check_data_files
+
+    check_data_files(topo)
+    run_dir = (args.run_dir or make_run_dir(args.runs_root, topo.name)).resolve()
+    here = Path(sys.executable).parent / "geotrain"
+    opts = SlurmOptions(run_dir=str(run_dir), deploy_dir=str(run_dir / "deploy"),
+                        geotrain=args.geotrain or (str(here) if here.exists() else "geotrain"),
+                        python=args.python or sys.executable, port_base=args.port_base, partition=args.partition,
+                        account=args.account, time=args.time, linger_s=args.linger_s)
+    try:
+        summary = launch_on_slurm(topo, run_dir, opts)
+    except RunFailed as exc:
+        print(f"geotrain launch: run failed: {exc}", file=sys.stderr)
+        print(run_dir)
+        return 130 if isinstance(exc, RunInterrupted) else 1
+    print(f"geotrain launch: {done_line(summary)}", file=sys.stderr)
+    print(f"geotrain launch: jobs in {run_dir / 'slurm' / 'jobs.json'}, their output in {run_dir / 'slurm'}", file=sys.stderr)
     print(run_dir)
     return 0
 

@@ -181,8 +181,12 @@ class _Active:
 class FaultScheduler:
     """Fires scheduled faults when their trigger is reached and heals them after their duration."""
 
-    def __init__(self, env: FaultEnv, topo: Topology, events, started_at: float):
+    def __init__(self, env: FaultEnv, topo: Topology, events, started_at: float, registry: dict | None = None):
+        """``registry``: the failpoints this launcher has (default :data:`REGISTRY`, every kind; the Slurm
+        backend's is smaller): a live request for another kind, or a target its failpoint cannot act on, is
+        rejected (``fault_rejected``, naming it)."""
         self.env, self.topo, self.events, self.started_at = env, topo, events, started_at
+        self.registry = REGISTRY if registry is None else registry
         self.pending = list(topo.faults)
         self.active: list[_Active] = []
         self.rounds = 0
@@ -227,7 +231,7 @@ class FaultScheduler:
             self.events.emit("fault_skipped", fault=spec.kind, target=spec.target, drawn=True,
                              reason="its target is under another fault until that one heals")
             return {}
-        record, undo = REGISTRY[spec.kind].inject(self.env, spec)
+        record, undo = self.registry[spec.kind].inject(self.env, spec)
         duration = (spec.duration_ms or 0.0) / 1000.0
         self.events.emit("fault_injected", fault=spec.kind, target=spec.target or "checkpoints",
                          params=spec.model_dump(mode="json", exclude_none=True, exclude={"kind", "target"}),
@@ -257,6 +261,9 @@ class FaultScheduler:
                 path.rename(path.with_suffix(".rejected"))
                 continue
             problem = fault_problem(self.topo, spec)
+            if not problem and (spec.kind not in self.registry or not self.registry[spec.kind].available(self.topo, spec)):
+                problem = f"{spec.kind} {spec.target!r} is not available with this launcher (it can: " \
+                          f"{', '.join(sorted(self.registry))})"
             if problem:
                 self.events.emit("fault_rejected", request=path.name, reason=problem.lstrip(".: "))
                 path.rename(path.with_suffix(".rejected"))

@@ -42,8 +42,8 @@ node whose ``geotrain site`` fails (it restarts its own workers first) ends the 
 runs only under sbatch (it says so otherwise).
 
 Not yet here: ring and hierarchical merges
-(``geotrain site`` starts no ring peers; refused), watching and requeueing jobs (``geotrain launch
---backend slurm``). etcd listens without TLS on every interface of the control node (as in Compose:
+(``geotrain site`` starts no ring peers; refused). Watching the jobs and submitting a failed site's
+again is ``geotrain launch --backend slurm`` (geotrain.run.slurm_launch). etcd listens without TLS on every interface of the control node (as in Compose:
 etcd's TLS is an open item of docs/security.md). :func:`render` is pure.
 """
 

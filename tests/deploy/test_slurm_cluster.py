@@ -3,6 +3,7 @@ started by scripts/slurm-local.sh as a cluster of this one host (root; it instal
 The demo runs to the end: the control plane's job and both sites' jobs COMPLETED with exit code 0:0, and
 `geotrain check` passes the coordinator's history. The cluster is stopped afterwards if this test started it."""
 
+import json
 import os
 import re
 import subprocess
@@ -96,3 +97,85 @@ def test_a_run_that_cannot_start_is_seen_failed(slurm, repo, tmp_path):
     states = submit_and_wait(Path(o.deploy_dir), Path(o.run_dir), timeout_s=180)
     assert states["control"][0] == "FAILED" and states["control"][1] != "0:0"
     assert {states["site us-east"][0], states["site eu-west"][0]} == {"FAILED"}
+
+
+def wait_file_event(path: Path, pred, timeout_s: float):
+    from geotrain.events import read_events
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = next((e for e in read_events(path) if pred(e)), None)
+        if found is not None:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"no such event in {path} within {timeout_s:.0f} s")
+
+
+def test_launch_backend_slurm_requeues_a_site_that_chaos_cancelled(slurm, repo, tmp_path):
+    """`geotrain launch --backend slurm` on a real Slurm: `geotrain chaos RUN kill 'site eu-west'` is an scancel
+    of its job; the launcher sees it CANCELLED, submits the site again, the new job's site rejoins, and the run
+    completes every round with the coordinator's history checked. Nothing of the run is left queued."""
+    from geotrain.events import read_events
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
+    rounds = 14
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
+         "--run-dir", str(run), "--port-base", str(free_port_base()), "--linger", "3", "--time", "0:15:00",
+         "--set", f"training.rounds={rounds}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_file_event(run / "control" / "metrics.jsonl", lambda e: e["event"] == "commit" and e["round"] >= 2, 300)
+        chaos = subprocess.run([sys.executable, "-m", "geotrain.cli", "chaos", str(run), "kill", "site eu-west"],
+                               capture_output=True, text=True, timeout=60)
+        assert chaos.returncode == 0, chaos.stderr
+        out, err = launcher.communicate(timeout=420)
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(2)  # its way out cancels the run's jobs
+            launcher.communicate(timeout=60)
+    events = read_events(run / "metrics.jsonl")
+    assert launcher.returncode == 0, err + "\n" + "\n".join(str(e) for e in events)
+    kinds = [e["event"] for e in events]
+    (fault,) = [e for e in events if e["event"] == "fault_injected"]
+    assert fault["target"] == "site eu-west" and fault["record"]["how"] == "scancel"
+    cancelled = next(e for e in events if e["event"] == "job_ended" and e["job"] == fault["record"]["job"])
+    assert cancelled["state"] == "CANCELLED" and cancelled["by_fault"] is True
+    (requeued,) = [e for e in events if e["event"] == "site_requeued"]
+    assert requeued["site"] == "eu-west" and requeued["previous"] == fault["record"]["job"]
+    assert "recovery" in kinds and kinds[-1] == "run_finished"
+    ended = {e["job"]: e["state"] for e in events if e["event"] == "job_ended"}
+    assert ended[requeued["job"]] == "COMPLETED" and list(ended.values()).count("COMPLETED") == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == rounds
+    assert summary["failures"] == 1 and summary["recoveries"] == 1
+    check = subprocess.run([sys.executable, "-m", "geotrain.cli", "check", str(run / "control")], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0 and " 0 violated" in check.stdout, check.stdout + check.stderr
+    jobs = [j["job"] for j in json.loads((run / "slurm" / "jobs.json").read_text())]
+    assert len(jobs) == 4
+    assert all(job_state(j)[0] in DONE for j in jobs)
+
+
+def test_launch_backend_slurm_cancels_its_jobs_when_stopped(slurm, repo, tmp_path):
+    """SIGTERM to the launcher: every job of the run is cancelled, the run is reported interrupted (130)."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
+         "--run-dir", str(run), "--port-base", str(free_port_base()), "--set", "training.rounds=50"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_file_event(run / "metrics.jsonl", lambda e: e["event"] == "job_submitted" and e["part"] == "eu-west", 120)
+        launcher.terminate()
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, err
+    jobs = [j["job"] for j in json.loads((run / "slurm" / "jobs.json").read_text())]
+    deadline = time.monotonic() + 90
+    while not all(job_state(j)[0] in DONE for j in jobs):
+        assert time.monotonic() < deadline, {j: job_state(j) for j in jobs}
+        time.sleep(1)
+    assert {job_state(j)[0] for j in jobs} == {"CANCELLED"}

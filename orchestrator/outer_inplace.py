@@ -1,15 +1,19 @@
-"""The outer step of geotrain.orchestrator.outer without its temporaries: the same bits, two buffers.
+"""The outer step of geotrain.orchestrator.outer without its temporaries: the same bits, no scratch.
 
 :meth:`OuterOptimizer.step` writes Nesterov's step as tensor expressions (``outer_grad +
 momentum * buf``, ``params.clone()``, ``params - lr * update``): five temporaries of the model's
 size per round. A model-sized tensor is a fresh mapping whose pages fault in on first touch (above
 glibc's 32 MiB mmap threshold), so on this project's machines those allocations cost more than the
 arithmetic (0.2 s of a 40 MB merge). :class:`InPlaceOuterOptimizer` computes every element with
-the same float32 operations in the same order, into one scratch buffer it keeps and one new
-parameter tensor per round (on huge pages: geotrain.wire.buffers):
+the same float32 operations in the same order, in the one new parameter tensor of the round itself
+(on huge pages: geotrain.wire.buffers), its slice ``t = new[sl]`` serving as the scratch:
 
-    scratch = momentum * buf[sl];  scratch = outer_grad + scratch      (Nesterov; plain: buf[sl])
-    scratch = scratch * lr;        new[sl] = params[sl] - scratch       (the rest of new: params)
+    t = momentum * buf[sl];  t = outer_grad + t      (Nesterov; plain: t = buf[sl] * lr below)
+    t = t * lr;              t = params[sl] - t       (the rest of new: params)
+
+Each operation reads and writes the same element of ``t`` (torch allows an output that is exactly one
+of the inputs), so no model-sized scratch is kept: the coordinator holds one tensor less (issue #14's
+memory target counts every one).
 
 ``a + b`` and ``b + a``, ``lr * x`` and ``x * lr`` are the same IEEE operations, so the result is
 bit for bit :meth:`OuterOptimizer.step`'s (tests/orchestrator/test_outer_inplace.py compares them
@@ -35,7 +39,6 @@ class InPlaceOuterOptimizer(OuterOptimizer):
         the engine's BufferPool reuses the parameters of two rounds ago once nothing holds them)."""
         super().__init__(cfg)
         self.allocate = allocate or buffers.empty
-        self._scratch: torch.Tensor | None = None
 
     def step(self, params: torch.Tensor, outer_grad: torch.Tensor, sl: slice = slice(None),
              round: int | None = None) -> torch.Tensor:
@@ -47,7 +50,7 @@ class InPlaceOuterOptimizer(OuterOptimizer):
         if not whole:
             out.copy_(params)
         target = out[sl]
-        scratch = self._scratch_for(target)
+        scratch = target  # every element is read and written in place: see the module docstring
         if self.momentum == 0:
             torch.mul(outer_grad, lr, out=scratch)
         else:
@@ -64,9 +67,3 @@ class InPlaceOuterOptimizer(OuterOptimizer):
                 torch.mul(self.buf[sl], lr, out=scratch)
         torch.sub(params[sl], scratch, out=target)
         return out
-
-    def _scratch_for(self, like: torch.Tensor) -> torch.Tensor:
-        n = like.numel()
-        if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = buffers.empty(n)
-        return self._scratch[:n].view(like.shape)

@@ -38,7 +38,7 @@ from geotrain.errors import GeotrainError, RunFailed, RunInterrupted
 from geotrain.events import EventLog, EventTail, log_tail, read_events
 from geotrain.run import procs
 from geotrain.run.site import free_port, worker_env, write_worker_config
-from geotrain.run.summary import model_failure, nonfinite_model, shortfall, write_summary
+from geotrain.run.summary import history_failure, nonfinite_model, write_summary
 from geotrain.security.pki import LAUNCHER
 
 log = logging.getLogger(__name__)
@@ -576,10 +576,9 @@ def report_lost(address: str, files, site: str, pid: int, reason: str, events: E
 def launch(plan: LaunchPlan, progress_factory=None) -> dict:
     """Run the plan to completion. Returns the summary; raises RunFailed (and stops everything) on failure."""
     launcher = Launcher(plan)
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     t0 = time.time()
-    error: GeotrainError | None = None
-    try:
+
+    def start_and_watch() -> None:
         launcher.start()
         progress = progress_factory(launcher) if progress_factory else None
         try:
@@ -587,21 +586,11 @@ def launch(plan: LaunchPlan, progress_factory=None) -> dict:
         finally:
             if progress:
                 progress.close()
-    except KeyboardInterrupt:
-        error = RunInterrupted("interrupted (Ctrl-C or SIGTERM); every process of the run was stopped")
-    except GeotrainError as exc:
-        error = exc if isinstance(exc, RunFailed) else RunFailed(str(exc))
-    finally:
-        launcher.stop()
-        signal.signal(signal.SIGTERM, previous)
+
+    error = run_guarded(start_and_watch, launcher.stop, "every process of the run was stopped")
     if error is None:  # every worker exited 0: the history still has the last word on the model
-        history = read_events(plan.run_dir / "metrics.jsonl")
-        diverged = model_failure(history)
-        short = shortfall(history, plan.topo, script=plan.script is not None)
-        if diverged is not None:
-            error = RunFailed(f"the global model went non-finite: {diverged}")
-        elif short is not None:
-            error = RunFailed(short)
+        failed = history_failure(read_events(plan.run_dir / "metrics.jsonl"), plan.topo, script=plan.script is not None)
+        error = RunFailed(failed) if failed else None
     status = "failed" if error else "completed"
     launcher.events.emit("run_finished", status=status, reason=str(error) if error else None)
     summary = write_summary(plan.run_dir, plan.topo, wall_seconds=time.time() - t0, link_stats=launcher.link_stats,
@@ -615,6 +604,22 @@ def launch(plan: LaunchPlan, progress_factory=None) -> dict:
     if error:
         raise error
     return summary
+
+
+def run_guarded(body, stop, stopped: str) -> GeotrainError | None:
+    """Run ``body()``, then ``stop()`` whatever happens (SIGTERM counts as Ctrl-C meanwhile); the error that
+    ended it (None: none). ``stopped`` says what ``stop`` did, for the message of an interrupted run."""
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        body()
+        return None
+    except KeyboardInterrupt:
+        return RunInterrupted(f"interrupted (Ctrl-C or SIGTERM); {stopped}")
+    except GeotrainError as exc:
+        return exc if isinstance(exc, RunFailed) else RunFailed(str(exc))
+    finally:
+        stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _sigterm_to_interrupt(signum, frame):

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from geotrain.config.topology import FaultSpec, Topology, fault_problem
-from geotrain.errors import GeotrainError, RunFailed, RunInterrupted
+from geotrain.errors import GeotrainError, RunFailed
 from geotrain.events import EventLog, EventTail, read_events
 from geotrain.run.slurm import RenderError, SlurmOptions, renderable_problem, site_part, write_deployment
 
@@ -374,35 +373,22 @@ def launch_on_slurm(topo: Topology, run_dir: Path, opts: SlurmOptions, *, slurm:
                     poll_s: float = 1.0, settle_s: float = 60.0) -> dict:
     """Run ``topo`` on Slurm to the end; its summary (``RUN/summary.json``). Raises RunFailed (the summary
     is written first) when a job failed past the restarts, the model went non-finite or rounds are missing."""
-    from geotrain.run.summary import compute_summary, model_failure, shortfall
+    from geotrain.run.launch import run_guarded
+    from geotrain.run.summary import compute_summary, history_failure
 
     problem = slurm_problem(topo) or renderable_problem(topo, opts)
     if problem:  # the user's topology or options: exit 2, nothing submitted
         raise RenderError(problem)
     run = SlurmLaunch(topo, run_dir, opts, slurm=slurm or Slurm(), poll_s=poll_s, settle_s=settle_s)
     t0 = time.time()
-    error: GeotrainError | None = None
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    try:
-        run.start()
-        run.watch()
-    except KeyboardInterrupt:
-        error = RunInterrupted("interrupted (Ctrl-C or SIGTERM); every job of the run was cancelled")
-    except GeotrainError as exc:
-        error = exc if isinstance(exc, RunFailed) else RunFailed(str(exc))
-    finally:
-        if hasattr(run, "events"):
-            run.stop()
-        signal.signal(signal.SIGTERM, previous)
+    error = run_guarded(lambda: (run.start(), run.watch()), lambda: hasattr(run, "events") and run.stop(),
+                        "every job of the run was cancelled")
     if not hasattr(run, "events"):  # nothing was submitted
         raise error
     history = run.all_events()
     if error is None:  # every job completed: the history still has the last word on the model
-        diverged, short = model_failure(history), shortfall(history, topo, script=False)
-        if diverged is not None:
-            error = RunFailed(f"the global model went non-finite: {diverged}")
-        elif short is not None:
-            error = RunFailed(short)
+        failed = history_failure(history, topo)
+        error = RunFailed(failed) if failed else None
     status = "failed" if error else "completed"
     run.events.emit("run_finished", status=status, reason=str(error) if error else None)
     links = {}
@@ -421,6 +407,3 @@ def launch_on_slurm(topo: Topology, run_dir: Path, opts: SlurmOptions, *, slurm:
         raise error
     return summary
 
-
-def _sigterm_to_interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -83,6 +83,15 @@ def shortfall(events: list[dict], topo: Topology, script: bool = False) -> str |
     return None
 
 
+def history_failure(events: list[dict], topo: Topology, script: bool = False) -> str | None:
+    """Why a run whose processes all ended well still failed, from its history (None: it did not): the global
+    model went non-finite (:func:`model_failure`), or rounds are missing (:func:`shortfall`)."""
+    diverged = model_failure(events)
+    if diverged is not None:
+        return f"the global model went non-finite: {diverged}"
+    return shortfall(events, topo, script=script)
+
+
 def last_metrics(events: list[dict]) -> dict:
     """The scripts' own scalars (``metric`` events, geotrain.worker.metrics) and named evals: per name, the
     last value at each site (rank 0's where several ranks log), and the last step it was logged at."""

@@ -48,6 +48,18 @@ def _topo(rounds=4, algorithm="diloco"):
                            "training": {"rounds": rounds, "algorithm": algorithm}}, source="t.yaml")
 
 
+def test_history_failure_names_a_nonfinite_model_before_missing_rounds():
+    from geotrain.run.summary import history_failure
+
+    topo = _topo()
+    steps = [{"event": "inner_step", "site": "a", "step": 1, "round": 0}]
+    full = steps + [{"event": "commit", "round": r, "finite": True} for r in range(4)]
+    assert history_failure(full, topo) is None
+    assert history_failure(full[:3], topo) == "the run exited after round 2 of 4 (training.rounds)"
+    bad = full[:2] + [{"event": "commit", "round": 1, "finite": False, "norm": math.nan}]
+    assert history_failure(bad, topo).startswith("the global model went non-finite: ")
+
+
 def test_shortfall_no_step_early_exit_and_complete():
     from geotrain.run.summary import shortfall
 

@@ -39,7 +39,7 @@ def set_window(window_mb: float | None) -> None:
         opts[:] = [(k, int(window_mb * (1 << 20)) if k == "grpc.http2.lookahead_bytes" else v) for k, v in opts]
 
 
-def _coordinator(n: int, sites: tuple[str, ...], window_mb, ports, stop, stats) -> None:
+def _coordinator(n: int, sites: tuple[str, ...], window_mb, ports, stop, stats, arenas=True) -> None:
     import torch
 
     from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
@@ -47,6 +47,10 @@ def _coordinator(n: int, sites: tuple[str, ...], window_mb, ports, stop, stats) 
 
     set_window(window_mb)
     torch.set_num_threads(1)
+    if arenas:  # what `geotrain coordinator` does at start (orchestrator/main.py)
+        from geotrain.wire.buffers import limit_malloc_arenas
+
+        limit_malloc_arenas()
     engine = CoordinatorEngine(EngineConfig(sites=sites))
     engine.params = torch.zeros(n)
     server, port = create_server(engine)
@@ -81,12 +85,12 @@ def status_kb(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def measure(mb: float, n_sites: int, rounds: int, window_mb: float | None = None) -> dict:
+def measure(mb: float, n_sites: int, rounds: int, window_mb: float | None = None, arenas: bool = True) -> dict:
     n = int(mb * 1e6) // 4
     sites = tuple(f"s{i}" for i in range(n_sites))
     ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
     ports, stop, stats = ctx.Queue(), ctx.Event(), ctx.Queue()
-    coord = ctx.Process(target=_coordinator, args=(n, sites, window_mb, ports, stop, stats))
+    coord = ctx.Process(target=_coordinator, args=(n, sites, window_mb, ports, stop, stats, arenas))
     coord.start()
     port = ports.get(timeout=120)
     time.sleep(1.0)
@@ -131,7 +135,7 @@ def measure(mb: float, n_sites: int, rounds: int, window_mb: float | None = None
     return {"sites": n_sites, "model_mb": model_mb, "rounds": rounds, "seconds": round(seconds, 1),
             "idle_rss_mb": idle_kb / 1e3, "peak_rss_mb": peak_kb / 1e3, "max_sampled_rss_mb": max(samples) / 1e3,
             "peak_above_idle_mb": above, "peak_above_idle_over_model": above / model_mb,
-            "window_mb": window_mb, **pool}
+            "window_mb": window_mb, "malloc_arenas_limited": arenas, **pool}
 
 
 def main() -> int:
@@ -141,8 +145,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--window-mb", type=float, default=None,
                     help="every stream's HTTP/2 window, both ends (default: geotrain.wire.channel's)")
+    ap.add_argument("--default-arenas", action="store_true",
+                    help="leave glibc's malloc arenas as they are (the coordinator limits them: geotrain.wire.buffers)")
     args = ap.parse_args()
-    rows = [measure(args.mb, int(s), args.rounds, args.window_mb) for s in args.sites.split(",")]
+    rows = [measure(args.mb, int(s), args.rounds, args.window_mb, not args.default_arenas) for s in args.sites.split(",")]
     print(f"coordinator RSS, a {args.mb:g} MB model, {args.rounds} rounds of full-size updates from every site at once")
     print(f"{'sites':>5} {'idle MB':>8} {'peak MB':>8} {'above idle MB':>14} {'/ model':>8}  (target for 8 sites of 100 MB: "
           f"<= 400 MB above idle)")

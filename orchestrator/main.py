@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        "(geotrain launch runs it so and stops it itself)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s coordinator %(levelname)s %(message)s")
+    from geotrain.wire.buffers import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any server thread allocates: freed chunks are not kept per thread
     try:
         topo = load_any(args.topology)
         bind = args.bind or f"{topo.coordinator.host}:0"

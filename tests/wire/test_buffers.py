@@ -58,3 +58,12 @@ def test_empty_gives_a_tensor_of_the_size_asked():
     t = buffers.empty(N + 3)
     assert t.numel() == N + 3 and t.dtype == torch.float32
     assert buffers.empty_like(torch.zeros(3, 4)).shape == (3, 4)
+
+
+def test_the_coordinator_limits_glibcs_malloc_arenas():
+    """mallopt(M_ARENA_MAX) is accepted by this machine's glibc (it answers 1; 0 would mean a wrong call)."""
+    import subprocess
+    import sys
+
+    code = "from geotrain.wire.buffers import limit_malloc_arenas; import sys; sys.exit(0 if limit_malloc_arenas(2) else 3)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -202,15 +202,35 @@ def load_part(root: Path, rnd: int, part: str) -> tuple[dict[str, dict[str, torc
 
 
 def prune(root: Path, part: str, keep: int) -> None:
-    """Delete this writer's parts of all but its newest ``keep`` rounds (and emptied round folders)."""
-    rounds = sorted(d for d in Path(root).iterdir() if ROUND_RE.match(d.name) and (d / part).is_dir()) \
-        if Path(root).exists() else []
-    for d in rounds[:-keep] if keep > 0 else []:
-        shutil.rmtree(d / part, ignore_errors=True)
+    """Delete this writer's parts of all but its newest ``keep`` rounds (and emptied round folders).
+
+    A part is first renamed to a ``.tmp-`` name (atomic; every reader skips those), then deleted: a writer
+    killed in the middle of deleting (SIGKILL during ``rmtree``) leaves a hidden folder, never a part that
+    lists files it no longer has (seen in CI: ``geotrain check`` found a round-2 part with its manifest and
+    state but no tensors, the worker killed while pruning it). Such leftovers of this part, and of its
+    interrupted writes, are deleted by the next prune."""
+    rounds = sorted(d for d in Path(root).iterdir() if ROUND_RE.match(d.name)) if Path(root).exists() else []
+    with_part = [d for d in rounds if (d / part).is_dir()]
+    for d in with_part[:-keep] if keep > 0 else []:
+        doomed = d / f".tmp-del-{part}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.replace(d / part, doomed)
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+    for d in rounds:  # leftovers of this writer's interrupted deletes and writes
+        for left in d.glob(f".tmp-*{part}-*"):
+            if left.name.startswith((f".tmp-del-{part}-", f".tmp-{part}-")) and not _ours_in_flight(left):
+                shutil.rmtree(left, ignore_errors=True)
         try:
             d.rmdir()
         except OSError:
             pass
+
+
+def _ours_in_flight(path: Path) -> bool:
+    """A ``.tmp-`` folder this process is still writing (its name carries our pid): not a leftover."""
+    return path.name.startswith(".tmp-") and not path.name.startswith(".tmp-del-") and f"-{os.getpid()}-" in path.name
 
 
 class BackgroundWriter:

@@ -100,6 +100,34 @@ def test_prune_keeps_the_last_k_of_each_writer(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000004", "round-000005"]
 
 
+def test_a_writer_killed_while_pruning_leaves_no_half_deleted_part(tmp_path, monkeypatch):
+    """SIGKILL in the middle of deleting an old part (seen in CI): the deletion stops after one file. No part
+    that lists files it no longer has may remain visible; the next prune removes what was left."""
+    for r in (1, 2, 3):
+        write_round(tmp_path, r)
+    real_rmtree = ck.shutil.rmtree
+
+    class Killed(BaseException):
+        pass
+
+    def dies_midway(path, ignore_errors=False):
+        victim = next(p for p in sorted(tmp_path.glob("**/*.safetensors")) if str(p).startswith(str(path)))
+        victim.unlink()  # the first file went, then the process died
+        raise Killed
+
+    monkeypatch.setattr(ck.shutil, "rmtree", dies_midway)
+    with pytest.raises(Killed):
+        ck.prune(tmp_path, "us.0", keep=1)
+    for part in (p for d in tmp_path.glob("round-*") for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        ck.verify_checkpoint(part)  # every visible part is whole
+    assert not (tmp_path / "round-000001" / "us.0").exists()
+    assert [i.problem for i in ck.list_rounds(tmp_path, PARTS)][0] == "missing parts: us.0"
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    ck.prune(tmp_path, "us.0", keep=1)
+    assert list(tmp_path.glob("round-*/.tmp-*")) == []
+    assert [i.round for i in ck.list_rounds(tmp_path, PARTS) if i.complete] == [3]
+
+
 def test_background_writer_does_not_block_and_reports(tmp_path):
     saved = []
     w = ck.BackgroundWriter(tmp_path, "coordinator", "abc", keep=2, on_saved=lambda *a: saved.append(a))

@@ -148,7 +148,10 @@ def test_launch_backend_slurm_requeues_a_site_that_chaos_cancelled(slurm, repo, 
     assert ended[requeued["job"]] == "COMPLETED" and list(ended.values()).count("COMPLETED") == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == rounds
-    assert summary["failures"] == 1 and summary["recoveries"] == 1
+    # the launcher's failure (the job CANCELLED); the coordinator may record the same loss too, from the site's
+    # etcd lease, before the new job is back (seen in CI): each failure has its recovery
+    assert any(f["target"] == "site eu-west" and "CANCELLED" in f["reason"] for f in summary["failure_log"])
+    assert 1 <= summary["failures"] <= 2 and summary["recoveries"] == summary["failures"]
     check = subprocess.run([sys.executable, "-m", "geotrain.cli", "check", str(run / "control")], capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 0 and " 0 violated" in check.stdout, check.stdout + check.stderr

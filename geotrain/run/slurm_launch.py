@@ -233,10 +233,6 @@ class SlurmLaunch:
     def deploy(self) -> Path:
         return Path(self.opts.deploy_dir)
 
-    @property
-    def checkpoint_dir(self) -> Path:  # FaultEnv
-        return self.run_dir / "control" / "checkpoints"
-
     def site_dirs(self, site: str) -> list[Path]:
         s = self.topo.site(site)
         base = self.run_dir / site_part(site)

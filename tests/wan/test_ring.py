@@ -355,7 +355,10 @@ def test_peer_that_dies_fails_the_others_fast():
         _, errors = _threads([lambda p=p: p.all_reduce(torch.randn(50_000)) for p in peers[:2]])
         assert time.monotonic() - t0 < 10.0     # at once, not at the 30 s timeout
         assert all(isinstance(e, LinkError) for e in errors)
-        assert "closed the connection" in str(errors[0]) and "predecessor rank 2" in str(errors[0])
+        # whichever failure comes first is on a link to rank 2 (rank 0 hears its predecessor close, or
+        # rank 1's send to it fails); the other survivor may then fail on the link to that first one
+        # (CI saw rank 0's send to rank 1 fail first), so only the first cause is certain to name rank 2
+        assert any(_names_rank_2(e) for e in errors), errors
     finally:
         close_all(peers)
 
@@ -544,3 +547,10 @@ def test_compressed_hierarchical_all_reduce_identical_everywhere():
         assert (outs[0].double() - ref).norm() / ref.norm() < 0.03
     finally:
         close_all(*rings)
+
+
+def _names_rank_2(err: BaseException) -> bool:
+    msg = str(err)
+    if "predecessor rank 2" in msg:
+        return "closed the connection" in msg
+    return "successor rank 2" in msg and "failed" in msg

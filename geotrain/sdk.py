@@ -120,14 +120,21 @@ class DiLoCo:
                                             keep=self.ctx.checkpoint_keep,
                                             on_error=lambda r, exc: self.events.emit(
                                                 "checkpoint_failed", round=r, part=self.ctx.part, reason=str(exc)))
+        t0 = time.perf_counter()
         self._group = SiteGroup(self.ctx.workers, self.ctx.rank, self.ctx.device)
         self._star, self._exchange = open_exchange(self.ctx, self.events, rings=cls.uses_rings) \
             if self.ctx.is_leader else (None, None)
         if self._star is not None:  # the coordinator refuses a site whose model is not the run's
             self._star.model_spec = encode_spec(model_spec(model))
         self.algo = cls(Site(self.ctx, self._group, self.params, self.H, self.events, self._star, self._exchange))
+        t1 = time.perf_counter()
         self.algo.join()
+        t2 = time.perf_counter()
         self._restore_own_state()
+        t3 = time.perf_counter()
+        if self.ctx.is_leader:  # where a (re)starting site's time goes (docs/events.md)
+            self.events.emit("site_setup", site=self.ctx.site, connect_s=round(t1 - t0, 6), join_s=round(t2 - t1, 6),
+                             restore_s=round(t3 - t2, 6), seconds=round(t3 - t0, 6))
         if self._exchange is not None:
             self._exchange.begin(self.algo.round)
         self._hook = optimizer.register_step_pre_hook(self._pre_step)

@@ -28,6 +28,11 @@ def test_a_script_runs_locally_with_the_coordinators_logic(tmp_path):
     assert not [e for e in events if e["event"] == "process_started"]  # nothing else was started
     commits = [e for e in events if e["event"] == "commit"]
     assert [c["round"] for c in commits] == [0, 1, 2] and all(c["finite"] for c in commits)
+    (setup,) = [e for e in events if e["event"] == "site_setup"]  # where the site's start-up went
+    parts = setup["connect_s"] + setup["join_s"] + setup["restore_s"]
+    assert min(setup["connect_s"], setup["join_s"], setup["restore_s"]) >= 0 and parts <= setup["seconds"] + 3e-6
+    (ready,) = [e for e in events if e["event"] == "site_ready"]
+    assert 0 <= ready["join_rpc_s"] + ready["model_fetch_s"] <= setup["join_s"] + 2e-6
 
 
 def test_a_topologys_site_runs_with_one_worker(tmp_path):

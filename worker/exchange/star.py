@@ -72,12 +72,15 @@ class StarExchange:
     # ---- joining and fetching ----
     def join(self, initial: torch.Tensor) -> Joined:
         """Join the run and fetch the global model to start from (providing ``initial`` if there is none)."""
+        t0 = time.perf_counter()
         resp = self.client.join(self.workers, model_spec=self.model_spec)
+        t1 = time.perf_counter()
         if not resp.has_model:
             self.client.init_model(initial)
         payload = self.client.get_model(min_version=resp.start_version)
         self.ring_round = payload.ring_round  # a restarted leader: the others may be rebuilding rings now
-        self.events.emit("site_ready", site=self.site, version=payload.version, round=resp.round, epoch=resp.epoch)
+        self.events.emit("site_ready", site=self.site, version=payload.version, round=resp.round, epoch=resp.epoch,
+                         join_rpc_s=round(t1 - t0, 6), model_fetch_s=round(time.perf_counter() - t1, 6))
         return Joined(payload.version, resp.site_merges, tuple(resp.fragment_rounds), payload.tensor())
 
     def fetch(self, min_version: int, what: str = "params") -> Payload:

@@ -1,7 +1,8 @@
 """A warm standby worker: a process that has paid for its imports before it is needed.
 
 A restarted site used to spend most of its restart importing (torch, geotrain, pydantic: 3-4 s of a
-4-5 s restart on this machine) while the run went on without it. The launcher keeps one standby per
+4-5 s restart on this machine; then torch._dynamo, which its first optimizer imports: 1.5 s more)
+while the run went on without it. The launcher keeps one standby per
 worker of every site (``python -m geotrain.run.standby``): it imports what a worker imports, prints
 ``READY``, and waits on its stdin. When the site restarts, the launcher hands each standby a worker's
 start (:func:`activation`: the environment, argv and working directory the worker would have been
@@ -29,8 +30,23 @@ import sys
 from pathlib import Path
 
 READY = "READY standby"
-WARM_MODULES = ("torch", "geotrain.worker.main", "geotrain.sdk")
-"""What a standby imports before it says READY: everything the built-in worker and an SDK script need."""
+WARM_MODULES = ("torch", "geotrain.worker.main", "geotrain.sdk", "torch._dynamo", "geotrain.control.plane")
+"""What a standby imports before it says READY: everything the built-in worker and an SDK script need.
+``torch._dynamo`` is not imported by ``import torch`` but by the first optimizer a process builds
+(``Optimizer.add_param_group`` is wrapped in ``torch._disable_dynamo``, which imports it, and sympy with it):
+1.5 of the 2.5 s a standby took from its activation to its site's join on this machine (2026-12-03).
+``geotrain.control.plane`` is the etcd client a worker registers with (0.13 s)."""
+
+
+def warm_up() -> None:
+    """What a worker's first inner step pays for once per process, paid here: an optimizer built and
+    stepped, a backward pass (autograd's engine), on a throwaway tensor."""
+    import torch
+
+    p = torch.zeros(8, requires_grad=True)
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    (p * p).sum().backward()
+    opt.step()
 
 
 def can_take(argv: list[str], python: str) -> bool:
@@ -77,6 +93,7 @@ def main() -> int:
 
     for name in WARM_MODULES:
         importlib.import_module(name)
+    warm_up()
     print(READY, flush=True)
     line = sys.stdin.readline()
     if not line.strip():  # the launcher let it go unused

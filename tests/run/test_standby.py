@@ -56,3 +56,23 @@ def test_an_unused_standby_exits_when_its_stdin_closes(tmp_path):
     p = _standby(tmp_path)
     out, _ = p.communicate(b"", timeout=120)
     assert p.returncode == 0 and out.decode().strip() == READY
+
+
+def test_a_standby_has_paid_for_what_a_first_optimizer_imports(tmp_path):
+    """torch._dynamo comes with a process's first optimizer (1.5 s here), not with `import torch`: a
+    standby that became a worker builds its optimizer without importing it (what is already loaded costs
+    nothing), and a fresh interpreter does import it there (so the check can tell the two apart)."""
+    script = tmp_path / "first_optimizer.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import torch
+        before = "torch._dynamo" in sys.modules
+        torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
+        print("dynamo before", before, "after", "torch._dynamo" in sys.modules)
+    """))
+    p = _standby(tmp_path)
+    out, err = p.communicate(activation([PY, str(script)], dict(os.environ), str(tmp_path)), timeout=120)
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert "dynamo before True after True" in out.decode()
+    fresh = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=120)
+    assert "dynamo before False after True" in fresh.stdout, fresh.stderr[-2000:]

@@ -145,7 +145,10 @@ def test_a_killed_worker_is_taken_over_by_its_warm_standby(tmp_path, baseline):
         fault.t = time.time()
         os.kill(started_pids(run_dir)["worker eu-west/1"], signal.SIGKILL)
 
-    run_dir, s = inject_and_finish(tmp_path, fault, "recovery.warm_standby=true", after_round=1)
+    # us-east 4x slower (a sleep: the arithmetic is the baseline's): a standby needs ~5 s of CPU to be READY
+    # (torch, geotrain, torch._dynamo), and a loaded CI machine once finished the whole run before that
+    run_dir, s = inject_and_finish(tmp_path, fault, "recovery.warm_standby=true", "sites[0].slowdown=4",
+                                   after_round=1)
     check_outcome(run_dir, s, baseline[1])
     started = [e for e in read_events(run_dir / "metrics.jsonl")
                if e["event"] == "process_started" and e["name"] == "worker eu-west/1" and e["t"] > fault.t]

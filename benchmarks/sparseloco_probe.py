@@ -74,6 +74,7 @@ def run(row: str, topo, rounds: int, density: float, bits: int, block: int, deca
                                                  "schedule": outer_cfg.schedule.model_copy(update={"warmup_steps": 0})})
     outer = OuterOptimizer(outer_cfg)
     efs = [ErrorFeedback(global_flat.numel(), decay) for _ in sites]
+    residuals = [torch.zeros_like(global_flat) for _ in sites]  # the fp32-values row's own error feedback
     down = UpdateEncoder("topk", block, True, density=min(1.0, density * len(sites)), bits=bits)
     value_bits = 32 if row == "sparse-fp32-values" else bits
     evals = [evaluate(models[0], held_out)]
@@ -93,14 +94,13 @@ def run(row: str, topo, rounds: int, density: float, bits: int, block: int, deca
             deltas.append(global_flat - flatten(params[i]))
         step += H
         if sparse:
-            if value_bits == 32:  # top-k selection of geotrain's codec, the chosen values unquantised
+            if value_bits == 32:  # the codec's top-k choice (a decoded value is never 0), the values unquantised
                 sent = []
                 for i, d in enumerate(deltas):
-                    comp = d + efs[i]._residual * decay
+                    comp = d + residuals[i] * decay
                     kept = decode(encode(comp, "topk", block, density, 8)) != 0
-                    s = torch.where(kept, comp, torch.zeros_like(comp))
-                    efs[i]._residual = comp - s
-                    sent.append(s)
+                    sent.append(torch.where(kept, comp, torch.zeros_like(comp)))
+                    residuals[i] = comp - sent[-1]
             else:
                 sent = [decode(efs[i].encode(d, "topk", block, density, bits)) for i, d in enumerate(deltas)]
             mean = torch.stack(sent).mean(0)

@@ -12,7 +12,9 @@
   to finish its steps, so its merge time is all transfer and commit. Its minimum is
   ``1 RTT + bytes_sent / bandwidth + bytes_received / bandwidth``;
 - printed: per round that site's seconds, its minimum and the ratio; the median ratio (target <= 1.15);
-  the coordinator's ``commit`` ``apply_s`` (the outer step and the answer) beside it.
+  the coordinator's ``commit`` ``apply_s`` beside it (from the last arrival to the commit: the mean, the outer
+  step, the state made durable, the answer's stream), with its ``persist_s`` (the state file) and ``publish_s``
+  (the run state in etcd).
 
 The first round is shown but not in the median (a fresh connection and coordinator). One run, no
 assertions. Writes benchmarks/results/launch_merge.json.
@@ -43,7 +45,7 @@ def merges_by_round(events: list[dict]) -> dict[int, list[dict]]:
 
 def judge(events: list[dict], mbit: float, latency_ms: float, nsites: int) -> list[dict]:
     """Per round with every site's merge: the last arriver's seconds against its minimum."""
-    applies = {int(e["round"]): e.get("apply_s") for e in events if e.get("event") == "commit" and "round" in e}
+    commits = {int(e["round"]): e for e in events if e.get("event") == "commit" and "round" in e}
     rows = []
     for r, ms in sorted(merges_by_round(events).items()):
         if len(ms) < nsites:
@@ -52,7 +54,8 @@ def judge(events: list[dict], mbit: float, latency_ms: float, nsites: int) -> li
         minimum = 2 * latency_ms / 1000 + (last["bytes_sent"] + last["bytes_received"]) * 8 / (mbit * 1e6)
         rows.append({"round": r, "site": last["site"], "seconds": last["seconds"], "minimum_s": minimum,
                      "ratio": last["seconds"] / minimum, "bytes_sent": last["bytes_sent"],
-                     "bytes_received": last["bytes_received"], "apply_s": applies.get(r),
+                     "bytes_received": last["bytes_received"], "apply_s": commits.get(r, {}).get("apply_s"),
+                     "persist_s": commits.get(r, {}).get("persist_s"), "publish_s": commits.get(r, {}).get("publish_s"),
                      "lead_s": (last["t"] - last["seconds"]) - min(e["t"] - e["seconds"] for e in ms)})
     return rows
 
@@ -62,13 +65,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--bandwidth", default="1gbit")
     ap.add_argument("--latency-ms", type=float, default=5.0)
+    ap.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="more topology overrides")
     args = ap.parse_args()
+    extra = args.set
     mbit = parse_bandwidth_mbps(args.bandwidth)
     run_dir = Path(tempfile.mkdtemp(prefix="geotrain-launch-merge-")) / "run"
     overrides = ["sites[0].workers=1", "sites[1].workers=1", "model.n_layer=6", "model.n_head=6", "model.n_embd=384",
                  f"links.default.bandwidth={args.bandwidth}", f"links.default.latency={args.latency_ms}ms",
                  "links.default.jitter=0ms", f"training.rounds={args.rounds}", "training.inner_steps=5",
-                 "training.eval_batches=2", "training.batch_size=8"]
+                 "training.eval_batches=2", "training.batch_size=8", *extra]
     summary = launch(REPO / "topologies" / "demo.yaml", *overrides, run_dir=run_dir)
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     params = next((e.get("params") for e in events if e.get("event") == "model"), None)
@@ -76,7 +81,7 @@ def main() -> int:
     for row in rows:
         print(f"round {row['round']:2d}: last arriver {row['site']:8s} {row['seconds']:6.3f} s  minimum "
               f"{row['minimum_s']:6.3f} s  ratio {row['ratio']:5.2f}  (arrived {row['lead_s']:6.3f} s after the "
-              f"first; commit apply_s {row['apply_s']})")
+              f"first; commit apply_s {row['apply_s']}, of it persist_s {row['persist_s']}, publish_s {row['publish_s']})")
     later = [row["ratio"] for row in rows[1:]]
     median = statistics.median(later) if later else None
     print(f"model {params} parameters; median last-arriver merge / minimum, rounds after the first: "

@@ -534,10 +534,13 @@ class CoordinatorEngine:
             return
         arrived = lane.state.arrived
         self._next_round(lane, ready)
+        t1 = self.clock()
         self._persist()  # durable before anyone sees the result: a restart never loses it
+        t2 = self.clock()
         if not self._publish(lane, rnd):
             return
-        self._record_result(lane, step, ring, arrived, t0)
+        self._record_result(lane, step, ring, arrived, t0, durable={"persist_s": round(t2 - t1, 6),
+                                                                   "publish_s": round(self.clock() - t2, 6)})
 
     def _fail_attempt(self, lane: Lane, ready: Decision) -> None:
         """Too few sites before the deadline: this attempt fails, the round reopens for a retry."""
@@ -624,7 +627,8 @@ class CoordinatorEngine:
         self._cond.notify_all()
         return False
 
-    def _record_result(self, lane: Lane, step: CommitResult, ring: bool, arrived: dict[str, float], t0: float) -> None:
+    def _record_result(self, lane: Lane, step: CommitResult, ring: bool, arrived: dict[str, float], t0: float,
+                       durable: dict | None = None) -> None:
         """The round's one result, for every waiter; the commit event; the checkpoint."""
         rnd = step.round
         ring_round = 0
@@ -648,7 +652,8 @@ class CoordinatorEngine:
         extra = {"merge": "ring" if ring else "star"} if self.cfg.rings else {}
         self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
                          epoch=self.cfg.epoch, fragment=lane.index, **extra, **digest,
-                         wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(self.clock() - t0, 6))
+                         wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(self.clock() - t0, 6),
+                         **(durable or {}))
         # ddp's digest is of the mean gradient; its global model is the validated initial one, unchanged
         self.maybe_checkpoint(model_finite=digest["finite"] or self.cfg.algorithm == "ddp")
         self._cond.notify_all()
@@ -774,11 +779,19 @@ class CoordinatorEngine:
             self.events.emit("checkpoint_failed", round=self.version, part=COORDINATOR_PART,
                              reason="the global model is non-finite: not checkpointed")
             return
+        # Under the engine's lock, before the round's waiters get their answer: no model-sized allocation here.
+        # The committed parameters are never written in place (every outer step makes a new tensor): written as
+        # they are. The momentum is (the next outer step): its copy goes into a pooled, resident buffer, retired
+        # at once (the pool hands it out again only once the writer has let go of it).
         tensors = {"model": {"params": self.params}}
+        momentum = None
         if self.outer.buf is not None:
-            tensors["outer"] = {"momentum": self.outer.buf}
+            momentum = self.buffers.take(self.outer.buf.numel()).view(self.outer.buf.shape).copy_(self.outer.buf)
+            tensors["outer"] = {"momentum": momentum}
         self.checkpoints.submit(self.version, tensors, {"round": self.version, "epoch": self.cfg.epoch,
-                                                        "members": sorted(self.state.expected)})
+                                                        "members": sorted(self.state.expected)}, copy=False)
+        if momentum is not None:
+            self.buffers.retire(momentum if momentum._base is None else momentum._base)
 
 
 def answer_stream(result: CommitResult) -> transport.Stream:

@@ -249,10 +249,12 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name=f"ckpt-{part}", daemon=True)
         self._thread.start()
 
-    def submit(self, rnd: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> float:
-        """Snapshot and queue a write. Returns the seconds the caller was stalled (the copy)."""
+    def submit(self, rnd: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, copy: bool = True) -> float:
+        """Snapshot and queue a write. Returns the seconds the caller was stalled (the copy).
+        ``copy=False``: the caller guarantees that nothing writes ``tensors`` any more (its own snapshot,
+        or values never written in place): they are written as they are, without a copy."""
         t0 = time.perf_counter()
-        snap = {stem: {k: v.detach().to("cpu", copy=True) for k, v in named.items()} for stem, named in tensors.items()}
+        snap = {stem: {k: v.detach().to("cpu", copy=copy) for k, v in named.items()} for stem, named in tensors.items()}
         self._q.put((rnd, snap, json.loads(json.dumps(state))))
         return time.perf_counter() - t0
 

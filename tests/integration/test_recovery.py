@@ -5,7 +5,6 @@ completes all its rounds, that its final eval loss is within 2% of the fault-fre
 after every merge all surviving sites hold the same weights (the merge crc32 equals the commit's).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from geotrain.events import read_events
 from tests.integration.helpers import REPO, leftover, start_launch, started_pids, summary, wait_for_event
@@ -40,8 +38,10 @@ def run_to_end(run_dir, *extra) -> dict:
 
 
 def final_params(run_dir) -> torch.Tensor:
-    meta = json.loads((run_dir / "coordinator" / "state.json").read_text())
-    return load_file(str(run_dir / "coordinator" / f"state-{meta['round']}.safetensors"))["params"]
+    """The global parameters of the coordinator's last durable state (what a restart resumes from)."""
+    from geotrain.orchestrator.persist import StateStore
+
+    return StateStore(run_dir / "coordinator").load().params
 
 
 def evals_by_round(run_dir) -> dict[int, float]:

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from geotrain.events import read_events
 from tests.integration.helpers import REPO, leftover, summary, wait_for_event
@@ -46,8 +45,10 @@ def launch(topology, run_dir, mode="normal", env=None, wait=True, cwd=None):
 
 
 def final_params(run_dir) -> torch.Tensor:
-    meta = json.loads((run_dir / "coordinator" / "state.json").read_text())
-    return load_file(str(run_dir / "coordinator" / f"state-{meta['round']}.safetensors"))["params"]
+    """The global parameters of the coordinator's last durable state (what a restart resumes from)."""
+    from geotrain.orchestrator.persist import StateStore
+
+    return StateStore(run_dir / "coordinator").load().params
 
 
 def test_a_clean_script_run_completes(topology, tmp_path):

@@ -230,7 +230,7 @@ def test_a_non_finite_model_is_never_checkpointed():
         def __init__(self):
             self.rounds = []
 
-        def submit(self, rnd, tensors, meta):
+        def submit(self, rnd, tensors, meta, copy=True):
             self.rounds.append(rnd)
 
     w = Writer()
@@ -244,6 +244,36 @@ def test_a_non_finite_model_is_never_checkpointed():
     merge(e, upd("b", 1, torch.full((1,), 3e38)))
     assert e.events.of("model_nonfinite") and w.rounds == [1]
     assert "non-finite" in e.events.of("checkpoint_failed")[-1]["reason"]
+
+
+def test_a_checkpoint_keeps_its_rounds_values_while_the_engine_goes_on():
+    """The coordinator's checkpoint is taken without copying the parameters (never written in place) and with
+    the momentum copied into a pooled buffer: what the writer holds must stay the state of its round while
+    later rounds step (the momentum in place) and the pool hands buffers out again."""
+    class Writer:
+        def __init__(self):
+            self.snaps = []
+
+        def submit(self, rnd, tensors, meta, copy=True):
+            assert copy is False
+            self.snaps.append((rnd, {s: dict(named) for s, named in tensors.items()}, meta))
+
+    n = 2 << 20  # 8 MiB of float32: large enough for the buffer pool
+    w = Writer()
+    e = CoordinatorEngine(EngineConfig(sites=("a", "b"), max_update_norm_ratio=None, checkpoint_every=1),
+                          events=Events(), clock=lambda: 100.0, checkpoints=w)
+    e.init_model("a", torch.zeros(n))
+    kept = []
+    for rnd in range(4):
+        arrive(e, upd("a", rnd, torch.full((n,), 0.1 * (rnd + 1))))
+        merge(e, upd("b", rnd, torch.full((n,), 0.3 * (rnd + 1))))
+        kept.append((e.params.clone(), e.outer.buf.clone()))
+    assert [r for r, _, _ in w.snaps] == [1, 2, 3, 4]
+    for (rnd, tensors, meta), (params, momentum) in zip(w.snaps, kept):
+        assert meta["round"] == rnd
+        assert torch.equal(tensors["model"]["params"], params), f"round {rnd}: the checkpointed parameters changed"
+        assert torch.equal(tensors["outer"]["momentum"], momentum), f"round {rnd}: the checkpointed momentum changed"
+    assert not torch.equal(w.snaps[0][1]["outer"]["momentum"], e.outer.buf)  # it did move on
 
 
 WARMUP = {"kind": "cosine", "warmup_steps": 20, "total_steps": 100, "min_lr_ratio": 0.1}

@@ -108,6 +108,16 @@ def _site(address: str, site: str, n: int, rounds: int, barrier, results) -> Non
     client.close()
 
 
+def _recv_exactly(sock: socket.socket, buf: bytearray, nbytes: int, peer: str) -> None:
+    """Read ``nbytes`` from ``sock`` through ``buf`` (the bytes are not kept: only their time counts)."""
+    got = 0
+    while got < nbytes:
+        k = sock.recv_into(buf, min(len(buf), nbytes - got))
+        if not k:
+            raise ConnectionError(f"{peer} closed mid-round")
+        got += k
+
+
 def _raw_hub(nsites: int, nbytes: int, rounds: int, ports) -> None:
     """Take ``nsites`` connections; each round read ``nbytes`` from each, then (all in) send ``nbytes`` back."""
     lsock = socket.socket()
@@ -121,12 +131,7 @@ def _raw_hub(nsites: int, nbytes: int, rounds: int, ports) -> None:
     def serve(c: socket.socket) -> None:
         buf = bytearray(1 << 22)
         for _ in range(rounds):
-            got = 0
-            while got < nbytes:
-                k = c.recv_into(buf, min(len(buf), nbytes - got))
-                if not k:
-                    raise ConnectionError("site closed mid-round")
-                got += k
+            _recv_exactly(c, buf, nbytes, "site")
             arrived.wait()
             c.sendall(answer)
 
@@ -148,12 +153,7 @@ def _raw_site(port: int, site: str, nbytes: int, rounds: int, barrier, results) 
         barrier.wait()
         t0 = time.monotonic()
         s.sendall(payload)
-        got = 0
-        while got < nbytes:
-            k = s.recv_into(buf, min(len(buf), nbytes - got))
-            if not k:
-                raise ConnectionError("hub closed mid-round")
-            got += k
+        _recv_exactly(s, buf, nbytes, "hub")
         results.put((site, r, t0, time.monotonic()))
     s.close()
 

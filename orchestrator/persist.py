@@ -4,18 +4,29 @@ A restarted coordinator takes up from here, so a commit is never lost and never 
 sites that retry a Merge for a round that was committed find the round stale and fetch the
 committed version instead. The state (global parameters, outer momentum, round, epoch; for
 async-diloco also each site's merge count and delayed Nesterov's not yet absorbed updates) is
-written, then named by ``state.json`` (written to a temporary file and renamed into place, atomically);
-``fsync`` is optional (a process crash cannot lose what was written; a machine crash needs fsync and
-costs a disk flush per round).
+written, then named by its metadata file (written to a temporary file and renamed into place,
+atomically); ``fsync`` is optional (a process crash cannot lose what was written; a machine crash
+needs fsync and costs a disk flush per round).
 
-The tensors go to one of two files, ``state-a.safetensors`` and ``state-b.safetensors``, always the one
-``state.json`` does not name, overwritten in place (``os.pwritev`` straight from the tensors' memory,
-in the safetensors format, read back by safetensors itself). This write is on every commit's critical
-path, before any site gets its answer: a new file per round (safetensors' ``save_file``, a rename, the
-old one unlinked) cost ~35 ms for a 10.7M-parameter model's params + momentum in an idle process and
-40-200 ms in a launch on 2 cores; writing over the pages of the file of two rounds ago costs ~13 ms
-(benchmarks/launch_merge.py reports the commit's ``persist_s``). A crash mid-write damages only the file
-that ``state.json`` does not name. States written before (``state-<round>.safetensors``) still load.
+Files, per coordinator epoch E (the fencing token of the incarnation that wrote them):
+
+    state-eE.json                  round, version, members, ...; "file": the tensor file it names
+    state-eE-a.safetensors         the tensors, written in turn: always the one state-eE.json does not name
+    state-eE-b.safetensors
+
+- **Two files in place.** This write is on every commit's critical path, before any site gets its
+  answer. A new file per round (safetensors' ``save_file``, a rename, the old one unlinked) cost ~35 ms
+  for a 10.7M-parameter model's params + momentum in an idle process and 40-200 ms in a launch on 2
+  cores; writing over the pages of the file of two rounds ago (``os.pwritev`` straight from the
+  tensors' memory, in the safetensors format, read back by safetensors itself) costs ~13 ms
+  (benchmarks/launch_merge.py reports the commit's ``persist_s``). A crash mid-write damages only the
+  file the metadata does not name.
+- **Per epoch.** A coordinator that was paused and comes back after a newer one took over (it is
+  fenced at its next publish, *after* it persisted) must not damage the newer one's state: it writes
+  only its own epoch's files, :meth:`StateStore.load` takes the highest epoch's, and each save removes
+  the files of lower epochs (a paused one's, written again later, are ignored and removed at the next).
+- States written before (``state.json`` + ``state-<round>.safetensors``, epoch from the metadata) still
+  load, below any state of the same or a higher epoch; they are removed at the first save.
 """
 
 from __future__ import annotations
@@ -47,10 +58,15 @@ class CoordinatorState:
     pending_count: int = 0  # how many updates `pending` sums
 
 
-FILES = ("state-a.safetensors", "state-b.safetensors")
-"""The two tensor files, written in turn (the module docstring)."""
+_META = re.compile(r"state-e(\d+)\.json")
+_OURS = re.compile(r"state-e(\d+)(?:\.json|-[ab]\.safetensors)")
 _LEGACY = re.compile(r"state-\d+\.safetensors")
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+
+
+def tensor_files(epoch: int) -> tuple[str, str]:
+    """Epoch ``epoch``'s two tensor files, written in turn (the module docstring)."""
+    return f"state-e{epoch}-a.safetensors", f"state-e{epoch}-b.safetensors"
 
 
 class StateStore:
@@ -58,10 +74,11 @@ class StateStore:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
-        self._named = _named_file(self._meta())
-        """The tensor file state.json names now (never written over)."""
+        self._named: dict[int, str | None] = {}
+        """Per epoch, the tensor file its metadata names now (never written over)."""
 
     def save(self, st: CoordinatorState) -> None:
+        epoch = int(st.epoch)
         tensors = {}
         if st.params is not None:
             tensors["params"] = st.params
@@ -69,33 +86,42 @@ class StateStore:
             tensors["momentum"] = st.momentum
         if st.pending is not None:
             tensors["pending"] = st.pending
-        target = FILES[1] if self._named == FILES[0] else FILES[0]
+        if epoch not in self._named:  # a store made anew (a restart with the same epoch: no etcd)
+            meta = _read_json(self.dir / f"state-e{epoch}.json")
+            self._named[epoch] = meta.get("file") if meta else None
+        files = tensor_files(epoch)
+        target = files[1] if self._named[epoch] == files[0] else files[0]
         write_safetensors(self.dir / target, tensors, fsync=self.fsync)
-        meta = {"round": st.round, "epoch": st.epoch, "members": list(st.members), "lane_rounds": list(st.lane_rounds),
+        meta = {"round": st.round, "epoch": epoch, "members": list(st.members), "lane_rounds": list(st.lane_rounds),
                 "version": st.version, "site_merges": dict(st.site_merges or {}),
                 "pending_count": st.pending_count if st.pending is not None else 0, "file": target}
         mtmp = self.dir / f".state-{os.getpid()}.json"
         mtmp.write_text(json.dumps(meta))
-        os.replace(mtmp, self.dir / "state.json")
-        self._named = target
-        for old in self.dir.glob("state-*.safetensors"):  # states written before FILES
-            if _LEGACY.fullmatch(old.name):
+        os.replace(mtmp, self.dir / f"state-e{epoch}.json")
+        self._named[epoch] = target
+        for old in self.dir.iterdir():  # lower epochs' files, and those written before epochs were in the names
+            m = _OURS.fullmatch(old.name)
+            if (m and int(m.group(1)) < epoch) or _LEGACY.fullmatch(old.name) or old.name == "state.json":
                 old.unlink(missing_ok=True)
 
-    def _meta(self) -> dict | None:
-        try:
-            meta = json.loads((self.dir / "state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return meta if isinstance(meta, dict) else None
-
     def load(self) -> CoordinatorState | None:
-        meta = self._meta()
-        if meta is None:
+        """The state of the highest epoch here (None: nothing was persisted)."""
+        found = []
+        for path in self.dir.glob("state-e*.json"):
+            m = _META.fullmatch(path.name)
+            meta = _read_json(path) if m else None
+            if meta is not None:
+                if meta.get("epoch") != int(m.group(1)) or meta.get("file") not in tensor_files(int(m.group(1))):
+                    raise GeotrainError(f"{path}: its epoch {meta.get('epoch')!r} or 'file' {meta.get('file')!r} is "
+                                        f"not the one its name says: this is not a state geotrain wrote; nothing was read")
+                found.append((int(m.group(1)), 1, meta, self.dir / meta["file"]))
+        legacy = _read_json(self.dir / "state.json")
+        if legacy is not None and isinstance(legacy.get("round"), int):
+            found.append((int(legacy.get("epoch", 0)), 0, legacy, self.dir / f"state-{legacy['round']}.safetensors"))
+        if not found:
             return None
-        named = _named_file(meta, self.dir)
-        path = self.dir / named if named else None
-        tensors = load_file(str(path)) if path is not None and path.exists() else {}
+        _, _, meta, path = max(found, key=lambda f: f[:2])
+        tensors = load_file(str(path)) if path.exists() else {}
         return CoordinatorState(round=meta["round"], params=tensors.get("params"), momentum=tensors.get("momentum"),
                                 epoch=meta.get("epoch", 0), members=tuple(meta.get("members", ())),
                                 lane_rounds=tuple(meta.get("lane_rounds", ())), version=meta.get("version", meta["round"]),
@@ -103,20 +129,12 @@ class StateStore:
                                 pending_count=meta.get("pending_count", 0) if "pending" in tensors else 0)
 
 
-def _named_file(meta: dict | None, where: Path | None = None) -> str | None:
-    """The tensor file a state.json names: one of FILES, or (written before them) ``state-<round>.safetensors``.
-    Anything else (a path elsewhere) is never read: with ``where`` (loading) it is an error, else None."""
-    if meta is None:
+def _read_json(path: Path) -> dict | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    name = meta.get("file")
-    if name is None and isinstance(meta.get("round"), int):
-        return f"state-{meta['round']}.safetensors"
-    if name in FILES:
-        return name
-    if where is not None:
-        raise GeotrainError(f"{where / 'state.json'}: 'file' is {name!r}, not one of {list(FILES)}: this is not a "
-                            f"state geotrain wrote; nothing was read")
-    return None
+    return meta if isinstance(meta, dict) else None
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], fsync: bool = False) -> int:

@@ -189,7 +189,8 @@ class Deployment:
         for name in ("docker-compose.yml", "topology.yaml", "check.json"):
             if (self.workdir / name).exists():
                 shutil.copy2(self.workdir / name, dest / name)
-        for sub in ("metrics.jsonl", "logs", "links", "coordinator/state.json"):
+        states = [f"coordinator/{p.name}" for p in (self.run_dir / "coordinator").glob("state*.json")]
+        for sub in ("metrics.jsonl", "logs", "links", *states):  # the coordinator's state metadata (orchestrator/persist.py)
             src = self.run_dir / sub
             target = dest / "run" / sub
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -432,10 +432,23 @@ def _spawn_link(target_port: int, tmp_path: Path, *extra: str) -> tuple[subproce
         [PY, "-c", "from geotrain.wan.link import main; raise SystemExit(main())", "--name", "t",
          "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{target_port}", "--bandwidth", "100mbit",
          "--latency", "5ms", "--stats-file", str(tmp_path / "stats.json"), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr to a file: a pipe nobody reads would block the link once its logs filled it
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "link.stderr", "w"), text=True)
     line = proc.stdout.readline()
-    assert line.startswith("READY "), (line, proc.stderr.read() if proc.poll() is not None else "")
+    assert line.startswith("READY "), (line, (tmp_path / "link.stderr").read_text() if proc.poll() is not None else "")
     return proc, int(line.split()[1])
+
+
+def _exits_cleanly(proc: subprocess.Popen, tmp_path: Path, timeout_s: float = 15) -> int:
+    """The link's exit code once it stopped (LinkProxy.stop joins its threads for up to 5 s); a link that
+    does not stop is killed and the test fails with what it logged."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"the link did not exit {timeout_s} s after the signal; its stderr:\n"
+                    f"{(tmp_path / 'link.stderr').read_text()[-4000:]}")
 
 
 def test_main_process_ready_stats_sigterm(servers, tmp_path):
@@ -448,7 +461,7 @@ def test_main_process_ready_stats_sigterm(servers, tmp_path):
         s.close()
         assert sink.sha.hexdigest() == sha
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(5) == 0
+        assert _exits_cleanly(proc, tmp_path) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -483,7 +496,7 @@ def test_main_control_file_blackhole(servers, tmp_path):
         s.close()
         assert sink.nbytes == 50_000 and sink.sha.hexdigest() == sha
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(5) == 0
+        assert _exits_cleanly(proc, tmp_path) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

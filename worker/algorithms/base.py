@@ -132,8 +132,10 @@ class Algorithm(ABC):
 
     # ---- what the algorithms share ----
     def pseudo_gradient(self) -> torch.Tensor:
-        """θ_global − θ_site over the whole model (DiLoCo, Algorithm 1, line 8)."""
-        return self.global_flat - flatten(self.params)
+        """θ_global − θ_site over the whole model (DiLoCo, Algorithm 1, line 8), in the flattened copy's own
+        memory (one model-sized allocation per merge, not two: each is ~20 ms of page faults at 43 MB)."""
+        flat = flatten(self.params)
+        return torch.sub(self.global_flat, flat, out=flat)
 
     def exchange_whole(self, base_version: int) -> tuple[int, float]:
         """Pseudo-gradient out, new global parameters in, for the whole model, at once: the leader
@@ -149,7 +151,9 @@ class Algorithm(ABC):
 
         (version,), new = self.group.leader_then_broadcast(fetch, ints=1, numel=self.site.numel)
         unflatten_into(new, self.params)
-        self.global_flat = new.clone()
+        # ``new`` is this call's alone (a received payload's buffer, ``base + delta``, a ring's outer step, a
+        # broadcast's buffer: each made for this merge), so it becomes the global copy without a clone
+        self.global_flat = new
         seconds = time.perf_counter() - t0
         self.wan_wait_s += seconds
         self.emit_merge(version, traffic0, seconds)

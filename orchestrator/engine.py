@@ -786,12 +786,11 @@ class CoordinatorEngine:
         tensors = {"model": {"params": self.params}}
         momentum = None
         if self.outer.buf is not None:
-            momentum = self.buffers.take(self.outer.buf.numel()).view(self.outer.buf.shape).copy_(self.outer.buf)
+            momentum = self.buffers.take(self.outer.buf.numel()).copy_(self.outer.buf)  # both flat
             tensors["outer"] = {"momentum": momentum}
         self.checkpoints.submit(self.version, tensors, {"round": self.version, "epoch": self.cfg.epoch,
                                                         "members": sorted(self.state.expected)}, copy=False)
-        if momentum is not None:
-            self.buffers.retire(momentum if momentum._base is None else momentum._base)
+        self.buffers.retire(momentum)
 
 
 def answer_stream(result: CommitResult) -> transport.Stream:

@@ -130,11 +130,18 @@ class StateStore:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A metadata file's object; None when there is none. One that is there but is not a JSON object cannot
+    have been written by :meth:`StateStore.save` (it renames a complete file into place): an error, never
+    "nothing persisted", which would restart the run from scratch over a damaged state."""
     try:
         meta = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except FileNotFoundError:
         return None
-    return meta if isinstance(meta, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GeotrainError(f"{path}: not readable as the coordinator's state ({exc}); nothing was read") from None
+    if not isinstance(meta, dict):
+        raise GeotrainError(f"{path}: holds a JSON {type(meta).__name__}, not the coordinator's state; nothing was read")
+    return meta
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], fsync: bool = False) -> int:

@@ -106,3 +106,11 @@ def test_a_metadata_file_naming_another_file_or_epoch_is_not_read(tmp_path, meta
     (store_dir / "state-e4.json").write_text(json.dumps(meta))
     with pytest.raises(GeotrainError, match=r"state-e4.json: its epoch .* is not the one its name says"):
         StateStore(store_dir).load()
+
+
+@pytest.mark.parametrize("name", ["state-e4.json", "state.json"])
+@pytest.mark.parametrize("text", ['{"round": 3, "epo', "[1, 2]", "\xff\xfe"])
+def test_a_damaged_metadata_file_is_an_error_not_a_fresh_start(tmp_path, name, text):
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(GeotrainError, match=f"{name}: (not readable as|holds a JSON list)"):
+        StateStore(tmp_path).load()

@@ -12,9 +12,10 @@
   to finish its steps, so its merge time is all transfer and commit. Its minimum is
   ``1 RTT + bytes_sent / bandwidth + bytes_received / bandwidth``;
 - printed: per round that site's seconds, its minimum and the ratio; the median ratio (target <= 1.15);
-  the coordinator's ``commit`` ``apply_s`` beside it (from the last arrival to the commit: the mean, the outer
-  step, the state made durable, the answer's stream), with its ``persist_s`` (the state file) and ``publish_s``
-  (the run state in etcd).
+  the coordinator's ``commit`` ``answer_s`` beside it (from the last arrival to the answer's first message
+  being ready: the mean, the outer step, the answer's stream) and ``apply_s`` (to the round being durable,
+  which the answer's last message waits for), with its ``persist_s`` (the state file) and ``publish_s``
+  (the run state in etcd), made while the answer streams.
 
 The first round is shown but not in the median (a fresh connection and coordinator). One run, no
 assertions. Writes benchmarks/results/launch_merge.json.
@@ -55,6 +56,7 @@ def judge(events: list[dict], mbit: float, latency_ms: float, nsites: int) -> li
         rows.append({"round": r, "site": last["site"], "seconds": last["seconds"], "minimum_s": minimum,
                      "ratio": last["seconds"] / minimum, "bytes_sent": last["bytes_sent"],
                      "bytes_received": last["bytes_received"], "apply_s": commits.get(r, {}).get("apply_s"),
+                     "answer_s": commits.get(r, {}).get("answer_s"),
                      "persist_s": commits.get(r, {}).get("persist_s"), "publish_s": commits.get(r, {}).get("publish_s"),
                      "lead_s": (last["t"] - last["seconds"]) - min(e["t"] - e["seconds"] for e in ms)})
     return rows
@@ -81,7 +83,7 @@ def main() -> int:
     for row in rows:
         print(f"round {row['round']:2d}: last arriver {row['site']:8s} {row['seconds']:6.3f} s  minimum "
               f"{row['minimum_s']:6.3f} s  ratio {row['ratio']:5.2f}  (arrived {row['lead_s']:6.3f} s after the "
-              f"first; commit apply_s {row['apply_s']}, of it persist_s {row['persist_s']}, publish_s {row['publish_s']})")
+              f"first; answer ready after {row['answer_s']} s; commit apply_s {row['apply_s']}, of it persist_s {row['persist_s']}, publish_s {row['publish_s']})")
     later = [row["ratio"] for row in rows[1:]]
     median = statistics.median(later) if later else None
     print(f"model {params} parameters; median last-arriver merge / minimum, rounds after the first: "

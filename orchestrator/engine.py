@@ -24,10 +24,15 @@ A synchronous merge runs through visible stages::
     outer step   Nesterov on the mean (orchestrator.outer_inplace: the same bits without temporaries);
                  with a codec the change is encoded (error feedback) and
                  exactly its decoding applied here, so that the coordinator and the sites agree
-    persist      the state store, before anyone sees the result
-    publish      the run state in etcd, fenced by epoch (False: a newer coordinator exists)
-    result       one CommitResult per round, in the lane's RoundLog; the commit event with the
-                 model's digest (finite, norm; model_nonfinite if it is not); checkpoint
+    result       one CommitResult per round, in the lane's RoundLog, and its answer's stream (its
+                 CRC32s), which the waiters start sending at once, all but its last message
+    durable      in a thread of its own, while the answer streams (_make_durable): persist (the state
+                 store), publish (the run state in etcd, fenced by epoch: False means a newer
+                 coordinator exists), the commit event with the model's digest (finite, norm;
+                 model_nonfinite if it is not), the checkpoint. Only then does any site get the answer's
+                 last message (a site uses nothing of a stream before it: its CRC32 is of the whole), a
+                 GetModel or Join an answer, or the next round its commit: a restart never loses a round a
+                 site has, and a fenced coordinator's round reaches nobody
 
 Algorithms (docs/algorithms.md): ``diloco``/``ddp`` use one lane of rounds, ``streaming-diloco``
 one lane per fragment (its own rounds, membership and slice of the outer momentum);
@@ -161,6 +166,12 @@ class CoordinatorEngine:
         self.ring_failures = 0  # ring rounds abandoned in a row (rebuilding backs off on them)
         self.ring_abandoned_at = -1
         self._cond = threading.Condition()
+        self._job: _Durable | None = None
+        """The commit being made durable (its own thread): while it is, nothing else commits."""
+        self._job_squares = Squares()  # the digest's scratch, in that thread
+        self.failed: str | None = None
+        """Why this coordinator cannot go on: a commit's state could not be persisted (the process exits and
+        is restarted from the last durable state)."""
         self.joined: set[str] = set()  # sites that joined this incarnation (GetModel is for members)
         self.site_pids: dict[str, int] = {}  # site -> the pid of its leader that joined (member_lost)
         self.model_spec = None  # the run's model fingerprint: the first site's to join (fingerprint.py)
@@ -174,6 +185,8 @@ class CoordinatorEngine:
     # ---- calls ----
     def join(self, site: str, workers: int, pid: int, now: float, model_spec: str | None = None) -> JoinAnswer:
         with self._cond:
+            self._cond.wait_for(lambda: self._job is None)  # a joiner starts from a durable round
+            self._refuse_if_failed()
             if site not in self.cfg.sites:
                 raise Refused(Outcome.NOT_IN_TOPOLOGY, f"site {site!r} is not in the topology "
                                                        f"({', '.join(self.cfg.sites)})", site=site)
@@ -277,12 +290,14 @@ class CoordinatorEngine:
         rebuilding their rings mirror the outer step) once ``min_version`` is committed."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self.params is None or self.version < min_version:
+            while self.params is None or self.version < min_version or self._job is not None:
+                self._refuse_if_failed(min_version)
                 left = deadline - time.monotonic()
                 if left <= 0 or not is_active():
                     raise Refused(Outcome.UNAVAILABLE, f"global version {min_version} not available (at {self.version})",
                                   round=min_version)
                 self._cond.wait(timeout=min(left, 0.5))
+            self._refuse_if_failed(min_version)  # what it holds now was never durable
             values, version = self.params, self.version
             if what == "momentum":
                 buf = self.outer.buf
@@ -294,10 +309,13 @@ class CoordinatorEngine:
             ring_round = record.ring_next if record is not None else 0
         return ModelAnswer(kind=what or "params", values=values, version=version, ring_round=ring_round)
 
-    def merge(self, update: Update, now: float, is_active) -> CommitResult | None:
+    def merge(self, update: Update, now: float, is_active, durable: bool = True) -> CommitResult | None:
         """Take ``update`` and block until its round commits (async: apply it at once). None: the
         caller went away while waiting. Raises Refused (stale, future, duplicate, not a member,
-        ring abandoned, round failed, fenced, invalid fragment)."""
+        ring abandoned, round failed, fenced, invalid fragment).
+
+        ``durable`` False (the servicer): return once the round is committed, before it is durable; the
+        caller sends the answer through :meth:`answer_once`, whose last message waits for it."""
         if self.is_async:
             return self._merge_async(update)
         with self._cond:
@@ -306,12 +324,40 @@ class CoordinatorEngine:
             self._admit(lane, update, now, norm)
             attempt = lane.attempt
             self._advance(lane, now)
-            return self._await(lane, update, attempt, is_active)
+            result = self._await(lane, update, attempt, is_active)
+            record = lane.log.get(update.round)  # kept: the next commit, which prunes, waits for this one's durability
+            if result is not None and durable and record is not None and not self._await_durable(record, is_active):
+                return None
+            return result
+
+    def _refuse_if_failed(self, rnd: int = -1, site: str = "") -> None:
+        """A coordinator whose state could not be persisted serves nothing more (it exits; its restart resumes)."""
+        if self.failed is not None:
+            raise Refused(Outcome.UNAVAILABLE, f"this coordinator is stopping: {self.failed}", round=rnd, site=site)
+
+    def settle(self, timeout_s: float | None = None) -> bool:
+        """Block until no commit is being made durable (its commit event emitted, its checkpoint submitted);
+        False if one still is after ``timeout_s``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._job is None, timeout=timeout_s)
+
+    def _await_durable(self, record, is_active=lambda: True) -> bool:
+        """Block until ``record``'s round is durable (lock held); raise Refused if it could not be made so.
+        False: the caller went away."""
+        while record.durable is None:
+            if not is_active():
+                return False
+            self._cond.wait(timeout=0.2)
+        if not record.durable:
+            raise Refused(Outcome.ROUND_FAILED, f"round_failed: {record.failed}", round=record.result.round,
+                          site="")
+        return True
 
     def _lane_of(self, update: Update) -> Lane:
         """The lane a synchronous update is for; refused when fenced or for a fragment there is not."""
         if self.fenced:
             raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=update.round, site=update.site)
+        self._refuse_if_failed(update.round, update.site)
         if not 0 <= update.fragment < len(self.lanes):
             raise Refused(Outcome.INVALID, f"fragment {update.fragment} of {len(self.lanes)}",
                           round=update.round, site=update.site)
@@ -354,6 +400,8 @@ class CoordinatorEngine:
             record = self.lanes[result.fragment].log.get(result.round)
             shared = record.wire if record is not None else None
             self.bytes_out += result.wire_bytes
+            if shared is None and record is not None:
+                self._await_durable(record)
         return shared.messages() if shared is not None else build()
 
     def model_bytes(self) -> int | None:
@@ -512,7 +560,11 @@ class CoordinatorEngine:
             self._advance(lane, self.clock())
 
     def _advance(self, lane: Lane, now: float) -> None:
-        """Stages 2-7 for the round ``lane`` collects: commit it if it is ready."""
+        """Stages 2-7 for the round ``lane`` collects: commit it if it is ready. Nothing commits while the
+        last commit is being made durable (the next outer step writes the momentum it persists): the end
+        of that calls this again for every lane."""
+        if self._job is not None or self.fenced or self.failed is not None:
+            return
         ready = round_ready(now, lane.state, self.cfg.round_timeout_s, self.cfg.min_sites, self.cfg.quorum,
                             self.cfg.quorum_grace_s)
         if ready.action == "wait":
@@ -534,13 +586,54 @@ class CoordinatorEngine:
             return
         arrived = lane.state.arrived
         self._next_round(lane, ready)
+        job = self._record_result(lane, step, ring, arrived, t0)
+        self._job = job
+        threading.Thread(target=self._make_durable, args=(job,), name=f"durable-{rnd}", daemon=True).start()
+
+    def _make_durable(self, job: "_Durable") -> None:
+        """Stage 8, in its own thread, without the lock (the round's waiters are streaming its answer meanwhile):
+        persist the state, publish the run state (fenced), then the commit event, the checkpoint, and the answer's
+        last message let go. What it writes stays as it is until it is done: the committed parameters are never
+        written in place, and the momentum only by the next outer step, which waits for it (_advance)."""
         t1 = self.clock()
-        self._persist()  # durable before anyone sees the result: a restart never loses it
+        failed, published = None, True
+        try:
+            if self.store is not None and job.state is not None:
+                self.store.save(job.state)
+        except Exception as exc:  # noqa: BLE001 -- disk full, I/O error: the round must not reach anyone
+            failed = f"coordinator epoch {self.cfg.epoch} could not persist its state after round {job.round}: {exc}"
         t2 = self.clock()
-        if not self._publish(lane, rnd):
-            return
-        self._record_result(lane, step, ring, arrived, t0, durable={"persist_s": round(t2 - t1, 6),
-                                                                   "publish_s": round(self.clock() - t2, 6)})
+        if failed is None:
+            try:
+                published = self.on_commit is None or self.on_commit(job.round, job.version) is not False
+            except Exception as exc:  # noqa: BLE001
+                failed = f"coordinator epoch {self.cfg.epoch} could not publish round {job.round}: {exc}"
+        t3 = self.clock()
+        digest = {}
+        if failed is None and published:
+            digest = self._digest(job.digest_of, job.round, job.fragment, job.version, self._job_squares)
+        with self._cond:
+            try:
+                record = job.record
+                if failed is not None:
+                    self.failed = record.failed = failed
+                    self.events.emit("failure", what="coordinator", target="coordinator", happened_t=t2,
+                                     detected_t=t3, reason=failed, round=job.round)
+                elif not published:
+                    self.fenced = True
+                    record.failed = f"coordinator epoch {self.cfg.epoch} was fenced off by a newer coordinator"
+                    self.events.emit("fenced", round=job.round, epoch=self.cfg.epoch)
+                else:
+                    self.events.emit("commit", **job.event, **digest, apply_s=round(self.clock() - job.t0, 6),
+                                     persist_s=round(t2 - t1, 6), publish_s=round(t3 - t2, 6))
+                    # ddp's digest is of the mean gradient; its global model is the validated initial one, unchanged
+                    self.maybe_checkpoint(model_finite=digest["finite"] or self.cfg.algorithm == "ddp")
+                record.durable = failed is None and published
+            finally:
+                self._job = None
+                for lane in self.lanes:
+                    self._advance(lane, self.clock())
+                self._cond.notify_all()
 
     def _fail_attempt(self, lane: Lane, ready: Decision) -> None:
         """Too few sites before the deadline: this attempt fails, the round reopens for a retry."""
@@ -617,19 +710,10 @@ class CoordinatorEngine:
             self.events.emit("failure", what="site", target=site, happened_t=min(arrived.values()), detected_t=now,
                              reason=ready.reason)
 
-    def _publish(self, lane: Lane, rnd: int) -> bool:
-        """Publish the run state, fenced by epoch. False: a newer coordinator exists; the round's waiters are told."""
-        if self.on_commit is None or self.on_commit(rnd, self.version) is not False:
-            return True
-        self.fenced = True
-        lane.record(rnd).failed = f"coordinator epoch {self.cfg.epoch} was fenced off by a newer coordinator"
-        self.events.emit("fenced", round=rnd, epoch=self.cfg.epoch)
-        self._cond.notify_all()
-        return False
-
-    def _record_result(self, lane: Lane, step: CommitResult, ring: bool, arrived: dict[str, float], t0: float,
-                       durable: dict | None = None) -> None:
-        """The round's one result, for every waiter; the commit event; the checkpoint."""
+    def _record_result(self, lane: Lane, step: CommitResult, ring: bool, arrived: dict[str, float],
+                       t0: float) -> "_Durable":
+        """The round's one result, for every waiter, and its answer's stream, whose last message waits for the
+        round to be durable; returns what making it durable needs (_make_durable)."""
         rnd = step.round
         ring_round = 0
         if self.cfg.rings and ring:
@@ -645,18 +729,21 @@ class CoordinatorEngine:
             crc = stream.crc32
         else:  # the weights every site now holds (streaming: of this fragment)
             crc = transport.fingerprint(self.params[self._slice(lane)] if len(self.lanes) > 1 else self.params)
-        digest = self._digest(step.values if self.cfg.algorithm == "ddp" else self.params, rnd, lane.index)
         record = lane.record(rnd)
         record.result = replace(answer, crc32=crc)
-        record.wire = transport.SharedStream(stream)
+        record.wire = transport.SharedStream(stream, gate=lambda: self._gate(record))
         extra = {"merge": "ring" if ring else "star"} if self.cfg.rings else {}
-        self.events.emit("commit", round=rnd, version=self.version, sites=sorted(arrived), crc32=crc,
-                         epoch=self.cfg.epoch, fragment=lane.index, **extra, **digest,
-                         wait_s=round(t0 - min(arrived.values()), 6), apply_s=round(self.clock() - t0, 6),
-                         **(durable or {}))
-        # ddp's digest is of the mean gradient; its global model is the validated initial one, unchanged
-        self.maybe_checkpoint(model_finite=digest["finite"] or self.cfg.algorithm == "ddp")
+        event = dict(round=rnd, version=self.version, sites=sorted(arrived), crc32=crc, epoch=self.cfg.epoch,
+                     fragment=lane.index, **extra, wait_s=round(t0 - min(arrived.values()), 6),
+                     answer_s=round(self.clock() - t0, 6))
         self._cond.notify_all()
+        return _Durable(record=record, round=rnd, version=self.version, fragment=lane.index, state=self._state(),
+                        digest_of=step.values if self.cfg.algorithm == "ddp" else self.params, event=event, t0=t0)
+
+    def _gate(self, record) -> None:
+        """Before a waiter's last message of ``record``'s answer: block until the round is durable."""
+        with self._cond:
+            self._await_durable(record)
 
     def _plan_rings(self, lane: Lane, rnd: int, arrived: frozenset[str]) -> int:
         """Round ``rnd`` was merged through the star: do the leaders rebuild their rings for the next
@@ -705,7 +792,7 @@ class CoordinatorEngine:
             self.lanes[0].state = RoundState(round=self.version, expected=self.state.expected)
             self._persist()
             crc = transport.fingerprint(self.params)
-            digest = self._digest(self.params, rnd, 0)
+            digest = self._digest(self.params, rnd, 0, self.version)
             self.events.emit("commit", round=rnd, version=self.version, sites=[site], staleness=w.staleness,
                              weight=round(w.weight, 6), crc32=crc, epoch=self.cfg.epoch, **digest,
                              wait_s=0.0, apply_s=round(self.clock() - t0, 6))
@@ -732,7 +819,8 @@ class CoordinatorEngine:
                           site=site)
 
     # ---- shared by both pipelines (lock held) ----
-    def _digest(self, values: torch.Tensor | None, rnd: int, fragment: int) -> dict:
+    def _digest(self, values: torch.Tensor | None, rnd: int, fragment: int, version: int,
+                squares: Squares | None = None) -> dict:
         """The commit event's digest of the global model (ddp: of the mean gradient): ``finite`` (every
         value is) and ``norm`` (L2, 6 significant digits; None when not finite). One pass over the values,
         in float32 (``torch.linalg.vector_norm``: a digest, on the commit's critical path); only when that
@@ -742,10 +830,10 @@ class CoordinatorEngine:
             return {}
         norm = float(torch.linalg.vector_norm(values)) if values.dtype == torch.float32 else math.nan
         if not math.isfinite(norm):
-            norm = self._norm(values)
+            norm = l2_norm(values, squares or self._squares)
         finite = math.isfinite(norm)
         if not finite:
-            self.events.emit("model_nonfinite", round=rnd, version=self.version, fragment=fragment,
+            self.events.emit("model_nonfinite", round=rnd, version=version, fragment=fragment,
                              reason=f"the global model after round {rnd} has a non-finite value")
         return {"finite": finite, "norm": float(f"{norm:.6g}") if finite else None}
 
@@ -758,15 +846,20 @@ class CoordinatorEngine:
         return fragment_slices(self.params.numel(), len(self.lanes))[lane.index]
 
     def _persist(self) -> None:
+        if self.store is not None:
+            self.store.save(self._state())
+
+    def _state(self) -> CoordinatorState | None:
+        """What the state store keeps of this coordinator now (None: no store)."""
         if self.store is None:
-            return
+            return None
         momentum = self.async_outer.buf if self.is_async else self.outer.buf
-        self.store.save(CoordinatorState(round=self.state.round, params=self.params, momentum=momentum,
-                                         epoch=self.cfg.epoch, members=tuple(sorted(self.state.expected)),
-                                         lane_rounds=tuple(l.state.round for l in self.lanes) if len(self.lanes) > 1 else (),
-                                         version=self.version, site_merges=dict(self.site_merges) if self.is_async else None,
-                                         pending=self.async_outer.acc if self.is_async else None,
-                                         pending_count=self.async_outer.count if self.is_async else 0))
+        return CoordinatorState(round=self.state.round, params=self.params, momentum=momentum, epoch=self.cfg.epoch,
+                                members=tuple(sorted(self.state.expected)),
+                                lane_rounds=tuple(l.state.round for l in self.lanes) if len(self.lanes) > 1 else (),
+                                version=self.version, site_merges=dict(self.site_merges) if self.is_async else None,
+                                pending=self.async_outer.acc if self.is_async else None,
+                                pending_count=self.async_outer.count if self.is_async else 0)
 
     def maybe_checkpoint(self, model_finite: bool) -> None:
         """The coordinator's checkpoint part every N rounds; ``model_finite`` is the commit digest's verdict."""
@@ -791,6 +884,20 @@ class CoordinatorEngine:
         self.checkpoints.submit(self.version, tensors, {"round": self.version, "epoch": self.cfg.epoch,
                                                         "members": sorted(self.state.expected)}, copy=False)
         self.buffers.retire(momentum)
+
+
+@dataclass
+class _Durable:
+    """A commit being made durable (CoordinatorEngine._make_durable): its record, its state, its commit event."""
+
+    record: object
+    round: int
+    version: int
+    fragment: int
+    state: CoordinatorState | None
+    digest_of: torch.Tensor | None
+    event: dict
+    t0: float
 
 
 def answer_stream(result: CommitResult) -> transport.Stream:

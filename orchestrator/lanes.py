@@ -41,6 +41,9 @@ class RoundRecord:
     """A star round of a ring run: the round at which the leaders rebuild their rings (0: none)."""
     wire: object = None
     """The answer's messages, serialized once for every waiter (geotrain.wire.transport.SharedStream)."""
+    durable: bool | None = None
+    """A committed round: None while its state is being persisted and published (its answer streams but
+    for the last message), True once it is, False when it could not be (``failed`` says why)."""
 
 
 class RoundLog:

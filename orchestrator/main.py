@@ -159,16 +159,24 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
             events.emit("coordinator_stopped", round=engine.state.round, reason="fenced", epoch=epoch)
             server.stop(grace=0)
             return 3
+        if engine.failed is not None:  # its state could not be persisted: a restart takes up from the last durable one
+            events.emit("coordinator_stopped", round=engine.state.round, reason="persist_failed", epoch=epoch,
+                        error=engine.failed)
+            print(f"geotrain coordinator: {engine.failed}", file=sys.stderr)
+            server.stop(grace=0)
+            return 1
         if engine.version != seen_version:
             seen_version, since = engine.version, time.monotonic()
         if should_exit(run_done(engine, topo), time.monotonic() - since, linger_s):
             reason = "done"
             break
+    engine.settle(30.0)  # the last commit's event before this one
     events.emit("coordinator_stopped", round=engine.state.round, bytes_in=engine.bytes_in, bytes_out=engine.bytes_out,
                 **({"reason": reason} if reason else {}))
     if cancel_watch is not None:
         cancel_watch()
     server.stop(grace=2.0).wait()
+    engine.settle(30.0)  # the last commit's state persisted and published before the process goes
     if exporter is not None:
         exporter.stop()
     if writer is not None:

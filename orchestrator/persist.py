@@ -14,8 +14,9 @@ Files, per coordinator epoch E (the fencing token of the incarnation that wrote 
     state-eE-a.safetensors         the tensors, written in turn: always the one state-eE.json does not name
     state-eE-b.safetensors
 
-- **Two files in place.** This write is on every commit's critical path, before any site gets its
-  answer. A new file per round (safetensors' ``save_file``, a rename, the old one unlinked) cost ~35 ms
+- **Two files in place.** Every commit waits for this write before any site has its answer (the
+  answer streams meanwhile, its last message held back: orchestrator/engine.py, stage 8), and the next
+  commit waits for it. A new file per round (safetensors' ``save_file``, a rename, the old one unlinked) cost ~35 ms
   for a 10.7M-parameter model's params + momentum in an idle process and 40-200 ms in a launch on 2
   cores; writing over the pages of the file of two rounds ago (``os.pwritev`` straight from the
   tensors' memory, in the safetensors format, read back by safetensors itself) costs ~13 ms

@@ -191,7 +191,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.engine.sent(result.wire_bytes)
             yield from _encode(result)
         else:  # every waiting site gets the same bytes: encode them once per commit
-            yield from self.engine.answer_once(result, lambda: _encode(result))
+            try:  # the last message waits until the round is durable (CoordinatorEngine._make_durable)
+                yield from self.engine.answer_once(result, lambda: _encode(result))
+            except Refused as refused:  # it could not be: fenced, or its state not persisted
+                refuse(context, refused)
 
     def _merge(self, request_iterator, context) -> CommitResult | None:
         """Receive the update and have the engine merge it. The update's buffer is let go before the answer
@@ -201,7 +204,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         update = self._receive(request_iterator, context, "Merge")
         self._allow(context, "Merge", update.site)
         try:
-            return self.engine.merge(update, time.time(), context.is_active)
+            return self.engine.merge(update, time.time(), context.is_active, durable=False)
         except Refused as refused:
             refuse(context, refused)
 

@@ -8,7 +8,8 @@ except the step time:
 - ``startup_s``: from ``run_started`` to each site's first inner step, less that step;
 - ``up_bytes``, ``down_bytes``: the merges' ``bytes_sent`` / ``bytes_received`` (the exact payloads);
 - ``numel``: the ``model`` event's ``params``, else fp32 bytes / 4;
-- ``apply_s``: the commits' ``apply_s``; ``eval_s``: the evals' ``seconds``; ``restart_s``: the worker recoveries';
+- ``apply_s``: the commits' ``answer_s`` (when the answer starts out; the round is made durable while it streams),
+  ``apply_s`` in histories from before the two were apart; ``eval_s``: the evals' ``seconds``; ``restart_s``: the worker recoveries';
 - ``coordinator_restart_s``: from a coordinator's kill (``fault_injected``) to its resumed ``coordinator_started``;
 - ``fault_clock_s``: when the launcher's fault clock started: a fault fired ``at`` a time, less that time;
 - ``shutdown_s``: from the last ``site_done`` to ``run_finished``;
@@ -68,7 +69,7 @@ def calibrate(run_dir: Path, topo: Topology) -> SimParams:
     model = next((e for e in events if e["event"] == "model"), None)
     fragments = topo.training.streaming.fragments if topo.training.algorithm == "streaming-diloco" else 1
     numel = int(model["params"]) if model else max(1, up * fragments // 4)
-    apply_s = _median([e.get("apply_s") for e in events if e["event"] == "commit"], 0.0)
+    apply_s = _median([e.get("answer_s", e.get("apply_s")) for e in events if e["event"] == "commit"], 0.0)
     done = [e["t"] for e in events if e["event"] == "site_done"]
     finished = next((e["t"] for e in events if e["event"] == "run_finished"), None)
     shutdown = finished - max(done) if done and finished is not None else 1.0

@@ -106,10 +106,16 @@ class Stream:
 class SharedStream:
     """One :class:`Stream` sent to many receivers (a round's answer to every waiting site): each
     message is serialized once, by the first receiver that gets to it, and the same bytes go to all.
-    The first message can go out before the last is made."""
+    The first message can go out before the last is made.
 
-    def __init__(self, stream: Stream) -> None:
+    ``gate``, if given, is called before each receiver's last message and may block or raise: the
+    coordinator streams a round's answer while it makes the round durable, and holds the last message
+    back until it is (a receiver can use nothing of a stream before its last message: the payload's
+    CRC32 is checked on the whole)."""
+
+    def __init__(self, stream: Stream, gate=None) -> None:
         self.stream = stream
+        self.gate = gate
         self._lock = threading.Lock()
         self._made: list[bytes] = []
         self._source = stream.messages()
@@ -121,6 +127,8 @@ class SharedStream:
                 while len(self._made) <= i:
                     self._made.append(next(self._source))
                 msg = self._made[i]
+            if i == self.count - 1 and self.gate is not None:
+                self.gate()
             yield msg
 
 

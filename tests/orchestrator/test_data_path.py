@@ -184,5 +184,5 @@ def test_the_commit_digest_of_a_huge_but_finite_model_is_finite(value, finite):
     engine = CoordinatorEngine(EngineConfig(sites=("a",)))
     values = torch.ones(16)
     values[3] = value
-    digest = engine._digest(values, 0, 0)
+    digest = engine._digest(values, 0, 0, 0)
     assert digest["finite"] is finite and (digest["norm"] is None) is (not finite)

@@ -136,6 +136,7 @@ def test_a_wrong_length_update_is_refused_from_the_first_or_the_second_site(firs
     assert info.outcome is Outcome.INVALID_UPDATE and "has 3 values, the model 4" in info.message
     if first:
         merge(e, upd(right, 0, torch.ones(4)))
+    assert e.settle(5.0)  # the commit the refusal allowed is made durable in its own thread
     assert e.state.round == 1 and e.events.of("commit")[-1]["sites"] == [right]
     assert torch.equal(e.params, alone(right, torch.zeros(4), [torch.ones(4)]))
 

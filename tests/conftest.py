@@ -15,6 +15,12 @@ def pytest_configure(config):
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, _unwind)
+    # A suite started in the background of a shell without job control (`cmd &` in a script, some CI runners)
+    # inherits SIGINT ignored, and so would every process a test starts: a link or a launcher keeps an ignored
+    # SIGINT ignored (on purpose: geotrain.run.procs), so a test that stops one with SIGINT, as a user's Ctrl-C
+    # would, hung (test_main_control_file_blackhole, in full runs only). The tests run as at a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -439,6 +439,27 @@ def _spawn_link(target_port: int, tmp_path: Path, *extra: str) -> tuple[subproce
     return proc, int(line.split()[1])
 
 
+def test_a_link_whose_sigint_is_ignored_keeps_it_ignored_and_stops_on_sigterm(servers, tmp_path):
+    """The launcher starts its children with SIGINT ignored (geotrain.run.procs: a terminal's Ctrl-C reaches the
+    whole group and the launcher decides the order of the stop): the link must not undo that."""
+    sink = servers(SinkServer)
+    proc = subprocess.Popen(
+        [PY, "-c", "from geotrain.wan.link import main; raise SystemExit(main())", "--name", "t", "--listen",
+         "127.0.0.1:0", "--target", f"127.0.0.1:{sink.port}", "--bandwidth", "100mbit"],
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "link.stderr", "w"), text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().startswith("READY ")
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert _exits_cleanly(proc, tmp_path) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _exits_cleanly(proc: subprocess.Popen, tmp_path: Path, timeout_s: float = 15) -> int:
     """The link's exit code once it stopped (LinkProxy.stop joins its threads for up to 5 s); a link that
     does not stop is killed and the test fails with what it logged."""

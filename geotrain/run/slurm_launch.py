@@ -46,9 +46,15 @@ from geotrain.errors import GeotrainError, RunFailed
 from geotrain.events import EventLog, EventTail, read_events
 from geotrain.run.slurm import RenderError, SlurmOptions, renderable_problem, site_part, write_deployment
 
+HELD = frozenset({"SPECIAL_EXIT", "REQUEUE_HOLD", "RESV_DEL_HOLD"})
+"""Slurm job states a job leaves only by a person's ``scontrol release``: requeued and held (SPECIAL_EXIT: its
+script exited with the cluster's special exit code). For the run the job has ended (waiting on it would wait
+forever); it is cancelled when the site is submitted again, so that a release cannot start a second copy."""
+
 ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-                   "OUT_OF_MEMORY", "GONE"})
-"""Slurm job states a job does not leave (GONE: neither scontrol nor sacct knows the job any more)."""
+                   "OUT_OF_MEMORY", "REVOKED", "GONE"}) | HELD
+"""Slurm job states a job does not leave by itself (GONE: neither scontrol nor sacct knows the job any more;
+REVOKED: a federated job that runs on another cluster)."""
 
 CONTROL = "control"
 
@@ -316,6 +322,10 @@ class SlurmLaunch:
 
     def _requeue(self, d: Decision) -> None:
         site, old = d.site, self.jobs[d.site]
+        if old.state in HELD:  # still in the queue: a release would start it beside the new job
+            self.slurm.cancel([old.job_id])
+            self.events.emit("jobs_cancelled", jobs=[old.job_id], reason=f"site {site}'s {old.describe()} is held; "
+                                                                          f"its site is submitted again")
         now = time.time()
         self.events.emit("failure", what="site", target=f"site {site}", happened_t=now, detected_t=now,
                          reason=f"{old.describe()}")
@@ -353,7 +363,7 @@ class SlurmLaunch:
     # ---- stop ----
     def stop(self) -> None:
         """scancel every job of the run that has not ended (nothing is left queued or running)."""
-        live = [j.job_id for j in self.jobs.values() if not j.ended]
+        live = [j.job_id for j in self.jobs.values() if not j.ended or j.state in HELD]
         self.slurm.cancel(live)
         if live:
             self.events.emit("jobs_cancelled", jobs=live, reason="the launcher is stopping")

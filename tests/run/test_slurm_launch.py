@@ -33,7 +33,7 @@ def test_a_run_transcript_from_queued_to_done_with_one_requeue():
 
 
 @pytest.mark.parametrize("state", ["FAILED:1:0", "NODE_FAIL:0:0", "TIMEOUT:0:0", "PREEMPTED:0:0", "OUT_OF_MEMORY:0:125",
-                                   "GONE"])
+                                   "GONE", "SPECIAL_EXIT:0:0", "REQUEUE_HOLD:0:0", "REVOKED"])
 def test_every_way_a_site_job_ends_badly_is_requeued(state):
     assert actions("RUNNING", a="RUNNING", b=state) == [("requeue", "b")]
 
@@ -123,3 +123,40 @@ def test_a_live_request_the_backend_cannot_do_is_rejected_naming_it(tmp_path):
 def test_a_round_committed_without_a_site_counts_as_lost_for_it():
     assert site_absent({"event": "commit", "round": 4, "sites": ["a"]}, "b") == 1
     assert site_absent({"event": "commit", "round": 5, "sites": ["a", "b"]}, "b") == 0
+
+
+class RecordingSlurm:
+    """The Slurm commands the launcher issues, recorded (the real ones: tests/deploy/test_slurm_cluster.py)."""
+
+    def __init__(self):
+        self.cancelled, self.submitted = [], []
+
+    def submit(self, script, *extra):
+        self.submitted.append(script.name)
+        return str(200 + len(self.submitted))
+
+    def cancel(self, job_ids):
+        self.cancelled.extend(job_ids)
+
+
+def test_a_held_site_job_is_cancelled_when_its_site_is_submitted_again_and_on_the_way_out(tmp_path):
+    """SPECIAL_EXIT / REQUEUE_HOLD: Slurm keeps the job queued until a person releases it. Waiting on it would
+    hang the run; leaving it queued beside its replacement would let a release start a second copy of the site."""
+    from geotrain.events import EventLog
+    from geotrain.run.slurm import SlurmOptions
+    from geotrain.run.slurm_launch import SlurmLaunch
+
+    slurm = RecordingSlurm()
+    launch = SlurmLaunch(topo(), tmp_path, SlurmOptions(run_dir=str(tmp_path), deploy_dir=str(tmp_path / "deploy")),
+                         slurm=slurm)
+    launch.events, launch.pending_recovery = EventLog(None, "launcher (slurm)"), {}  # what start() sets up
+    (tmp_path / "slurm").mkdir()
+    c, s = jobs("RUNNING", a="RUNNING", b="SPECIAL_EXIT:0:0")
+    launch.jobs = {"control": c, **s}
+    (d,) = decide(c, s, {}, 2)
+    assert (d.action, d.site) == ("requeue", "b")
+    launch._requeue(d)
+    assert slurm.cancelled == ["102"] and slurm.submitted == ["site-b.sbatch"]
+    launch.jobs["a"] = Job("a", "101", "REQUEUE_HOLD")
+    launch.stop()
+    assert "101" in slurm.cancelled and "100" in slurm.cancelled  # held, and the control plane still running

@@ -5,7 +5,13 @@ crashed; it reads ``<run_dir>/metrics.jsonl`` (docs/events.md) and the artifacts
 decides, for every promise, whether the history shows it **held**, shows it **violated** (with
 the first counter-example) or does not carry enough evidence either way (**unknown**)::
 
-    geotrain check RUN_DIR [--twin RUN_DIR] [--tolerance 0.02] [--max-eval-loss-jump X] [--json]
+    geotrain check RUN_DIR [RUN_DIR ...] [--twin RUN_DIR] [--tolerance 0.02] [--max-eval-loss-jump X] [--json]
+
+One directory is one run: what ``geotrain launch`` wrote, with the Slurm backend's parts under it
+(``RUN/control/``, ``RUN/site-*/``) read too. Several directories are either whole runs, each checked
+on its own (``geotrain check runs/demo-*``), or the parts of one run that separate hosts wrote
+(``geotrain coordinator/site --run-dir``), checked as one history once geotrain.analysis.hosts.same_run
+says they are one run; anything else is refused (exit 2, with the reason).
 
 Exit status: 0 when nothing is violated (``unknown`` is printed but does not fail), 1 when
 something is, 2 when the run directory (or the twin) cannot be read.
@@ -189,11 +195,15 @@ def _twin_final_loss(twin: Path) -> float | None:
 
 
 def run_max_eval_loss_jump(run_dir: Path) -> float:
-    """``security.max_eval_loss_jump`` of the run's topology.json; the default when the run has no
-    topology.json or its topology predates the field. Raises HistoryUnreadable for a value that is
-    not a finite number above 1."""
+    """``security.max_eval_loss_jump`` of the run's topology.json (a separate host's site: its
+    topology.SITE.json); the default when the run has no topology file or its topology predates the
+    field. Raises HistoryUnreadable for a value that is not a finite number above 1."""
+    run_dir = Path(run_dir)
+    path = run_dir / "topology.json"
+    if not path.is_file():
+        path = next(iter(sorted(run_dir.glob("topology.*.json"))), path)
     try:
-        topo = json.loads((Path(run_dir) / "topology.json").read_text())
+        topo = json.loads(path.read_text())
     except (OSError, ValueError):
         return DEFAULT_MAX_EVAL_LOSS_JUMP
     security = topo.get("security") if isinstance(topo, dict) else None
@@ -201,7 +211,7 @@ def run_max_eval_loss_jump(run_dir: Path) -> float:
     if value is None:
         return DEFAULT_MAX_EVAL_LOSS_JUMP
     if not _valid_jump(value):
-        raise HistoryUnreadable(f"{Path(run_dir) / 'topology.json'}: security.max_eval_loss_jump must be a finite "
+        raise HistoryUnreadable(f"{path}: security.max_eval_loss_jump must be a finite "
                                 f"number above 1, not {str(value)[:80]!r}")
     return float(value)
 
@@ -210,26 +220,78 @@ def _valid_jump(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 1
 
 
-def check_run(run_dir: Path, twin: Path | None = None, loss_tolerance: float = 0.02,
-              max_eval_loss_jump: float | None = None) -> list[Verdict]:
-    """Check a run directory: its metrics.jsonl, its checkpoints/*, and (optionally) a twin run's
-    final eval loss. ``max_eval_loss_jump`` overrides the run's ``security.max_eval_loss_jump``.
-    Raises HistoryUnreadable when the run directory or its history is missing."""
+def history_files(run_dir: Path) -> list[Path]:
+    """The histories one run directory holds: its metrics.jsonl and, in the Slurm backend's layout (a
+    ``slurm/jobs.json``: geotrain.run.slurm_launch), the control plane's and every site's part."""
+    run_dir = Path(run_dir)
+    files = [run_dir / "metrics.jsonl"]
+    if (run_dir / "slurm" / "jobs.json").is_file():
+        parts = [run_dir / "control" / "metrics.jsonl", *sorted(run_dir.glob("site-*/metrics.jsonl"))]
+        files += [p for p in parts if p.is_file()]
+    return files
+
+
+def read_history(files: Sequence[Path]) -> list[dict]:
+    """The events of several histories of one run in time order (each file's own order kept for equal times)."""
+    if len(files) == 1:
+        return read_events(files[0])
+    return sorted((e for f in files for e in read_events(f)),
+                  key=lambda e: e["t"] if isinstance(e.get("t"), (int, float)) else 0.0)
+
+
+def _readable(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise HistoryUnreadable(f"no run directory at {run_dir}")
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    if not (run_dir / "metrics.jsonl").is_file():
         raise HistoryUnreadable(f"{run_dir} has no metrics.jsonl (not a run directory?)")
+    return run_dir
+
+
+def check_run(run_dir: Path | Sequence[Path], twin: Path | None = None, loss_tolerance: float = 0.02,
+              max_eval_loss_jump: float | None = None) -> list[Verdict]:
+    """Check a run directory: its metrics.jsonl (with the Slurm backend's parts: :func:`history_files`), its
+    checkpoints/*, and (optionally) a twin run's final eval loss. Several directories: the parts of one run
+    written by separate hosts, checked as one history (refused when they are not one run). ``max_eval_loss_jump``
+    overrides the run's ``security.max_eval_loss_jump``. Raises HistoryUnreadable when a run directory or its
+    history is missing."""
+    dirs = [_readable(d) for d in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
+    if not dirs:
+        raise HistoryUnreadable("no run directory given")
+    if len(dirs) > 1:
+        from geotrain.analysis.hosts import host_record, same_run
+        from geotrain.analysis.rundir import load_run
+
+        decision = same_run([host_record(load_run(d)) for d in dirs])
+        if not decision.same:
+            raise HistoryUnreadable(f"{', '.join(map(str, dirs))} are not the parts of one run: {decision.reason}")
     twin_loss = _twin_final_loss(twin) if twin is not None else None
-    jump = run_max_eval_loss_jump(run_dir) if max_eval_loss_jump is None else max_eval_loss_jump
-    verdicts = check_history(read_events(metrics), checkpoints=find_checkpoints(run_dir),
+    jump = max_eval_loss_jump
+    if jump is None:
+        jumps = [run_max_eval_loss_jump(d) for d in dirs]
+        jump = next((j for j in jumps if j != DEFAULT_MAX_EVAL_LOSS_JUMP), DEFAULT_MAX_EVAL_LOSS_JUMP)
+    events = read_history([f for d in dirs for f in history_files(d)])
+    verdicts = check_history(events, checkpoints=[c for d in dirs for c in find_checkpoints(d)],
                              twin_final_loss=twin_loss, loss_tolerance=loss_tolerance, max_eval_loss_jump=jump)
     if twin is not None and twin_loss is None:
         verdicts = [Verdict(v.invariant, v.status, f"twin {twin} has no final eval loss")
                     if v.invariant == "final_loss_matches_twin" and v.status == UNKNOWN
                     and v.evidence.startswith("no twin") else v for v in verdicts]
     return verdicts
+
+
+def check_runs(run_dirs: Sequence[Path], **kw) -> list[tuple[str, list[Verdict]]]:
+    """The runs that ``run_dirs`` hold, each with its verdicts (see the module docstring): whole runs (written by
+    ``geotrain launch``) one by one, else the parts of one run together. Raises HistoryUnreadable."""
+    dirs = [_readable(d) for d in run_dirs]
+    if len(dirs) == 1:
+        return [(str(dirs[0]), check_run(dirs[0], **kw))]
+    from geotrain.analysis.hosts import LAUNCHER, host_record
+    from geotrain.analysis.rundir import load_run
+
+    if all(LAUNCHER in host_record(load_run(d)).parts for d in dirs):
+        return [(str(d), check_run(d, **kw)) for d in dirs]
+    return [(", ".join(map(str, dirs)), check_run(dirs, **kw))]
 
 
 def format_table(verdicts: Iterable[Verdict]) -> str:
@@ -246,7 +308,8 @@ def format_table(verdicts: Iterable[Verdict]) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geotrain check",
                                 description="Check from a run's recorded history (metrics.jsonl) that geotrain kept its promises.")
-    p.add_argument("run_dir", type=Path, help="the run directory")
+    p.add_argument("run_dir", type=Path, nargs="+", help="the run directory; several: the directories separate hosts "
+                                                          "wrote for one run (geotrain coordinator/site --run-dir)")
     p.add_argument("--twin", type=Path, default=None, help="a twin run directory whose final eval loss this run must match")
     p.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance of the final loss (default 0.02)")
     p.add_argument("--max-eval-loss-jump", type=float, default=None, metavar="X",
@@ -257,7 +320,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``geotrain check RUN_DIR [--twin RUN_DIR] [--tolerance 0.02] [--max-eval-loss-jump X] [--json]``: 0 when nothing is
+    """``geotrain check RUN_DIR [RUN_DIR ...] [--twin RUN_DIR] [--tolerance 0.02] [--max-eval-loss-jump X] [--json]``: 0 when nothing is
     violated, 1 when something is, 2 when the run directory cannot be read."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.tolerance < 0 or not math.isfinite(args.tolerance):
@@ -268,20 +331,25 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        verdicts = check_run(args.run_dir, twin=args.twin, loss_tolerance=args.tolerance,
-                             max_eval_loss_jump=args.max_eval_loss_jump)
+        runs = check_runs(args.run_dir, twin=args.twin, loss_tolerance=args.tolerance,
+                          max_eval_loss_jump=args.max_eval_loss_jump)
     except HistoryUnreadable as exc:
         print(f"geotrain check: {exc}", file=sys.stderr)
         return exc.exit_code
-    violated = [v for v in verdicts if v.status == VIOLATED]
-    if args.json:
-        print(json.dumps({"run_dir": str(args.run_dir), "ok": not violated,
-                          "verdicts": [v.to_dict() for v in verdicts]}, indent=2))
-    else:
-        print(format_table(verdicts))
+    bad = False
+    docs = []
+    for i, (where, verdicts) in enumerate(runs):
+        violated = [v for v in verdicts if v.status == VIOLATED]
+        bad = bad or bool(violated)
+        if args.json:
+            docs.append({"run_dir": where, "ok": not violated, "verdicts": [v.to_dict() for v in verdicts]})
+            continue
+        print(("\n" if i else "") + format_table(verdicts))
         counts = {s: sum(1 for v in verdicts if v.status == s) for s in (HELD, VIOLATED, UNKNOWN)}
-        print(f"\n{args.run_dir}: {counts[HELD]} held, {counts[VIOLATED]} violated, {counts[UNKNOWN]} unknown")
-    return 1 if violated else 0
+        print(f"\n{where}: {counts[HELD]} held, {counts[VIOLATED]} violated, {counts[UNKNOWN]} unknown")
+    if args.json:  # one run: its object, as always; several whole runs: a list of them
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -603,6 +603,79 @@ def test_check_run_finds_checkpoints(tmp_path, builtin_verifier):
     assert vs["checkpoints_verify"].status == "violated"
 
 
+def split_by_host(tmp_path, history: list[dict]) -> list[Path]:
+    """``history`` as separate hosts write it (geotrain coordinator/site --run-dir): the coordinator's events in
+    one directory, each site's workers' in its own; no launcher."""
+    parts: dict[str, list[dict]] = {}
+    for e in history:
+        if e["proc"] != "launcher":
+            parts.setdefault("coordinator" if e["proc"] == "coordinator" else e["proc"].split("/")[0], []).append(e)
+    return [write_run(tmp_path / name, evs) for name, evs in sorted(parts.items())]
+
+
+def test_the_directories_of_separate_hosts_are_checked_as_one_history(tmp_path, capsys):
+    """Alone, the coordinator's directory cannot show that the sites hold its weights (their merges are elsewhere);
+    with the sites' directories the check sees them, and a site holding other weights is a violation."""
+    good = split_by_host(tmp_path / "good", [e for e in good_history() if e["proc"] != "launcher"])
+    vs = {v.invariant: v for v in check_run(good[0])}
+    assert vs["sites_agree_after_merge"].status == "unknown"
+    vs = {v.invariant: v for v in check_run(good)}
+    assert vs["sites_agree_after_merge"].status == "held" and vs["rounds_committed_once_in_order"].status == "held"
+    assert main([str(d) for d in good]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{', '.join(map(str, good))}: 8 held, 0 violated, 3 unknown")
+
+    history = [e for e in good_history() if e["proc"] != "launcher"]
+    i = next(i for i, e in enumerate(history) if e["event"] == "merge" and e["site"] == "us-east" and e["round"] == 2)
+    history[i] = {**history[i], "crc32": 7}
+    bad = split_by_host(tmp_path / "bad", history)
+    assert main([str(bad[0])]) == 0  # the coordinator's part alone shows nothing wrong
+    assert main([str(d) for d in bad]) == 1
+    vs = {v.invariant: v for v in check_run(bad)}
+    assert vs["sites_agree_after_merge"].status == "violated" and "us-east" in vs["sites_agree_after_merge"].evidence
+
+
+def test_directories_that_are_not_one_run_are_refused_with_the_reason(tmp_path, capsys):
+    a = split_by_host(tmp_path / "a", [e for e in good_history() if e["proc"] != "launcher"])
+    launched = write_run(tmp_path / "launched", good_history())
+    assert main([str(a[0]), str(launched)]) == 2
+    err = capsys.readouterr().err
+    assert "are not the parts of one run" in err and "written by `geotrain launch`" in err
+    assert main([str(a[0]), str(a[0])]) == 2  # the same part twice
+    assert "both" in capsys.readouterr().err
+
+
+def test_several_launched_runs_are_checked_one_by_one(tmp_path, capsys):
+    """`geotrain check runs/demo-faults-*` (the README's): every run its own table; exit 1 if any is violated."""
+    good = write_run(tmp_path / "r1", good_history())
+    bad = write_run(tmp_path / "r2", good_history(3) + [commit(1, version=9)])
+    assert main([str(good), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{good}: 8 held, 0 violated" in out and f"{bad}: 6 held, 2 violated" in out and out.count("invariant  ") == 2
+    assert out.count("rounds_committed_once_in_order") == 2
+    assert main([str(good), str(good), "--json"]) == 0
+    docs = json.loads(capsys.readouterr().out)
+    assert [d["run_dir"] for d in docs] == [str(good), str(good)] and all(d["ok"] for d in docs)
+
+
+def test_a_slurm_run_directory_is_checked_with_its_parts(tmp_path):
+    """--backend slurm: RUN/metrics.jsonl is the launcher's; the coordinator's history is RUN/control/, each
+    site's RUN/site-NAME/ (geotrain.run.slurm_launch). A check of RUN sees them all."""
+    history = good_history()
+    i = next(i for i, e in enumerate(history) if e["event"] == "merge" and e["site"] == "eu-west" and e["round"] == 1)
+    history[i] = {**history[i], "crc32": 7}
+    run = write_run(tmp_path / "run", [e for e in history if e["proc"] == "launcher"])
+    write_run(run / "control", [e for e in history if e["proc"] == "coordinator"])
+    for site in SITES:
+        write_run(run / f"site-{site}", [e for e in history if e["proc"].startswith(site + "/")])
+    vs = {v.invariant: v for v in check_run(run)}
+    assert vs["rounds_committed_once_in_order"].status == "unknown"  # no slurm/jobs.json: not that layout
+    (run / "slurm").mkdir()
+    (run / "slurm" / "jobs.json").write_text("[]")
+    vs = {v.invariant: v for v in check_run(run)}
+    assert vs["rounds_committed_once_in_order"].status == "held"
+    assert vs["sites_agree_after_merge"].status == "violated" and "eu-west" in vs["sites_agree_after_merge"].evidence
+
+
 # ---- a real run ---------------------------------------------------------------------------------
 
 

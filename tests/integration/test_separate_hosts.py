@@ -9,6 +9,7 @@ B C`` must read them as one run: every planned round committed, the link counter
 
 from __future__ import annotations
 
+import json
 import selectors
 import signal
 import subprocess
@@ -162,6 +163,13 @@ def test_three_hosts_are_reported_as_one_run(tmp_path):
         assert row.startswith(f"| {site} | 1 | {ROUNDS * H} | {ROUNDS} |"), row
     for png in ("report-loss-vs-steps.png", "report-timeline.png", "report-link-bytes.png"):
         assert (out / png).is_file(), png
+
+    # The three histories checked as one: the sites' merges against the coordinator's commits.
+    checked = subprocess.run([sys.executable, "-m", "geotrain.cli", "check", str(A), str(B), str(C), "--json"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    verdicts = {v["invariant"]: v["status"] for v in json.loads(checked.stdout)["verdicts"]}
+    assert verdicts["sites_agree_after_merge"] == "held" and verdicts["rounds_committed_once_in_order"] == "held", verdicts
 
     # The bytes come from the counters of both links, found in two different host dirs.
     from geotrain.analysis.hosts import combine

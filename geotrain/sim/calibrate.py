@@ -1,10 +1,12 @@
 """Fit :class:`~geotrain.sim.model.SimParams` from a real run's history, and compare a simulation with it.
 
-From ``RUN_DIR/metrics.jsonl`` (docs/events.md), each a median so that one slow outlier does not decide,
-except the step time:
+From ``RUN_DIR/metrics.jsonl`` (docs/events.md), each a median so that one slow outlier does not decide:
 
-- ``step_s[site]``: the mean ``compute_s`` of the site leader's ``inner_step`` events (a mean: the slow first
-  steps are part of the compute a run spends, and utilisation is a sum of them);
+- ``step_s[site]``: the median ``compute_s`` of the site leader's ``inner_step`` events. It was the mean (the slow
+  first steps are compute a run spends too) until the warm standbys came: they import torch beside the first
+  ~10 s of training, which on a shared machine makes those steps 1.5-2x slower, a transient of fixed length
+  that a mean spreads over every step of a longer run (a 60-round target simulated 1.26x its real wall time
+  from a 30-round calibration; benchmarks/simulator_accuracy.py --failure-rate, 2026-12-04);
 - ``startup_s``: from ``run_started`` to each site's first inner step, less that step;
 - ``up_bytes``, ``down_bytes``: the merges' ``bytes_sent`` / ``bytes_received`` (the exact payloads);
 - ``numel``: the ``model`` event's ``params``, else fp32 bytes / 4;
@@ -34,11 +36,6 @@ def _median(values, default: float) -> float:
     return float(statistics.median(values)) if values else default
 
 
-def _mean(values, default: float) -> float:
-    values = [v for v in values if isinstance(v, (int, float))]
-    return float(statistics.fmean(values)) if values else default
-
-
 def transfer_s(topo: Topology, site: str, nbytes: int) -> float:
     """Serialization plus latency of ``nbytes`` on the site's link to the coordinator (the emulator's model)."""
     spec = topo.link(site, topo.coordinator.at)
@@ -61,7 +58,7 @@ def calibrate(run_dir: Path, topo: Topology) -> SimParams:
     step_s, first = {}, []
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]
-        step_s[s.name] = _mean([e.get("compute_s") for e in mine], 0.05)
+        step_s[s.name] = _median([e.get("compute_s") for e in mine], 0.05)
         if mine:
             first.append(mine[0]["t"] - started - step_s[s.name])
     up = int(_median([e.get("bytes_sent") for e in merges_any], 0))

@@ -2,11 +2,13 @@
 
 From ``RUN_DIR/metrics.jsonl`` (docs/events.md), each a median so that one slow outlier does not decide:
 
-- ``step_s[site]``: the median ``compute_s`` of the site leader's ``inner_step`` events. It was the mean (the slow
-  first steps are compute a run spends too) until the warm standbys came: they import torch beside the first
-  ~10 s of training, which on a shared machine makes those steps 1.5-2x slower, a transient of fixed length
-  that a mean spreads over every step of a longer run (a 60-round target simulated 1.26x its real wall time
-  from a 30-round calibration; benchmarks/simulator_accuracy.py --failure-rate, 2026-12-04);
+- ``step_s[site]``: the site's steady step: the median ``compute_s`` of the later half of the site leader's
+  ``inner_step`` events. It was the mean of all of them (the slow first steps are compute a run spends too)
+  until the warm standbys came: they import torch beside the first ~10 s of training (and again after a
+  restart), which on a machine with few cores makes those steps 1.5-2x slower, a transient of fixed length
+  that a mean spreads over every step of a longer run (a 60-round target simulated at 1.26x its real wall time
+  from a 30-round calibration; the median of all steps 1.16x, the later half's: docs/results.md,
+  benchmarks/simulator_accuracy.py --failure-rate, 2026-12-04);
 - ``startup_s``: from ``run_started`` to each site's first inner step, less that step;
 - ``up_bytes``, ``down_bytes``: the merges' ``bytes_sent`` / ``bytes_received`` (the exact payloads);
 - ``numel``: the ``model`` event's ``params``, else fp32 bytes / 4;
@@ -58,7 +60,7 @@ def calibrate(run_dir: Path, topo: Topology) -> SimParams:
     step_s, first = {}, []
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]
-        step_s[s.name] = _median([e.get("compute_s") for e in mine], 0.05)
+        step_s[s.name] = _median([e.get("compute_s") for e in mine[len(mine) // 2:]], 0.05)
         if mine:
             first.append(mine[0]["t"] - started - step_s[s.name])
     up = int(_median([e.get("bytes_sent") for e in merges_any], 0))

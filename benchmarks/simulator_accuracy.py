@@ -102,7 +102,7 @@ def main() -> int:
     args = p.parse_args()
     if args.failure_rate:
         return failure_rate(args)
-    r = 4 if args.quick else 8
+    r = 8 if args.quick else 24  # ~15 s of steady steps after the standbys' ~12 s import (geotrain.sim.calibrate)
     calib = launch(DEMO, f"training.rounds={r}")
     targets = {
         f"demo sync, {2 * r} rounds": (DEMO, (f"training.rounds={2 * r}",)),

@@ -236,9 +236,13 @@ class Launcher:
             log_f = open(self._log_path(c.name), "ab")
             env = procs.env_with(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo",
                                  NCCL_SOCKET_IFNAME="lo")
-            self.standbys[c.name] = procs.spawn([_python(), "-m", "geotrain.run.standby"], env=env, stdout=log_f,
-                                                stderr=log_f, stdin=subprocess.PIPE)
+            argv = [_python(), "-m", "geotrain.run.standby", "--name", c.name]
+            if self.events.path is not None:
+                argv += ["--events", str(self.events.path)]
+            self.standbys[c.name] = procs.spawn(argv, env=env, stdout=log_f, stderr=log_f, stdin=subprocess.PIPE)
             log_f.close()
+            self.events.emit("standby_started", name=c.name, site=c.group.removeprefix("site:"),
+                             pid=self.standbys[c.name].pid)
 
     @property
     def checkpoint_dir(self) -> Path:

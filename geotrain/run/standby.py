@@ -15,6 +15,11 @@ What a standby cannot take over (an entry that is not ``python -m MODULE`` or ``
 this interpreter) is not given to it: the launcher spawns that worker fresh, as before
 (:func:`can_take`). A standby whose stdin closes exits 0 without running anything.
 
+Events: started with ``--events PATH --name NAME`` (as the launcher starts it), a standby writes
+``standby_ready`` to the run's metrics.jsonl once it is warm (``seconds``: from its start; the launcher wrote
+``standby_started`` when it spawned it), so that a run's history says when its standbys were importing
+beside the training (they slow its steps on a machine with few cores: geotrain.sim.calibrate measures that).
+
 Environment read at import time: the standby starts with the variables that decide how torch sets
 itself up (``OMP_NUM_THREADS`` and the socket interfaces of gloo and NCCL, the same for every worker
 of a launch), so what was imported early agrees with what the worker's environment says.
@@ -88,12 +93,25 @@ def become(order: dict) -> None:
         runpy.run_path(script, run_name="__main__")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
     import importlib
+    import time
 
+    started = time.time()
+    ap = argparse.ArgumentParser(prog="python -m geotrain.run.standby")
+    ap.add_argument("--events", help="the run's metrics.jsonl: standby_ready is written there once warm")
+    ap.add_argument("--name", default="", help="the worker this standby stands by for (e.g. 'worker us-east/0')")
+    args = ap.parse_args(argv)
     for name in WARM_MODULES:
         importlib.import_module(name)
     warm_up()
+    if args.events:
+        from geotrain.events import EventLog
+
+        log = EventLog(args.events, proc="standby")
+        log.emit("standby_ready", name=args.name, pid=os.getpid(), seconds=round(time.time() - started, 6))
+        log.close()
     print(READY, flush=True)
     line = sys.stdin.readline()
     if not line.strip():  # the launcher let it go unused

@@ -2,18 +2,21 @@
 
 From ``RUN_DIR/metrics.jsonl`` (docs/events.md), each a median so that one slow outlier does not decide:
 
-- ``step_s[site]``: the site's steady step: the median ``compute_s`` of the later half of the site leader's
-  ``inner_step`` events. It was the mean of all of them (the slow first steps are compute a run spends too)
-  until the warm standbys came: they import torch beside the first ~10 s of training (and again after a
-  restart), which on a machine with few cores makes those steps 1.5-2x slower, a transient of fixed length
-  that a mean spreads over every step of a longer run (a 60-round target simulated at 1.26x its real wall time
-  from a 30-round calibration; the median of all steps 1.16x, the later half's: docs/results.md,
-  benchmarks/simulator_accuracy.py --failure-rate, 2026-12-04);
+- ``step_s[site]``: the site's steady step: the median ``compute_s`` of the site leader's ``inner_step`` events
+  that ran while no warm standby was importing (``standby_started`` to its ``standby_ready``); where the run
+  had too few such steps, the median of the later half of its steps. It was the mean of all steps until the
+  warm standbys came: they import torch beside ~10-15 s of training after a site's first step (and again
+  after a restart), which on a machine with few cores makes those steps 1.5-2x slower, a transient of fixed
+  length that a mean spreads over every step of a longer run (docs/results.md, Simulator accuracy);
+- ``standby_slowdown``: the median, over the steps that overlapped their own site's standby window, of
+  ``compute_s`` / the site's steady step; ``standby_warm_s``: the standbys' median ``standby_started`` to
+  ``standby_ready``; ``standby_after_s``: from a site's first step in a life to its standbys' start.
+  None of the three where no site had steady steps to compare with (the transient is then in ``step_s``);
 - ``startup_s``: from ``run_started`` to each site's first inner step, less that step;
 - ``up_bytes``, ``down_bytes``: the merges' ``bytes_sent`` / ``bytes_received`` (the exact payloads);
 - ``numel``: the ``model`` event's ``params``, else fp32 bytes / 4;
 - ``apply_s``: the commits' ``answer_s`` (when the answer starts out; the round is made durable while it streams),
-  ``apply_s`` in histories from before the two were apart; ``eval_s``: the evals' ``seconds``; ``restart_s``: the worker recoveries';
+  ``apply_s`` in histories from before the two were apart; ``eval_s``: the evals' ``seconds`` (those outside the standby windows where a transient was fitted); ``restart_s``: the worker recoveries';
 - ``coordinator_restart_s``: from a coordinator's kill (``fault_injected``) to its resumed ``coordinator_started``;
 - ``fault_clock_s``: when the launcher's fault clock started: a fault fired ``at`` a time, less that time;
 - ``shutdown_s``: from the last ``site_done`` to ``run_finished``;
@@ -25,6 +28,7 @@ From ``RUN_DIR/metrics.jsonl`` (docs/events.md), each a median so that one slow 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from geotrain.config.schema import Topology
@@ -48,6 +52,79 @@ def transfer_s(topo: Topology, site: str, nbytes: int) -> float:
     return nbytes / d.rate_bytes_per_s(lp) + lp.latency_ms / 1000.0
 
 
+OUTLIER = 5.0
+"""A step over this many times the median is not the site's compute: a SIGSTOP's frozen seconds, a first
+step's one-off costs, a restart's."""
+
+
+def steady_step(times: list[float]) -> float:
+    """The mean step of ``times`` without outliers (:data:`OUTLIER`): a mean, because the steady steps are not
+    all alike (on the demo the first step after each merge takes ~3x the median, and that is compute every
+    round pays: a median left it out and under-predicted utilisation by 11 %)."""
+    m = statistics.median(times)
+    kept = [t for t in times if t <= OUTLIER * m]
+    return float(statistics.fmean(kept))
+
+
+MIN_STEADY_STEPS = 10
+"""Steps outside every standby window a site needs for its steady step to be measured rather than guessed."""
+
+
+@dataclass(frozen=True)
+class StandbyFit:
+    steady: dict[str, float]  # site -> its median step outside every standby window (enough of them only)
+    after_s: float = 0.0
+    warm_s: float = 0.0
+    slowdown: float = 1.0
+    windows: tuple = ()  # every standby's (started, ready)
+
+    def calm(self, timed) -> list[float]:
+        """The ``seconds`` of the events ``timed`` (each ending at its ``t``) that ran outside every standby
+        window, where a transient was fitted and there are at least 3 of them; else all of them."""
+        timed = [e for e in timed if isinstance(e.get("seconds"), (int, float))]
+        calm = [e["seconds"] for e in timed if not any(e["t"] - e["seconds"] < b and e["t"] > a for a, b in self.windows)]
+        return calm if self.warm_s > 0 and len(calm) >= 3 else [e["seconds"] for e in timed]
+
+
+def standby_fit(events: list[dict], sites: list[str]) -> StandbyFit:
+    """The steady step of each site and its standbys' transient, from the standby events of a history."""
+    ready: dict[tuple, list[float]] = {}  # (pid, name) -> its ready times (a simulated history has no pids)
+    for e in events:
+        if e["event"] == "standby_ready":
+            ready.setdefault((e.get("pid"), e.get("name")), []).append(e["t"])
+    end = max((e["t"] for e in events), default=0.0)
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        if e["event"] == "standby_started":
+            windows.setdefault(e.get("site"), []).append((e["t"], min((r for r in ready.get((e.get("pid"), e.get("name")), ()) if r >= e["t"]), default=end)))
+    every = [w for ws in windows.values() for w in ws]
+    if not every:
+        return StandbyFit({})
+
+    def overlaps(e: dict, ws) -> bool:
+        t, took = e["t"], e.get("compute_s") or 0.0
+        return any(t - took < b and t > a for a, b in ws)
+
+    steady, ratios, after = {}, [], []
+    for site in sites:
+        mine = [e for e in events if e["event"] == "inner_step" and e.get("site") == site
+                and isinstance(e.get("compute_s"), (int, float))]
+        calm = [e["compute_s"] for e in mine if not overlaps(e, every)]
+        if len(calm) >= MIN_STEADY_STEPS:
+            steady[site] = steady_step(calm)
+            ratios += [e["compute_s"] / steady[site] for e in mine if overlaps(e, windows.get(site, ()))]
+        lives = [e["t"] for e in events if e["event"] == "site_ready" and e.get("site") == site]
+        for a, _ in windows.get(site, ()):
+            life = max((t for t in lives if t <= a), default=None)
+            firsts = [e["t"] for e in mine if life is not None and life <= e["t"] <= a]
+            if firsts:
+                after.append(a - min(firsts))
+    if not steady or not ratios:
+        return StandbyFit(steady)
+    return StandbyFit(steady, after_s=_median(after, 0.0), warm_s=_median([b - a for a, b in every], 0.0),
+                      slowdown=max(1.0, _median(ratios, 1.0)), windows=tuple(every))
+
+
 def calibrate(run_dir: Path, topo: Topology) -> SimParams:
     """The times and sizes of the run in ``run_dir`` (whose own topology is ``topo``)."""
     events = read_events(Path(run_dir) / "metrics.jsonl")
@@ -58,9 +135,10 @@ def calibrate(run_dir: Path, topo: Topology) -> SimParams:
     merges = [e for e in events if e["event"] == "merge" and "fragment" not in e]
     merges_any = [e for e in events if e["event"] == "merge"]
     step_s, first = {}, []
+    fit = standby_fit(events, [s.name for s in topo.sites])
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]
-        step_s[s.name] = _median([e.get("compute_s") for e in mine[len(mine) // 2:]], 0.05)
+        step_s[s.name] = fit.steady.get(s.name) or _median([e.get("compute_s") for e in mine[len(mine) // 2:]], 0.05)
         if mine:
             first.append(mine[0]["t"] - started - step_s[s.name])
     up = int(_median([e.get("bytes_sent") for e in merges_any], 0))
@@ -76,7 +154,8 @@ def calibrate(run_dir: Path, topo: Topology) -> SimParams:
                   restart_s=_median([e.get("seconds") for e in events if e["event"] == "recovery"
                                      and e.get("what") == "worker"], 5.0),
                   apply_s=apply_s, up_bytes=up * fragments or None, down_bytes=down * fragments or None,
-                  eval_s=_median([e.get("seconds") for e in events if e["event"] == "eval"], 0.0))
+                  eval_s=_median(fit.calm(e for e in events if e["event"] == "eval"), 0.0))
+    p.standby_after_s, p.standby_warm_s, p.standby_slowdown = fit.after_s, fit.warm_s, fit.slowdown
     kills = [e["t"] for e in events if e["event"] == "fault_injected" and e.get("target") == "coordinator"]
     resumed = [e["t"] for e in events if e["event"] == "coordinator_started" and e.get("resumed")]
     back = [min((r for r in resumed if r >= k), default=None) for k in kills]

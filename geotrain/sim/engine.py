@@ -8,7 +8,9 @@ topology's schedule and from geotrain.run.fault_rate.FaultDraws; bytes cross the
 emulator's own model (geotrain.wan.shaping.Direction: the shared bottleneck, latency, jitter, loss and the
 Mathis bound), driven with simulated time instead of the clock.
 
-What is modelled, per site: ``startup_s``, then inner steps of ``step_s[site]`` each; every H steps (a
+What is modelled, per site: ``startup_s``, then inner steps of ``step_s[site]`` each (``standby_slowdown``
+times that while the site's warm standbys import: from ``standby_after_s`` after its first step in each
+life ends, for ``standby_warm_s``; a run of steps that crosses the window's edge ends where the two rates say); every H steps (a
 whole-model merge; streaming: one fragment every H/P steps, needed back ``overlap_steps`` later; ddp: every
 step, its gradient) the leader's update crosses its link up, the coordinator decides, its answer crosses
 back, plus the site's ``overhead_s``. Killed sites are back after ``restart_s`` and rejoin where ``join``
@@ -102,6 +104,11 @@ class Site:
     block: tuple | None = None  # (token, start, steps, end) of the inner steps running
     frozen_in: dict = field(default_factory=dict)  # step of the block -> seconds it was frozen (counted in it)
     inflight: dict = field(default_factory=dict)  # fragment -> (token, round, sent_at) of a merge not yet answered
+    base_step_s: float = 0.0  # its steady step; step_s is the running block's (slower while standbys import)
+    fresh: bool = False  # (re)started: its first step starts its standbys' window
+    warm: tuple = (0.0, 0.0)  # [from, until) its standbys import
+    compute_s: float = 0.0
+    took: list | None = None  # each step's time in the running block, where the standby window makes them differ
 
 
 class Simulator:
@@ -120,8 +127,10 @@ class Simulator:
         self._seq = itertools.count()
         self._rng = random.Random(seed)
         self.hub = topo.coordinator.at
-        self.sites = {s.name: Site(s.name, params.step_s[s.name], params.overhead_s.get(s.name, 0.0))
-                      for s in topo.sites}
+        self.sites = {s.name: Site(s.name, params.step_s[s.name], params.overhead_s.get(s.name, 0.0),
+                                   base_step_s=params.step_s[s.name]) for s in topo.sites}
+        self.workers = {s.name: s.world_size for s in topo.sites}
+        self.standbys = topo.recovery.warm_standby and params.standby_warm_s > 0 and params.standby_slowdown != 1.0
         self.links: dict[str, tuple[Direction, Direction]] = {}
         for s in topo.sites:
             spec = topo.link(s.name, self.hub)
@@ -217,6 +226,7 @@ class Simulator:
         if epoch != s.epoch:
             return
         self.emit("site_ready", f"{s.name}/0", site=s.name, version=s.version, round=s.round, epoch=1)
+        s.fresh = True
         self.at(self.now, self._compute, s, s.epoch)
 
     def _steps_ahead(self, s: Site) -> int:
@@ -234,29 +244,63 @@ class Simulator:
         if self.now < s.frozen_until:
             self.at(s.frozen_until, self._compute, s, epoch)
             return
+        if s.fresh:  # (re)started: the launcher starts the site's standbys once it has trained a step
+            s.fresh = False
+            if self.standbys:
+                a = self.now + s.base_step_s + self.p.standby_after_s
+                s.warm = (a, a + self.p.standby_warm_s)
+                self.at(a, self._standbys, s, "standby_started", epoch)
+                self.at(s.warm[1], self._standbys, s, "standby_ready", epoch)
         k = self._steps_ahead(s)
         tok = next(self._seq)
-        end = self.now + k * s.step_s
+        end = self._advance(s, self.now, k * s.base_step_s)
+        s.step_s = (end - self.now) / k  # what a kill or a freeze in the block goes by
+        s.took = None
+        if end - self.now > k * s.base_step_s + 1e-12:  # the window slows some of these steps: each its own time
+            t, s.took = self.now, []
+            for _ in range(k):
+                t2 = self._advance(s, t, s.base_step_s)
+                s.took.append(t2 - t)
+                t = t2
         s.block = (tok, self.now, k, end)
         s.frozen_in = {}
         self.at(end, self._stepped, s, epoch, tok)
+
+    def _advance(self, s: Site, t: float, work: float) -> float:
+        """When ``work`` seconds of steady steps started at ``t`` end: ``standby_slowdown`` times slower inside the
+        site's standby window."""
+        if not self.standbys or s.warm[1] <= t:
+            return t + work
+        a, b = s.warm
+        for edge, rate in ((a, 1.0), (b, 1.0 / self.p.standby_slowdown), (float("inf"), 1.0)):
+            if t >= edge:
+                continue
+            can = (edge - t) * rate
+            if can >= work:
+                return t + work / rate
+            work -= can
+            t = edge
+        return t
 
     def _emit_steps(self, s: Site, first: int, k: int, end: float) -> None:
         """Inner steps ``first+1 .. first+k``, the last ending at ``end``."""
         if k <= 0:
             return
         proc, now, frozen = f"{s.name}/0", self.now, s.frozen_in
+        took = s.took
+        ran = sum(took[:k]) if took is not None else k * s.step_s
+        s.compute_s += ran + sum(frozen.values())
         if self.step_events == "round":
             self.now = end
             self.emit("inner_step", proc, site=s.name, step=first + k, round=s.round,
-                      compute_s=round(k * s.step_s + sum(frozen.values()), 9), wan_s=0.0, steps=k)
+                      compute_s=round(ran + sum(frozen.values()), 9), wan_s=0.0, steps=k)
         else:
-            t = end - k * s.step_s - sum(frozen.values())
+            t = end - ran - sum(frozen.values())
             for i in range(k):
-                took = s.step_s + frozen.get(i, 0.0)  # a real step's compute_s is its wall time: a SIGSTOP counts
-                t += took
+                d = (took[i] if took is not None else s.step_s) + frozen.get(i, 0.0)  # a real step's compute_s is its wall time: a SIGSTOP counts
+                t += d
                 self.now = t
-                self.emit("inner_step", proc, site=s.name, step=first + i + 1, round=s.round, compute_s=took, wan_s=0.0)
+                self.emit("inner_step", proc, site=s.name, step=first + i + 1, round=s.round, compute_s=d, wan_s=0.0)
         self.now = now
 
     def _stepped(self, s: Site, epoch: int, tok: int) -> None:
@@ -276,6 +320,12 @@ class Simulator:
             self._merge(s, epoch, s.round)
         else:
             self._compute(s, epoch)
+
+    def _standbys(self, s: Site, kind: str, epoch: int) -> None:
+        if epoch == s.epoch and not s.done:
+            for i in range(self.workers[s.name]):
+                self.emit(kind, "launcher" if kind == "standby_started" else "standby", name=f"worker {s.name}/{i}",
+                          site=s.name, simulated=True)
 
     def _stream_step(self, s: Site, epoch: int) -> None:
         """Streaming DiLoCo: every H/P steps one fragment goes out; the site waits only when the answer of
@@ -546,7 +596,7 @@ class Simulator:
         if s.round >= self.tr.rounds:
             self._site_done(s)
         elif evaluator and boundary and self.p.eval_s > 0:
-            self.at(self.now + self.p.eval_s, self._compute, s, epoch)
+            self.at(self._advance(s, self.now, self.p.eval_s), self._compute, s, epoch)  # slower while standbys import
         else:
             self._compute(s, epoch)
 
@@ -592,7 +642,7 @@ class Simulator:
         s.done = True
         self.remaining -= 1
         self.emit("site_done", f"{s.name}/0", site=s.name, steps=s.step, rounds=s.round,
-                  compute_s=round(s.step * s.step_s, 6))
+                  compute_s=round(s.compute_s, 6))
 
     # ---- faults ----
     def _schedule_faults(self) -> None:
@@ -653,10 +703,14 @@ class Simulator:
         if s.block is not None:  # the steps it finished before it died were taken (and count as compute)
             _, start, k, _ = s.block
             ran = self.now - start - sum(s.frozen_in.values())
-            done = max(0, min(k, int(ran / s.step_s + 1e-9))) if s.step_s > 0 else 0
+            took = s.took if s.took is not None else [s.step_s] * k
+            done, spent = 0, 0.0
+            while done < k and spent + took[done] <= ran + 1e-9:
+                spent += took[done]
+                done += 1
             s.frozen_in = {i: v for i, v in s.frozen_in.items() if i < done}
             if done > 0:
-                self._emit_steps(s, s.step, done, start + done * s.step_s + sum(s.frozen_in.values()))
+                self._emit_steps(s, s.step, done, start + spent + sum(s.frozen_in.values()))
                 s.step += done
             s.block = None
         if act.action != "restart":

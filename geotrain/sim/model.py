@@ -11,6 +11,10 @@
   ``coordinator_restart_s``: a killed coordinator back (answering) from its persisted state;
   ``fault_clock_s``: the launcher's fault clock (``at`` and ``fault_rate`` times) starts this long after
   ``run_started`` (once it started the processes);
+- ``standby_after_s``, ``standby_warm_s``, ``standby_slowdown``: a site's warm standbys (recovery.warm_standby)
+  start ``standby_after_s`` after its first inner step in each life and import for ``standby_warm_s``;
+  meanwhile its steps take ``standby_slowdown`` times ``step_s`` (they share the site's cores). 0 s: no such
+  transient (the default when given, and where the calibration run never got past it);
 - ``apply_s``: the coordinator's outer step per round; ``overhead_s[site]``: per merge, what a real
   merge costs beyond the modelled transfer (protocol, encode/decode, the site's broadcast).
 """
@@ -39,6 +43,9 @@ class SimParams:
     """From the last site done to the run's end (processes stopping, the summary written)."""
     coordinator_restart_s: float = 3.0
     fault_clock_s: float = 0.0
+    standby_after_s: float = 0.0
+    standby_warm_s: float = 0.0
+    standby_slowdown: float = 1.0
     init_bytes: int | None = None
     """The initial model's fp32 bytes: the first site uploads it (InitModel), every site downloads it at Join.
     None: 4 × numel."""
@@ -61,7 +68,8 @@ class SimParams:
                 "apply_s": self.apply_s, "overhead_s": self.overhead_s, "down_bytes": self.down_bytes,
                 "up_bytes": self.up_bytes, "eval_s": self.eval_s, "shutdown_s": self.shutdown_s,
                 "init_bytes": self.init_bytes, "coordinator_restart_s": self.coordinator_restart_s,
-                "fault_clock_s": self.fault_clock_s}
+                "fault_clock_s": self.fault_clock_s, "standby_after_s": self.standby_after_s,
+                "standby_warm_s": self.standby_warm_s, "standby_slowdown": self.standby_slowdown}
 
 
 def replicated(topo: Topology, n: int) -> Topology:

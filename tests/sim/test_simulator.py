@@ -272,3 +272,37 @@ def test_a_freeze_mid_step_delays_the_round_and_counts_in_that_steps_compute_as_
     # a computes 2.02 .. 2.52; frozen at 2.25 (in its 3rd step) for 1 s: that step's wall time is 1.1 s
     assert [e["compute_s"] for e in a] == pytest.approx([0.1, 0.1, 1.1, 0.1, 0.1])
     assert a[-1]["t"] == pytest.approx(3.52) and sim.now == pytest.approx(3.52 + 2 * UP + 1.0, abs=1e-6)
+
+
+def test_steps_while_the_standbys_import_are_slower_by_the_fitted_factor_and_calibration_reads_it_back(tmp_path):
+    # b is ready at 2.01 s (a 10 ms later: it provides the model); its first step ends at 2.11, its standbys
+    # start 0.5 s later and import for 1 s, steps meanwhile take twice as long: of its first 20 steps, 6 run
+    # before the window (0.6 s), 5 inside it (1.0 s), 9 after (0.9 s): the round's steps end 2.5 s after 2.01
+    t = topo(inner_steps=20, rounds=3)
+    p = params(t, standby_after_s=0.5, standby_warm_s=1.0, standby_slowdown=2.0)
+    events = Simulator(t, p).run()
+    b = [e for e in of(events, "inner_step") if e["site"] == "b"]
+    assert b[19]["t"] == pytest.approx(2.01 + 2.5, abs=1e-9)
+    assert [round(e["compute_s"], 9) for e in b[:20]] == [0.1] * 6 + [0.2] * 5 + [0.1] * 9
+    started = [e for e in of(events, "standby_started") if e["site"] == "b"]
+    assert [e["t"] for e in started] == pytest.approx([2.61]) and started[0]["name"] == "worker b/0"
+    assert [e["t"] for e in of(events, "standby_ready") if e["site"] == "b"] == pytest.approx([3.61])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    got = calibrate(tmp_path, t)
+    assert got.step_s == {"a": pytest.approx(0.1), "b": pytest.approx(0.1)}
+    assert (got.standby_slowdown, got.standby_warm_s, got.standby_after_s) == pytest.approx((2.0, 1.0, 0.5))
+    # without warm standbys there is no window: the same run's steps all take 0.1 s
+    off = topo(inner_steps=20, rounds=3, extra={"recovery": {"warm_standby": False}})
+    plain = [e for e in of(Simulator(off, p).run(), "inner_step") if e["site"] == "b"]
+    assert plain[19]["t"] == pytest.approx(2.01 + 2.0, abs=1e-9)
+
+
+def test_a_calibration_run_that_never_left_its_standby_window_fits_no_transient(tmp_path):
+    # every step inside the window: there is nothing steady to compare with, so the slowdown is not guessed
+    t = topo(inner_steps=5, rounds=2)
+    p = params(t, standby_after_s=0.0, standby_warm_s=60.0, standby_slowdown=2.0)
+    events = Simulator(t, p).run()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    got = calibrate(tmp_path, t)
+    assert (got.standby_warm_s, got.standby_slowdown) == (0.0, 1.0)
+    assert got.step_s["b"] == pytest.approx(0.2)  # the later half's median: the transient is in the step

@@ -49,7 +49,7 @@ ROWS = ("diloco", "average", "sparse-shipped", "sparse-exact-down", "sparse-fp32
 
 
 def run(row: str, topo, rounds: int, density: float, bits: int, block: int, decay: float,
-        sparse_lr: float = 1.0) -> dict:
+        sparse_lr: float = 1.0, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     tr, m = topo.training, topo.model
@@ -58,7 +58,7 @@ def run(row: str, topo, rounds: int, density: float, bits: int, block: int, deca
     held_out = eval_batches(corpus.eval, tr.batch_size, m.block_size, tr.eval_batches)
     sites = [s.name for s in topo.sites]
     workers = topo.sites[0].workers
-    models = [build_model(cfg, seed=topo.seed) for _ in sites]
+    models = [build_model(cfg, seed=topo.seed).to(device) for _ in sites]
     opts = [build_inner_optimizer(mdl, tr.inner_optimizer) for mdl in models]
     samplers = [BatchSampler(corpus.train, tr.batch_size * workers, m.block_size, seed=worker_seed(topo.seed, s, 0))
                 for s in sites]
@@ -77,7 +77,7 @@ def run(row: str, topo, rounds: int, density: float, bits: int, block: int, deca
     residuals = [torch.zeros_like(global_flat) for _ in sites]  # the fp32-values row's own error feedback
     down = UpdateEncoder("topk", block, True, density=min(1.0, density * len(sites)), bits=bits)
     value_bits = 32 if row == "sparse-fp32-values" else bits
-    evals = [evaluate(models[0], held_out)]
+    evals = [evaluate(models[0], held_out, device=device)]
     step = 0
     for rnd in range(rounds):
         deltas = []
@@ -85,7 +85,7 @@ def run(row: str, topo, rounds: int, density: float, bits: int, block: int, deca
             for h in range(H):
                 set_lr(opts[i], lr_at(step + h, base_lr=inner.lr, **schedule))
                 x, y = samplers[i].next_batch()
-                _, loss = mdl(x, y)
+                _, loss = mdl(x.to(device), y.to(device))
                 loss.backward()
                 if inner.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params[i], inner.clip_grad_norm)
@@ -112,7 +112,7 @@ def run(row: str, topo, rounds: int, density: float, bits: int, block: int, deca
         global_flat = new
         for i in range(len(models)):
             unflatten_into(global_flat, params[i])
-        evals.append(evaluate(models[0], held_out))
+        evals.append(evaluate(models[0], held_out, device=device))
     return {"row": row, "final_eval_loss": evals[-1], "evals": evals}
 
 
@@ -129,13 +129,15 @@ def main() -> int:
     p.add_argument("--sparse-lr", type=float, default=1.0,
                    help="outer lr of the sparse rows without momentum (the paper's step: 1; geotrain ships 1)")
     p.add_argument("--only", default=",".join(ROWS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the sites' models train (the codec and the "
+                   "outer step stay on the CPU, as in geotrain)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sparseloco_probe.json"))
     args = p.parse_args()
     topo = load_topology(args.topology, args.set)
     results = []
     for row in args.only.split(","):
         t0 = time.perf_counter()
-        r = run(row, topo, args.rounds, args.density, args.bits, args.block, args.decay, args.sparse_lr)
+        r = run(row, topo, args.rounds, args.density, args.bits, args.block, args.decay, args.sparse_lr, args.device)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(r)
         base = results[0]["final_eval_loss"]

@@ -151,6 +151,9 @@ def cmd_launch(args) -> int:
         return cmd_launch_slurm(args, topo)
     if args.script is not None and not args.script:
         raise TopologyError("--script: give the command to run, e.g. --script python train.py")
+    from geotrain.run.devices import check_cuda_sites
+
+    check_cuda_sites(topo)  # a cuda site this machine cannot run: refused now, not crash-looping later
     if args.script is None:  # the built-in trainer's data: present now, not after its workers crash
         from geotrain.worker.data import check_data_files
 
@@ -252,6 +255,9 @@ def cmd_resume(args) -> int:
                         f"this run's is {topo.digest()[:12]})")
     print(f"geotrain resume: continuing {topo.name} from round {info.round} ({info.path})"
           + (f" with {' '.join(script)}" if script else ""), file=sys.stderr)
+    from geotrain.run.devices import check_cuda_sites
+
+    check_cuda_sites(topo)
     plan = LaunchPlan(topo=topo, run_dir=run_dir, quiet=args.quiet, resume_round=info.round, script=script, cwd=cwd)
     try:
         summary = launch(plan, progress_factory=None if args.quiet else make_progress)

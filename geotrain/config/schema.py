@@ -67,7 +67,7 @@ class SiteConfig(_Node):
         """Processes in the site's group: ``nodes`` × ``workers``."""
         return self.nodes * self.workers
     device: Literal["cpu", "cuda"] = "cpu"
-    """Where the site's workers compute. `cuda` uses NCCL inside the site; gloo otherwise."""
+    """Where the site's workers compute. `cuda` uses NCCL inside the site (one GPU per worker: `geotrain launch` refuses a site with more workers than the machine has GPUs); gloo otherwise."""
     slowdown: float = Field(default=1.0, ge=1.0, le=100.0)
     """Emulate a slower site: its inner step, collectives included, takes this many times as long (the site's rank 0 sleeps and the others wait for it; built-in trainer only). 1 = full speed."""
     region: str | None = Field(default=None, max_length=64)

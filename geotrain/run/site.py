@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             raise GeotrainError("geotrain site needs an etcd endpoint: --etcd HOST:PORT or etcd.endpoint in the topology")
         if args.exec_argv is not None and not args.exec_argv:
             raise GeotrainError("--exec needs a command, e.g. --exec python -m torch.distributed.run ... train.py")
+        if args.exec_argv is None and not args.print_env:  # its workers start here: this host's GPUs must do
+            from geotrain.run.devices import check_cuda_sites
+
+            check_cuda_sites(topo, only=args.name)
         node = NodeArgs(args.node_rank, args.master_addr, args.master_port)
         return run_site(topo, args.name, args.run_dir.resolve(), etcd, args.coordinator, args.script,
                         certs=args.certs, node=node, exec_argv=args.exec_argv, print_env=args.print_env)

@@ -88,7 +88,8 @@ def failure_rate(args) -> int:
     rows["real_run_dir"], rows["calibration_run"] = real["run_dir"], calib["run_dir"]
     rows["faults"] = faults
     result = {"mtbf_s": args.mtbf_s, "seed": args.seed, "rounds": args.rounds, "rows": rows}
-    print(f"wrote {save('simulator_accuracy_faults', result)}")
+    name = "simulator_accuracy_faults" + ("" if args.seed == 1 else f"_seed{args.seed}")  # one file per seed
+    print(f"wrote {save(name, result)}")
     return 0
 
 

@@ -12,22 +12,21 @@ from __future__ import annotations
 from geotrain.errors import TopologyError
 
 
-def cuda_problem(sites, cuda_available: bool, gpus: int, every_node_here: bool = True,
-                 only: str | None = None) -> str | None:
+def cuda_problem(sites, cuda_available: bool, gpus: int, only: str | None = None) -> str | None:
     """The first reason this machine cannot run ``sites`` as given (``sites[i].device`` / ``.workers``), or None.
 
-    ``every_node_here``: all of a site's ``nodes`` run on this machine (``geotrain launch``), so its whole group
-    shares this machine's GPUs; else (one node, ``geotrain site --node-rank K``) its ``workers`` do. ``only``: the
-    one site that runs here (``geotrain site NAME``)."""
+    ``only`` None: every node of every site runs here (``geotrain launch``), so a site's whole group (``nodes`` ×
+    ``workers``) shares this machine's GPUs. ``only`` a site's name: one node of that site runs here (``geotrain
+    site NAME [--node-rank K]``), its ``workers``."""
     for i, s in enumerate(sites):
         if s.device != "cuda" or (only is not None and s.name != only):
             continue
         if not cuda_available:
             return (f"sites[{i}].device: site {s.name!r} asks for cuda, and torch sees no CUDA device on this "
                     f"machine (device: cpu runs it here)")
-        per_node = s.world_size if every_node_here else s.workers
-        if per_node > gpus:
-            return (f"sites[{i}].workers: site {s.name!r} runs {per_node} CUDA workers on this machine, which has "
+        here = s.workers if only is not None else s.world_size
+        if here > gpus:
+            return (f"sites[{i}].workers: site {s.name!r} runs {here} CUDA workers on this machine, which has "
                     f"{gpus} GPU{'s' if gpus != 1 else ''} (NCCL takes one GPU per worker)")
     return None
 
@@ -40,7 +39,6 @@ def check_cuda_sites(topo, only: str | None = None) -> None:
     import torch
 
     available = torch.cuda.is_available()
-    problem = cuda_problem(topo.sites, available, torch.cuda.device_count() if available else 0,
-                           every_node_here=only is None, only=only)
+    problem = cuda_problem(topo.sites, available, torch.cuda.device_count() if available else 0, only=only)
     if problem:
         raise TopologyError(problem)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from geotrain.config.topology import parse_topology
 from geotrain.run.devices import cuda_problem
@@ -22,7 +24,7 @@ training: {rounds: 1, inner_steps: 2}
 
 
 def sites(text=TOPO):
-    return parse_topology(__import__("yaml").safe_load(text), source="t.yaml").sites
+    return parse_topology(yaml.safe_load(text), source="t.yaml").sites
 
 
 def test_cpu_sites_need_nothing():
@@ -45,7 +47,7 @@ def test_one_gpu_per_worker(gpus, ok):
 def test_every_node_of_a_site_counts_on_one_machine():
     two_nodes = sites(TOPO.replace("workers: 2, device: cuda", "workers: 1, nodes: 2, device: cuda"))
     assert "runs 2 CUDA workers" in cuda_problem(two_nodes, cuda_available=True, gpus=1)
-    assert cuda_problem(two_nodes, cuda_available=True, gpus=1, every_node_here=False) is None
+    assert cuda_problem(two_nodes, cuda_available=True, gpus=1, only="b") is None  # one node here
 
 
 def test_launch_refuses_before_starting_anything(tmp_path):
@@ -53,7 +55,7 @@ def test_launch_refuses_before_starting_anything(tmp_path):
     (tmp_path / "t.yaml").write_text(TOPO)
     r = subprocess.run([sys.executable, "-m", "geotrain.cli", "launch", str(tmp_path / "t.yaml"), "--run-dir",
                         str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2, r.stderr
     assert "sites[1].device: site 'b' asks for cuda" in r.stderr
     assert "Traceback" not in r.stderr
@@ -63,7 +65,18 @@ def test_launch_refuses_before_starting_anything(tmp_path):
 def test_one_node_of_a_site_counts_its_own_workers():
     """`geotrain site NAME --node-rank K`: only that site, only this node's workers."""
     s = sites(TOPO.replace("workers: 2, device: cuda", "workers: 2, nodes: 3, device: cuda"))
-    assert cuda_problem(s, cuda_available=True, gpus=2, every_node_here=False, only="b") is None
-    assert cuda_problem(s, cuda_available=True, gpus=1, every_node_here=False, only="b").startswith(
+    assert cuda_problem(s, cuda_available=True, gpus=2, only="b") is None
+    assert cuda_problem(s, cuda_available=True, gpus=1, only="b").startswith(
         "sites[1].workers: site 'b' runs 2 CUDA workers")
     assert cuda_problem(s, cuda_available=False, gpus=0, only="a") is None  # site a is a CPU site
+
+
+def test_site_refuses_before_reaching_etcd(tmp_path):
+    """`geotrain site b`: refused on this host's GPUs before any etcd (the endpoint here is closed)."""
+    (tmp_path / "t.yaml").write_text(TOPO)
+    r = subprocess.run([sys.executable, "-m", "geotrain.cli", "site", "b", str(tmp_path / "t.yaml"), "--etcd",
+                        "127.0.0.1:1", "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2, r.stderr
+    assert "geotrain site: sites[1].device: site 'b' asks for cuda" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -109,6 +109,8 @@ class Site:
     warm: tuple = (0.0, 0.0)  # [from, until) its standbys import
     compute_s: float = 0.0
     took: list | None = None  # each step's time in the running block, where the standby window makes them differ
+    eval_round: int = 0  # the evaluating site: the round its model was last evaluated at
+    eval_due: float = 0.0  # the evaluating site: an eval to run before its next step (counted in that step)
 
 
 class Simulator:
@@ -253,13 +255,14 @@ class Simulator:
                 self.at(s.warm[1], self._standbys, s, "standby_ready", epoch)
         k = self._steps_ahead(s)
         tok = next(self._seq)
-        end = self._advance(s, self.now, k * s.base_step_s)
+        due, s.eval_due = s.eval_due, 0.0  # an eval before the first step is in that step's time
+        end = self._advance(s, self.now, k * s.base_step_s + due)
         s.step_s = (end - self.now) / k  # what a kill or a freeze in the block goes by
         s.took = None
-        if end - self.now > k * s.base_step_s + 1e-12:  # the window slows some of these steps: each its own time
+        if due > 0 or end - self.now > k * s.base_step_s + 1e-12:  # steps that differ: each its own time
             t, s.took = self.now, []
-            for _ in range(k):
-                t2 = self._advance(s, t, s.base_step_s)
+            for i in range(k):
+                t2 = self._advance(s, t, s.base_step_s + (due if i == 0 else 0.0))
                 s.took.append(t2 - t)
                 t = t2
         s.block = (tok, self.now, k, end)
@@ -342,9 +345,10 @@ class Simulator:
     def _continue_stream(self, s: Site, epoch: int) -> None:
         """Step on unless a fragment's answer is due and not back; done once every step is taken and answered."""
         s.round = s.step // self.tr.inner_steps
+        self._note_round(s)
         if s.step >= self.tr.rounds * self.tr.inner_steps:
             if not s.pending:
-                self._site_done(s)
+                self._done_after_eval(s)
             return
         if not s.busy and not any(need <= s.step for need in s.pending.values()):
             self._compute(s, epoch)
@@ -592,11 +596,10 @@ class Simulator:
         else:
             s.round = version
             boundary = True
-        evaluator = s.name == self.topo.sites[0].name  # its eval takes its time; no loss is simulated
+        if boundary:
+            self._note_round(s)
         if s.round >= self.tr.rounds:
-            self._site_done(s)
-        elif evaluator and boundary and self.p.eval_s > 0:
-            self.at(self._advance(s, self.now, self.p.eval_s), self._compute, s, epoch)  # slower while standbys import
+            self._done_after_eval(s)
         else:
             self._compute(s, epoch)
 
@@ -631,10 +634,27 @@ class Simulator:
         self.emit("merge", f"{s.name}/0", site=s.name, round=version - 1, version=version, site_round=s.round,
                   bytes_sent=self.up_bytes, bytes_received=self.down_bytes,
                   seconds=round(self.now + s.overhead_s - sent_at, 6), step=s.step)
+        self._note_round(s)
         if s.round >= self.tr.rounds:
-            self._site_done(s)
+            self.at(self.now + s.overhead_s, self._done_after_eval, s)
         else:
             self.at(self.now + s.overhead_s, self._compute, s, epoch)
+
+    def _note_round(self, s: Site) -> None:
+        """The evaluating site (the first) evaluates the model once per round it completes, as the built-in trainer
+        does: between two inner steps, so a real run's next ``compute_s`` holds it (geotrain.sdk: the time between
+        two ``step()`` calls) and the simulated one does too. No loss is simulated, so no ``eval`` event."""
+        if s.round > s.eval_round and self.p.eval_s > 0 and s.name == self.topo.sites[0].name:
+            s.eval_round = s.round
+            s.eval_due = self.p.eval_s
+
+    def _done_after_eval(self, s: Site) -> None:
+        """The site's last round is in: its last eval (if one is due), then it is done."""
+        due, s.eval_due = s.eval_due, 0.0
+        if due > 0 and not s.done:  # no step follows it: in no compute_s, as in a real run
+            self.at(self._advance(s, self.now, due), self._site_done, s)
+        else:
+            self._site_done(s)
 
     def _site_done(self, s: Site) -> None:
         if s.done:
@@ -777,6 +797,7 @@ class Simulator:
         else:
             s.round = version
             s.step = version * H
+        s.eval_round, s.eval_due = s.round, 0.0  # a restarted evaluator evaluates at its join: in restart_s
         if not quiet:
             self.emit("recovery", "launcher", what="worker", target=f"worker {s.name}/0", failure_t=failed_at,
                       recovered_t=self.now, seconds=round(self.now - failed_at, 6), rounds_lost=lost)

@@ -306,3 +306,47 @@ def test_a_calibration_run_that_never_left_its_standby_window_fits_no_transient(
     got = calibrate(tmp_path, t)
     assert (got.standby_warm_s, got.standby_slowdown) == (0.0, 1.0)
     assert got.step_s["b"] == pytest.approx(0.2)  # the later half's median: the transient is in the step
+
+
+def test_the_evaluating_sites_eval_is_in_its_next_steps_time_and_calibration_takes_it_out(tmp_path):
+    # a (the first site) evaluates after every round, 0.3 s, between two inner steps as the built-in trainer
+    # does: a real run counts it in the next step's compute_s (geotrain.sdk), so the simulated one does too.
+    # Round 1: a's first step takes 0.1 + 0.3 s, b waits 0.3 s longer for a's update; after the last round a
+    # evaluates once more before it is done (in no step's time)
+    t = topo()
+    merge = 2 * (4 * MB * 8 / 100e6 + 0.010)
+    sim = Simulator(t, params(t, eval_s=0.3))
+    events = sim.run()
+    a = [e for e in of(events, "inner_step") if e["site"] == "a"]
+    assert [round(e["compute_s"], 9) for e in a] == [0.1] * 5 + [0.4] + [0.1] * 4  # round 0's eval: in startup
+    b_waits = [m["seconds"] for m in of(events, "merge") if m["site"] == "b"]
+    assert b_waits[1] == pytest.approx(merge + 0.3, abs=1e-6)
+    done = {e["site"]: e["t"] for e in of(events, "site_done")}
+    assert done["a"] - done["b"] == pytest.approx(0.3, abs=1e-6)
+    assert sim.now == pytest.approx(2.02 + 2 * (0.5 + merge) + 0.3 + 0.3 + 1.0, abs=1e-6)
+    # a real history has the eval as its own event too, inside the step that holds it: calibration takes it out
+    # of that step (else the eval counts twice: in the step time and as eval_s). 4 rounds and a short standby
+    # window, so that the steady step is the mean of the calm steps (geotrain.sim.calibrate.steady_step)
+    t4 = topo(rounds=4)
+    events = Simulator(t4, params(t4, eval_s=0.3, standby_after_s=0.5, standby_warm_s=0.01, standby_slowdown=1.5)).run()
+    real = list(events)
+    for e in of(events, "inner_step"):
+        if e["site"] == "a" and e["compute_s"] > 0.35:
+            real.append({"t": e["t"] - 0.1, "event": "eval", "proc": "a/0", "seconds": 0.3, "loss": 5.0})
+    assert len(real) == len(events) + 3
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in sorted(real, key=lambda e: e["t"])))
+    got = calibrate(tmp_path, t4)
+    assert got.step_s == {"a": pytest.approx(0.1), "b": pytest.approx(0.1)} and got.eval_s == pytest.approx(0.3)
+
+
+def test_an_eval_of_another_process_or_outside_the_step_is_not_taken_out_of_it():
+    from geotrain.sim.calibrate import net_of_evals
+
+    step = {"t": 10.0, "event": "inner_step", "proc": "a/0", "site": "a", "compute_s": 0.4}
+    other = {"t": 9.9, "event": "eval", "proc": "b/0", "seconds": 0.3}
+    before = {"t": 9.5, "event": "eval", "proc": "a/0", "seconds": 0.3}  # ended before the step began (9.6)
+    inside = {"t": 9.9, "event": "eval", "proc": "a/0", "seconds": 0.3}
+    assert net_of_evals([other, step])[1]["compute_s"] == 0.4
+    assert net_of_evals([before, step])[1]["compute_s"] == 0.4
+    assert net_of_evals([inside, step])[1]["compute_s"] == pytest.approx(0.1)
+    assert step["compute_s"] == 0.4  # the history read is not changed in place

@@ -4,10 +4,12 @@
 the traceback to the worker's log as usual, appends one event to the run's metrics.jsonl::
 
     {"event": "worker_crashed", "site", "rank", "error": "ZeroDivisionError", "message", "location":
-     "train.py:41 in loss_fn", "traceback": "<the last 4000 characters>", "ours": false, "round", "step"}
+     "train.py:41 in loss_fn", "traceback": "<the last 4000 characters>", "ours": false, "outcome": null,
+     "round", "step"}
 
 ``ours`` is true for geotrain's own errors (a coordinator out of reach, a corrupt transfer: faults of the
-infrastructure, which a restart may cure); false for anything the script raised. ``round``/``step`` are
+infrastructure, which a restart may cure); false for anything the script raised. ``outcome``: the coordinator's
+refusal the error carries (geotrain.wire.outcomes), if any: a PERMANENT one is not restarted either. ``round``/``step`` are
 where the SDK last was (:func:`note_position`). The launcher decides with it (geotrain.run.supervise.crash_loop):
 the same script error twice in a row at one site is the user's bug, and fails the run at once with this
 traceback instead of restarting the site until the restart budget is spent.
@@ -21,6 +23,7 @@ import sys
 import traceback
 
 from geotrain.errors import GeotrainError
+from geotrain.wire.outcomes import outcome_of
 
 _position: dict[str, int | None] = {"round": None, "step": None}
 _installed = False
@@ -44,10 +47,12 @@ def _location(tb) -> str:
 def crash_record(exc: BaseException, site: str, rank: int) -> dict:
     """The fields of a ``worker_crashed`` event for ``exc`` (pure: no I/O)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    outcome = outcome_of(exc)
     message = re.sub(r"0x[0-9a-fA-F]+", "0x…", str(exc))[:MAX_MESSAGE]
     return {"site": site, "rank": rank, "error": type(exc).__name__, "message": message,
             "location": _location(exc.__traceback__), "traceback": text[-MAX_TRACEBACK:],
-            "ours": isinstance(exc, GeotrainError), **_position}
+            "ours": isinstance(exc, GeotrainError), "outcome": outcome.name if outcome is not None else None,
+            **_position}
 
 
 def install(ctx) -> None:

@@ -4,7 +4,9 @@
 site's workers on the host it runs on (a Compose service, a machine of its own), finding the
 coordinator through etcd unless ``--coordinator`` names it (a WAN link emulator's address, say).
 A dead worker restarts the whole site (its process group cannot take a new member), within
-``recovery.max_restarts``; the site then rejoins the run at the next round.
+``recovery.max_restarts``; the site then rejoins the run at the next round. A worker that fails the same
+way twice (the script's bug), or that the coordinator refused for good (another model, a wrong certificate),
+fails the site at once instead (geotrain.run.supervise.crash_loop, as under ``geotrain launch``).
 
 A site of ``nodes`` > 1 runs one ``geotrain site NAME TOPOLOGY --node-rank K --master-addr HOST
 --master-port P`` per node: node K starts the site ranks K*workers .. K*workers+workers-1, and the
@@ -31,6 +33,7 @@ from geotrain.config.topology import SiteConfig, Topology
 from geotrain.errors import GeotrainError, RunFailed
 from geotrain.events import EventLog
 from geotrain.run import procs
+from geotrain.run.supervise import crash_loop
 from geotrain.worker.context import CONFIG_VAR, SiteContext, is_loopback, rendezvous_file
 
 
@@ -176,7 +179,9 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
 
         rdzv = NodeRendezvous(node.master_addr, node.master_port, node.rank, site.nodes)
     restarts = 0
+    previous_crash = None  # the worker_crashed event that restarted the group last (supervise.crash_loop)
     while True:
+        started_t = time.time()
         workers: list[tuple[str, subprocess.Popen]] = []
         if exec_argv is not None:
             log = open(run_dir / "logs" / f"exec-{site.name}-{node.rank}.log", "ab")  # --node-rank: which node's log
@@ -197,6 +202,7 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
             events.emit("process_started", name=name, role="worker", pid=w.pid)
         try:
             dead, wanted = _watch(workers, rdzv)
+            signalled = any((w.poll() or 0) < 0 for _, w in workers)  # before the others are stopped below
             if dead is None and not wanted:
                 if rdzv is not None:
                     rdzv.finish()
@@ -206,6 +212,11 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
         if dead is None:  # another node's worker died: its start is over, and this node joins the next one
             continue
         name, code = dead
+        crash = _crash_of(run_dir / "metrics.jsonl", name, since=started_t - 1.0)
+        loop = crash_loop(name, crash, previous_crash, signalled)
+        if loop is not None:  # the user's bug, or a refusal for good: restarts are for faults
+            raise RunFailed(f"site {site.name}: {loop.reason}")
+        previous_crash = crash
         if rdzv is not None:
             rdzv.request_restart()
         restarts += 1
@@ -213,6 +224,19 @@ def run_site(topo: Topology, site_name: str, run_dir: Path, etcd: str, coordinat
         events.emit("failure", what="worker", target=name, happened_t=now, detected_t=now, reason=f"exit status {code}")
         if topo.recovery.worker_failure == "fail" or restarts > topo.recovery.max_restarts:
             raise RunFailed(f"site {site.name}: {name} died with exit status {code}")
+
+
+def _crash_of(metrics: Path, name: str, since: float) -> dict | None:
+    """The ``worker_crashed`` event worker ``name`` ("worker SITE/RANK") left since ``since``, if any."""
+    from geotrain.events import read_events
+
+    site, _, rank = name.removeprefix("worker ").partition("/")
+    try:
+        events = read_events(metrics)
+    except OSError:
+        return None
+    return next((e for e in reversed(events) if e.get("event") == "worker_crashed" and e.get("t", 0) >= since
+                 and e.get("site") == site and str(e.get("rank")) == rank), None)
 
 
 def _watch(workers: list, rdzv) -> tuple[tuple[str, int] | None, bool]:

@@ -11,7 +11,8 @@ of the topology and how often that group was restarted already:
 - anything beyond ``max_restarts`` fails the run, naming the process;
 - :func:`crash_loop`: a worker that raises the same error of the script's (type, line, message) as
   the crash that caused its site's previous restart fails the run at once, with the traceback: that is
-  the user's bug, and restart budgets are for faults.
+  the user's bug, and restart budgets are for faults; so does one the coordinator refused for good (its
+  model, its name or its certificate is not the run's): no restart can cure it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from geotrain.config.topology import RecoveryConfig
+from geotrain.wire.outcomes import PERMANENT
+
+_PERMANENT = frozenset(o.name for o in PERMANENT)
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,17 @@ def crash_signature(crash: dict) -> tuple:
 
 def crash_loop(name: str, crash: dict | None, previous: dict | None, signalled: bool) -> Action | None:
     """Fail at once when ``crash`` (this exit's ``worker_crashed`` event) repeats ``previous`` (the one that
-    restarted the site last time). Not a crash loop: no record (killed, or exited by itself), geotrain's own
-    errors (``ours``: faults of the infrastructure), or a group member that died of a signal this time (a
-    fault injected or the OOM killer; its peers' errors are consequences)."""
-    if crash is None or previous is None or signalled or crash.get("ours"):
+    restarted the site last time), or when the coordinator refused the worker for good (a PERMANENT outcome of
+    geotrain.wire.outcomes: its name, its model, its certificate; the same refusal would follow every restart).
+    Not a crash loop: no record (killed, or exited by itself), geotrain's other errors (``ours``: faults of the
+    infrastructure), or a group member that died of a signal this time (a fault injected or the OOM killer; its
+    peers' errors are consequences)."""
+    if crash is None or signalled:
+        return None
+    if crash.get("outcome") in _PERMANENT:
+        return Action("crash_loop", f"{name} was refused by the coordinator ({crash['outcome']}): "
+                                    f"{crash.get('message', '')}\nno restart can cure that, so it is not restarted")
+    if previous is None or crash.get("ours"):
         return None
     if crash_signature(crash) != crash_signature(previous):
         return None

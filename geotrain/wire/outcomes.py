@@ -80,6 +80,11 @@ _EXCEPTION = {
 }
 
 
+PERMANENT = frozenset({Outcome.INVALID, Outcome.NOT_IN_TOPOLOGY, Outcome.MODEL_MISMATCH, Outcome.FORBIDDEN})
+"""Refusals no restart of the site can cure: the coordinator refuses the same request the same way again (the
+site's name, its model, its certificate). A worker that dies of one is not restarted (geotrain.run.supervise)."""
+
+
 def error_for(outcome: Outcome, message: str) -> errors.GeotrainError:
     """The exception for a refused call; it carries the outcome (``exc.outcome``)."""
     exc = _EXCEPTION.get(Outcome(outcome), errors.GeotrainError)(message)

@@ -40,3 +40,31 @@ def test_crash_record_names_the_line_and_hides_addresses():
     assert rec["error"] == "ValueError" and rec["location"].startswith("test_crash_loop.py:")
     assert rec["location"].endswith("in fail") and "0x7f00" not in rec["message"] and rec["ours"] is False
     assert "Traceback" in rec["traceback"] and rec["site"] == "paris" and rec["rank"] == 1
+
+
+def test_a_refusal_for_good_fails_at_once_and_a_passing_one_is_a_fault():
+    from geotrain.wire.outcomes import PERMANENT, Outcome
+
+    for outcome in PERMANENT:
+        action = crash_loop("worker a/0", _crash(ours=True) | {"outcome": outcome.name}, None, signalled=False)
+        assert action is not None and action.action == "crash_loop", outcome
+        assert f"refused by the coordinator ({outcome.name})" in action.reason and "no restart" in action.reason
+    for outcome in (Outcome.UNAVAILABLE, Outcome.FENCED, Outcome.CORRUPT, Outcome.STALE):  # a restart may cure these
+        crash = _crash(ours=True) | {"outcome": outcome.name}
+        assert crash_loop("worker a/0", crash, crash, signalled=False) is None, outcome
+    # killed by a signal meanwhile: the refusal may be a consequence; restarted as a fault
+    assert crash_loop("worker a/0", _crash(ours=True) | {"outcome": "FORBIDDEN"}, None, signalled=True) is None
+
+
+def test_crash_record_carries_the_coordinators_outcome():
+    from geotrain.wire.outcomes import Outcome, error_for
+
+    try:
+        raise error_for(Outcome.MODEL_MISMATCH, "site b trains another model than the run's")
+    except Exception as exc:  # noqa: BLE001
+        rec = crash_record(exc, "b", 0)
+    assert rec["outcome"] == "MODEL_MISMATCH" and rec["ours"] is True and rec["error"] == "ModelMismatch"
+    try:
+        raise ValueError("mine")
+    except ValueError as exc:
+        assert crash_record(exc, "b", 0)["outcome"] is None

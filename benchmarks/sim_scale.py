@@ -6,7 +6,7 @@ A star of N sites (geotrain.sim.model.replicated: copies of one site, past the s
 run; 1 Gbit/s, 20 ms each to the coordinator; 100M parameters, int8 payloads; 0.5 s steps, H = 100;
 inner steps written one event per run of steps: ``step_events="round"``), simulated to the end, then its
 summary computed with ``--summary`` (geotrain.run.summary.compute_summary, as `geotrain simulate` does; it
-filters the events once per site, so it is the slow part past a few hundred sites). Printed per size: the
+indexes the events by site once: it filtered them once per site until 2026-12-04). Printed per size: the
 seconds the simulation took (wall, and CPU: this machine is shared, and wall time moves with its load), the
 summary's, events, simulated utilisation (sites' compute / sites x wall,
 counted from the events), and peak memory. Asserts nothing; the issue's bar (1,000

@@ -155,6 +155,13 @@ def security_summary(topo: Topology) -> dict:
     return out
 
 
+def _by_site(events: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for e in events:
+        out.setdefault(e.get("site"), []).append(e)
+    return out
+
+
 def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, link_stats: dict[str, dict]) -> dict:
     tr = topo.training
     evals = sorted((e for e in events if e["event"] == "eval"), key=lambda e: (e["step"], e["t"]))
@@ -163,13 +170,13 @@ def compute_summary(events: list[dict], topo: Topology, *, wall_seconds: float, 
     rounds = rounds_completed(events, topo)
     useful, utilisation = goodput(events, topo, wall_seconds)
     sites = {}
+    steps_of, merges_of = _by_site(steps), _by_site(merges)  # once: a filter per site was O(sites x events)
     for s in topo.sites:
-        mine = [e for e in steps if e.get("site") == s.name]
-        my_merges = [e for e in merges if e.get("site") == s.name]
+        mine, my_merges = steps_of.get(s.name, []), merges_of.get(s.name, [])
         compute = sum(e.get("compute_s") or 0.0 for e in mine)
         sites[s.name] = {
             "workers": s.world_size,
-            "inner_steps": len(mine),
+            "inner_steps": sum(int(e.get("steps", 1)) for e in mine),  # a simulation may write one event per run
             "compute_seconds": round(compute, 3),
             "wan_wait_seconds": round(sum(e["seconds"] for e in my_merges), 3),
             "merges": len(my_merges),

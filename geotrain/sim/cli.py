@@ -8,7 +8,8 @@ every inner step takes ``--step-s`` (times each site's ``slowdown``); ``--startu
 default to what a CPU launch here takes. With ``--calibrate RUN_DIR`` the times and sizes are fitted from
 that real run (geotrain.sim.calibrate); TOPOLOGY may differ from that run's (more rounds, other links, more
 sites: a site the run did not have takes the median step of those it had); ``--params`` then rescales the
-payloads. ``--compare RUN_DIR`` prints predicted / measured for every summary figure.
+payloads. ``--compare RUN_DIR`` prints predicted / measured for every summary figure. ``--sites N`` simulates N
+copies of the topology's first site instead of its own (past the 256 sites a topology file may name).
 
 It writes what a launch writes — ``metrics.jsonl``, ``summary.json`` (``simulated: true``, with the
 parameters used), ``topology.json``, ``links/*.json`` — so ``geotrain report`` and ``geotrain check`` read it.
@@ -24,7 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from geotrain.config.schema import MAX_SITES
 from geotrain.errors import GeotrainError, TopologyError
+from geotrain.sim.model import replicated
+
+MAX_SIMULATED_SITES = 100_000
+"""``--sites``: the most copies (10,000 were simulated in about a minute here: docs/results.md)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=Path, default=None, metavar="RUN_DIR")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the link model's jitter and loss draws")
+    p.add_argument("--sites", type=int, default=None, metavar="N",
+                   help="simulate N copies of the topology's first site (site0 ... siteN-1, the default link each) "
+                        f"instead of its sites: for planning past what one real run holds (a file: {MAX_SITES} sites)")
     return p
 
 
@@ -76,6 +85,17 @@ def simulate(args) -> tuple[Path, dict]:
     from geotrain.sim.engine import Simulator
 
     topo = load_topology(args.topology, args.overrides)
+    if args.sites is not None:
+        if not 1 <= args.sites <= MAX_SIMULATED_SITES:
+            raise TopologyError(f"--sites {args.sites}: expected 1 .. {MAX_SIMULATED_SITES:,}")
+        if topo.faults or topo.links.pairs:
+            raise TopologyError("--sites N copies the first site with the default link: the topology's faults and "
+                                "links.pairs name sites the copies do not have; remove them (or simulate the file's "
+                                "own sites)")
+        need = max(topo.recovery.min_sites or 1, topo.training.quorum.min_sites if topo.training.quorum else 1)
+        if args.sites < need:
+            raise TopologyError(f"--sites {args.sites}: the topology's min_sites ({need}) needs at least that many sites")
+        topo = replicated(topo, args.sites)
     params = _params(args, topo)
     sim = Simulator(topo, params, seed=args.seed, step_events=args.step_events)
     events = sim.run()

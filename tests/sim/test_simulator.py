@@ -350,3 +350,22 @@ def test_an_eval_of_another_process_or_outside_the_step_is_not_taken_out_of_it()
     assert net_of_evals([before, step])[1]["compute_s"] == 0.4
     assert net_of_evals([inside, step])[1]["compute_s"] == pytest.approx(0.1)
     assert step["compute_s"] == 0.4  # the history read is not changed in place
+
+
+def test_sites_n_simulates_copies_of_the_first_site_past_a_files_cap(tmp_path, capsys):
+    from geotrain.sim.cli import main
+
+    f = tmp_path / "one.yaml"
+    f.write_text("name: one\nsites: [{name: a, workers: 1}]\nlinks: {default: {bandwidth: 1gbit, latency: 20ms}}\n"
+                 "training: {inner_steps: 10, rounds: 2}\n")
+    out = tmp_path / "sim"
+    assert main([str(f), "--sites", "300", "--params", "1e6", "--step-events", "round", "--run-dir", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "completed" and sorted(s["sites"]) == sorted(f"site{i}" for i in range(300))
+    assert all(v["merges"] == 2 and v["inner_steps"] == 20 for v in s["sites"].values())
+    capsys.readouterr()
+    assert main([str(f), "--sites", "0"]) == 2
+    assert "--sites 0: expected 1 .. 100,000" in capsys.readouterr().err
+    f.write_text(f.read_text() + "faults: [{kind: kill, target: worker a/0, at: 1s}]\n")
+    assert main([str(f), "--sites", "5"]) == 2
+    assert "the topology's faults and links.pairs name sites the copies do not have" in capsys.readouterr().err

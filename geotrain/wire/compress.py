@@ -10,8 +10,9 @@ Codecs (wire bytes / fp32 bytes for large vectors, block 256):
     bf16   bfloat16 (raw 16 bits, little-endian), round to nearest even      0.500
     int8   per block: one float32 scale, then codes in [-127, 127]           0.254  (260/1024)
     int4   per block: one float32 scale, then codes in [-7, 7], 2 per byte   0.129  (132/1024)
-    topk   per chunk of ``block``: the ``density`` largest |x|, their 12-bit     0.0096 (density 0.02,
-           in-chunk indices and ``bits``-bit codes, one float32 scale         2 bits, block 4096: 104x)
+    topk   per chunk of ``block``: the ``density`` largest |x|, their in-chunk  0.0090 (density 0.02,
+           indices in ceil(log2(block)) bits, ``bits``-bit codes, one         2 bits, block 4096: 111x;
+           float32 scale                                                      block 256: 1/89)
 
 Wire layout of int8 / int4: ``ceil(numel / block)`` float32 scales (little-endian), then the
 codes: int8 one signed byte per element; int4 ``code + 8`` in a nibble, element ``2i`` in the low
@@ -211,7 +212,9 @@ def topk_k(block: int, density: float) -> int:
 
 
 def _index_bits(block: int) -> int:
-    return 12 if block <= 4096 else 16 if block <= 65536 else 32
+    """Bits of one in-chunk index: as few as hold ``block - 1`` (8 at the default block of 256, 12 at SparseLoCo's
+    4096). Was 12 for any block up to 4096: at 256, a third of every index was zeros on the wire."""
+    return max(1, (block - 1).bit_length())
 
 
 def _topk_counts(numel: int, block: int, k: int) -> tuple[int, int, int]:
@@ -226,27 +229,21 @@ def _topk_size(numel: int, block: int, k: int, bits: int) -> int:
     full, rest, k_tail = _topk_counts(numel, block, k)
     chunks = full + (1 if rest else 0)
     sent = full * k + k_tail
-    ib = _index_bits(block)
-    index_bytes = 3 * -(-sent // 2) if ib == 12 else sent * ib // 8  # 12-bit: two indices per 3 bytes
+    index_bytes = -(-sent * _index_bits(block) // 8)  # packed, little-endian bit order
     return TOPK_HEADER.size + chunks * _SCALE_BYTES + index_bytes + -(-sent * bits // 8)
 
 
-def _pack12(idx: np.ndarray) -> bytes:
-    if idx.size % 2:
-        idx = np.append(idx, 0)
-    a, b = idx[0::2].astype(np.uint16), idx[1::2].astype(np.uint16)
-    out = np.empty((a.size, 3), dtype=np.uint8)
-    out[:, 0] = a & 0xFF
-    out[:, 1] = ((a >> 8) & 0xF) | ((b & 0xF) << 4)
-    out[:, 2] = (b >> 4) & 0xFF
-    return out.tobytes()
+def _pack_bits(values: np.ndarray, width: int) -> bytes:
+    """Unsigned ``values`` (each < 2**width) as one bit stream, little-endian: value ``i`` in bits ``i*width`` ..
+    ``(i+1)*width - 1``, the last byte's unused high bits 0 (at 12 bits: two values per 3 bytes)."""
+    shifts = np.arange(width, dtype=np.uint32)
+    bits = ((values.astype(np.uint32)[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
 
 
-def _unpack12(buf: np.ndarray, count: int) -> np.ndarray:
-    t = buf.reshape(-1, 3).astype(np.uint16)
-    a = t[:, 0] | ((t[:, 1] & 0xF) << 8)
-    b = (t[:, 1] >> 4) | (t[:, 2] << 4)
-    return np.stack((a, b), axis=1).reshape(-1)[:count].astype(np.int64)
+def _unpack_bits(buf: np.ndarray, count: int, width: int) -> np.ndarray:
+    bits = np.unpackbits(buf, bitorder="little")[:count * width].reshape(count, width).astype(np.int64)
+    return (bits << np.arange(width, dtype=np.int64)).sum(axis=1)
 
 
 def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
@@ -311,8 +308,7 @@ def _encode_topk(x: torch.Tensor, block: int, density: float, bits: int) -> Enco
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))[chunk_of]
     codes = ((val / safe + 1) * (levels / 2)).round_().clamp_(0, levels).to(torch.uint8)
     ib = _index_bits(block)
-    idx_np = idx.numpy()
-    index_bytes = _pack12(idx_np) if ib == 12 else idx_np.astype("<u2" if ib == 16 else "<u4").tobytes()
+    index_bytes = _pack_bits(idx.numpy(), ib)
     payload = (TOPK_HEADER.pack(k, bits, ib, 0) + _le(scale.numpy(), "<f4") + index_bytes
                + _pack_codes(codes.numpy(), bits))
     return Encoded("topk", x.numel(), block, payload)
@@ -337,14 +333,9 @@ def _decode_topk(e: Encoded) -> torch.Tensor:
     off += chunks * 4
     if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
         raise TransferCorrupt("topk payload carries an invalid scale")
-    if ib == 12:  # two indices per 3 bytes; an odd count ends with a padding index
-        nbytes = 3 * -(-sent // 2)
-        idx = _unpack12(buf[off:off + nbytes], sent)
-        off += nbytes
-    else:
-        width = ib // 8
-        idx = buf[off:off + sent * width].view("<u2" if ib == 16 else "<u4").astype(np.int64)
-        off += sent * width
+    nbytes = -(-sent * ib // 8)
+    idx = _unpack_bits(buf[off:off + nbytes], sent, ib)
+    off += nbytes
     per_chunk = np.array([k] * full + ([k_tail] if rest else []), dtype=np.int64)
     chunk_of = np.repeat(np.arange(chunks), per_chunk)
     lengths = np.array([block] * full + ([rest] if rest else []), dtype=np.int64)

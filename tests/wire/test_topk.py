@@ -145,3 +145,28 @@ def test_corrupt_payloads_are_refused(mutate, words):
     bad = Encoded("topk", e.numel, e.block, mutate(e.payload))
     with pytest.raises(TransferCorrupt, match=words):
         decode(bad)
+
+
+def test_indices_take_the_fewest_bits_their_chunk_needs_and_round_trip():
+    from geotrain.wire.compress import TOPK_HEADER, _pack_bits, _unpack_bits
+
+    rng = np.random.default_rng(0)
+    for width in (1, 7, 8, 12, 17, 32):
+        v = rng.integers(0, 1 << width, size=1001, dtype=np.uint64)
+        packed = _pack_bits(v, width)
+        assert len(packed) == -(-1001 * width // 8)
+        assert np.array_equal(_unpack_bits(np.frombuffer(packed, np.uint8), 1001, width), v.astype(np.int64))
+    # 12 bits: two indices in 3 bytes, low nibble of the middle byte is the first one's top bits (the old layout)
+    assert _pack_bits(np.array([0xABC, 0x123]), 12) == bytes([0xBC, 0x3A, 0x12])
+    # block 256: 8-bit indices, one byte each (12 bits were sent before: 1/44 of fp32 both ways became 1/58)
+    n, k = 256 * 10, 6
+    e = encode(torch.randn(n), "topk", 256, 0.02, 2)
+    assert len(e.payload) == TOPK_HEADER.size + 10 * 4 + 10 * k + -(-10 * k * 2 // 8)
+    x = torch.randn(600)
+    for block in (2, 3, 100, 300):  # 1, 2, 7, 9 bits: every sent index lands on its chunk's top half
+        got = decode(encode(x, "topk", block, 0.5, 8))  # 8-bit codes have no zero level: sent = nonzero
+        want = torch.zeros(600, dtype=torch.bool)
+        for c in range(0, 600, block):
+            chunk = x[c:c + block].abs()
+            want[c + chunk.topk(-(-chunk.numel() // 2)).indices] = True
+        assert torch.equal(got != 0, want), block

@@ -1,15 +1,16 @@
 """How close `geotrain simulate` comes to real runs, calibrated once.
 
-    .venv/bin/python benchmarks/simulator_accuracy.py [--quick]
+    .venv/bin/python benchmarks/simulator_accuracy.py [--quick] [--calibration-runs K]
 
-One real run calibrates the simulator (topologies/demo.yaml, synchronous DiLoCo, as shipped). Then, for
+K real runs (default 1) calibrate the simulator once (topologies/demo.yaml, synchronous DiLoCo, as shipped; with
+K > 1 each fitted time is the median over the runs, geotrain.sim.calibrate.pool). Then, for
 each target — the demo with twice the rounds, streaming DiLoCo, async DiLoCo, and
 topologies/three-continents.yaml (a site the calibration run did not have, other links) — a real launch
-and a simulation of the same topology calibrated on that first run only. Printed per target and figure
+and a simulation of the same topology calibrated on those first runs only. Printed per target and figure
 (wall seconds, compute utilisation, WAN bytes, rounds completed): predicted, measured, predicted /
 measured, and whether it is within 10 %. The real runs use this shared 2-core machine: their wall time
 moves with its load, and so does the calibration. Asserts nothing. Writes
-benchmarks/results/simulator_accuracy.json.
+benchmarks/results/simulator_accuracy.json (simulator_accuracy_pooledK.json with K > 1).
 
     .venv/bin/python benchmarks/simulator_accuracy.py --failure-rate [--mtbf-s 20] [--seed 1] [--rounds 60]
 
@@ -36,10 +37,11 @@ DEMO = REPO / "topologies" / "demo.yaml"
 THREE = REPO / "topologies" / "three-continents.yaml"
 
 
-def simulate(topology: Path, overrides: tuple[str, ...], calibrate: Path) -> dict:
+def simulate(topology: Path, overrides: tuple[str, ...], calibrate: Path | list[Path]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="geotrain-sim-")) / "run"
-    argv = [sys.executable, "-m", "geotrain.cli", "simulate", str(topology), "--calibrate", str(calibrate),
-            "--run-dir", str(out)]
+    argv = [sys.executable, "-m", "geotrain.cli", "simulate", str(topology), "--run-dir", str(out)]
+    for c in calibrate if isinstance(calibrate, list) else [calibrate]:
+        argv += ["--calibrate", str(c)]
     for o in overrides:
         argv += ["--set", o]
     r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
@@ -71,10 +73,11 @@ def failure_rate(args) -> int:
     """Goodput under a failure rate, real and simulated with the same seed."""
     rate = (f"fault_rate.mtbf_s={args.mtbf_s:g}", f"fault_rate.seed={args.seed}")
     calib_topo = with_faults(DEMO, [{"kind": "kill", "target": "worker eu-west/0", "at": "20s"}])
-    calib = launch(calib_topo, f"training.rounds={args.rounds // 2}")
+    calibs = [launch(calib_topo, f"training.rounds={args.rounds // 2}") for _ in range(args.calibration_runs)]
+    calib = calibs[0]
     overrides = (f"training.rounds={args.rounds}", *rate)
     real = launch(DEMO, *overrides)
-    sim = simulate(DEMO, overrides, Path(calib["run_dir"]))
+    sim = simulate(DEMO, overrides, [Path(c["run_dir"]) for c in calibs])
     name = f"demo sync, mtbf {args.mtbf_s:g} s"
     print(f"calibrated on: demo sync, {args.rounds // 2} rounds, one worker killed at 20 s ({calib['run_dir']})")
     print(f"target: demo sync, {args.rounds} rounds, {' '.join(rate)} ({real['run_dir']})")
@@ -86,9 +89,11 @@ def failure_rate(args) -> int:
     rows = {f: row(name, f, sim.get(f), real.get(f))
             for f in ("goodput", "wall_seconds", "utilisation", "rounds_completed")}
     rows["real_run_dir"], rows["calibration_run"] = real["run_dir"], calib["run_dir"]
+    rows["calibration_runs"] = [c["run_dir"] for c in calibs]
     rows["faults"] = faults
     result = {"mtbf_s": args.mtbf_s, "seed": args.seed, "rounds": args.rounds, "rows": rows}
     name = "simulator_accuracy_faults" + ("" if args.seed == 1 else f"_seed{args.seed}")  # one file per seed
+    name += "" if args.calibration_runs == 1 else f"_pooled{args.calibration_runs}"
     print(f"wrote {save(name, result)}")
     return 0
 
@@ -100,11 +105,14 @@ def main() -> int:
     p.add_argument("--mtbf-s", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--calibration-runs", type=int, default=1, metavar="K",
+                   help="real runs to calibrate with (each time the median over them)")
     args = p.parse_args()
     if args.failure_rate:
         return failure_rate(args)
     r = 8 if args.quick else 24  # ~15 s of steady steps after the standbys' ~12 s import (geotrain.sim.calibrate)
-    calib = launch(DEMO, f"training.rounds={r}")
+    calibs = [launch(DEMO, f"training.rounds={r}") for _ in range(args.calibration_runs)]
+    calib = calibs[0]
     targets = {
         f"demo sync, {2 * r} rounds": (DEMO, (f"training.rounds={2 * r}",)),
         "demo streaming P=2": (DEMO, (f"training.rounds={r}", "training.algorithm=streaming-diloco",
@@ -114,11 +122,11 @@ def main() -> int:
     }
     rows = {}
     figures = ("wall_seconds", "utilisation", "wan_bytes", "rounds_completed")
-    print(f"calibrated on: demo sync, {r} rounds ({calib['run_dir']})")
+    print(f"calibrated on: demo sync, {r} rounds ({', '.join(c['run_dir'] for c in calibs)})")
     print(f"{'target':26} {'figure':16} {'predicted':>12} {'measured':>12} {'ratio':>7}  within 10 %")
     for name, (topo, overrides) in targets.items():
         real = launch(topo, *overrides)
-        sim = simulate(topo, overrides, Path(calib["run_dir"]))
+        sim = simulate(topo, overrides, [Path(c["run_dir"]) for c in calibs])
         rows[name] = {}
         for f in figures:
             a, b = sim.get(f), real.get(f)
@@ -128,7 +136,8 @@ def main() -> int:
             print(f"{name:26} {f:16} {a:>12,.4g} {b:>12,.4g} {ratio:7.3f}  {'yes' if ok else 'NO'}"
                   if ratio is not None else f"{name:26} {f:16} {a!s:>12} {b!s:>12} {'-':>7}  -")
         rows[name]["real_run_dir"] = real["run_dir"]
-    print(f"wrote {save('simulator_accuracy', {'calibration_run': calib['run_dir'], 'rounds': r, 'rows': rows})}")
+    out = "simulator_accuracy" + ("" if args.calibration_runs == 1 else f"_pooled{args.calibration_runs}")
+    print(f"wrote {save(out, {'calibration_run': calib['run_dir'], 'calibration_runs': [c['run_dir'] for c in calibs], 'rounds': r, 'rows': rows})}")
     return 0
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geotrain.config.schema import Topology
+from geotrain.errors import TopologyError
 from geotrain.events import read_events
 from geotrain.sim.model import SimParams
 from geotrain.wan.shaping import Direction, LinkParams
@@ -160,7 +161,50 @@ EVAL_SLACK_S = 0.005
 
 def calibrate(run_dir: Path, topo: Topology) -> SimParams:
     """The times and sizes of the run in ``run_dir`` (whose own topology is ``topo``)."""
+    return fit(run_dir, topo)[0]
+
+
+POOLED = ("startup_s", "restart_s", "apply_s", "eval_s", "shutdown_s", "coordinator_restart_s", "fault_clock_s",
+          "standby_after_s", "standby_warm_s", "standby_slowdown")
+"""The times :func:`pool` takes the median of, over the runs that measured them."""
+
+
+def pool(fits: list[tuple[SimParams, frozenset[str]]], names: list[str]) -> SimParams:
+    """One calibration from several runs (``fits``: :func:`fit`'s, one per run, ``names`` theirs): each time the
+    median over the runs that measured it (a run without a restart says nothing about restarts), each site's step
+    and overhead the median over the runs that had the site. One calibration run on a shared machine carries its
+    moment's load (docs/results.md: steady steps 0.045-0.051 s, starts 7.9-10.7 s across four runs of one command);
+    several damp it. The runs must have trained the same model (the same parameters and payload bytes)."""
+    first = fits[0][0]
+    for (p, _), name in zip(fits[1:], names[1:]):
+        if (p.numel, p.up_bytes, p.down_bytes) != (first.numel, first.up_bytes, first.down_bytes):
+            raise TopologyError(f"--calibrate {name}: another model than {names[0]}'s ({p.numel:,} parameters, "
+                                f"{p.up_bytes} / {p.down_bytes} bytes a merge, against {first.numel:,}, "
+                                f"{first.up_bytes} / {first.down_bytes}): calibrate with runs of one model")
+    out = SimParams(numel=first.numel, step_s={}, up_bytes=first.up_bytes, down_bytes=first.down_bytes,
+                    init_bytes=first.init_bytes)
+    for field_name in POOLED:
+        got = [getattr(p, field_name) for p, measured in fits if field_name in measured]
+        setattr(out, field_name, float(statistics.median(got)) if got else getattr(first, field_name))
+    for attr in ("step_s", "overhead_s"):
+        sites = {s for p, measured in fits for s in getattr(p, attr) if f"{attr}:{s}" in measured}
+        for site in sorted(sites):
+            got = [getattr(p, attr)[site] for p, measured in fits if f"{attr}:{site}" in measured]
+            getattr(out, attr)[site] = float(statistics.median(got))
+    return out
+
+
+def fit(run_dir: Path, topo: Topology) -> tuple[SimParams, frozenset[str]]:
+    """:func:`calibrate`'s parameters, and the names of those the history measured (the others are defaults:
+    ``restart_s`` of a run nothing restarted in; ``step_s:SITE`` for each site that stepped)."""
     events = net_of_evals(read_events(Path(run_dir) / "metrics.jsonl"))
+    measured: set[str] = set()
+
+    def seen(name: str, values) -> list:
+        values = [v for v in values if isinstance(v, (int, float))]
+        if values:
+            measured.add(name)
+        return values
     started = next((e["t"] for e in events if e["event"] == "run_started"), None)
     if started is None:
         started = min((e["t"] for e in events), default=0.0)
@@ -168,40 +212,48 @@ def calibrate(run_dir: Path, topo: Topology) -> SimParams:
     merges = [e for e in events if e["event"] == "merge" and "fragment" not in e]
     merges_any = [e for e in events if e["event"] == "merge"]
     step_s, first = {}, []
-    fit = standby_fit(events, [s.name for s in topo.sites])
+    sb = standby_fit(events, [s.name for s in topo.sites])
     for s in topo.sites:
         mine = [e for e in steps if e.get("site") == s.name]
-        step_s[s.name] = fit.steady.get(s.name) or _median([e.get("compute_s") for e in mine[len(mine) // 2:]], 0.05)
+        step_s[s.name] = sb.steady.get(s.name) or _median([e.get("compute_s") for e in mine[len(mine) // 2:]], 0.05)
         if mine:
+            measured.add(f"step_s:{s.name}")
             first.append(mine[0]["t"] - started - step_s[s.name])
     up = int(_median([e.get("bytes_sent") for e in merges_any], 0))
     down = int(_median([e.get("bytes_received") for e in merges_any], 0))
     model = next((e for e in events if e["event"] == "model"), None)
     fragments = topo.training.streaming.fragments if topo.training.algorithm == "streaming-diloco" else 1
     numel = int(model["params"]) if model else max(1, up * fragments // 4)
-    apply_s = _median([e.get("answer_s", e.get("apply_s")) for e in events if e["event"] == "commit"], 0.0)
+    apply_s = _median(seen("apply_s", [e.get("answer_s", e.get("apply_s")) for e in events if e["event"] == "commit"]),
+                      0.0)
     done = [e["t"] for e in events if e["event"] == "site_done"]
     finished = next((e["t"] for e in events if e["event"] == "run_finished"), None)
-    shutdown = finished - max(done) if done and finished is not None else 1.0
-    p = SimParams(numel=numel, shutdown_s=max(0.0, shutdown), step_s=step_s, startup_s=_median(first, 5.0),
-                  restart_s=_median([e.get("seconds") for e in events if e["event"] == "recovery"
-                                     and e.get("what") == "worker"], 5.0),
+    shutdown = seen("shutdown_s", [finished - max(done)] if done and finished is not None else [])
+    p = SimParams(numel=numel, shutdown_s=max(0.0, shutdown[0]) if shutdown else 1.0, step_s=step_s,
+                  startup_s=_median(seen("startup_s", first), 5.0),
+                  restart_s=_median(seen("restart_s", [e.get("seconds") for e in events if e["event"] == "recovery"
+                                                       and e.get("what") == "worker"]), 5.0),
                   apply_s=apply_s, up_bytes=up * fragments or None, down_bytes=down * fragments or None,
-                  eval_s=_median(fit.calm(e for e in events if e["event"] == "eval"), 0.0))
-    p.standby_after_s, p.standby_warm_s, p.standby_slowdown = fit.after_s, fit.warm_s, fit.slowdown
+                  eval_s=_median(seen("eval_s", sb.calm(e for e in events if e["event"] == "eval")), 0.0))
+    p.standby_after_s, p.standby_warm_s, p.standby_slowdown = sb.after_s, sb.warm_s, sb.slowdown
+    if sb.warm_s > 0:
+        measured.update(("standby_after_s", "standby_warm_s", "standby_slowdown"))
     kills = [e["t"] for e in events if e["event"] == "fault_injected" and e.get("target") == "coordinator"]
     resumed = [e["t"] for e in events if e["event"] == "coordinator_started" and e.get("resumed")]
     back = [min((r for r in resumed if r >= k), default=None) for k in kills]
-    p.coordinator_restart_s = _median([b - k for k, b in zip(kills, back) if b is not None], p.coordinator_restart_s)
-    p.fault_clock_s = max(0.0, _median([e["t"] - started - e["params"]["at_ms"] / 1000.0 for e in events
-                                         if e["event"] == "fault_injected" and isinstance(e.get("params"), dict)
-                                         and isinstance(e["params"].get("at_ms"), (int, float))], 0.0))
+    p.coordinator_restart_s = _median(seen("coordinator_restart_s", [b - k for k, b in zip(kills, back) if b is not None]),
+                                      p.coordinator_restart_s)
+    p.fault_clock_s = max(0.0, _median(seen("fault_clock_s", [
+        e["t"] - started - e["params"]["at_ms"] / 1000.0 for e in events
+        if e["event"] == "fault_injected" and isinstance(e.get("params"), dict)
+        and isinstance(e["params"].get("at_ms"), (int, float))]), 0.0))
     for s in topo.sites:
         mine = [e["seconds"] for e in (merges or merges_any) if e.get("site") == s.name and "seconds" in e]
         if mine:
             wire = transfer_s(topo, s.name, up) + transfer_s(topo, s.name, down)
             p.overhead_s[s.name] = max(0.0, min(mine) - wire - apply_s)
-    return p
+            measured.add(f"overhead_s:{s.name}")
+    return p, frozenset(measured)
 
 
 FIGURES = ("wall_seconds", "utilisation", "goodput", "wan_bytes", "rounds_completed")

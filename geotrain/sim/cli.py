@@ -1,14 +1,15 @@
 """`geotrain simulate`: a run of a topology in simulated time (geotrain.sim.engine), written as a run directory.
 
     geotrain simulate TOPOLOGY [--set PATH=VALUE ...] [--params N] [--step-s S] [--run-dir DIR]
-    geotrain simulate TOPOLOGY --calibrate RUN_DIR [--set ...] [--compare RUN_DIR] [--run-dir DIR]
+    geotrain simulate TOPOLOGY --calibrate RUN_DIR [--calibrate RUN_DIR ...] [--set ...] [--compare RUN_DIR] [--run-dir DIR]
 
 Without ``--calibrate`` the model has the topology's built-in GPT's parameter count (or ``--params``) and
 every inner step takes ``--step-s`` (times each site's ``slowdown``); ``--startup-s`` and ``--restart-s``
 default to what a CPU launch here takes. With ``--calibrate RUN_DIR`` the times and sizes are fitted from
 that real run (geotrain.sim.calibrate); TOPOLOGY may differ from that run's (more rounds, other links, more
 sites: a site the run did not have takes the median step of those it had); ``--params`` then rescales the
-payloads. ``--compare RUN_DIR`` prints predicted / measured for every summary figure. ``--sites N`` simulates N
+payloads; several ``--calibrate`` runs (of one model) give each time as their median (geotrain.sim.calibrate.pool).
+``--compare RUN_DIR`` prints predicted / measured for every summary figure. ``--sites N`` simulates N
 copies of the topology's first site instead of its own (past the 256 sites a topology file may name).
 
 It writes what a launch writes — ``metrics.jsonl``, ``summary.json`` (``simulated: true``, with the
@@ -44,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-restart-s", type=float, default=3.0)
     p.add_argument("--step-events", choices=("each", "round"), default="each",
                    help="one inner_step event per step (as a real run) or per run of steps between merges")
-    p.add_argument("--calibrate", type=Path, default=None, metavar="RUN_DIR")
+    p.add_argument("--calibrate", type=Path, action="append", default=None, metavar="RUN_DIR",
+                   help="fit the times and sizes from this real run; again for several (each time their median)")
     p.add_argument("--compare", type=Path, default=None, metavar="RUN_DIR")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the link model's jitter and loss draws")
@@ -56,7 +58,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _params(args, topo):
     from geotrain.config.topology import load_any
-    from geotrain.sim.calibrate import calibrate
     from geotrain.sim.model import SimParams
     from geotrain.worker.main import gpt_config
     from geotrain.worker.model import param_count
@@ -65,8 +66,10 @@ def _params(args, topo):
         numel = int(args.params) if args.params else param_count(gpt_config(topo))
         return SimParams.given(topo, numel, args.step_s, startup_s=args.startup_s, restart_s=args.restart_s,
                                coordinator_restart_s=args.coordinator_restart_s)
-    run_topo = load_any(args.calibrate / "topology.json")
-    p = calibrate(args.calibrate, run_topo)
+    from geotrain.sim.calibrate import fit, pool
+
+    fits = [fit(run, load_any(run / "topology.json")) for run in args.calibrate]
+    p = pool(fits, [str(run) for run in args.calibrate]) if len(fits) > 1 else fits[0][0]
     known = list(p.step_s.values())
     p.step_s = {s.name: p.step_s.get(s.name, statistics.median(known)) for s in topo.sites}
     fill = statistics.median(p.overhead_s.values()) if p.overhead_s else 0.0
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        for given, what in ((args.calibrate, "--calibrate"), (args.compare, "--compare")):
+        for given, what in [*((c, "--calibrate") for c in args.calibrate or ()), (args.compare, "--compare")]:
             if given is not None and not (given / "metrics.jsonl").is_file():
                 raise TopologyError(f"{what} {given}: not a run directory (no metrics.jsonl)")
         run_dir, s = simulate(args)

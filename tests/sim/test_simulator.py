@@ -369,3 +369,40 @@ def test_sites_n_simulates_copies_of_the_first_site_past_a_files_cap(tmp_path, c
     f.write_text(f.read_text() + "faults: [{kind: kill, target: worker a/0, at: 1s}]\n")
     assert main([str(f), "--sites", "5"]) == 2
     assert "the topology's faults and links.pairs name sites the copies do not have" in capsys.readouterr().err
+
+
+def _history(path, t, p):
+    path.mkdir()
+    events = Simulator(t, p).run()
+    (path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (path / "topology.json").write_text(json.dumps(t.model_dump(mode="json")))
+    return path
+
+
+def test_several_calibration_runs_give_each_time_as_the_median_of_those_that_measured_it(tmp_path, capsys):
+    from geotrain.sim.calibrate import fit, pool
+    from geotrain.sim.cli import main
+
+    t = topo(rounds=4)
+    killed = topo(rounds=4, extra={"faults": [{"kind": "kill", "target": "worker b/0", "at": "3s"}]})
+    runs = [_history(tmp_path / "a", t, SimParams.given(t, 1_000_000, 0.1, startup_s=2.0, init_bytes=0)),
+            _history(tmp_path / "b", killed, SimParams.given(killed, 1_000_000, 0.2, startup_s=4.0, restart_s=3.0,
+                                                             init_bytes=0)),
+            _history(tmp_path / "c", t, SimParams.given(t, 1_000_000, 0.5, startup_s=3.0, init_bytes=0))]
+    fits = [fit(r, tt) for r, tt in zip(runs, (t, killed, t))]
+    got = pool(fits, [str(r) for r in runs])
+    assert got.step_s == {"a": pytest.approx(0.2), "b": pytest.approx(0.2)}  # the median of 0.1, 0.2, 0.5
+    assert got.startup_s == pytest.approx(fits[2][0].startup_s)  # the median of ~2, ~4, ~3: run c's
+    assert "restart_s" in fits[1][1] and "restart_s" not in fits[0][1]
+    assert got.restart_s == pytest.approx(fits[1][0].restart_s)  # only b restarted: a and c say nothing of it
+    # the front door takes --calibrate more than once; runs of two models are refused by name
+    out = tmp_path / "sim"
+    assert main([str(tmp_path / "a" / "topology.json"), "--calibrate", str(runs[0]),
+                 "--calibrate", str(runs[2]), "--run-dir", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["sim_params"]["step_s"]["a"] == pytest.approx(0.3)
+    other = topo(rounds=4)
+    _history(tmp_path / "d", other, SimParams.given(other, 2_000_000, 0.1, init_bytes=0))
+    capsys.readouterr()
+    assert main([str(tmp_path / "a" / "topology.json"), "--calibrate", str(runs[0]), "--calibrate",
+                 str(tmp_path / "d")]) == 2
+    assert f"--calibrate {tmp_path / 'd'}: another model than" in capsys.readouterr().err

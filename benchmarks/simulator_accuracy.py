@@ -79,7 +79,7 @@ def failure_rate(args) -> int:
     real = launch(DEMO, *overrides)
     sim = simulate(DEMO, overrides, [Path(c["run_dir"]) for c in calibs])
     name = f"demo sync, mtbf {args.mtbf_s:g} s"
-    print(f"calibrated on: demo sync, {args.rounds // 2} rounds, one worker killed at 20 s ({calib['run_dir']})")
+    print(f"calibrated on: demo sync, {args.rounds // 2} rounds, one worker killed at 20 s ({', '.join(c['run_dir'] for c in calibs)})")
     print(f"target: demo sync, {args.rounds} rounds, {' '.join(rate)} ({real['run_dir']})")
     drawn = [json.loads(x) for x in (Path(real["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     t0 = next((e["t"] for e in drawn if e.get("event") == "run_started"), drawn[0]["t"] if drawn else 0.0)

@@ -19,21 +19,11 @@ import pytest
 from geotrain.control.etcd_server import EtcdServer
 from geotrain.events import read_events
 from tests.integration.helpers import REPO, processes_mentioning, wait_for_event
+from tests.integration.test_sdk_outcomes import SCRIPT, TOPOLOGY as REGRESS_TOPOLOGY
 from tests.integration.test_separate_hosts import ready_port, stop
 
 pytestmark = pytest.mark.slow
-SCRIPT = REPO / "tests" / "integration" / "scripts" / "regress_user.py"
-TOPOLOGY = """
-name: site-supervision
-sites:
-  - {name: paris, workers: 1}
-  - {name: tokyo, workers: 1}
-links:
-  default: {bandwidth: 1gbit, latency: 2ms}
-training: {inner_steps: 5, rounds: 4}
-recovery: {max_restarts: 5}
-security: {tls: false}
-"""
+TOPOLOGY = REGRESS_TOPOLOGY + "security: {tls: false}\n"  # the SDK tests' two sites, etcd and gRPC in plaintext
 
 
 def part(args: list[str], log: Path, mode: str = "normal", stdout=subprocess.DEVNULL) -> subprocess.Popen:

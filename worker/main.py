@@ -81,6 +81,7 @@ def train(ctx: SiteContext, topo: Topology) -> None:
                     eval_tokens=int(corpus.eval.size))
     cfg = gpt_config(topo)
     model = build_model(cfg, seed=topo.seed).to(device)
+    forward = torch.compile(model) if m.compile else model  # the module stays the one trained, merged and saved
     opt = build_inner_optimizer(model, tr.inner_optimizer)
     sampler = BatchSampler(corpus.train, tr.batch_size, m.block_size, seed=worker_seed(topo.seed, ctx.site, ctx.rank))
     evaluator = ctx.is_leader and ctx.site == topo.sites[0].name
@@ -89,7 +90,7 @@ def train(ctx: SiteContext, topo: Topology) -> None:
         n = model.num_params()
         events.emit("model", params=n, flops_per_token=flops_per_token(cfg, n), vocab_size=cfg.vocab_size,
                     n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, block_size=cfg.block_size,
-                    preset=m.preset, device=device.type, bf16=device.type == "cuda" and m.bf16)
+                    preset=m.preset, device=device.type, bf16=device.type == "cuda" and m.bf16, compile=m.compile)
 
     def run_eval(rnd: int, step: int, **extra) -> None:
         t0 = time.perf_counter()
@@ -124,7 +125,7 @@ def train(ctx: SiteContext, topo: Topology) -> None:
                 set_lr(opt, lr_at(diloco.local_step, base_lr=inner.lr, **schedule))
             x, y = sampler.next_batch()
             with autocast:
-                _, loss = model(x.to(device), y.to(device))
+                _, loss = forward(x.to(device), y.to(device))
             loss.backward()
             slow.before_sync()  # a slower site: rank 0 sleeps here, the site waits for it (worker/slowdown.py)
             opt.step()

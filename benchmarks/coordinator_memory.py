@@ -29,14 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
 
-def set_window(window_mb: float | None) -> None:
-    """Every stream's HTTP/2 window (geotrain.wire.channel.STREAM_WINDOW_BYTES) for this process's channels."""
-    if window_mb is None:
-        return
-    from geotrain.wire import channel
+def window_bytes(window_mb: float | None) -> int:
+    """Every stream's HTTP/2 window, both ends: ``window_mb``, else what a launch of topologies/demo.yaml uses
+    (geotrain.config.derive.stream_window_bytes: sized from its links, 8 MiB)."""
+    if window_mb is not None:
+        return int(window_mb * (1 << 20))
+    from geotrain.config.derive import stream_window_bytes
+    from geotrain.config.topology import load_topology
 
-    for opts in (channel.GRPC_OPTIONS, channel.SERVER_OPTIONS):
-        opts[:] = [(k, int(window_mb * (1 << 20)) if k == "grpc.http2.lookahead_bytes" else v) for k, v in opts]
+    return stream_window_bytes(load_topology(Path(__file__).resolve().parents[1] / "topologies" / "demo.yaml"))
 
 
 def _coordinator(n: int, sites: tuple[str, ...], window_mb, ports, stop, stats, arenas=True) -> None:
@@ -45,7 +46,6 @@ def _coordinator(n: int, sites: tuple[str, ...], window_mb, ports, stop, stats, 
     from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
     from geotrain.orchestrator.server import create_server
 
-    set_window(window_mb)
     torch.set_num_threads(1)
     if arenas:  # what `geotrain coordinator` does at start (orchestrator/main.py)
         from geotrain.wire.buffers import limit_malloc_arenas
@@ -53,7 +53,7 @@ def _coordinator(n: int, sites: tuple[str, ...], window_mb, ports, stop, stats, 
         limit_malloc_arenas()
     engine = CoordinatorEngine(EngineConfig(sites=sites))
     engine.params = torch.zeros(n)
-    server, port = create_server(engine)
+    server, port = create_server(engine, window_bytes=window_bytes(window_mb))
     ports.put(port)
     stop.wait()
     stats.put({"pool_allocated": engine.buffers.allocated, "pool_reused": engine.buffers.reused,
@@ -66,9 +66,8 @@ def _site(address: str, site: str, n: int, rounds: int, window_mb, barrier, done
 
     from geotrain.worker.client import CoordinatorClient
 
-    set_window(window_mb)
     torch.set_num_threads(1)
-    client = CoordinatorClient(address, site, timeout_s=900)
+    client = CoordinatorClient(address, site, timeout_s=900, window_bytes=window_bytes(window_mb))
     client.join(1)
     update = torch.full((n,), 1e-3)
     for r in range(rounds):
@@ -135,7 +134,7 @@ def measure(mb: float, n_sites: int, rounds: int, window_mb: float | None = None
     return {"sites": n_sites, "model_mb": model_mb, "rounds": rounds, "seconds": round(seconds, 1),
             "idle_rss_mb": idle_kb / 1e3, "peak_rss_mb": peak_kb / 1e3, "max_sampled_rss_mb": max(samples) / 1e3,
             "peak_above_idle_mb": above, "peak_above_idle_over_model": above / model_mb,
-            "window_mb": window_mb, "malloc_arenas_limited": arenas, **pool}
+            "window_mb": window_bytes(window_mb) / (1 << 20), "malloc_arenas_limited": arenas, **pool}
 
 
 def main() -> int:
@@ -144,7 +143,8 @@ def main() -> int:
     ap.add_argument("--sites", default="2,8", help="comma-separated numbers of sites")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--window-mb", type=float, default=None,
-                    help="every stream's HTTP/2 window, both ends (default: geotrain.wire.channel's)")
+                    help="every stream's HTTP/2 window, both ends (default: a demo launch's, sized from its links; "
+                         "64 was every run's until 2026-12-04)")
     ap.add_argument("--default-arenas", action="store_true",
                     help="leave glibc's malloc arenas as they are (the coordinator limits them: geotrain.wire.buffers)")
     args = ap.parse_args()

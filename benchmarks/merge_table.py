@@ -74,7 +74,7 @@ def steady(seconds: list[float]) -> float:
 # ---- the processes ----
 
 
-def _coordinator(n: int, sites: tuple[str, ...], ports, stop) -> None:
+def _coordinator(n: int, sites: tuple[str, ...], ports, stop, window: int) -> None:
     import torch
 
     from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
@@ -85,19 +85,19 @@ def _coordinator(n: int, sites: tuple[str, ...], ports, stop) -> None:
     limit_malloc_arenas()  # what `geotrain coordinator` does at start
     engine = CoordinatorEngine(EngineConfig(sites=sites))
     engine.params = torch.zeros(n)
-    server, port = create_server(engine)
+    server, port = create_server(engine, window_bytes=window)
     ports.put(port)
     stop.wait()
     server.stop(0).wait()
 
 
-def _site(address: str, site: str, n: int, rounds: int, barrier, results) -> None:
+def _site(address: str, site: str, n: int, rounds: int, barrier, results, window: int) -> None:
     import torch
 
     from geotrain.worker.client import CoordinatorClient
 
     torch.set_num_threads(1)
-    client = CoordinatorClient(address, site, timeout_s=1800)
+    client = CoordinatorClient(address, site, timeout_s=1800, window_bytes=window)
     client.join(1)
     update = torch.full((n,), 1e-3)
     for r in range(rounds):
@@ -190,12 +190,15 @@ def _collect(results, nsites: int, rounds: int, procs) -> list[float]:
 
 def measure(mode: str, nsites: int, nbytes: int, mbit: float | None, latency_ms: float, rounds: int) -> list[float]:
     """``mode``: "geotrain" or "raw"; ``mbit`` None: loopback, no link."""
+    from geotrain.wire.channel import window_for
+
+    window = window_for([(mbit, latency_ms, 0.0)] if mbit else [])  # what a run over these links uses
     ctx = mp.get_context("spawn")  # never fork a process that runs gRPC threads
     ports, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(nsites)
     stop = ctx.Event()
     sites = tuple(f"s{i}" for i in range(nsites))
     if mode == "geotrain":
-        hub = ctx.Process(target=_coordinator, args=(nbytes // 4, sites, ports, stop))
+        hub = ctx.Process(target=_coordinator, args=(nbytes // 4, sites, ports, stop, window))
     else:
         hub = ctx.Process(target=_raw_hub, args=(nsites, nbytes, rounds, ports))
     procs, links = [hub], []
@@ -208,7 +211,8 @@ def measure(mode: str, nsites: int, nbytes: int, mbit: float | None, latency_ms:
                 link, target = start_link(port, mbit, latency_ms)
                 links.append(link)
             if mode == "geotrain":
-                p = ctx.Process(target=_site, args=(f"127.0.0.1:{target}", site, nbytes // 4, rounds, barrier, results))
+                p = ctx.Process(target=_site, args=(f"127.0.0.1:{target}", site, nbytes // 4, rounds, barrier, results,
+                                                    window))
             else:
                 p = ctx.Process(target=_raw_site, args=(target, site, nbytes, rounds, barrier, results))
             p.start()

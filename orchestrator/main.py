@@ -20,7 +20,7 @@ from pathlib import Path
 from geotrain.errors import GeotrainError
 from geotrain.events import EventLog
 from geotrain.orchestrator.persist import CoordinatorState, StateStore
-from geotrain.config.derive import coordinator_config
+from geotrain.config.derive import coordinator_config, stream_window_bytes
 from geotrain.orchestrator.engine import CoordinatorEngine
 from geotrain.orchestrator.server import create_server
 from geotrain.run.site import checkpoint_dir
@@ -114,7 +114,7 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
                                                                       reason=str(exc)))
     cfg = coordinator_config(topo)
     engine = CoordinatorEngine(cfg, events=events, on_commit=on_commit, store=store, checkpoints=writer, resume=resume)
-    server, port = create_server(engine, bind, tls=tls)
+    server, port = create_server(engine, bind, tls=tls, window_bytes=stream_window_bytes(topo))
     exporter, metrics_url = None, None
     if topo.coordinator.prometheus_port is not None and run_dir is not None:
         try:

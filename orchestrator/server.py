@@ -42,7 +42,7 @@ from geotrain.orchestrator.limits import (CallDeadlines, PeerStreams, ServerLimi
 from geotrain.security.pki import TlsFiles, site_of
 from geotrain.security.tls import peer_name, server_credentials
 from geotrain.wire import transport
-from geotrain.wire.channel import SERVER_OPTIONS
+from geotrain.wire.channel import STREAM_WINDOW_BYTES, grpc_options
 from geotrain.wire.chunks import as_chunk, parse_chunk
 from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, error_for, outcome_of
 
@@ -306,7 +306,8 @@ def default_limits(engine: CoordinatorEngine) -> ServerLimits:
 
 
 def create_server(engine: CoordinatorEngine, bind: str = "127.0.0.1:0", max_workers: int | None = None,
-                  tls: TlsFiles | None = None, limits: ServerLimits | None = None):
+                  tls: TlsFiles | None = None, limits: ServerLimits | None = None,
+                  window_bytes: int = STREAM_WINDOW_BYTES):
     """Serve ``engine`` over gRPC with the standard health service; returns (server, port).
 
     ``tls``: the coordinator's certificate files; the server then demands a client certificate of the
@@ -315,14 +316,15 @@ def create_server(engine: CoordinatorEngine, bind: str = "127.0.0.1:0", max_work
     ``limits``: what one call may hold (geotrain.orchestrator.limits; default: from the topology). The
     pool has a thread for every stream every site may hold and spare ones for Status, Join and health
     (limits.pool_size); gRPC refuses calls beyond the pool at once (``maximum_concurrent_rpcs``,
-    RESOURCE_EXHAUSTED) instead of queueing them without bound."""
+    RESOURCE_EXHAUSTED) instead of queueing them without bound. ``window_bytes``: each stream's HTTP/2 window
+    (geotrain.wire.channel; a run's comes from its links, geotrain.config.derive.stream_window_bytes)."""
     limits = limits or default_limits(engine)
     workers = max_workers or pool_size(limits, len(engine.cfg.sites))
     # Not grpc.max_concurrent_streams: in grpc 1.85's Python server a stream whose request cannot be
     # deserialized is never released from its connection's count, so that after N such requests the
     # connection refuses every new stream (REFUSED_STREAM, measured); the per-peer limit bounds streams.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coord"),
-                         options=SERVER_OPTIONS, maximum_concurrent_rpcs=workers)
+                         options=grpc_options(window_bytes), maximum_concurrent_rpcs=workers)
     service = CoordinatorService(engine, tls=tls is not None, limits=limits)
     methods = handlers(service)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))

@@ -29,7 +29,7 @@ from geotrain._proto import coordinator_pb2 as pb
 from geotrain._proto import coordinator_pb2_grpc as pb_grpc
 from geotrain.errors import GeotrainError, TransferCorrupt
 from geotrain.wire import transport
-from geotrain.wire.channel import CLIENT_OPTIONS, GRPC_OPTIONS
+from geotrain.wire.channel import CLIENT_OPTIONS, STREAM_WINDOW_BYTES, grpc_options
 from geotrain.wire.chunks import parse_chunk
 from geotrain.wire.outcomes import REFUSAL_KEY, Outcome, error_for, outcome_of
 from geotrain.worker.retry import Retry, next_action
@@ -50,9 +50,10 @@ log = logging.getLogger(__name__)
 
 class CoordinatorClient:
     def __init__(self, address: str, site: str, timeout_s: float = 120.0, connect_timeout_s: float = 30.0,
-                 retry_deadline_s: float = 120.0, tls=None):
+                 retry_deadline_s: float = 120.0, tls=None, window_bytes: int = STREAM_WINDOW_BYTES):
         """``tls``: this site's certificate files (geotrain.security.pki.TlsFiles): the channel is mutual TLS
-        and the server must be the run's ``coordinator`` whatever address is dialled (a link emulator's)."""
+        and the server must be the run's ``coordinator`` whatever address is dialled (a link emulator's).
+        ``window_bytes``: each stream's HTTP/2 window (geotrain.wire.channel; the topology's: derive.stream_window_bytes)."""
         self.address = address
         self.site = site
         self.timeout_s = timeout_s
@@ -62,9 +63,9 @@ class CoordinatorClient:
         if tls is not None:
             from geotrain.security.tls import secure_channel
 
-            self._channel = secure_channel(address, tls, options=GRPC_OPTIONS + CLIENT_OPTIONS)
+            self._channel = secure_channel(address, tls, options=grpc_options(window_bytes) + CLIENT_OPTIONS)
         else:
-            self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS + CLIENT_OPTIONS)
+            self._channel = grpc.insecure_channel(address, options=grpc_options(window_bytes) + CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:

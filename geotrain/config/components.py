@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from geotrain.config.safeyaml import MAX_BYTES, quote
 from geotrain.config.schema import OuterOptimizerConfig
@@ -80,6 +80,8 @@ class WorkerConfig(BaseModel):
     certs_dir: Path | None = None
     """The run's certificate directory (geotrain.security.pki); a site's processes use ``site.<name>`` from it.
     None = plaintext (security.tls: false)."""
+    stream_window_bytes: int = Field(default=64 << 20, ge=1 << 16, le=1 << 30)
+    """The coordinator channel's HTTP/2 stream window (derive.stream_window_bytes: from the topology's links)."""
 
     @field_validator("outer_optimizer")
     @classmethod

@@ -47,6 +47,16 @@ def derive(topo: Topology, run_dir: Path) -> RunConfigs:
     return RunConfigs(worker=worker_config(topo, run_dir), site_links=site_links, ring_links=ring_links)
 
 
+def stream_window_bytes(topo: Topology) -> int:
+    """The coordinator channel's HTTP/2 stream window for this topology (geotrain.wire.channel.window_for over the
+    links between the sites and the coordinator): both ends use it."""
+    from geotrain.wire.channel import window_for
+
+    at = topo.coordinator.at
+    specs = [topo.link(site, at) for site in topo.site_names]
+    return window_for((s.bandwidth_mbps, s.latency_ms, s.jitter_ms) for s in specs if s is not None)
+
+
 def worker_config(topo: Topology, run_dir: Path) -> WorkerConfig:
     """What every worker is told (geotrain.worker.context reads it back)."""
     tr, ck = topo.training, topo.checkpoint
@@ -61,7 +71,7 @@ def worker_config(topo: Topology, run_dir: Path) -> WorkerConfig:
         fragments=tr.streaming.fragments, overlap_steps=overlap_steps(topo), alpha=tr.streaming.alpha,
         num_sites=len(topo.sites), ring_uploader=uploader(topo),
         outer_optimizer=outer_optimizer(topo).model_dump(mode="json"),
-        certs_dir=certs_dir(topo, run_dir),
+        certs_dir=certs_dir(topo, run_dir), stream_window_bytes=stream_window_bytes(topo),
     )
 
 

@@ -27,7 +27,8 @@ def open_exchange(ctx: SiteContext, events: EventLog, *, rings: bool) -> tuple[S
         client = local_client(ctx)
     else:
         client = CoordinatorClient(ctx.coordinator, ctx.site, timeout_s=ctx.rpc_timeout_s,
-                                   retry_deadline_s=ctx.retry_deadline_s, tls=ctx.tls)
+                                   retry_deadline_s=ctx.retry_deadline_s, tls=ctx.tls,
+                                   window_bytes=ctx.stream_window_bytes)
     star = StarExchange(client, site=ctx.site, workers=ctx.workers, codec=ctx.codec, block=ctx.block,
                         error_feedback=ctx.error_feedback, retry_deadline_s=ctx.retry_deadline_s, events=events,
                         density=ctx.density, bits=ctx.bits, error_feedback_decay=ctx.error_feedback_decay)

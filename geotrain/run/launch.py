@@ -237,6 +237,8 @@ class Launcher:
             env = procs.env_with(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo",
                                  NCCL_SOCKET_IFNAME="lo")
             argv = [_python(), "-m", "geotrain.run.standby", "--name", c.name]
+            if self.topo.model.compile and not self.plan.script:  # the built-in trainer will torch.compile
+                argv.append("--compile")
             if self.events.path is not None:
                 argv += ["--events", str(self.events.path)]
             self.standbys[c.name] = procs.spawn(argv, env=env, stdout=log_f, stderr=log_f, stdin=subprocess.PIPE)

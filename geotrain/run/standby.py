@@ -41,6 +41,9 @@ WARM_MODULES = ("torch", "geotrain.worker.main", "geotrain.sdk", "torch._dynamo"
 (``Optimizer.add_param_group`` is wrapped in ``torch._disable_dynamo``, which imports it, and sympy with it):
 1.5 of the 2.5 s a standby took from its activation to its site's join on this machine (2026-12-03).
 ``geotrain.control.plane`` is the etcd client a worker registers with (0.13 s)."""
+COMPILE_MODULES = ("torch._inductor.compile_fx",)
+"""Also imported with ``--compile`` (the run's ``model.compile``): torch.compile's backend, ~1.3 s here. The
+compile itself is the restarted worker's (faster from torch's on-disk cache)."""
 
 
 def warm_up() -> None:
@@ -102,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m geotrain.run.standby")
     ap.add_argument("--events", help="the run's metrics.jsonl: standby_ready is written there once warm")
     ap.add_argument("--name", default="", help="the worker this standby stands by for (e.g. 'worker us-east/0')")
+    ap.add_argument("--compile", action="store_true", help="the run compiles its model: import torch.compile's too")
     args = ap.parse_args(argv)
-    for name in WARM_MODULES:
+    for name in WARM_MODULES + (COMPILE_MODULES if args.compile else ()):
         importlib.import_module(name)
     warm_up()
     if args.events:

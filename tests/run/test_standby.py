@@ -76,3 +76,14 @@ def test_a_standby_has_paid_for_what_a_first_optimizer_imports(tmp_path):
     assert "dynamo before True after True" in out.decode()
     fresh = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=120)
     assert "dynamo before False after True" in fresh.stdout, fresh.stderr[-2000:]
+
+
+def test_a_standby_for_a_compiled_model_has_imported_torch_compiles_backend(tmp_path):
+    script = tmp_path / "which.py"
+    script.write_text('import sys\nprint("inductor", "torch._inductor.compile_fx" in sys.modules)\n')
+    for flag, want in (([], "inductor False"), (["--compile"], "inductor True")):
+        p = procs.spawn([PY, "-m", "geotrain.run.standby", *flag], env=procs.env_with(), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, stdin=subprocess.PIPE)
+        out, err = p.communicate(activation([PY, str(script)], dict(os.environ), str(tmp_path)), timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert want in out.decode(), (flag, out)

@@ -17,17 +17,7 @@ from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
 from geotrain.orchestrator.persist import StateStore
 from geotrain.orchestrator.results import Refused, Update
 from geotrain.wire.outcomes import Outcome
-
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event, **fields):
-        self.seen.append((event, fields))
-
-    def of(self, kind):
-        return [f for e, f in self.seen if e == kind]
+from tests.orchestrator.recorded import Events
 
 
 class HeldStore(StateStore):

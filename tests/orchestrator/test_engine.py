@@ -11,17 +11,7 @@ from geotrain.orchestrator.results import Refused, Update
 from geotrain.wire import transport
 from geotrain.wire.compress import decode
 from geotrain.wire.outcomes import Outcome
-
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event, **fields):
-        self.seen.append((event, fields))
-
-    def kinds(self):
-        return [e for e, _ in self.seen]
+from tests.orchestrator.recorded import Events
 
 
 def engine(**cfg):

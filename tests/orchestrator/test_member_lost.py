@@ -9,17 +9,7 @@ from geotrain.orchestrator.authz import authorize
 from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
 from geotrain.orchestrator.membership import Members
 from geotrain.orchestrator.results import Update
-
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event, **fields):
-        self.seen.append((event, fields))
-
-    def of(self, kind):
-        return [f for e, f in self.seen if e == kind]
+from tests.orchestrator.recorded import Events
 
 
 def two_sites(**cfg):

@@ -9,6 +9,7 @@ from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
 from geotrain.orchestrator.results import Refused, Update
 from geotrain.orchestrator.rounds import validate_update
 from geotrain.wire.outcomes import Outcome
+from tests.orchestrator.recorded import Events
 
 
 def decide(**kw):
@@ -55,17 +56,6 @@ def test_an_unknown_model_size_skips_only_the_length_check():
 
 
 # ---- the engine ----
-
-class Events:
-    def __init__(self):
-        self.seen = []
-
-    def emit(self, event, **fields):
-        self.seen.append((event, fields))
-
-    def of(self, kind):
-        return [f for k, f in self.seen if k == kind]
-
 
 def engine(sites=("a", "b"), **cfg):
     e = CoordinatorEngine(EngineConfig(sites=sites, **cfg), events=Events(), clock=lambda: 100.0)

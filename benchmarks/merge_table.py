@@ -1,6 +1,6 @@
 """A merge against the physical minimum, for payloads, bandwidths and site counts (issue #14's table).
 
-    .venv/bin/python benchmarks/merge_table.py [--rows all|quick] [--latency-ms 5]
+    .venv/bin/python benchmarks/merge_table.py [--rows all|quick|fast] [--latency-ms 5]
 
 Each row: one coordinator process (geotrain's engine behind its gRPC server, as a launched coordinator
 serves), N site processes (geotrain.worker.client.CoordinatorClient, the client site leaders use) and,
@@ -51,6 +51,7 @@ ROWS = [
     (8, 40 * MB, 1000),
 ]
 QUICK = [(2, 40 * MB, 1000), (8, 40 * MB, 1000)]
+FAST = [r for r in ROWS if r[2] >= 1000]  # without the 100 Mbit/s rows (400 MB there: minutes a merge)
 
 
 def minimum_s(nbytes: int, mbit: float, latency_ms: float) -> float:
@@ -237,10 +238,11 @@ def measure(mode: str, nsites: int, nbytes: int, mbit: float | None, latency_ms:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", choices=("all", "quick"), default="all")
+    ap.add_argument("--rows", choices=("all", "quick", "fast"), default="all",
+                    help="quick: 2 and 8 sites x 40 MB at 1 Gbit/s; fast: every row at 1 Gbit/s and above")
     ap.add_argument("--latency-ms", type=float, default=5.0, help="one way")
     args = ap.parse_args()
-    rows = ROWS if args.rows == "all" else QUICK
+    rows = {"all": ROWS, "quick": QUICK, "fast": FAST}[args.rows]
     lat = args.latency_ms
     loopback: dict[tuple[int, int], list[float]] = {}
     table = []
@@ -262,7 +264,7 @@ def main() -> int:
               f"loopback {steady(loopback[(nsites, nbytes)]):6.3f} s  merge first {merge[0]:7.3f} s "
               f"steady {warm:7.3f} s  | merge/min {warm / low:5.2f}  raw/min {raw_s / low:5.2f}  "
               f"merge/max(min,raw) {warm / max(low, raw_s):5.2f}  (load {row['load']:.1f})", flush=True)
-    path = save("merge_table", {"rows": table, "latency_ms": lat})
+    path = save("merge_table" if args.rows == "all" else f"merge_table_{args.rows}", {"rows": table, "latency_ms": lat})
     print(f"wrote {path}")
     return 0
 

@@ -9,7 +9,9 @@ topologies/three-continents.yaml (a site the calibration run did not have, other
 and a simulation of the same topology calibrated on those first runs only. Printed per target and figure
 (wall seconds, compute utilisation, WAN bytes, rounds completed): predicted, measured, predicted /
 measured, and whether it is within 10 %. The real runs use this shared 2-core machine: their wall time
-moves with its load, and so does the calibration. Asserts nothing. Writes
+moves with its load, and so does the calibration. Every real run's processes share this machine's cores, so
+the simulations are made with ``--shared-host`` (``--own-hosts``: without; three-continents has 6 workers where
+the calibration had 4). Asserts nothing. Writes
 benchmarks/results/simulator_accuracy.json (simulator_accuracy_pooledK.json with K > 1).
 
     .venv/bin/python benchmarks/simulator_accuracy.py --failure-rate [--mtbf-s 20] [--seed 1] [--rounds 60]
@@ -37,9 +39,15 @@ DEMO = REPO / "topologies" / "demo.yaml"
 THREE = REPO / "topologies" / "three-continents.yaml"
 
 
+SHARED_HOST = True
+"""Every real run here shares this machine's cores: simulate with ``--shared-host`` (``--own-hosts``: without)."""
+
+
 def simulate(topology: Path, overrides: tuple[str, ...], calibrate: Path | list[Path]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="geotrain-sim-")) / "run"
     argv = [sys.executable, "-m", "geotrain.cli", "simulate", str(topology), "--run-dir", str(out)]
+    if SHARED_HOST:
+        argv.append("--shared-host")
     for c in calibrate if isinstance(calibrate, list) else [calibrate]:
         argv += ["--calibrate", str(c)]
     for o in overrides:
@@ -107,7 +115,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--calibration-runs", type=int, default=1, metavar="K",
                    help="real runs to calibrate with (each time the median over them)")
+    p.add_argument("--own-hosts", action="store_true",
+                   help="simulate each site on hardware of its own (no --shared-host): what the simulator is for "
+                        "elsewhere, and not what the real runs of this benchmark have")
     args = p.parse_args()
+    global SHARED_HOST
+    SHARED_HOST = not args.own_hosts
     if args.failure_rate:
         return failure_rate(args)
     r = 8 if args.quick else 24  # ~15 s of steady steps after the standbys' ~12 s import (geotrain.sim.calibrate)

@@ -182,7 +182,8 @@ def pool(fits: list[tuple[SimParams, frozenset[str]]], names: list[str]) -> SimP
                                 f"{p.up_bytes} / {p.down_bytes} bytes a merge, against {first.numel:,}, "
                                 f"{first.up_bytes} / {first.down_bytes}): calibrate with runs of one model")
     out = SimParams(numel=first.numel, step_s={}, up_bytes=first.up_bytes, down_bytes=first.down_bytes,
-                    init_bytes=first.init_bytes)
+                    init_bytes=first.init_bytes,
+                    host_workers=first.host_workers if len({p.host_workers for p, _ in fits}) == 1 else None)
     for field_name in POOLED:
         got = [getattr(p, field_name) for p, measured in fits if field_name in measured]
         setattr(out, field_name, float(statistics.median(got)) if got else getattr(first, field_name))
@@ -236,6 +237,7 @@ def fit(run_dir: Path, topo: Topology) -> tuple[SimParams, frozenset[str]]:
                   apply_s=apply_s, up_bytes=up * fragments or None, down_bytes=down * fragments or None,
                   eval_s=_median(seen("eval_s", sb.calm(e for e in events if e["event"] == "eval")), 0.0))
     p.standby_after_s, p.standby_warm_s, p.standby_slowdown = sb.after_s, sb.warm_s, sb.slowdown
+    p.host_workers = sum(s.world_size for s in topo.sites)  # a local launch's: every worker on this one host
     if sb.warm_s > 0:
         measured.update(("standby_after_s", "standby_warm_s", "standby_slowdown"))
     kills = [e["t"] for e in events if e["event"] == "fault_injected" and e.get("target") == "coordinator"]

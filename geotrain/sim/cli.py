@@ -28,7 +28,7 @@ from pathlib import Path
 
 from geotrain.config.schema import MAX_SITES
 from geotrain.errors import GeotrainError, TopologyError
-from geotrain.sim.model import replicated
+from geotrain.sim.model import on_shared_host, replicated
 
 MAX_SIMULATED_SITES = 100_000
 """``--sites``: the most copies (10,000 were simulated in about a minute here: docs/results.md)."""
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=Path, default=None, metavar="RUN_DIR")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the link model's jitter and loss draws")
+    p.add_argument("--shared-host", type=int, nargs="?", const=0, default=None, metavar="CORES",
+                   help="with --calibrate: the target's worker processes share one host of CORES cores (default: "
+                        "this machine's) as the calibration run's did, e.g. both local launches on this machine; "
+                        "CPU-bound times scale with the workers per core (geotrain.sim.model.on_shared_host)")
     p.add_argument("--sites", type=int, default=None, metavar="N",
                    help="simulate N copies of the topology's first site (site0 ... siteN-1, the default link each) "
                         f"instead of its sites: for planning past what one real run holds (a file: {MAX_SITES} sites)")
@@ -63,6 +67,8 @@ def _params(args, topo):
     from geotrain.worker.model import param_count
 
     if args.calibrate is None:
+        if args.shared_host is not None:
+            raise TopologyError("--shared-host scales a calibration: give --calibrate RUN_DIR")
         numel = int(args.params) if args.params else param_count(gpt_config(topo))
         return SimParams.given(topo, numel, args.step_s, startup_s=args.startup_s, restart_s=args.restart_s,
                                coordinator_restart_s=args.coordinator_restart_s)
@@ -74,6 +80,14 @@ def _params(args, topo):
     p.step_s = {s.name: p.step_s.get(s.name, statistics.median(known)) for s in topo.sites}
     fill = statistics.median(p.overhead_s.values()) if p.overhead_s else 0.0
     p.overhead_s = {s.name: p.overhead_s.get(s.name, fill) for s in topo.sites}
+    if args.shared_host is not None:
+        import os
+
+        cores = args.shared_host or os.cpu_count() or 1
+        if p.host_workers is None:
+            raise TopologyError("--shared-host: the calibration runs had different numbers of workers; give runs "
+                                "of one topology")
+        p = on_shared_host(p, sum(s.world_size for s in topo.sites), cores)
     if args.params:
         scale = args.params / p.numel
         p.numel = int(args.params)

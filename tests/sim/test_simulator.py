@@ -406,3 +406,29 @@ def test_several_calibration_runs_give_each_time_as_the_median_of_those_that_mea
     assert main([str(tmp_path / "a" / "topology.json"), "--calibrate", str(runs[0]), "--calibrate",
                  str(tmp_path / "d")]) == 2
     assert f"--calibrate {tmp_path / 'd'}: another model than" in capsys.readouterr().err
+
+
+def test_a_shared_host_scales_the_cpu_bound_times_by_the_workers_per_core(tmp_path, capsys):
+    from geotrain.sim.calibrate import calibrate
+    from geotrain.sim.cli import main
+    from geotrain.sim.model import on_shared_host
+
+    t = topo()  # 2 sites x 1 worker: the calibration run's host held 2 workers
+    run = _history(tmp_path / "run", t, params(t, eval_s=0.2))
+    p = calibrate(run, t)
+    assert p.host_workers == 2
+    # 3 workers on 1 core against 2 on 1: each gets a third of a core instead of a half
+    q = on_shared_host(p, target_workers=3, cores=1)
+    assert q.cpu_factor == pytest.approx(1.5) and q.step_s["a"] == pytest.approx(1.5 * p.step_s["a"])
+    assert (q.startup_s, q.eval_s) == pytest.approx((1.5 * p.startup_s, 1.5 * p.eval_s))
+    assert q.numel == p.numel and q.up_bytes == p.up_bytes  # bytes are not CPU
+    assert on_shared_host(p, target_workers=3, cores=2).cpu_factor == pytest.approx(1.5)  # 1.5 per core against 1
+    assert on_shared_host(p, target_workers=3, cores=4).cpu_factor == 1.0  # a core each, before and after
+    three = tmp_path / "three.yaml"
+    three.write_text(json.dumps(topo(sites=[{"name": n, "workers": 1} for n in "abc"]).model_dump(mode="json")))
+    out = tmp_path / "sim"
+    assert main([str(three), "--calibrate", str(run), "--shared-host", "1", "--run-dir", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["sim_params"]["cpu_factor"] == pytest.approx(1.5)
+    capsys.readouterr()
+    assert main([str(three), "--shared-host", "1"]) == 2
+    assert "--shared-host scales a calibration" in capsys.readouterr().err

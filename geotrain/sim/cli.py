@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=Path, default=None, metavar="RUN_DIR")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the link model's jitter and loss draws")
-    p.add_argument("--shared-host", type=int, nargs="?", const=0, default=None, metavar="CORES",
+    p.add_argument("--shared-host", type=int, nargs="?", const=-1, default=None, metavar="CORES",
                    help="with --calibrate: the target's worker processes share one host of CORES cores (default: "
                         "this machine's) as the calibration run's did, e.g. both local launches on this machine; "
                         "CPU-bound times scale with the workers per core (geotrain.sim.model.on_shared_host)")
@@ -83,7 +83,10 @@ def _params(args, topo):
     if args.shared_host is not None:
         import os
 
-        cores = args.shared_host or os.cpu_count() or 1
+        if args.shared_host != -1 and args.shared_host < 1:
+            raise TopologyError(f"--shared-host {args.shared_host}: expected the host's cores (1 or more), or no "
+                                f"number for this machine's")
+        cores = (os.cpu_count() or 1) if args.shared_host == -1 else args.shared_host
         if p.host_workers is None:
             raise TopologyError("--shared-host: the calibration runs had different numbers of workers; give runs "
                                 "of one topology")

@@ -429,6 +429,10 @@ def test_a_shared_host_scales_the_cpu_bound_times_by_the_workers_per_core(tmp_pa
     out = tmp_path / "sim"
     assert main([str(three), "--calibrate", str(run), "--shared-host", "1", "--run-dir", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["sim_params"]["cpu_factor"] == pytest.approx(1.5)
+    assert main([str(three), "--calibrate", str(run), "--shared-host", "4", "--run-dir", str(tmp_path / "s4")]) == 0
+    assert json.loads((tmp_path / "s4" / "summary.json").read_text())["sim_params"]["cpu_factor"] == 1.0
     capsys.readouterr()
     assert main([str(three), "--shared-host", "1"]) == 2
     assert "--shared-host scales a calibration" in capsys.readouterr().err
+    assert main([str(three), "--calibrate", str(run), "--shared-host", "0"]) == 2
+    assert "--shared-host 0: expected the host's cores (1 or more)" in capsys.readouterr().err

@@ -737,7 +737,10 @@ class CoordinatorEngine:
                      fragment=lane.index, **extra, wait_s=round(t0 - min(arrived.values()), 6),
                      answer_s=round(self.clock() - t0, 6))
         self._cond.notify_all()
-        return _Durable(record=record, round=rnd, version=self.version, fragment=lane.index, state=self._state(),
+        state = self._state()
+        if state is not None:  # the event goes with the state: a restart writes it if the process died before it did
+            state.commit = event
+        return _Durable(record=record, round=rnd, version=self.version, fragment=lane.index, state=state,
                         digest_of=step.values if self.cfg.algorithm == "ddp" else self.params, event=event, t0=t0)
 
     def _gate(self, record) -> None:
@@ -790,12 +793,15 @@ class CoordinatorEngine:
             self.version += 1
             self.site_merges[site] = self.site_merges.get(site, 0) + 1
             self.lanes[0].state = RoundState(round=self.version, expected=self.state.expected)
-            self._persist()
             crc = transport.fingerprint(self.params)
             digest = self._digest(self.params, rnd, 0, self.version)
-            self.events.emit("commit", round=rnd, version=self.version, sites=[site], staleness=w.staleness,
-                             weight=round(w.weight, 6), crc32=crc, epoch=self.cfg.epoch, **digest,
-                             wait_s=0.0, apply_s=round(self.clock() - t0, 6))
+            event = dict(round=rnd, version=self.version, sites=[site], staleness=w.staleness,
+                         weight=round(w.weight, 6), crc32=crc, epoch=self.cfg.epoch, **digest, wait_s=0.0)
+            if self.store is not None:  # with its event: a restart writes it if this process dies before it does
+                state = self._state()
+                state.commit = event
+                self.store.save(state)
+            self.events.emit("commit", **event, apply_s=round(self.clock() - t0, 6))
             if self.on_commit is not None and self.on_commit(rnd, self.version) is False:
                 self.fenced = True
                 raise Refused(Outcome.FENCED, FENCED_MESSAGE, round=rnd, site=site)
@@ -837,6 +843,15 @@ class CoordinatorEngine:
                              reason=f"the global model after round {rnd} has a non-finite value")
         return {"finite": finite, "norm": float(f"{norm:.6g}") if finite else None}
 
+    def replay_commit(self, event: dict) -> None:
+        """Write ``event``, the commit of the round this coordinator resumed at, whose own event its predecessor
+        never wrote (killed between persisting the round and writing it: orchestrator.persist), with the digest
+        of the resumed parameters, which are that round's result (ddp: the model; its gradient is gone)."""
+        digest = self._digest(self.params, event.get("round", 0), event.get("fragment", 0), event.get("version", 0))
+        if self.cfg.algorithm == "ddp":
+            digest = {}
+        self.events.emit("commit", **{**event, **digest, "replayed": True})
+
     def _norm(self, values: torch.Tensor) -> float:
         return l2_norm(values, self._squares)
 
@@ -844,10 +859,6 @@ class CoordinatorEngine:
         if len(self.lanes) == 1:
             return slice(None)
         return fragment_slices(self.params.numel(), len(self.lanes))[lane.index]
-
-    def _persist(self) -> None:
-        if self.store is not None:
-            self.store.save(self._state())
 
     def _state(self) -> CoordinatorState | None:
         """What the state store keeps of this coordinator now (None: no store)."""

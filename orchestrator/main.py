@@ -9,6 +9,7 @@ SIGTERM or SIGINT.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -41,6 +42,36 @@ def initial_state(topo: Topology, run_dir: Path | None, resume_round: int | None
     if run_dir is not None:
         return StateStore(run_dir / "coordinator").load()
     return None
+
+
+TAIL_BYTES = 16 << 20
+"""How much of the end of the history :func:`lost_commit` reads (the commit it looks for is the last durable one)."""
+
+
+def lost_commit(resume: CoordinatorState | None, history: Path) -> dict | None:
+    """The commit event of the round ``resume`` is the result of, when the history at ``history`` lacks it: the
+    coordinator that committed it was killed after persisting the round and before writing the event
+    (orchestrator.persist). None when the event is there, the state keeps none, or there is no history."""
+    if resume is None or resume.commit is None:
+        return None
+    try:
+        with open(history, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except FileNotFoundError:
+        return resume.commit
+    want = resume.commit
+    for line in reversed(tail):
+        if '"commit"' not in line:
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (e.get("event") == "commit" and e.get("version") == want.get("version")
+                and e.get("fragment", 0) == want.get("fragment", 0) and e.get("epoch") == want.get("epoch")):
+            return None
+    return want
 
 
 def coordinator_tls(topo: Topology, certs: Path | None):
@@ -142,6 +173,9 @@ def serve(topo: Topology, run_dir: Path | None, etcd: str | None, bind: str, rea
             cancel_watch = watch_members(control, topo.recovery.heartbeat_ttl_s, on_lost)
         except GeotrainError as exc:  # without it a dead site is waited for until its restart or the deadline
             log.warning("not watching the members: %s", exc)
+    lost = lost_commit(resume, run_dir / "metrics.jsonl") if run_dir is not None else None
+    if lost is not None:  # the round is durable and its event was never written: write it before our start
+        engine.replay_commit(lost)
     lanes = {"lane_rounds": [lane.state.round for lane in engine.lanes]} if len(engine.lanes) > 1 else {}
     events.emit("coordinator_started", address=f"{host}:{port}", pid=os.getpid(), sites=list(topo.site_names),
                 run=topo.name, topology_sha256=topo.digest(),

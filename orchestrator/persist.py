@@ -26,6 +26,11 @@ Files, per coordinator epoch E (the fencing token of the incarnation that wrote 
   fenced at its next publish, *after* it persisted) must not damage the newer one's state: it writes
   only its own epoch's files, :meth:`StateStore.load` takes the highest epoch's, and each save removes
   the files of lower epochs (a paused one's, written again later, are ignored and removed at the next).
+- **The commit's event with it.** The round's ``commit`` event is written after the state (and the run state in
+  etcd): a coordinator killed between the two left a durable round without its event, and the history then
+  counted a round too few (a completed run reported failed: seen under load in the recovery tests). The metadata
+  keeps the event; a restarted coordinator writes it (``replayed: true``) when the history lacks it
+  (orchestrator.main.replay_lost_commit).
 - States written before (``state.json`` + ``state-<round>.safetensors``, epoch from the metadata) still
   load, below any state of the same or a higher epoch; they are removed at the first save.
 """
@@ -57,6 +62,7 @@ class CoordinatorState:
     site_merges: dict[str, int] | None = None  # async-diloco: each site's merges applied
     pending: torch.Tensor | None = None  # async-diloco, delayed Nesterov: updates not yet in the momentum (sum)
     pending_count: int = 0  # how many updates `pending` sums
+    commit: dict | None = None  # the commit event of the round this state is the result of (replayed if lost)
 
 
 _META = re.compile(r"state-e(\d+)\.json")
@@ -95,7 +101,8 @@ class StateStore:
         write_safetensors(self.dir / target, tensors, fsync=self.fsync)
         meta = {"round": st.round, "epoch": epoch, "members": list(st.members), "lane_rounds": list(st.lane_rounds),
                 "version": st.version, "site_merges": dict(st.site_merges or {}),
-                "pending_count": st.pending_count if st.pending is not None else 0, "file": target}
+                "pending_count": st.pending_count if st.pending is not None else 0, "file": target,
+                **({"commit": st.commit} if st.commit is not None else {})}
         mtmp = self.dir / f".state-{os.getpid()}.json"
         mtmp.write_text(json.dumps(meta))
         os.replace(mtmp, self.dir / f"state-e{epoch}.json")
@@ -127,7 +134,8 @@ class StateStore:
                                 epoch=meta.get("epoch", 0), members=tuple(meta.get("members", ())),
                                 lane_rounds=tuple(meta.get("lane_rounds", ())), version=meta.get("version", meta["round"]),
                                 site_merges=dict(meta.get("site_merges") or {}), pending=tensors.get("pending"),
-                                pending_count=meta.get("pending_count", 0) if "pending" in tensors else 0)
+                                pending_count=meta.get("pending_count", 0) if "pending" in tensors else 0,
+                                commit=meta.get("commit") if isinstance(meta.get("commit"), dict) else None)
 
 
 def _read_json(path: Path) -> dict | None:

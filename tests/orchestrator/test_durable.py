@@ -186,3 +186,43 @@ def test_over_grpc_a_site_whose_round_could_not_be_persisted_is_told_why_and_hol
         assert info.value.outcome is Outcome.UNAVAILABLE
     finally:
         server.stop(0)
+
+
+def _history(path, events, without_commits=False):
+    import json
+
+    path.write_text("".join(json.dumps({"t": 0.0, "event": k, **f}) + "\n" for k, f in events.seen
+                            if not (without_commits and k == "commit")))
+    return path
+
+
+@pytest.mark.parametrize("algorithm", ["diloco", "async-diloco"])
+def test_a_round_persisted_by_a_coordinator_killed_before_its_event_gets_the_event_at_the_restart(tmp_path, algorithm):
+    # the window: the state is on disk (the round is committed for good) and the commit event is not yet written
+    # when the coordinator is SIGKILLed; the history then counts a round too few. The state keeps the event, and
+    # the restarted coordinator writes it when the history lacks it.
+    from geotrain.orchestrator.main import lost_commit
+
+    store = StateStore(tmp_path / "state")
+    e = CoordinatorEngine(EngineConfig(sites=("a", "b"), algorithm=algorithm), events=Events(), store=store)
+    e.init_model("a", torch.zeros(64))
+    if algorithm == "diloco":
+        commit_round_0(e, 64)
+    else:
+        e.merge(upd("a", 0, torch.full((64,), 1.0)), 100.0, lambda: True)
+    assert e.settle(10)
+    original = e.events.of("commit")[0]
+    resume = StateStore(tmp_path / "state").load()
+    assert resume.commit is not None and resume.commit["version"] == 1 and resume.commit["sites"] == original["sites"]
+    full = _history(tmp_path / "full.jsonl", e.events)
+    cut = _history(tmp_path / "cut.jsonl", e.events, without_commits=True)
+    assert lost_commit(resume, full) is None  # the event was written: nothing to replay
+    assert lost_commit(resume, cut) == resume.commit
+    assert lost_commit(resume, tmp_path / "none.jsonl") == resume.commit
+    again = CoordinatorEngine(EngineConfig(sites=("a", "b"), algorithm=algorithm, epoch=2), events=Events(),
+                              store=StateStore(tmp_path / "state"), resume=resume)
+    again.replay_commit(lost_commit(resume, cut))
+    replayed = again.events.of("commit")[0]
+    assert replayed["replayed"] is True and replayed["epoch"] == original["epoch"] == 0
+    for k in ("round", "version", "sites", "crc32", "finite", "norm"):
+        assert replayed[k] == original[k], k

@@ -279,6 +279,7 @@ def test_watch_prefix_sees_puts_and_deletes(cp):
 
 
 def test_registration_and_watch_survive_etcd_restart(tmp_path):
+    # the waits are bounds, not expectations: generous, so that a loaded machine (CI beside other work) passes
     data = tmp_path / "data"
     server = EtcdServer(data, log_path=tmp_path / "etcd.log")
     server.start()
@@ -293,22 +294,22 @@ def test_registration_and_watch_survive_etcd_restart(tmp_path):
         for _ in range(2):  # a raw pyetcd client refuses every call after the first failure
             with pytest.raises(ControlPlaneError, match="etcd at http://127.0.0.1:"):
                 plane.get_state()
-        assert wait_for(lambda: not reg.alive, timeout_s=3.0), "alive while etcd is down"
+        assert wait_for(lambda: not reg.alive, timeout_s=10.0), "alive while etcd is down"
         server.start()
         assert wait_for(lambda: _members_or_none(plane) == {"siteA": {0: {"addr": "a:1"}}},
-                        timeout_s=5.0)
-        assert wait_for(lambda: reg.alive, timeout_s=3.0)
+                        timeout_s=15.0)
+        assert wait_for(lambda: reg.alive, timeout_s=10.0)
         time.sleep(3.0)  # two TTLs: the keep-alive thread is working again
         assert plane.members() == {"siteA": {0: {"addr": "a:1"}}}
         plane.put_state({"round": 2, "version": 1})
-        assert events.wait(1) == [("put", "state", {"round": 2, "version": 1})]
+        assert events.wait(1, timeout_s=15.0) == [("put", "state", {"round": 2, "version": 1})]
 
         # 2. etcd comes back without its data (the lease is unknown): the key is put again.
         server.stop()
         shutil.rmtree(data)
         server.start()
         assert wait_for(lambda: _members_or_none(plane) == {"siteA": {0: {"addr": "a:1"}}},
-                        timeout_s=5.0), "registration did not come back"
+                        timeout_s=15.0), "registration did not come back"
         assert reg.reregistrations >= 1
         reg.close()
         assert plane.members() == {}

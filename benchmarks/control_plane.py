@@ -125,10 +125,10 @@ class Sites:
         import numpy as np
 
         from geotrain._proto import coordinator_pb2_grpc as pb_grpc
-        from geotrain.wire.channel import GRPC_OPTIONS
+        from geotrain.wire.channel import grpc_options
 
         self.names = [f"s{i:04d}" for i in range(n)]
-        opts = GRPC_OPTIONS + [("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
+        opts = grpc_options() + [("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
         self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) for _ in range(n)]
         self.stubs = [pb_grpc.CoordinatorStub(c) for c in self.channels]
         self.update = np.full(numel, 1e-3, dtype=np.float32)

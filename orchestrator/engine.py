@@ -846,10 +846,9 @@ class CoordinatorEngine:
     def replay_commit(self, event: dict) -> None:
         """Write ``event``, the commit of the round this coordinator resumed at, whose own event its predecessor
         never wrote (killed between persisting the round and writing it: orchestrator.persist), with the digest
-        of the resumed parameters, which are that round's result (ddp: the model; its gradient is gone)."""
-        digest = self._digest(self.params, event.get("round", 0), event.get("fragment", 0), event.get("version", 0))
-        if self.cfg.algorithm == "ddp":
-            digest = {}
+        of the resumed parameters, which are that round's result (ddp: none; its digest is of the mean gradient, gone)."""
+        digest = {} if self.cfg.algorithm == "ddp" else self._digest(
+            self.params, event.get("round", 0), event.get("fragment", 0), event.get("version", 0))
         self.events.emit("commit", **{**event, **digest, "replayed": True})
 
     def _norm(self, values: torch.Tensor) -> float:

@@ -48,12 +48,6 @@ def grpc_options(window_bytes: int = STREAM_WINDOW_BYTES) -> list[tuple[str, int
     ]
 
 
-GRPC_OPTIONS = grpc_options()
-"""The settings with the default window (callers without a topology)."""
-
-SERVER_OPTIONS = list(GRPC_OPTIONS)
-"""The coordinator's server (geotrain.orchestrator.server) without a topology's window."""
-
 # Reconnect fast after a coordinator restart (gRPC's default backoff grows to two minutes), and
 # never through an HTTP proxy from the environment.
 CLIENT_OPTIONS = [

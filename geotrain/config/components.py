@@ -136,6 +136,8 @@ class LinkConfig:
     loss: float
     seed: int
     """The topology's seed: jitter and loss draws are reproducible."""
+    streams: int = 1
+    """TCP connections a transfer is striped over inside the emulated WAN (``links.*.streams``)."""
 
     def args(self, *, listen: str, target: str, stats_file: str, control_file: str | None = None) -> list[str]:
         """The arguments after ``geotrain link``."""
@@ -145,6 +147,8 @@ class LinkConfig:
                "--stats-file", stats_file]
         if control_file is not None:
             out += ["--control-file", control_file]
+        if self.streams > 1:
+            out += ["--streams", str(self.streams)]
         return out
 
 

@@ -120,7 +120,7 @@ def overlap_steps(topo: Topology) -> int:
 
 def link_config(topo: Topology, name: str, spec: LinkSpec) -> LinkConfig:
     return LinkConfig(name=name, bandwidth_mbps=spec.bandwidth_mbps, latency_ms=spec.latency_ms,
-                      jitter_ms=spec.jitter_ms, loss=spec.loss, seed=topo.seed)
+                      jitter_ms=spec.jitter_ms, loss=spec.loss, seed=topo.seed, streams=spec.streams)
 
 
 def coordinator_config(topo: Topology, epoch: int = 0):

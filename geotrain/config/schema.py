@@ -42,6 +42,8 @@ MAX_DAYS_S = 30 * 86_400.0
 """The longest timeout or deadline: 30 days, in seconds."""
 MAX_LINK_DELAY_MS = 60_000.0
 """The longest one-way latency or jitter of an emulated link: a minute (a geostationary hop is 270 ms)."""
+MAX_LINK_STREAMS = 64
+"""At most this many TCP connections per link transfer (`links.*.streams`)."""
 MAX_PATH = 4096
 MAX_TEXT = 256
 SEED_LIMIT = 2**64
@@ -87,6 +89,11 @@ class LinkSpec(_Node):
     """Standard deviation of extra per-packet delay, e.g. "2ms"."""
     loss: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Packet (TCP segment) loss probability in [0, 1), felt as TCP feels it: retransmission delay and a lower throughput."""
+    streams: int = Field(default=1, ge=1, le=MAX_LINK_STREAMS)
+    """TCP connections a transfer on this link is striped over (PCCL's parallel streams): with loss, one TCP flow is
+    capped at MSS·1.22/(RTT·√loss) (Mathis) however wide the link, and `streams` flows get up to `streams` times that,
+    never more than the bandwidth. The link emulator opens and joins the stripes at its two ends (geotrain.wan.stripe),
+    so the emulated WAN carries that many flows. 1 = one connection."""
 
 
 class LinkPair(LinkSpec):
@@ -491,7 +498,7 @@ class Topology(_Node):
         for pair in self.links.pairs:
             if set(pair.between) == {a, b}:
                 return LinkSpec(bandwidth_mbps=pair.bandwidth_mbps, latency_ms=pair.latency_ms,
-                                jitter_ms=pair.jitter_ms, loss=pair.loss)
+                                jitter_ms=pair.jitter_ms, loss=pair.loss, streams=pair.streams)
         return self.links.default
 
     def digest(self) -> str:

@@ -50,8 +50,8 @@ def transfer_s(topo: Topology, site: str, nbytes: int) -> float:
     if spec is None:
         return 0.0
     lp = LinkParams(spec.bandwidth_mbps, spec.latency_ms, spec.jitter_ms, spec.loss)
-    d = Direction("x", lp)
-    return nbytes / d.rate_bytes_per_s(lp) + lp.latency_ms / 1000.0
+    d = Direction("x", lp, spec.streams)
+    return nbytes / d.rate_bytes_per_s(lp, spec.streams) + lp.latency_ms / 1000.0
 
 
 OUTLIER = 5.0

@@ -180,7 +180,7 @@ class Simulator:
 
     @staticmethod
     def _direction(label: str, spec) -> Direction:
-        return Direction(label, LinkParams(spec.bandwidth_mbps, spec.latency_ms, spec.jitter_ms, spec.loss))
+        return Direction(label, LinkParams(spec.bandwidth_mbps, spec.latency_ms, spec.jitter_ms, spec.loss), spec.streams)
 
     # ---- the event loop ----
     def at(self, t: float, fn: Callable, *args) -> None:

@@ -32,6 +32,7 @@ from geotrain.errors import LinkError
 from geotrain.units import parse_bandwidth_mbps, parse_duration_ms
 from geotrain.wan.proxy import LinkProxy
 from geotrain.wan.shaping import DIRECTIONS, MIN_RTT_S, MSS, LinkParams, coerce_changes
+from geotrain.wan.stripe import MAX_STREAMS, Joiner, Splitter
 
 __all__ = ["MIN_RTT_S", "MSS", "LinkParams", "LinkProxy", "main"]
 
@@ -54,8 +55,11 @@ def _hostport(value: str, allow_zero: bool) -> tuple[str, int]:
     return host, n
 
 
-def _write_stats(proxy: LinkProxy, path: str) -> None:
+def _write_stats(proxy: LinkProxy, path: str, outer: dict | None = None) -> None:
+    """``outer``: what the link is to its users when the proxy sits between a stripe splitter and joiner
+    (its listen and target addresses, its streams); ``connections`` then count the stripes (TCP flows)."""
     data = proxy.stats()
+    data.update(outer or {})
     data.update(pid=os.getpid(), time=time.time())
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -104,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stats-file")
     ap.add_argument("--control-file", help='JSON {"forward": {fields}|null, "backward": ...}, polled every 0.2 s')
+    ap.add_argument("--streams", type=int, default=1,
+                    help="stripe each connection over this many TCP flows through the emulated link "
+                         "(geotrain.wan.stripe; the loss bound is per flow); default 1")
     ap.add_argument("--log-level", default=os.environ.get("GEOTRAIN_LOG_LEVEL", "WARNING"))
     args = ap.parse_args(argv)
+    if not 1 <= args.streams <= MAX_STREAMS:
+        ap.error(f"--streams must be 1..{MAX_STREAMS}, got {args.streams}")
     try:
         fwd = LinkParams(parse_bandwidth_mbps(args.bandwidth), parse_duration_ms(args.latency),
                          parse_duration_ms(args.jitter), args.loss)
@@ -135,15 +144,30 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread: no signal handling
         pass
 
-    proxy = LinkProxy(args.name, args.target, fwd, bwd, listen=args.listen, seed=args.seed)
+    outer = {"streams": args.streams}
+    ends: list = []  # --streams > 1: the stripes' two ends, at the link's two ends
+    if args.streams > 1:
+        joiner = Joiner(args.name, ("127.0.0.1", 0), args.target)
+        ends.append(joiner)
+        proxy = LinkProxy(args.name, ("127.0.0.1", 0), fwd, bwd, listen=("127.0.0.1", 0), seed=args.seed)
+    else:
+        proxy = LinkProxy(args.name, args.target, fwd, bwd, listen=args.listen, seed=args.seed)
     try:
         try:
-            port = proxy.start()
+            if ends:
+                proxy.target = ("127.0.0.1", joiner.start())
+                splitter = Splitter(args.name, args.listen, ("127.0.0.1", proxy.start()), args.streams)
+                ends.append(splitter)
+                port = splitter.start()
+            else:
+                port = proxy.start()
         except LinkError as exc:
             print(f"geotrain link: {exc}", file=sys.stderr, flush=True)
             return 1
+        if ends:
+            outer.update(listen=f"{args.listen[0]}:{port}", target=f"{args.target[0]}:{args.target[1]}")
         if args.stats_file:
-            _write_stats(proxy, args.stats_file)
+            _write_stats(proxy, args.stats_file, outer)
         print(f"READY {port}", flush=True)
         last_control: str | None = None
         _nothing = object()  # a control text never seen (None means: no control file, i.e. restore)
@@ -167,14 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                         bad_control = text
                         log.warning("link %s: ignoring control file %s: %s", args.name, args.control_file, exc)
             if args.stats_file and time.monotonic() >= next_stats:
-                _write_stats(proxy, args.stats_file)
+                _write_stats(proxy, args.stats_file, outer)
                 next_stats = time.monotonic() + 0.5
             if stop.wait(0.2):
                 break
     finally:
+        for end in reversed(ends):
+            end.stop()
         proxy.stop()
         if args.stats_file:
-            _write_stats(proxy, args.stats_file)
+            _write_stats(proxy, args.stats_file, outer)
         for sig, handler in previous.items():
             with suppress(ValueError, TypeError):
                 signal.signal(sig, handler)

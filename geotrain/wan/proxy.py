@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
 
 from geotrain.errors import LinkError
-from geotrain.wan.shaping import (COALESCE_BYTES, DIRECTIONS, DUE_SLACK_S, SLEEP_SLACK_S, Direction, LinkParams,
+from geotrain.wan.shaping import (COALESCE_BYTES, DIRECTIONS, DUE_SLACK_S, SLEEP_SLACK_S, Direction, Flow, LinkParams,
                                   coerce_changes)
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class _Pipe:
 
     def __init__(self, direction: Direction, src: socket.socket, dst: socket.socket, rng: random.Random) -> None:
         self.dir, self.src, self.dst, self.rng = direction, src, dst, rng
+        self.flow = Flow()          # this connection's own clock (the loss bound is per TCP flow)
         self.lock = threading.Lock()
         self.data_cv = threading.Condition(self.lock)
         self.space_cv = threading.Condition(self.lock)
@@ -57,7 +58,7 @@ class _Pipe:
             self.space_cv.notify_all()
 
     def _schedule(self, chunk: _Chunk, floor: float) -> bool:
-        r = self.dir.schedule(len(chunk.data), floor, self.rng)
+        r = self.dir.schedule(len(chunk.data), floor, self.rng, self.flow)
         if r is None:
             chunk.delivery = None
             return False

@@ -17,8 +17,11 @@ Model, per direction (all times from ``time.monotonic()``):
   the mean extra delay of jitter is about 0.4 * jitter.
 * Loss, as TCP feels it: each 1448-byte segment of a chunk is lost with probability ``loss``; every
   lost segment adds one retransmission delay (RTT = forward + backward latency, at least 1 ms) to
-  the chunk, and the direction's rate is capped at the Mathis et al. bound
-  ``MSS*1.22/(RTT*sqrt(loss))``: ``rate = min(bandwidth, mathis)``. No byte is ever dropped.
+  the chunk, and each connection (a TCP flow) is capped at the Mathis et al. bound
+  ``MSS*1.22/(RTT*sqrt(loss))`` on a clock of its own (:class:`Flow`), while all share the
+  bandwidth: a chunk leaves at ``max(bottleneck done, flow done)``. One flow gets
+  ``min(bandwidth, mathis)``; P flows (a transfer striped over P connections, geotrain.wan.stripe)
+  get ``min(bandwidth, P * mathis)``. No byte is ever dropped.
 * Backpressure: at most ``max(2 * rate * RTT, 4 MiB)`` bytes per connection and direction are
   queued but undelivered; past that the reader stops reading, the sender's socket buffers fill up
   and the sender feels the bottleneck.
@@ -31,8 +34,8 @@ Model, per direction (all times from ``time.monotonic()``):
   direction. An error or reset on either socket tears the connection down at once (RST both ways).
 
 Assumptions and limits: connection setup is not delayed (no handshake RTT; the proxy connects to
-the target when a client connects, even when blackholed); Mathis is per flow but applied to the
-direction as a whole; Python threads pace delivery, and waiting is accurate to ~0.1 ms.
+the target when a client connects, even when blackholed); the Mathis bound is a TCP Reno
+steady state (no slow start; CUBIC or BBR do better on long fat links); Python threads pace delivery, and waiting is accurate to ~0.1 ms.
 Randomness comes from ``random.Random`` seeded with (seed, direction, connection number), so a run
 with the same traffic is reproducible.
 """
@@ -101,13 +104,25 @@ def coerce_changes(changes: dict) -> dict:
     return out
 
 
+class Flow:
+    """One connection's own clock in one direction (the Mathis bound is per TCP flow)."""
+
+    __slots__ = ("busy_until",)
+
+    def __init__(self) -> None:
+        self.busy_until = 0.0
+
+
 class Direction:
     """State of one direction shared by all connections: params, bottleneck clock, byte count."""
 
-    def __init__(self, label: str, params: LinkParams) -> None:
+    def __init__(self, label: str, params: LinkParams, flows: int = 1) -> None:
         self.label = label
         self.initial = params
         self.params = params
+        self.flows = flows
+        """How many connections a transfer is striped over (``links.streams``), where one clock stands for
+        them all (:meth:`schedule` without a ``flow``: the simulator)."""
         self.peer: Direction = self
         self.epoch = 0              # incremented when the direction goes down
         self.busy_until = 0.0
@@ -124,11 +139,13 @@ class Direction:
     def rtt_s(self, p: LinkParams) -> float:
         return max((p.latency_ms + self.peer.params.latency_ms) / 1000.0, MIN_RTT_S)
 
-    def rate_bytes_per_s(self, p: LinkParams) -> float:
-        rate = p.bandwidth_mbps * 1e6 / 8.0
-        if p.loss > 0:
-            rate = min(rate, MSS * 1.22 / (self.rtt_s(p) * math.sqrt(p.loss)))
-        return rate
+    def mathis_bytes_per_s(self, p: LinkParams) -> float:
+        """One TCP flow's loss-limited throughput (inf without loss)."""
+        return MSS * 1.22 / (self.rtt_s(p) * math.sqrt(p.loss)) if p.loss > 0 else math.inf
+
+    def rate_bytes_per_s(self, p: LinkParams, flows: int = 1) -> float:
+        """What ``flows`` TCP flows together get: ``min(bandwidth, flows * mathis)``."""
+        return min(p.bandwidth_mbps * 1e6 / 8.0, flows * self.mathis_bytes_per_s(p))
 
     def queue_limit(self) -> int:
         p = self.params
@@ -137,15 +154,26 @@ class Direction:
     def recv_size(self) -> int:
         return min(MAX_CHUNK, max(MIN_CHUNK, int(self.rate_bytes_per_s(self.params) * PACING_S)))
 
-    def schedule(self, nbytes: int, floor: float, rng: random.Random) -> tuple[float, int] | None:
-        """Claim the bottleneck for ``nbytes``; return (delivery time, epoch), or None when down."""
+    def schedule(self, nbytes: int, floor: float, rng: random.Random,
+                 flow: Flow | None = None) -> tuple[float, int] | None:
+        """Claim the bottleneck for ``nbytes``; return (delivery time, epoch), or None when down.
+
+        ``flow``: the connection's own clock (the proxy: each connection is a flow, capped at the Mathis
+        bound on its own while all share the bandwidth). None: the direction's clock alone, at the rate
+        of its :attr:`flows` together (the simulator, which moves a striped transfer as one)."""
         with self.lock:
             p = self.params
             if not p.up:
                 return None
             start = max(floor, self.busy_until)
-            self.busy_until = start + nbytes / self.rate_bytes_per_s(p)
-            delivery = self.busy_until + p.latency_ms / 1000.0
+            if flow is None:
+                self.busy_until = start + nbytes / self.rate_bytes_per_s(p, self.flows)
+                done = self.busy_until
+            else:
+                self.busy_until = start + nbytes / self.rate_bytes_per_s(p, math.inf)
+                flow.busy_until = max(floor, flow.busy_until) + nbytes / self.mathis_bytes_per_s(p)
+                done = max(self.busy_until, flow.busy_until)
+            delivery = done + p.latency_ms / 1000.0
             if p.jitter_ms > 0:
                 delivery += max(0.0, rng.gauss(0.0, p.jitter_ms / 1000.0))
             if p.loss > 0 and nbytes:

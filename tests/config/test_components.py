@@ -74,8 +74,10 @@ def test_exact_is_short_where_it_can_be():
     assert [_exact(x) for x in (100.0, 0.0, 0.01, 1234.5678)] == ["100", "0", "0.01", "1234.5678"]
 
 
-def test_link_started_with_its_args_holds_its_params(tmp_path):
-    cfg = LinkConfig(name="a<->hub", bandwidth_mbps=12.5, latency_ms=40.0, jitter_ms=1.5, loss=0.001, seed=9)
+@pytest.mark.parametrize("streams", [1, 4])
+def test_link_started_with_its_args_holds_its_params(tmp_path, streams):
+    cfg = LinkConfig(name="a<->hub", bandwidth_mbps=12.5, latency_ms=40.0, jitter_ms=1.5, loss=0.001, seed=9,
+                     streams=streams)
     stats = tmp_path / "s.json"
     args = cfg.args(listen="127.0.0.1:0", target="127.0.0.1:1", stats_file=str(stats),
                     control_file=str(tmp_path / "c.json"))
@@ -87,7 +89,8 @@ def test_link_started_with_its_args_holds_its_params(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert doc["name"] == "a<->hub"
+    assert doc["name"] == "a<->hub" and doc["streams"] == streams
+    assert ("--streams" in args) == (streams > 1)
     want = {"bandwidth_mbps": 12.5, "latency_ms": 40.0, "jitter_ms": 1.5, "loss": 0.001}
     for direction in ("forward", "backward"):
         assert {k: doc[direction][k] for k in want} == want

@@ -73,12 +73,13 @@ def test_checkpoint_dir_is_the_topologys_or_the_run_dirs():
 
 def test_a_link_per_remote_site_with_its_pair_spec():
     t = topo("coordinator.at=b", "links.default.bandwidth=1gbit", "links.default.latency=5ms",
-             "links.pairs=[{between: [a, b], bandwidth: 10mbit, latency: 80ms, jitter: 2ms, loss: 0.01}]")
+             "links.pairs=[{between: [a, b], bandwidth: 10mbit, latency: 80ms, jitter: 2ms, loss: 0.01, streams: 8}]")
     links = derive(t, Path("/r")).site_links
     assert sorted(links) == ["a", "c"]  # b holds the coordinator: no WAN between them
     a, c = links["a"], links["c"]
-    assert (a.name, a.bandwidth_mbps, a.latency_ms, a.jitter_ms, a.loss, a.seed) == ("a<->b", 10.0, 80.0, 2.0, 0.01, 5)
-    assert (c.name, c.bandwidth_mbps, c.latency_ms, c.loss) == ("c<->b", 1000.0, 5.0, 0.0)
+    assert (a.name, a.bandwidth_mbps, a.latency_ms, a.jitter_ms, a.loss, a.seed, a.streams) == \
+        ("a<->b", 10.0, 80.0, 2.0, 0.01, 5, 8)
+    assert (c.name, c.bandwidth_mbps, c.latency_ms, c.loss, c.streams) == ("c<->b", 1000.0, 5.0, 0.0, 1)
 
 
 def test_a_link_per_ring_edge():

@@ -50,6 +50,23 @@ def test_sync_rounds_take_compute_plus_the_links_model():
     assert sim.link_stats()["link a<->hub"] == {"bytes_forward": 8 * MB, "bytes_backward": 8 * MB}
 
 
+@pytest.mark.parametrize("streams", [1, 4, 64])
+def test_a_lossy_link_is_the_flows_bound_and_streams_multiply_it(streams):
+    """With loss each TCP flow gets MSS*1.22/(RTT*sqrt(loss)) (the emulator's model, per flow); a link striped over
+    `streams` flows gets `streams` times that, never more than its bandwidth."""
+    import math
+
+    t = parse_topology({"name": "sim", "sites": [{"name": "a", "workers": 1}],
+                        "links": {"default": {"bandwidth": "100mbit", "latency": "10ms", "loss": 0.0001,
+                                              "streams": streams}},
+                        "training": {"inner_steps": 5, "rounds": 1}}, source="t.yaml")
+    sim = Simulator(t, params(t))
+    events = sim.run()
+    (merge,) = of(events, "merge")
+    rate = min(100e6 / 8, streams * 1448 * 1.22 / (0.020 * math.sqrt(0.0001)))  # 8.8 MB/s per flow: 1 flow < 100 Mbit/s
+    assert merge["seconds"] == pytest.approx(2 * (4 * MB / rate + 0.010), rel=0.02)  # + the retransmissions drawn
+
+
 def test_a_slower_site_makes_the_other_wait_and_a_quorum_does_not():
     sites = [{"name": "a", "workers": 1}, {"name": "b", "workers": 1, "slowdown": 3.0}]
     t = topo(sites=sites)

@@ -330,9 +330,35 @@ class SlurmLaunch:
         self.events.emit("failure", what="site", target=f"site {site}", happened_t=now, detected_t=now,
                          reason=f"{old.describe()}")
         self.restarts[site] = self.restarts.get(site, 0) + 1
+        self._report_lost(site, f"its {old.describe()}")
         job = self._submit(site, self.deploy / f"site-{site}.sbatch")
         self.pending_recovery[site] = {"failure_t": now, "job": job.job_id, "site": site, "rounds_lost": 0}
         self.events.emit("site_requeued", site=site, job=job.job_id, previous=old.job_id, reason=d.reason)
+
+    def coordinator_address(self) -> str | None:
+        """Where the control plane's job serves the coordinator (its control.env; None before it is ready)."""
+        try:
+            text = (self.run_dir / "control" / "control.env").read_text()
+        except OSError:
+            return None
+        host = next((line.split("=", 1)[1].strip() for line in text.splitlines()
+                     if line.startswith("GEOTRAIN_CONTROL_HOST=")), "")
+        return f"{host}:{self.opts.coordinator_port}" if host else None
+
+    def _report_lost(self, site: str, reason: str) -> None:
+        """Tell the coordinator that ``site``'s job ended (ReportLost, as the local launcher does on a worker's
+        exit), before its new job is submitted: the round being collected commits with the survivors now
+        (rounds.lose) instead of when the site's etcd lease lapses, and the loss is the launcher's failure
+        alone. Any leader of the site (pid 0): the ended job's, since the new one is not submitted yet. An
+        unreachable coordinator is no reason to fail (its lease watch, or the deadline, decides then)."""
+        from geotrain.run.launch import report_lost
+        from geotrain.security.pki import LAUNCHER, CertDir
+
+        address = self.coordinator_address()
+        if address is None:
+            return
+        files = CertDir(self.deploy / "certs").files(LAUNCHER) if self.topo.security.tls else None
+        report_lost(address, files, site, 0, reason, self.events, timeout_s=5.0)
 
     def _observe(self) -> None:
         """The parts' histories: faults triggered by rounds and steps; a requeued site's return."""

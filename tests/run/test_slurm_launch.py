@@ -160,3 +160,43 @@ def test_a_held_site_job_is_cancelled_when_its_site_is_submitted_again_and_on_th
     launch.jobs["a"] = Job("a", "101", "REQUEUE_HOLD")
     launch.stop()
     assert "101" in slurm.cancelled and "100" in slurm.cancelled  # held, and the control plane still running
+
+
+def test_a_site_whose_job_ended_is_reported_lost_to_the_coordinator_before_it_is_submitted_again(tmp_path):
+    """The local launcher tells the coordinator at once when a site's process dies (ReportLost); on Slurm the
+    same happens when a site's job ends: the coordinator drops the site's member before the new job exists, so the
+    open round commits with the survivors instead of waiting for the old leader's etcd lease to lapse."""
+    import time
+
+    from geotrain.events import EventLog, read_events
+    from geotrain.orchestrator.engine import CoordinatorEngine, EngineConfig
+    from geotrain.orchestrator.server import create_server
+    from geotrain.run.slurm import SlurmOptions
+    from geotrain.run.slurm_launch import SlurmLaunch
+
+    engine = CoordinatorEngine(EngineConfig(sites=("a", "b"), min_sites=1))
+    server, port = create_server(engine)
+    try:
+        for pid, site in enumerate(("a", "b"), start=4000):
+            engine.join(site, 1, pid, time.time())
+        assert engine.site_pids == {"a": 4000, "b": 4001}
+        slurm = RecordingSlurm()
+        launch = SlurmLaunch(topo(security={"tls": False}), tmp_path,
+                             SlurmOptions(run_dir=str(tmp_path), deploy_dir=str(tmp_path / "deploy"), port_base=port),
+                             slurm=slurm)
+        launch.events, launch.pending_recovery = EventLog(tmp_path / "metrics.jsonl", "launcher (slurm)"), {}
+        (tmp_path / "slurm").mkdir()
+        (tmp_path / "control").mkdir()
+        c, s = jobs("RUNNING", a="RUNNING", b="NODE_FAIL:0:0")
+        launch.jobs = {"control": c, **s}
+        (d,) = decide(c, s, {}, 2)
+        launch._requeue(d)  # no control.env yet: nothing to report to, the site is submitted all the same
+        assert slurm.submitted == ["site-b.sbatch"] and "b" in engine.site_pids
+        (tmp_path / "control" / "control.env").write_text("GEOTRAIN_CONTROL_HOST=127.0.0.1\n")
+        launch.jobs["b"] = Job("b", "201", "FAILED", "1:0")
+        launch._requeue(decide(c, {**s, "b": launch.jobs["b"]}, {"b": 1}, 2)[0])
+        assert slurm.submitted == ["site-b.sbatch"] * 2 and engine.site_pids == {"a": 4000}
+        (reported,) = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "lost_reported"]
+        assert reported["site"] == "b" and reported["action"] == "drop_lost", reported
+    finally:
+        server.stop(0)

@@ -14,8 +14,13 @@ and their certificates from it and write their parts' directories into it). The 
    ``poll_s`` and acts on :func:`decide`: a site's job that ended in anything but COMPLETED while the
    control plane runs (FAILED, NODE_FAIL, a ``scancel``, a time limit...) is submitted again, as a new job
    with the same script, up to ``recovery.max_restarts`` times per site (the new job's ``geotrain site``
-   joins the run as a restarted site does); a control plane that ends in anything but COMPLETED fails the
-   run; the run is done when the control plane's job and every site's latest job have COMPLETED;
+   joins the run as a restarted site does; before it is submitted the coordinator is told the site is lost,
+   ReportLost, so the round being collected commits with the survivors at once); a control plane that ends
+   in anything but COMPLETED fails the run; the run is done when the control plane's job and every site's
+   latest job have COMPLETED. A site submitted again that had not rejoined when the control plane's job
+   completed (the survivors committed every round without it: its new job was still queued, or starting) is
+   *released*: its job is cancelled (nothing is left to rejoin) and the run is judged by its history, where
+   that site's failure has no recovery;
 4. takes faults from the topology's ``faults:`` and, live, from ``geotrain chaos RUN kill 'site NAME'``:
    ``kill`` of a site is ``scancel`` of its job (what a cluster's operator, or a preemption, does to a
    site); other kinds act on processes or files of the launcher's own host and are refused here, naming
@@ -81,22 +86,31 @@ class Job:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # wait | requeue | done | fail
+    action: str  # wait | requeue | release | done | fail
     reason: str
     site: str | None = None
 
 
 def decide(control: Job, sites: dict[str, Job], restarts: dict[str, int], max_restarts: int, *,
-           control_ended_for_s: float = 0.0, settle_s: float = 60.0) -> list[Decision]:
+           control_ended_for_s: float = 0.0, settle_s: float = 60.0, recovering: frozenset[str] = frozenset(),
+           released: frozenset[str] = frozenset()) -> list[Decision]:
     """What to do about the jobs now: a pure function of their states (see the module docstring).
 
     ``restarts``: how often each site was submitted again already; ``control_ended_for_s``: how long ago
-    the control plane's job was seen ended (the sites' jobs get ``settle_s`` more to end after it)."""
+    the control plane's job was seen ended (the sites' jobs get ``settle_s`` more to end after it);
+    ``recovering``: the sites submitted again whose new job has not rejoined the run yet; ``released``: the
+    sites the launcher let go (their job cancelled on a ``release``), done for the run whatever their state."""
     if control.ended and control.state != "COMPLETED":
         return [Decision("fail", f"the control plane's {control.describe()}")]
+    if control.state == "COMPLETED":
+        late = [(n, j) for n, j in sorted(sites.items()) if n in recovering and n not in released]
+        if late:  # the run ended without them: nothing to rejoin, neither a reason to wait nor to fail
+            return [Decision("release", f"site {n} was submitted again and had not rejoined when the control plane's "
+                                        f"job completed (every round committed without it); its {j.describe()} "
+                                        f"is let go", site=n) for n, j in late]
     out = []
     for name, job in sorted(sites.items()):
-        if not job.ended or job.state == "COMPLETED":
+        if name in released or not job.ended or job.state == "COMPLETED":
             continue
         if control.ended:
             return [Decision("fail", f"site {name}'s {job.describe()} after the control plane's job had ended")]
@@ -107,10 +121,11 @@ def decide(control: Job, sites: dict[str, Job], restarts: dict[str, int], max_re
     if out:
         return out
     if control.state == "COMPLETED":
-        if all(j.state == "COMPLETED" for j in sites.values()):
+        if all(j.state == "COMPLETED" or n in released for n, j in sites.items()):
             return [Decision("done", "the control plane's job and every site's completed")]
         if control_ended_for_s >= settle_s:
-            late = ", ".join(f"{n} ({j.describe()})" for n, j in sorted(sites.items()) if not j.ended)
+            late = ", ".join(f"{n} ({j.describe()})" for n, j in sorted(sites.items())
+                             if not j.ended and n not in released)
             return [Decision("fail", f"the control plane's job completed {control_ended_for_s:.0f} s ago and "
                                      f"these sites' jobs have not ended: {late}")]
     return [Decision("wait", "jobs queued or running")]
@@ -234,6 +249,8 @@ class SlurmLaunch:
     history: list[dict] = field(default_factory=list)
     restarts: dict[str, int] = field(default_factory=dict)
     cancelled_by_fault: set[str] = field(default_factory=set)
+    released: set[str] = field(default_factory=set)
+    """Sites let go after the run ended without them (decide's ``release``)."""
 
     @property
     def deploy(self) -> Path:
@@ -294,13 +311,16 @@ class SlurmLaunch:
             sites = {s: self.jobs[s] for s in self.topo.site_names}
             for d in decide(control, sites, self.restarts, self.topo.recovery.max_restarts,
                             control_ended_for_s=time.time() - control_ended_t if control_ended_t else 0.0,
-                            settle_s=self.settle_s):
+                            settle_s=self.settle_s, recovering=frozenset(self.pending_recovery),
+                            released=frozenset(self.released)):
                 if d.action == "done":
                     return
                 if d.action == "fail":
                     raise RunFailed(d.reason + self._output_tail(d))
                 if d.action == "requeue":
                     self._requeue(d)
+                if d.action == "release":
+                    self._release(d)
             if progress is not None:
                 progress()
             time.sleep(self.poll_s)
@@ -334,6 +354,17 @@ class SlurmLaunch:
         job = self._submit(site, self.deploy / f"site-{site}.sbatch")
         self.pending_recovery[site] = {"failure_t": now, "job": job.job_id, "site": site, "rounds_lost": 0}
         self.events.emit("site_requeued", site=site, job=job.job_id, previous=old.job_id, reason=d.reason)
+
+    def _release(self, d: Decision) -> None:
+        """Let a site go that was submitted again and missed the end of the run (decide's ``release``)."""
+        site, job = d.site, self.jobs[d.site]
+        if not job.ended or job.state in HELD:
+            self.slurm.cancel([job.job_id])
+            self.events.emit("jobs_cancelled", jobs=[job.job_id], reason=d.reason)
+        self.released.add(site)
+        f = self.pending_recovery.pop(site, {})
+        self.events.emit("site_released", site=site, job=job.job_id, reason=d.reason,
+                         rounds_lost=f.get("rounds_lost", 0))
 
     def coordinator_address(self) -> str | None:
         """Where the control plane's job serves the coordinator (its control.env; None before it is ready)."""

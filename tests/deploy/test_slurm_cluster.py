@@ -119,7 +119,7 @@ def test_launch_backend_slurm_requeues_a_site_that_chaos_cancelled(slurm, repo, 
 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
-    rounds = 14
+    rounds = 30  # the survivor goes on alone at once (ReportLost): rounds enough for the new job to rejoin
     launcher = subprocess.Popen(
         [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
          "--run-dir", str(run), "--port-base", str(free_port_base()), "--linger", "3", "--time", "0:15:00",
@@ -158,6 +158,52 @@ def test_launch_backend_slurm_requeues_a_site_that_chaos_cancelled(slurm, repo, 
     jobs = [j["job"] for j in json.loads((run / "slurm" / "jobs.json").read_text())]
     assert len(jobs) == 4
     assert all(job_state(j)[0] in DONE for j in jobs)
+
+
+def test_a_site_requeued_too_late_to_rejoin_is_released_and_the_run_completes(slurm, repo, tmp_path):
+    """A site's job cancelled in the run's last round: the launcher reports it lost (ReportLost), the survivor
+    commits the last round alone at once, and the control plane's job completes before the site's new job could
+    rejoin. That new job is released (scancel), not waited for: the run completes with every round, the failure
+    without a recovery, the history checked, nothing left queued (before: failed 60 s later, 'these sites'
+    jobs have not ended')."""
+    from geotrain.events import read_events
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
+    rounds = 5
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
+         "--run-dir", str(run), "--port-base", str(free_port_base()), "--linger", "1", "--time", "0:15:00",
+         "--set", f"training.rounds={rounds}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t_end = None
+    try:
+        wait_file_event(run / "control" / "metrics.jsonl",
+                        lambda e: e["event"] == "commit" and e["round"] >= rounds - 1, 300)
+        chaos = subprocess.run([sys.executable, "-m", "geotrain.cli", "chaos", str(run), "kill", "site eu-west"],
+                               capture_output=True, text=True, timeout=60)
+        assert chaos.returncode == 0, chaos.stderr
+        out, err = launcher.communicate(timeout=300)
+        t_end = time.time()
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(2)
+            launcher.communicate(timeout=60)
+    events = read_events(run / "metrics.jsonl")
+    assert launcher.returncode == 0, err + "\n" + "\n".join(str(e) for e in events)
+    (requeued,) = [e for e in events if e["event"] == "site_requeued"]
+    (released,) = [e for e in events if e["event"] == "site_released"]
+    assert released["site"] == "eu-west" and released["job"] == requeued["job"], released
+    assert "had not rejoined" in released["reason"]
+    assert not [e for e in events if e["event"] == "recovery"]
+    control_done = next(e["t"] for e in events if e["event"] == "job_ended" and e["part"] == "control")
+    assert t_end - control_done < 30, "the released job was waited for"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == rounds, summary["reason"]
+    check = subprocess.run([sys.executable, "-m", "geotrain.cli", "check", str(run / "control")], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0 and " 0 violated" in check.stdout, check.stdout + check.stderr
+    jobs = [j["job"] for j in json.loads((run / "slurm" / "jobs.json").read_text())]
+    assert len(jobs) == 4 and all(job_state(j)[0] in DONE for j in jobs)
 
 
 def test_launch_backend_slurm_cancels_its_jobs_when_stopped(slurm, repo, tmp_path):

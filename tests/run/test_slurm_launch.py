@@ -200,3 +200,43 @@ def test_a_site_whose_job_ended_is_reported_lost_to_the_coordinator_before_it_is
         assert reported["site"] == "b" and reported["action"] == "drop_lost", reported
     finally:
         server.stop(0)
+
+
+def test_a_site_submitted_again_that_missed_the_end_of_the_run_is_released_not_failed():
+    """The survivors committed every round while a requeued site's new job was still queued or starting (seen on a
+    real Slurm once ReportLost let them go on at once): the control plane's job completes, and the new job has
+    nothing left to rejoin. It is released (cancelled), not waited for until settle_s and failed."""
+    c, s = jobs("COMPLETED:0:0", a="COMPLETED:0:0", b="PENDING")
+    (d,) = decide(c, s, {"b": 1}, 2, recovering=frozenset({"b"}))
+    assert d.action == "release" and d.site == "b" and "had not rejoined" in d.reason and "job 102 PENDING" in d.reason
+    # its job cancelled: the run is done whatever state it ends in
+    for state in ("CANCELLED:0:15", "RUNNING", "FAILED:1:0"):
+        c, s = jobs("COMPLETED:0:0", a="COMPLETED:0:0", b=state)
+        assert decide(c, s, {"b": 1}, 2, recovering=frozenset(), released=frozenset({"b"})) == [
+            decide(*jobs("COMPLETED:0:0", a="COMPLETED:0:0", b="COMPLETED:0:0"), {}, 2)[0]]
+    # a site that rejoined (no longer recovering) is waited for as before, and fails the run past settle_s
+    c, s = jobs("COMPLETED:0:0", a="COMPLETED:0:0", b="RUNNING")
+    assert [d.action for d in decide(c, s, {"b": 1}, 2, control_ended_for_s=10)] == ["wait"]
+    assert [d.action for d in decide(c, s, {"b": 1}, 2, control_ended_for_s=61, settle_s=60)] == ["fail"]
+    # while the control plane runs, a recovering site is only waited for
+    c, s = jobs("RUNNING", a="RUNNING", b="PENDING")
+    assert [d.action for d in decide(c, s, {"b": 1}, 2, recovering=frozenset({"b"}))] == ["wait"]
+
+
+def test_the_launcher_cancels_a_released_sites_job_and_records_why(tmp_path):
+    from geotrain.events import EventLog, read_events
+    from geotrain.run.slurm import SlurmOptions
+    from geotrain.run.slurm_launch import SlurmLaunch
+
+    slurm = RecordingSlurm()
+    launch = SlurmLaunch(topo(security={"tls": False}), tmp_path,
+                         SlurmOptions(run_dir=str(tmp_path), deploy_dir=str(tmp_path / "deploy")), slurm=slurm)
+    launch.events = EventLog(tmp_path / "metrics.jsonl", "launcher (slurm)")
+    launch.pending_recovery = {"b": {"failure_t": 1.0, "job": "202", "site": "b", "rounds_lost": 5}}
+    c, s = jobs("COMPLETED:0:0", a="COMPLETED:0:0", b="PENDING")
+    launch.jobs = {"control": c, **s}
+    (d,) = decide(c, s, {"b": 1}, 2, recovering=frozenset(launch.pending_recovery))
+    launch._release(d)
+    assert slurm.cancelled == ["102"] and launch.released == {"b"} and not launch.pending_recovery
+    (released,) = [e for e in read_events(tmp_path / "metrics.jsonl") if e["event"] == "site_released"]
+    assert released["site"] == "b" and released["job"] == "102" and released["rounds_lost"] == 5

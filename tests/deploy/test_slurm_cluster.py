@@ -160,25 +160,25 @@ def test_launch_backend_slurm_requeues_a_site_that_chaos_cancelled(slurm, repo, 
     assert all(job_state(j)[0] in DONE for j in jobs)
 
 
-def test_a_site_requeued_too_late_to_rejoin_is_released_and_the_run_completes(slurm, repo, tmp_path):
-    """A site's job cancelled in the run's last round: the launcher reports it lost (ReportLost), the survivor
-    commits the last round alone at once, and the control plane's job completes before the site's new job could
-    rejoin. That new job is released (scancel), not waited for: the run completes with every round, the failure
-    without a recovery, the history checked, nothing left queued (before: failed 60 s later, 'these sites'
-    jobs have not ended')."""
+def test_a_site_requeued_near_the_end_never_fails_or_holds_the_run(slurm, repo, tmp_path):
+    """A site's job cancelled two rounds before the end: the launcher reports it lost (ReportLost), the survivor
+    commits the last rounds alone at once, and the site's new job races the end of the run. Either way the run
+    completes with every round and a checked history: the new job rejoins (a recovery), or it missed the end and
+    is released (scancel; its failure without a recovery) instead of waited for and failed ('these sites' jobs
+    have not ended', 60 s after the control plane: seen before the release). Nothing is left queued. (The
+    release itself, deterministically: tests/run/test_slurm_launch.py.)"""
     from geotrain.events import read_events
 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
-    rounds = 5
+    rounds = 5  # rounds 0-4, ~3 s each with 40 inner steps: the kill lands in round 3
     launcher = subprocess.Popen(
         [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
          "--run-dir", str(run), "--port-base", str(free_port_base()), "--linger", "1", "--time", "0:15:00",
-         "--set", f"training.rounds={rounds}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t_end = None
+         "--set", f"training.rounds={rounds}", "--set", "training.inner_steps=40"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_file_event(run / "control" / "metrics.jsonl",
-                        lambda e: e["event"] == "commit" and e["round"] >= rounds - 1, 300)
+        wait_file_event(run / "control" / "metrics.jsonl", lambda e: e["event"] == "commit" and e["round"] >= 2, 300)
         chaos = subprocess.run([sys.executable, "-m", "geotrain.cli", "chaos", str(run), "kill", "site eu-west"],
                                capture_output=True, text=True, timeout=60)
         assert chaos.returncode == 0, chaos.stderr
@@ -191,12 +191,14 @@ def test_a_site_requeued_too_late_to_rejoin_is_released_and_the_run_completes(sl
     events = read_events(run / "metrics.jsonl")
     assert launcher.returncode == 0, err + "\n" + "\n".join(str(e) for e in events)
     (requeued,) = [e for e in events if e["event"] == "site_requeued"]
-    (released,) = [e for e in events if e["event"] == "site_released"]
-    assert released["site"] == "eu-west" and released["job"] == requeued["job"], released
-    assert "had not rejoined" in released["reason"]
-    assert not [e for e in events if e["event"] == "recovery"]
+    released = [e for e in events if e["event"] == "site_released"]
+    recovered = [e for e in events if e["event"] == "recovery"]
+    assert len(released) + len(recovered) == 1, events  # one or the other
+    if released:
+        assert released[0]["site"] == "eu-west" and released[0]["job"] == requeued["job"]
+        assert "had not rejoined" in released[0]["reason"]
     control_done = next(e["t"] for e in events if e["event"] == "job_ended" and e["part"] == "control")
-    assert t_end - control_done < 30, "the released job was waited for"
+    assert t_end - control_done < 30, "a site's job was waited for after the end of the run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == rounds, summary["reason"]
     check = subprocess.run([sys.executable, "-m", "geotrain.cli", "check", str(run / "control")], capture_output=True,

@@ -33,6 +33,7 @@ stripe (TCP's); frames are at most
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import socket
@@ -234,7 +235,7 @@ class _Striped:
             self.local.sendall(data)
 
 
-class _Listener:
+class _Listener(abc.ABC):
     """A listening socket and its accept thread; :meth:`handle` takes each accepted socket."""
 
     role = "listener"
@@ -297,8 +298,9 @@ class _Listener:
             with suppress(OSError):
                 conn.close()
 
+    @abc.abstractmethod
     def handle(self, conn: socket.socket) -> None:
-        raise NotImplementedError
+        """One accepted connection: the Splitter's (a local client, striped out) or the Joiner's (a stripe in)."""
 
     def _relay(self, local: socket.socket, stripes: list[socket.socket]) -> None:
         relay = _Striped(f"{self.name}-{self.connections}", local, stripes)

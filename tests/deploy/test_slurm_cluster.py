@@ -111,6 +111,27 @@ def wait_file_event(path: Path, pred, timeout_s: float):
     raise AssertionError(f"no such event in {path} within {timeout_s:.0f} s")
 
 
+def launch_and_kill_eu_west(repo: Path, run: Path, extra: list[str], timeout_s: float) -> tuple[int, str, float]:
+    """`geotrain launch demo.yaml --backend slurm ...extra`, `geotrain chaos RUN kill 'site eu-west'` once round 2
+    has committed; (the launcher's exit status, its stderr, when it ended). Ctrl-C on the way out if it still runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
+         "--run-dir", str(run), "--port-base", str(free_port_base()), "--time", "0:15:00", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_file_event(run / "control" / "metrics.jsonl", lambda e: e["event"] == "commit" and e["round"] >= 2, 300)
+        chaos = subprocess.run([sys.executable, "-m", "geotrain.cli", "chaos", str(run), "kill", "site eu-west"],
+                               capture_output=True, text=True, timeout=60)
+        assert chaos.returncode == 0, chaos.stderr
+        _, err = launcher.communicate(timeout=timeout_s)
+        return launcher.returncode, err, time.time()
+    finally:
+        if launcher.poll() is None:
+            launcher.send_signal(2)  # its way out cancels the run's jobs
+            launcher.communicate(timeout=60)
+
+
 def test_launch_backend_slurm_requeues_a_site_that_chaos_cancelled(slurm, repo, tmp_path):
     """`geotrain launch --backend slurm` on a real Slurm: `geotrain chaos RUN kill 'site eu-west'` is an scancel
     of its job; the launcher sees it CANCELLED, submits the site again, the new job's site rejoins, and the run
@@ -118,24 +139,10 @@ def test_launch_backend_slurm_requeues_a_site_that_chaos_cancelled(slurm, repo, 
     from geotrain.events import read_events
 
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
     rounds = 30  # the survivor goes on alone at once (ReportLost): rounds enough for the new job to rejoin
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
-         "--run-dir", str(run), "--port-base", str(free_port_base()), "--linger", "3", "--time", "0:15:00",
-         "--set", f"training.rounds={rounds}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_file_event(run / "control" / "metrics.jsonl", lambda e: e["event"] == "commit" and e["round"] >= 2, 300)
-        chaos = subprocess.run([sys.executable, "-m", "geotrain.cli", "chaos", str(run), "kill", "site eu-west"],
-                               capture_output=True, text=True, timeout=60)
-        assert chaos.returncode == 0, chaos.stderr
-        out, err = launcher.communicate(timeout=420)
-    finally:
-        if launcher.poll() is None:
-            launcher.send_signal(2)  # its way out cancels the run's jobs
-            launcher.communicate(timeout=60)
+    returncode, err, _ = launch_and_kill_eu_west(repo, run, ["--linger", "3", "--set", f"training.rounds={rounds}"], 420)
     events = read_events(run / "metrics.jsonl")
-    assert launcher.returncode == 0, err + "\n" + "\n".join(str(e) for e in events)
+    assert returncode == 0, err + "\n" + "\n".join(str(e) for e in events)
     kinds = [e["event"] for e in events]
     (fault,) = [e for e in events if e["event"] == "fault_injected"]
     assert fault["target"] == "site eu-west" and fault["record"]["how"] == "scancel"
@@ -170,26 +177,11 @@ def test_a_site_requeued_near_the_end_never_fails_or_holds_the_run(slurm, repo, 
     from geotrain.events import read_events
 
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GEOTRAIN_"))}
     rounds = 5  # rounds 0-4, ~3 s each with 40 inner steps: the kill lands in round 3
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "geotrain.cli", "launch", str(repo / "topologies" / "demo.yaml"), "--backend", "slurm",
-         "--run-dir", str(run), "--port-base", str(free_port_base()), "--linger", "1", "--time", "0:15:00",
-         "--set", f"training.rounds={rounds}", "--set", "training.inner_steps=40"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_file_event(run / "control" / "metrics.jsonl", lambda e: e["event"] == "commit" and e["round"] >= 2, 300)
-        chaos = subprocess.run([sys.executable, "-m", "geotrain.cli", "chaos", str(run), "kill", "site eu-west"],
-                               capture_output=True, text=True, timeout=60)
-        assert chaos.returncode == 0, chaos.stderr
-        out, err = launcher.communicate(timeout=300)
-        t_end = time.time()
-    finally:
-        if launcher.poll() is None:
-            launcher.send_signal(2)
-            launcher.communicate(timeout=60)
+    returncode, err, t_end = launch_and_kill_eu_west(
+        repo, run, ["--linger", "1", "--set", f"training.rounds={rounds}", "--set", "training.inner_steps=40"], 300)
     events = read_events(run / "metrics.jsonl")
-    assert launcher.returncode == 0, err + "\n" + "\n".join(str(e) for e in events)
+    assert returncode == 0, err + "\n" + "\n".join(str(e) for e in events)
     (requeued,) = [e for e in events if e["event"] == "site_requeued"]
     released = [e for e in events if e["event"] == "site_released"]
     recovered = [e for e in events if e["event"] == "recovery"]
